@@ -1,0 +1,1 @@
+"""The ``simsiam`` command line: thin click commands over the library."""

@@ -1,0 +1,89 @@
+"""``simsiam pretrain``: SimSiam pretraining on a folder of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+PRESET_HELP = "imagenet: ResNet-50, the official recipe; cifar: ResNet-18 with 3x3 stem, paper App. D"
+
+
+def _from_preset(help_text: str) -> str:
+    return f"{help_text} [default: from --preset]"
+
+
+@click.command("pretrain")
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder for checkpoints, config.json and metrics.jsonl.")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None, help=f"{PRESET_HELP} [default: imagenet]")
+@click.option("--arch", default=None, help=_from_preset("Any torchvision ResNet."))
+@click.option("--cifar-stem/--no-cifar-stem", default=None, help=_from_preset("3x3 stem conv, no max-pool."))
+@click.option("--epochs", type=int, default=None, help=_from_preset("Epochs."))
+@click.option("--batch-size", type=int, default=None, help=_from_preset("Global batch size over all processes."))
+@click.option("--lr", type=float, default=None, help=_from_preset("Base lr; the optimizer uses lr x batch / 256."))
+@click.option("--wd", type=float, default=None, help=_from_preset("Weight decay."))
+@click.option("--image-size", type=int, default=None, help=_from_preset("Crop size."))
+@click.option("--dim", type=int, default=None, help=_from_preset("Projector output dimension."))
+@click.option("--pred-dim", type=int, default=None, help=_from_preset("Predictor hidden dimension."))
+@click.option("--fix-pred-lr/--no-fix-pred-lr", default=None, help=_from_preset("Keep the predictor's lr constant."))
+@click.option("--warmup-epochs", type=int, default=None, help="Linear lr warmup epochs before the cosine. [default: 0]")
+@click.option("--no-stop-grad", "stop_grad", flag_value=False, default=None,
+              help="Remove the stop-gradient: the paper's collapse ablation (Sec. 4.1).")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: min(8, CPUs)]")
+@click.option("--seed", type=int, default=None, help="Random seed. [default: 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="auto: bf16 autocast and channels_last on CUDA, fp32 on CPU. [default: auto]")
+@click.option("--strict/--no-strict", default=None, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
+@click.option("--save-every-epochs", type=int, default=None, help=_from_preset("Epochs between numbered checkpoints."))
+@click.option("--save-every-steps", type=int, default=None,
+              help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
+@click.option("--knn-train", type=click.Path(), default=None, help="Labelled images for the kNN monitor's memory bank.")
+@click.option("--knn-val", type=click.Path(), default=None, help="Labelled images the kNN monitor classifies.")
+@click.option("--knn-every", type=int, default=None, help="Epochs between kNN evaluations. [default: 1]")
+@click.option("--knn-k", type=int, default=None, help="k of the kNN monitor. [default: 20]")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue a run exactly: its run folder or one of its checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
+def command(data, out, preset, resume, overwrite, **options):
+    """Pretrain SimSiam on DATA, an ImageFolder (class/*.jpg) or a flat folder of images.
+
+    \b
+    One GPU or CPU:  simsiam pretrain /data/imagenet/train --out runs/r50
+    Eight GPUs:      torchrun --nproc_per_node=8 -m cli pretrain /data/imagenet/train --out runs/r50
+    Resume:          simsiam pretrain --resume runs/r50
+    """
+    from simsiam.checkpoint import find_resume_checkpoint, load_checkpoint
+    from simsiam.config import PretrainConfig, preset_config
+    from simsiam.train import pretrain
+
+    from .main import UserError
+    from .progress import TrainingProgress
+
+    explicit = {k: v for k, v in options.items() if v is not None}
+    if data is not None:
+        explicit["data"] = str(data)
+    if resume is not None:
+        checkpoint_path = find_resume_checkpoint(resume)
+        saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume {resume}: the checkpoint has no run config to continue from")
+        if preset is not None and preset != saved.get("preset"):
+            raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
+        config = PretrainConfig.from_dict({**saved, **explicit})
+        config.out = str(out or checkpoint_path.parent)
+    else:
+        if data is None:
+            raise click.UsageError("Missing argument 'DATA' (needed unless --resume is given).")
+        if out is None:
+            raise click.UsageError("Missing option '--out'.")
+        config = preset_config(preset or "imagenet", **explicit)
+        config.out = str(out)
+        checkpoint_path = None
+
+    with TrainingProgress() as progress:
+        final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
+    if final:
+        click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")

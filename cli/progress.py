@@ -1,0 +1,53 @@
+"""Progress display of training runs: a live bar, and a line per epoch."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+MAX_UNREADABLE_SHOWN = 10
+
+
+class TrainingProgress:
+    """Turns the events of :func:`simsiam.train.pretrain` into a progress bar and log lines."""
+
+    def __init__(self, console: Console | None = None, description: str = "pretrain"):
+        self.console = console or Console(stderr=True)
+        self.description = description
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[speed]} img/s"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.task = None
+        self.unreadable = 0
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        if self.unreadable:
+            self.console.print(f"warning: skipped {self.unreadable} unreadable image(s) in all")
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self.console.print(
+                f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
+                f"{event['world_size']} process(es) on {event['device']} ({event['precision']})")
+            self.task = self.progress.add_task(self.description, total=event["total_steps"],
+                                               completed=event["global_step"], loss="-", lr="-", speed="-")
+        elif kind == "log":
+            self.progress.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}",
+                                 lr=f"{event['lr']:.4g}", speed=f"{event['images_per_s']:.0f}")
+        elif kind == "epoch":
+            knn = f"  knn top-1 {event['knn_top1']:.4f}" if "knn_top1" in event else ""
+            self.console.print(
+                f"epoch {event['epoch']}: loss {event['loss']:.4f}  collapse std x sqrt(d) "
+                f"{event['collapse_std']:.3f}  {event['images_per_s']:.0f} img/s{knn}")
+        elif kind == "unreadable":
+            self.unreadable += 1
+            if self.unreadable <= MAX_UNREADABLE_SHOWN:
+                self.console.print(f"warning: skipped unreadable image {event['path']} ({event['reason']})")

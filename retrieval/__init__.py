@@ -1,0 +1,1 @@
+"""Embeddings: extraction to HDF5, nearest-neighbour search, kNN classification, retrieval metrics."""

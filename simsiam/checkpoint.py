@@ -1,0 +1,191 @@
+"""Reading and writing checkpoints: the one module that knows their layouts.
+
+Written: ``{"epoch", "arch", "state_dict", "optimizer", ...}`` with ``state_dict`` keys exactly as
+the official implementation saves them under DDP (``module.encoder.*``, ``module.predictor.*``),
+so the official ``main_lincls.py`` loads ours unchanged. Files are written under a temporary
+name and renamed, so a kill at any moment leaves either the old file or the new one.
+
+Read (:func:`read_backbone`): ours, the official SimSiam checkpoints, the same without the
+``module.`` prefix, MoCo's (``encoder_q``), and plain torchvision ResNet state dicts. Always with
+``torch.load(weights_only=True)``: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from torch import nn
+
+from .backbones import build_resnet, infer_resnet_arch
+from .errors import InputError
+
+LAST = "last.pth.tar"
+_EPOCH_FILE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The official name: ``checkpoint_0099.pth.tar`` holds the state after epoch index 99."""
+    return f"checkpoint_{epoch:04d}.pth.tar"
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make ``path`` another name of ``source`` (a hard link, copy where links are refused)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint safely (tensors and plain containers only) onto the CPU.
+
+    ``mmap``: map the file instead of reading it; tensors are read when touched (cheap peeks).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        if "Unsupported global" in message:
+            raise InputError(
+                f"{path}: holds Python objects other than tensors; refusing to unpickle it (weights_only)"
+            ) from None
+        detail = message.split("WeightsUnpickler error:")[-1]
+        reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unpickling failed")
+        raise InputError(f"{path}: not a PyTorch checkpoint ({reason[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def to_official_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as the official DDP-wrapped model saves them: ``module.encoder.*``, ``module.predictor.*``."""
+    return {k if k.startswith("module.") else f"module.{k}": v for k, v in model_state.items()}
+
+
+def from_official_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+@dataclass
+class BackboneWeights:
+    """A ResNet backbone read from any supported checkpoint layout.
+
+    ``backbone``: torchvision ResNet names, without ``fc``. ``projector``: the SimSiam projector
+    (``fc.*`` names of the encoder) when the checkpoint has one, else empty.
+    """
+
+    arch: str
+    cifar_stem: bool
+    backbone: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor]
+    layout: str  # "simsiam", "moco", "torchvision"
+    source: dict  # the checkpoint's other top-level entries (epoch, config, ...)
+
+
+def _tensor_dict(obj) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return None
+
+
+def split_backbone(state_dict: dict[str, torch.Tensor], where: str) -> tuple[str, dict, dict]:
+    """``(layout, backbone, projector)`` from the state dict of any supported layout."""
+    state = from_official_layout(state_dict)
+    for prefix, layout in (("encoder.", "simsiam"), ("encoder_q.", "moco")):
+        if any(k.startswith(prefix) for k in state):
+            encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            backbone = {k: v for k, v in encoder.items() if not k.startswith("fc.")}
+            projector = {k[3:]: v for k, v in encoder.items() if k.startswith("fc.")}
+            return layout, backbone, projector
+    if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        return "torchvision", {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
+    sample = ", ".join(list(state)[:3])
+    raise InputError(
+        f"{where}: unknown checkpoint layout (found keys like {sample}); expected a SimSiam "
+        "checkpoint (module.encoder.*), a MoCo one (module.encoder_q.*) or a torchvision ResNet state dict"
+    )
+
+
+def read_backbone(path: str | os.PathLike) -> BackboneWeights:
+    """The ResNet backbone (and projector, when present) of a checkpoint of any supported layout."""
+    checkpoint = load_checkpoint(path)
+    state = None
+    for key in ("state_dict", "model", "module"):
+        state = _tensor_dict(checkpoint.get(key))
+        if state is not None:
+            break
+    if state is None:
+        state = _tensor_dict(checkpoint)
+    if state is None:
+        found = ", ".join(map(str, list(checkpoint)[:5]))
+        raise InputError(f"{path}: unknown checkpoint layout (top-level entries: {found}); no state dict of tensors")
+    layout, backbone, projector = split_backbone(state, str(path))
+    try:
+        arch, cifar_stem = infer_resnet_arch(backbone)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    source = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "model", "module", "optimizer")}
+    if isinstance(source.get("arch"), str) and source["arch"] != arch:
+        raise InputError(f"{path}: says arch {source['arch']} but its weights are those of a {arch}")
+    return BackboneWeights(arch, cifar_stem, backbone, projector, layout, source)
+
+
+def build_backbone(weights: BackboneWeights) -> nn.Module:
+    """The torchvision ResNet of ``weights`` with ``fc`` replaced by Identity: it returns pooled features."""
+    model = build_resnet(weights.arch, cifar_stem=weights.cifar_stem)
+    model.fc = nn.Identity()
+    model.load_state_dict(weights.backbone)
+    return model
+
+
+def find_resume_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint to resume from: a file as given, or a run folder's newest complete one.
+
+    Temporary files of a write that was interrupted are never picked: they are renamed into place
+    only when complete.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"--resume {path}: no such checkpoint file or run folder")
+    if (path / LAST).is_file():
+        return path / LAST
+    epochs = sorted((int(m.group(1)), f) for f in path.iterdir() if (m := _EPOCH_FILE.match(f.name)))
+    if not epochs:
+        raise InputError(f"--resume {path}: the folder holds no checkpoint to resume from")
+    return epochs[-1][1]

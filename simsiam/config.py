@@ -1,0 +1,116 @@
+"""Pretraining settings and the paper's two recipes (presets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backbones import RESNET_ARCHS
+from .errors import InputError
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a pretraining run; ``config.json`` of a run folder holds one of these."""
+
+    data: str = ""
+    out: str = ""
+    preset: str = "imagenet"
+    arch: str = "resnet50"
+    cifar_stem: bool = False
+    epochs: int = 100
+    batch_size: int = 512  # global, over all processes
+    lr: float = 0.05  # base lr; the optimizer's is lr * batch_size / 256
+    wd: float = 1e-4
+    momentum: float = 0.9
+    image_size: int = 224
+    crop_min_scale: float = 0.2
+    blur: bool = True
+    eval_resize: int = 256  # resize before the center crop of evaluation; 0: none
+    dim: int = 2048
+    pred_dim: int = 512
+    proj_layers: int = 3
+    proj_hidden_dim: int = 0  # 0: the backbone's width, as official
+    fix_pred_lr: bool = True
+    warmup_epochs: int = 0
+    stop_grad: bool = True
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    strict: bool = False
+    log_every: int = 10  # steps; the official print_freq
+    save_every_epochs: int = 1  # numbered checkpoint_XXXX.pth.tar files; the last epoch always
+    save_every_steps: int = 0  # also refresh last.pth.tar every N steps (0: at epoch ends only)
+    knn_train: str = ""
+    knn_val: str = ""
+    knn_every: int = 1
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+    @property
+    def init_lr(self) -> float:
+        """The linear scaling rule of the paper: lr x batch / 256."""
+        return self.lr * self.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "save_every_epochs", "knn_every", "knn_k")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("lr", "wd", "warmup_epochs", "workers", "save_every_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise InputError(f"--warmup-epochs {self.warmup_epochs}: must be fewer than --epochs {self.epochs}")
+        if self.arch not in RESNET_ARCHS:
+            raise InputError(f"--arch {self.arch}: not a torchvision ResNet; choose one of {', '.join(RESNET_ARCHS)}")
+        if self.proj_layers not in (2, 3):
+            raise InputError(f"--proj-layers {self.proj_layers}: must be 2 or 3")
+        if not 0 < self.crop_min_scale <= 1:
+            raise InputError(f"--crop-min-scale {self.crop_min_scale}: must be in (0, 1]")
+        if bool(self.knn_train) != bool(self.knn_val):
+            raise InputError("--knn-train and --knn-val: give both or neither")
+        if self.knn_temperature <= 0:
+            raise InputError(f"--knn-temperature {self.knn_temperature}: must be positive")
+
+
+# The paper's recipes. "imagenet": Sec. 4 and the official main_simsiam.py; "cifar": App. D.
+PRESETS: dict[str, dict] = {
+    "imagenet": dict(
+        arch="resnet50", cifar_stem=False, epochs=100, batch_size=512, lr=0.05, wd=1e-4,
+        image_size=224, blur=True, eval_resize=256, dim=2048, pred_dim=512, proj_layers=3,
+        proj_hidden_dim=0, fix_pred_lr=True, save_every_epochs=1,
+    ),
+    "cifar": dict(
+        arch="resnet18", cifar_stem=True, epochs=800, batch_size=512, lr=0.03, wd=5e-4,
+        image_size=32, blur=False, eval_resize=0, dim=2048, pred_dim=512, proj_layers=2,
+        proj_hidden_dim=2048, fix_pred_lr=True, save_every_epochs=50,
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> PretrainConfig:
+    """The preset's settings with ``overrides`` (None values are ignored) on top."""
+    if name not in PRESETS:
+        raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return PretrainConfig(preset=name, **values)
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

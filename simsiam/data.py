@@ -1,0 +1,219 @@
+"""One data pipeline for pretrain, extract, knn and lincls: scan a folder, decode, transform, batch.
+
+Randomness is a pure function of (seed, epoch, image index): the shuffling of an epoch comes from
+(seed, epoch) and the augmentation of an image from (seed, epoch, index). A run's batches are
+therefore the same whatever the number of DataLoader workers or DDP ranks, and a run resumed in
+the middle of an epoch sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
+# torchvision's decoders (libjpeg-turbo, libpng, libwebp, giflib); other formats go through PIL.
+_TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """The images of a folder: ``paths`` relative to ``root``, ``labels`` index ``classes`` (-1: none)."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _images_below(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
+def scan_images(root: str | os.PathLike) -> ImageList:
+    """List the images of ``root``: an ImageFolder (``class/**/*.jpg``) or a flat folder of images.
+
+    Class folders win when there are any (as torchvision's ImageFolder, images lying directly in
+    ``root`` are then ignored); classes are the sorted folder names that hold images.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    paths: list[str] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    for name in class_dirs:
+        files = _images_below(root / name)
+        if files:
+            paths += [os.path.relpath(f, root) for f in files]
+            labels += [len(classes)] * len(files)
+            classes.append(name)
+    if not paths:
+        paths = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+        labels = [-1] * len(paths)
+    if not paths:
+        raise InputError(f"{root}: no images found (expected class/*.jpg folders or image files)")
+    return ImageList(root=root, paths=paths, labels=labels, classes=classes)
+
+
+def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason."""
+    path = str(path)
+    if path.lower().endswith(_TORCHVISION_DECODES):
+        try:
+            data = torch.from_file(path, size=os.path.getsize(path), dtype=torch.uint8)
+            return decode_image(data, mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            # torchvision prefixes its messages with the C++ source location; keep the reason
+            raise OSError(str(err).rsplit(", ", 1)[-1].strip()) from None
+    try:
+        with Image.open(path) as image:
+            return TF.pil_to_tensor(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise OSError(str(err)) from None
+
+
+class Unreadable(NamedTuple):
+    """Stands in a batch for an image that could not be decoded."""
+
+    path: str
+    reason: str
+
+
+_AUGMENT, _SHUFFLE = 0, 1  # separate random streams
+
+
+def derived_seed(seed: int, epoch: int, index: int, stream: int = _AUGMENT) -> int:
+    """A well-mixed 63-bit seed for one image (or, for ``_SHUFFLE``, the order) of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ImageDataset(Dataset):
+    """Images of an :class:`ImageList` through ``transform``; yields ``(image, label, index)``.
+
+    With a ``seed``, the transform of image i in epoch e draws its random numbers from a generator
+    seeded by (seed, e, i) (see the module docstring); :meth:`set_epoch` moves to another epoch.
+    An image that fails to decode comes out as :class:`Unreadable` for the collate function to
+    drop and count.
+    """
+
+    def __init__(self, images: ImageList, transform: Callable, seed: int | None = None):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        path = self.images.root / self.images.paths[index]
+        try:
+            image = decode_rgb(path)
+        except OSError as err:
+            return Unreadable(str(path), str(err) or type(err).__name__)
+        if self.seed is None:
+            return self.transform(image), self.images.labels[index], index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, self.epoch, index))
+            return self.transform(image), self.images.labels[index], index
+
+
+def collate_readable(samples: list) -> tuple[object | None, list[Unreadable]]:
+    """Collate the decodable samples; return ``(batch or None, unreadable samples)``."""
+    unreadable = [s for s in samples if isinstance(s, Unreadable)]
+    good = [s for s in samples if not isinstance(s, Unreadable)]
+    return (default_collate(good) if good else None), unreadable
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of a global size, each rank taking its contiguous slice of every batch.
+
+    The permutation of epoch e comes from (seed, e), so rank r of a W-process run sees rows
+    [r*B/W, (r+1)*B/W) of the very batches a single process with batch B sees. The last
+    incomplete batch is dropped, as the official script's ``drop_last=True``.
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if global_batch_size % world_size:
+            raise InputError(
+                f"--batch-size {global_batch_size}: not divisible by the {world_size} processes"
+            )
+        if num_samples < global_batch_size:
+            raise InputError(
+                f"--batch-size {global_batch_size}: larger than the dataset ({num_samples} images)"
+            )
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Move to ``epoch``, skipping its first ``start_step`` batches (a mid-epoch resume)."""
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, 0, _SHUFFLE))
+        order = torch.randperm(self.num_samples, generator=generator)
+        begin = self.rank * self.local_batch_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            batch = order[step * self.global_batch_size :][: self.global_batch_size]
+            yield batch[begin : begin + self.local_batch_size].tolist()
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,
+                workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader that drops undecodable images (see :func:`collate_readable`).
+
+    Without a ``batch_sampler`` the images come in order, ``batch_size`` at a time.
+    """
+    common = dict(num_workers=workers, collate_fn=collate_readable, pin_memory=pin_memory,
+                  persistent_workers=False)  # new workers each epoch see the dataset's new epoch
+    if workers:
+        common["prefetch_factor"] = 4
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)

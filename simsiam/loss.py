@@ -1,0 +1,25 @@
+"""The SimSiam loss and the collapse monitor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def negative_cosine_similarity(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """The symmetrised loss L = D(p1, z2)/2 + D(p2, z1)/2 with D(p, z) = -cos(p, z) (Eq. 1-2).
+
+    The stop-gradient of Eq. 3 is applied by the model, which hands over detached z1, z2.
+    The minimum is -1.
+    """
+    return -(F.cosine_similarity(p1, z2, dim=1).mean() + F.cosine_similarity(p2, z1, dim=1).mean()) * 0.5
+
+
+@torch.no_grad()
+def collapse_std(z: torch.Tensor) -> torch.Tensor:
+    """Per-channel std of the L2-normalised outputs z/||z||, averaged over channels (Sec. 4.1).
+
+    About 1/sqrt(d) for outputs spread over the unit sphere, 0 when they collapse to a constant;
+    the training log multiplies it by sqrt(d) so that healthy is near 1.
+    """
+    return F.normalize(z.float(), dim=1).std(dim=0).mean()

@@ -1,0 +1,142 @@
+"""The one place that decides device, precision and distributed set-up; other modules ask it.
+
+Distributed runs are started by ``torchrun``, which sets RANK, WORLD_SIZE and LOCAL_RANK: NCCL
+on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # "fp32" or "bf16"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def channels_last(self) -> bool:
+        # channels_last speeds up convolutions with tensor cores; on CPU it brings nothing
+        return self.device.type == "cuda" and self.precision == "bf16"
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name not in DEVICES:
+        raise InputError(f"--device {name}: choose one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is visible to PyTorch")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA (autocast) and fp32 elsewhere."""
+    if name not in PRECISIONS:
+        raise InputError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def start(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Pick device and precision; join the process group when launched by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=30),
+        )
+    return Runtime(dev, resolve_precision(precision, dev), rank, world_size, local_rank)
+
+
+def stop(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sync_batchnorm(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Batch statistics over the global batch, as the official script (SyncBN under DDP).
+
+    PyTorch's SyncBatchNorm runs only on GPUs; on CPUs (gloo) :class:`CPUSyncBatchNorm` computes
+    the same statistics so that CPU runs, and the tests, behave as GPU runs do.
+    """
+    if not runtime.distributed:
+        return model
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if runtime.device.type == "cpu":
+        for module in model.modules():
+            if type(module) is nn.SyncBatchNorm:
+                module.__class__ = CPUSyncBatchNorm
+    return model
+
+
+class CPUSyncBatchNorm(nn.SyncBatchNorm):
+    """:class:`torch.nn.SyncBatchNorm` for CPU tensors under the gloo backend.
+
+    Normalises with the mean and biased variance of the global batch, and updates the running
+    variance with the unbiased one, like the CUDA kernel. Two all-reduces (mean, then squared
+    deviations) keep the variance as accurate as ``F.batch_norm``'s two-pass computation; the
+    gradient flows through the autograd-aware all-reduce.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and input.device.type == "cpu"):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        local_count = torch.tensor([input.numel() // input.shape[1]], dtype=input.dtype)
+        sums = all_reduce(torch.cat([input.sum(dims), local_count]))
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centered = input - mean.view(shape)
+        var = all_reduce((centered * centered).sum(dims)) / count
+        output = centered * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1), momentum)
+        return output

@@ -1,0 +1,332 @@
+"""The pretraining loop: one process, or one of many under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import __version__, runtime as rt
+from .augment import TwoViews, eval_transform, pretrain_transform
+from .backbones import build_resnet, pooled_backbone
+from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, link_atomic, load_checkpoint,
+                         save_atomic, to_official_layout)
+from .config import PretrainConfig, write_json_atomic
+from .data import GlobalBatchSampler, ImageDataset, make_loader, scan_images
+from .errors import InputError, TrainingDiverged
+from .loss import collapse_std, negative_cosine_similarity
+from .model import SimSiam
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+# Files that mark a folder as holding a run, and that --overwrite removes.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, LAST)
+
+Event = Callable[[dict], None]
+
+
+def build_model(config: PretrainConfig) -> SimSiam:
+    encoder = build_resnet(config.arch, num_classes=config.dim, cifar_stem=config.cifar_stem,
+                           zero_init_residual=True)
+    return SimSiam(encoder, config.dim, config.pred_dim, config.proj_layers,
+                   config.proj_hidden_dim or None, stop_gradient=config.stop_grad)
+
+
+def build_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
+    """SGD as the official script: the predictor in its own group when its lr is fixed."""
+    if config.fix_pred_lr:
+        groups = [{"params": model.encoder.parameters(), "fix_lr": False},
+                  {"params": model.predictor.parameters(), "fix_lr": True}]
+    else:
+        groups = [{"params": model.parameters(), "fix_lr": False}]
+    return torch.optim.SGD(groups, config.init_lr, momentum=config.momentum, weight_decay=config.wd)
+
+
+def learning_rate(config: PretrainConfig, epoch: int) -> float:
+    """Cosine decay per epoch, as the official ``adjust_learning_rate``, after optional linear warmup."""
+    if epoch < config.warmup_epochs:
+        return config.init_lr * (epoch + 1) / config.warmup_epochs
+    progress = (epoch - config.warmup_epochs) / (config.epochs - config.warmup_epochs)
+    return config.init_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, epoch: int) -> float:
+    lr = learning_rate(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = config.init_lr if group.get("fix_lr") else lr
+    return lr
+
+
+def holds_run(folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    return any((folder / name).exists() for name in RUN_FILES) or any(folder.glob("checkpoint_*.pth.tar"))
+
+
+def prepare_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds another run unless resuming it or told to overwrite it."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if holds_run(out) and not resuming:
+        if not overwrite:
+            raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
+                             "or --overwrite to start over")
+        for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
+            path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinite for a line cut short by a kill, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logging step and per epoch (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path = path
+        self.enabled = enabled
+        if enabled and resume_step is not None and path.exists():
+            # a resumed run repeats the steps after its checkpoint: drop their old lines
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        elif enabled and resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class KnnMonitor:
+    """Weighted-kNN top-1 of the backbone's pooled features on held-out labelled images."""
+
+    def __init__(self, config: PretrainConfig, runtime: rt.Runtime):
+        transform = eval_transform(config.image_size, config.eval_resize or None)
+        self.train = ImageDataset(scan_images(config.knn_train), transform)
+        self.val = ImageDataset(scan_images(config.knn_val), transform)
+        for name, ds in (("--knn-train", self.train), ("--knn-val", self.val)):
+            if not ds.images.labelled:
+                raise InputError(f"{name} {ds.images.root}: needs class folders (labels) for kNN")
+        if len(self.train) < config.knn_k:
+            raise InputError(f"--knn-k {config.knn_k}: larger than the {len(self.train)} images of --knn-train")
+        self.config = config
+        self.runtime = runtime
+
+    def __call__(self, encoder: nn.Module) -> float:
+        from retrieval.extract import embed
+        from retrieval.knn import weighted_knn
+
+        backbone = pooled_backbone(encoder)
+        batch = min(256, self.config.batch_size)
+        workers = self.config.workers
+        train_x, train_y, _ = embed(backbone, self.train, self.runtime, batch, workers)
+        val_x, val_y, _ = embed(backbone, self.val, self.runtime, batch, workers)
+        num_classes = max(len(self.train.images.classes), len(self.val.images.classes))
+        [result] = weighted_knn(train_x, train_y, val_x, val_y, (self.config.knn_k,), self.config.knn_temperature,
+                                num_classes=num_classes, device=self.runtime.device)
+        return result.top1
+
+
+def _checkpoint(config, model, optimizer, epoch, step_in_epoch, global_step, metrics) -> dict:
+    return {
+        "epoch": epoch,  # epochs completed (official meaning); the epoch under way when step_in_epoch > 0
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "arch": config.arch,
+        "cifar_stem": config.cifar_stem,
+        "state_dict": to_official_layout(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+        "config": config.to_dict(),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "metrics": metrics,
+        "simsiam_version": __version__,
+    }
+
+
+def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = None, overwrite: bool = False,
+             on_event: Event | None = None) -> dict:
+    """Train SimSiam as ``config`` says; returns the last metrics.
+
+    ``resume_from``: a checkpoint to continue from exactly (model, optimizer, epoch, step, RNG).
+    ``on_event``: called with ``{"event": "start" | "log" | "epoch" | "unreadable" | "end", ...}``
+    on the main process, for progress display.
+    """
+    config.validate()
+    runtime = rt.start(config.device, config.precision)
+    try:
+        return _pretrain(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
+    finally:
+        rt.stop(runtime)
+
+
+def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Event) -> dict:
+    emit = on_event if runtime.is_main else (lambda event: None)
+    out = Path(config.out)
+    images = scan_images(config.data)
+    sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
+    knn = KnnMonitor(config, runtime) if config.knn_train else None
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if runtime.is_main:
+        prepare_run_dir(out, checkpoint is not None, overwrite)
+    runtime.barrier()
+
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    optimizer = build_optimizer(model, config)
+    start_epoch = start_step = global_step = 0
+    if checkpoint is not None:
+        model.load_state_dict(from_official_layout(checkpoint["state_dict"]))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch = checkpoint["epoch"]
+        start_step = checkpoint.get("step_in_epoch", 0)
+        global_step = checkpoint.get("global_step", start_epoch * sampler.steps_per_epoch + start_step)
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model = rt.sync_batchnorm(model, runtime)
+    # raw: the model whose state dict is saved; model: what the step runs (DDP-wrapped in parallel runs)
+    raw = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    if runtime.is_main:
+        write_json_atomic(config.to_dict(), out / CONFIG_FILE)
+    metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
+
+    transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
+    dataset = ImageDataset(images, transform, seed=config.seed)
+    loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    total_steps = config.epochs * sampler.steps_per_epoch
+    emit({"event": "start", "images": len(images), "steps_per_epoch": sampler.steps_per_epoch,
+          "total_steps": total_steps, "global_step": global_step, "epoch": start_epoch,
+          "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision})
+
+    last_good = None  # the newest checkpoint on disk, named when the loss diverges
+    if checkpoint is not None:
+        last_good = str(resume_from)
+    del checkpoint
+    metrics: dict = {}
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        lr = set_learning_rate(optimizer, config, epoch)
+        sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        dataset.set_epoch(epoch)
+        skipped = 0
+        # sums since the last log line, kept on the device so that steps do not wait for the GPU
+        loss_sum = torch.zeros((), device=runtime.device)
+        diverged_at = torch.full((), -1, dtype=torch.long, device=runtime.device)
+        interval_steps, interval_start = 0, time.perf_counter()
+        epoch_start, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+        for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
+            for bad in unreadable:
+                if config.strict:
+                    raise InputError(f"{bad.path}: cannot decode image ({bad.reason}); drop --strict to skip such images")
+                emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})
+            skipped += len(unreadable)
+            if batch is None:
+                raise InputError(f"{config.data}: every image of a batch at step {global_step} is unreadable")
+            (view1, view2), _, _ = batch
+            view1 = view1.to(runtime.device, non_blocking=True)
+            view2 = view2.to(runtime.device, non_blocking=True)
+            if runtime.channels_last:
+                view1 = view1.contiguous(memory_format=torch.channels_last)
+                view2 = view2.contiguous(memory_format=torch.channels_last)
+
+            with runtime.autocast():
+                p1, p2, z1, z2 = model(view1, view2)
+                loss = negative_cosine_similarity(p1, p2, z1, z2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            global_step += 1
+            interval_steps += 1
+            loss = loss.detach()
+            loss_sum += loss
+            diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), global_step, diverged_at)
+            end_of_epoch = step + 1 == sampler.steps_per_epoch
+            save_now = config.save_every_steps and global_step % config.save_every_steps == 0 and not end_of_epoch
+            if global_step % config.log_every and not end_of_epoch and not save_now:
+                continue
+
+            # a logging step: one synchronisation for the loss, the divergence check and the monitors
+            summary = torch.stack([loss_sum, diverged_at.float()])
+            if runtime.distributed:
+                summary[1] = torch.where(summary[1] < 0, float("inf"), summary[1])
+                dist.all_reduce(summary[:1])
+                dist.all_reduce(summary[1:], op=dist.ReduceOp.MIN)
+                summary[0] /= runtime.world_size
+            mean_loss, bad_step = summary.tolist()
+            if 0 <= bad_step < float("inf"):
+                raise TrainingDiverged(
+                    f"the loss became NaN or infinite at step {int(bad_step)} (epoch {epoch}); "
+                    + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"))
+            now = time.perf_counter()
+            mean_loss /= interval_steps
+            metrics = {
+                "kind": "step", "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                "collapse_std": collapse_std(z1).item() * math.sqrt(z1.shape[1]),
+                "images_per_s": interval_steps * config.batch_size / (now - interval_start),
+            }
+            metrics_log.write(metrics)
+            emit({"event": "log", **metrics})
+            epoch_loss += mean_loss * interval_steps
+            epoch_steps += interval_steps
+            loss_sum.zero_()
+            interval_steps, interval_start = 0, now
+
+            if save_now and runtime.is_main:
+                save_atomic(_checkpoint(config, raw, optimizer, epoch, step + 1, global_step, metrics), out / LAST)
+                last_good = str(out / LAST)
+
+        # end of the epoch
+        if runtime.distributed:
+            counts = torch.tensor([skipped], device=runtime.device)
+            dist.all_reduce(counts)
+            skipped = int(counts.item())
+        epoch_metrics = {
+            "kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": epoch_loss / max(epoch_steps, 1),
+            "lr": lr, "collapse_std": metrics.get("collapse_std"), "skipped_images": skipped,
+            "images_per_s": epoch_steps * config.batch_size / (time.perf_counter() - epoch_start),
+        }
+        if knn is not None and ((epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs):
+            if runtime.is_main:
+                epoch_metrics["knn_top1"] = knn(raw.encoder)
+            runtime.barrier()
+        metrics_log.write(epoch_metrics)
+        emit({"event": "epoch", **epoch_metrics})
+        if runtime.is_main:
+            state = _checkpoint(config, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
+            if (epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs:
+                numbered = out / epoch_checkpoint_name(epoch)
+                save_atomic(state, numbered)
+                link_atomic(numbered, out / LAST)
+            else:
+                save_atomic(state, out / LAST)
+            last_good = str(out / LAST)
+        runtime.barrier()
+        metrics = epoch_metrics
+
+    emit({"event": "end", **metrics})
+    return metrics

@@ -1,0 +1,99 @@
+"""The data pipeline: folder scanning, decoding, unreadable images, deterministic batches."""
+
+import pytest
+import torch
+
+from simsiam.augment import TwoViews, eval_transform, pretrain_transform
+from simsiam.data import (GlobalBatchSampler, ImageDataset, Unreadable, collate_readable, decode_rgb,
+                          make_loader, scan_images)
+from simsiam.errors import InputError
+
+from conftest import make_image_folder
+
+
+def test_scan_imagefolder_and_flat_folder(tmp_path):
+    labelled = scan_images(make_image_folder(tmp_path / "a", classes=3, per_class=2))
+    assert labelled.classes == ["class0", "class1", "class2"]
+    assert labelled.labels == [0, 0, 1, 1, 2, 2]
+    assert labelled.paths[0] == "class0/c0_000.png"
+    flat = scan_images(make_image_folder(tmp_path / "b", classes=2, per_class=2, labelled=False))
+    assert flat.classes == [] and flat.labels == [-1] * 4 and not flat.labelled
+    assert flat.paths == ["c0_000.png", "c0_001.png", "c1_000.png", "c1_001.png"]
+
+
+def test_missing_empty_and_not_a_folder_are_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="nope: no such folder"):
+        scan_images(tmp_path / "nope")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="empty: no images found"):
+        scan_images(tmp_path / "empty")
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    with pytest.raises(InputError, match="not a folder"):
+        scan_images(tmp_path / "file.jpg")
+
+
+def test_unreadable_and_truncated_images_are_reported_not_raised(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", classes=1, per_class=3, ext="jpg")
+    good = sorted((root / "class0").iterdir())
+    data = good[0].read_bytes()
+    (root / "class0" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "class0" / "garbage.png").write_bytes(b"this is not an image")
+    with pytest.raises(OSError, match="truncated"):
+        decode_rgb(root / "class0" / "truncated.jpg")
+    assert decode_rgb(good[0]).shape == (3, 16, 16) and decode_rgb(good[0]).dtype == torch.uint8
+
+    dataset = ImageDataset(scan_images(root), eval_transform(16, None))
+    batch, unreadable = collate_readable([dataset[i] for i in range(len(dataset))])
+    assert sorted(u.path.rsplit("/", 1)[1] for u in unreadable) == ["garbage.png", "truncated.jpg"]
+    assert all(isinstance(u, Unreadable) and u.reason for u in unreadable)
+    images, labels, indices = batch
+    assert images.shape == (3, 3, 16, 16)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(shared_image_folder):
+    images = scan_images(shared_image_folder)
+    dataset = ImageDataset(images, TwoViews(pretrain_transform(16)), seed=7)
+    a1, a2 = dataset[3][0]
+    torch.rand(10)  # whatever else consumes the global generator does not matter
+    b1, b2 = dataset[3][0]
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert not torch.equal(a1, a2)  # the two views are different draws
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[3][0][0], a1)
+
+
+def test_global_batches_split_across_ranks_as_one_process_sees_them():
+    single = GlobalBatchSampler(40, 8, seed=3)
+    ranks = [GlobalBatchSampler(40, 8, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in [single, *ranks]:
+        s.set_epoch(2)
+    for whole, left, right in zip(single, *ranks):
+        assert whole == left + right and len(left) == 4
+    assert len(single) == 5
+    single.set_epoch(2, start_step=3)
+    assert len(single) == 2
+    full = GlobalBatchSampler(40, 8, seed=3)
+    full.set_epoch(2)
+    assert list(single) == list(full)[3:]
+    full.set_epoch(3)
+    assert list(full) != list(single)
+
+
+def test_batch_sampler_refuses_impossible_sizes():
+    with pytest.raises(InputError, match="--batch-size 64: larger than the dataset \\(10 images\\)"):
+        GlobalBatchSampler(10, 64, seed=0)
+    with pytest.raises(InputError, match="not divisible by the 4 processes"):
+        GlobalBatchSampler(100, 10, seed=0, world_size=4)
+
+
+def test_loader_with_workers_gives_the_same_batches_as_without(shared_image_folder):
+    images = scan_images(shared_image_folder)
+    dataset = ImageDataset(images, TwoViews(pretrain_transform(16)), seed=1)
+    sampler = GlobalBatchSampler(len(images), 16, seed=1)
+    runs = []
+    for workers in (0, 2):
+        batches = [b for b, _ in make_loader(dataset, sampler, workers=workers)]
+        runs.append(batches)
+    for (v0, y0, i0), (v1, y1, i1) in zip(*runs):
+        assert torch.equal(i0, i1) and torch.equal(v0[0], v1[0]) and torch.equal(v0[1], v1[1])

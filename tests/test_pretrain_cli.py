@@ -1,0 +1,155 @@
+"""``simsiam pretrain`` end to end through click's CliRunner: a short run and every error case."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import simsiam
+from simsiam.checkpoint import load_checkpoint
+
+from conftest import make_image_folder
+
+TINY = ["--preset", "cifar", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "8",
+        "--epochs", "1", "--workers", "0", "--device", "cpu", "--log-every", "2"]
+
+
+def run(*args):
+    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+def no_checkpoints(folder):
+    return not folder.exists() or not [p for p in folder.iterdir() if "pth" in p.name]
+
+
+def test_a_short_run_writes_checkpoints_config_and_metrics(tmp_path, shared_image_folder):
+    out = tmp_path / "run"
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "2", "--save-every-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "last.pth.tar",
+                                               "checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["cifar_stem"] and config["lr"] == 0.03 and config["wd"] == 5e-4
+    assert config["batch_size"] == 8 and config["image_size"] == 16 and config["proj_layers"] == 2
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if l["kind"] == "step"]
+    epochs = [l for l in lines if l["kind"] == "epoch"]
+    assert [l["step"] for l in steps] == [2, 4, 6, 8, 10, 12, 14, 16] and len(epochs) == 2
+    for line in steps:
+        assert {"loss", "lr", "collapse_std", "images_per_s"} <= line.keys()
+    # cosine per epoch from lr x batch / 256
+    assert epochs[0]["lr"] == pytest.approx(0.03 * 8 / 256) and epochs[1]["lr"] == pytest.approx(0.03 * 8 / 256 / 2)
+    checkpoint = load_checkpoint(out / "checkpoint_0001.pth.tar")
+    assert checkpoint["epoch"] == 2 and checkpoint["arch"] == "resnet18"
+    assert all(k.startswith(("module.encoder.", "module.predictor.")) for k in checkpoint["state_dict"])
+    assert len(checkpoint["optimizer"]["param_groups"]) == 2  # encoder, and the predictor at fixed lr
+    assert "epoch 2: loss" in result.output
+
+
+def test_missing_data_folder(tmp_path):
+    assert_user_error(run("pretrain", tmp_path / "nowhere", "--out", tmp_path / "run", *TINY), "nowhere: no such folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("pretrain", tmp_path / "empty", "--out", tmp_path / "run", *TINY), "empty: no images found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_larger_than_the_dataset(tmp_path, shared_image_folder):
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--batch-size", "128")
+    assert_user_error(result, "--batch-size 128: larger than the dataset (64 images)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def folder_with_bad_images(tmp_path):
+    root = make_image_folder(tmp_path / "bad", classes=2, per_class=8, ext="jpg")
+    data = (root / "class0" / "c0_000.jpg").read_bytes()
+    (root / "class0" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "class1" / "garbage.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, folder_with_bad_images):
+    out = tmp_path / "run"
+    result = run("pretrain", folder_with_bad_images, "--out", out, *TINY, "--batch-size", "6")
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable image" in result.output and "truncated.jpg" in result.output
+    epoch = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    # 18 images, batches of 6 over a shuffled order: both bad images fall in the 3 batches
+    assert epoch["kind"] == "epoch" and epoch["skipped_images"] == 2
+
+
+def test_unreadable_image_is_fatal_under_strict(tmp_path, folder_with_bad_images):
+    out = tmp_path / "run"
+    result = run("pretrain", folder_with_bad_images, "--out", out, *TINY, "--batch-size", "6", "--strict")
+    assert_user_error(result, "cannot decode image", "--strict")
+    assert "truncated.jpg" in result.output or "garbage.jpg" in result.output
+    assert no_checkpoints(out)
+
+
+def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shared_image_folder, monkeypatch):
+    import simsiam.train
+
+    real_loss = simsiam.train.negative_cosine_similarity
+    calls = {"n": 0}
+
+    def loss_that_diverges_at_step_11(*args):
+        calls["n"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["n"] >= 11 else loss
+
+    monkeypatch.setattr(simsiam.train, "negative_cosine_similarity", loss_that_diverges_at_step_11)
+    out = tmp_path / "run"
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "3")
+    assert_user_error(result, "NaN or infinite at step 11 (epoch 1)", "last good checkpoint is", "last.pth.tar")
+    checkpoint = load_checkpoint(out / "last.pth.tar")
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_out_folder_holding_another_run_is_refused_unless_overwrite(tmp_path, shared_image_folder):
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    before = (out / "last.pth.tar").stat().st_mtime_ns
+    assert_user_error(run("pretrain", shared_image_folder, "--out", out, *TINY, "--seed", "5"),
+                      "already holds a run", "--resume", "--overwrite")
+    assert (out / "last.pth.tar").stat().st_mtime_ns == before
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--seed", "5", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+
+
+def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared_image_folder):
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    result = run("pretrain", "--resume", out, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+
+
+def test_resume_of_a_folder_without_checkpoints(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert_user_error(run("pretrain", "--resume", tmp_path / "run"), "holds no checkpoint to resume from")
+
+
+def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
+    assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, "--arch", "vit_b_16"),
+                      "--arch vit_b_16: not a torchvision ResNet")
+    assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, "--epochs", "0"),
+                      "--epochs 0: must be at least 1")
+    assert not (tmp_path / "r").exists()
