@@ -28,11 +28,18 @@ def simsiam():
     """SimSiam pretraining, embeddings, kNN, search and detection transfer."""
 
 
-def _register() -> None:
-    from . import pretrain, quickstart
+# Each module holds one command (or command group) named ``command``.
+COMMAND_MODULES = (
+    "pretrain",
+    "quickstart",
+)
 
-    for module in (pretrain, quickstart):
-        simsiam.add_command(module.command)
+
+def _register() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        simsiam.add_command(importlib.import_module(f"cli.{name}").command)
 
 
 _register()
