@@ -57,3 +57,13 @@ class TwoViews:
 
     def __repr__(self) -> str:
         return f"TwoViews({self.transform!r})"
+
+
+def linear_eval_transform(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0)) -> v2.Compose:
+    """Training images of the linear evaluation (the official ``main_lincls.py``, as MoCo's).
+
+    RandomResizedCrop (torchvision's default scale 0.08-1) and a horizontal flip, nothing else;
+    validation uses :func:`eval_transform` (resize 256, center crop 224).
+    """
+    return v2.Compose([v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
+                       v2.RandomHorizontalFlip(), *_to_normalized_float()])
