@@ -41,6 +41,9 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False  # torch.compile the model and the loss
+    data_on_gpu: bool | None = None  # hold the decoded dataset on the GPU; None: auto (when it fits)
+    gpu_decode: bool = False  # decode JPEG batches on the GPU (when the dataset is not held there)
     strict: bool = False
     log_every: int = 10  # steps; the official print_freq
     save_every_epochs: int = 1  # numbered checkpoint_XXXX.pth.tar files; the last epoch always
@@ -82,6 +85,8 @@ class PretrainConfig:
             raise InputError(f"--crop-min-scale {self.crop_min_scale}: must be in (0, 1]")
         if bool(self.knn_train) != bool(self.knn_val):
             raise InputError("--knn-train and --knn-val: give both or neither")
+        if self.data_on_gpu not in (None, True, False):
+            raise InputError(f"--data-on-gpu {self.data_on_gpu!r}: must be on, off or auto (unset)")
         if self.knn_temperature <= 0:
             raise InputError(f"--knn-temperature {self.knn_temperature}: must be positive")
 

@@ -1,0 +1,269 @@
+"""The pretraining augmentation of :func:`simsiam.augment.pretrain_transform`, for a whole batch at
+once on the batch's device (GPU, or CPU for tests), each image with its own random parameters.
+
+It is MoCo v2's recipe that SimSiam uses (Sec. 4, "Baseline settings"), step for step as
+torchvision implements it: RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, 10 tries, then the
+centre-crop fallback), ColorJitter(0.4, 0.4, 0.4, 0.1) with its four adjustments in a random order
+per image, applied with p=0.8, grayscale with p=0.2, Gaussian blur sigma 0.1-2 with p=0.5 (off
+for CIFAR, App. D), horizontal flip, ImageNet normalisation.
+
+The random numbers of a view are drawn on the CPU (:meth:`BatchAugment.draw`) and depend only on
+the generator, not on the images or the device: a batch source draws those of a whole global batch
+and gives each DDP rank its rows, so a run's augmentations do not depend on the number of ranks.
+
+One deliberate difference from the per-image CPU recipe: the image stays float32 from the crop to
+the normalisation, where the CPU recipe rounds it to uint8 after every step (its uint8 blends
+truncate, darkening by up to 1/255 a step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .augment import BLUR_KERNEL, BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD
+
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
+CROP_TRIES = 10  # RandomResizedCrop tries 10 boxes before falling back to a centre crop
+JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's fn_idx numbering
+
+# Columns of the uniform numbers a view draws per image (one [N, DRAWN] matrix, one draw call).
+_SCALE = slice(0, 10)
+_LOG_RATIO = slice(10, 20)
+_TOP = slice(20, 30)
+_LEFT = slice(30, 40)
+_JITTER, _ORDER, _FACTORS = 40, slice(41, 45), slice(45, 49)
+_GRAY, _BLUR, _SIGMA, _FLIP = 49, 50, 51, 52
+DRAWN = 53
+
+# Columns of the per-image settings sent to the device (one float32 [N, 12] copy).
+_P_ORDER, _P_FACTORS, _P_GRAY, _P_BLUR, _P_SIGMA, _P_FLIP = slice(0, 4), slice(4, 8), 8, 9, 10, 11
+
+
+class ViewDraws:
+    """The uniform random numbers of one view of N images (float64, CPU), one row per image."""
+
+    def __init__(self, uniform: torch.Tensor):
+        self.uniform = uniform
+
+    def __len__(self) -> int:
+        return self.uniform.shape[0]
+
+    def rows(self, index) -> "ViewDraws":
+        """The draws of some images: a DDP rank's slice, or the readable images of a batch."""
+        return ViewDraws(self.uniform[index])
+
+
+class BatchAugment:
+    """``pretrain_transform(image_size, crop_scale, blur)``, batched: see the module docstring.
+
+    ``augment(images, augment.draw(len(images), generator))`` gives the normalised float32 views
+    ``[N, 3, image_size, image_size]`` on the images' device. ``images`` is a uint8 tensor
+    ``[N, 3, H, W]``, or a list of uint8 ``[3, H_i, W_i]`` tensors of any sizes.
+    """
+
+    def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.2, 1.0), blur: bool = True):
+        self.image_size = image_size
+        self.crop_scale = crop_scale
+        self.blur = blur
+
+    def __repr__(self) -> str:
+        return f"BatchAugment(image_size={self.image_size}, crop_scale={self.crop_scale}, blur={self.blur})"
+
+    def draw(self, n: int, generator: torch.Generator) -> ViewDraws:
+        return ViewDraws(torch.rand(n, DRAWN, generator=generator, dtype=torch.float64))
+
+    def __call__(self, images, draws: ViewDraws) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            heights = torch.full((len(draws),), images.shape[-2])
+            widths = torch.full((len(draws),), images.shape[-1])
+            device = images.device
+        else:
+            heights = torch.tensor([image.shape[-2] for image in images])
+            widths = torch.tensor([image.shape[-1] for image in images])
+            device = images[0].device
+        boxes = crop_boxes(draws, heights, widths, self.crop_scale)
+        settings = per_image_settings(draws, self.blur).to(device, non_blocking=True)
+        views = resized_crops(images, boxes.to(device, non_blocking=True), self.image_size)
+        views = color_jitter(views, settings[:, _P_ORDER], settings[:, _P_FACTORS])
+        views = grayscale(views, settings[:, _P_GRAY] > 0)
+        if self.blur:
+            views = gaussian_blur(views, settings[:, _P_SIGMA], settings[:, _P_BLUR] > 0)
+        views = horizontal_flip(views, settings[:, _P_FLIP] > 0)
+        return normalize(views)
+
+
+def crop_boxes(draws: ViewDraws, heights: torch.Tensor, widths: torch.Tensor,
+               scale: tuple[float, float], ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """RandomResizedCrop's boxes ``[N, 4]`` (top, left, height, width), as its ``make_params``.
+
+    Each image tries 10 (area, log-aspect) pairs, uniform in ``scale`` x area and in the log of
+    ``ratio``; the first that fits is placed uniformly; when none fits, the centre crop of the
+    largest box with an aspect ratio in ``ratio``. All vectorised, on the CPU.
+    """
+    u = draws.uniform
+    height, width = heights.double()[:, None], widths.double()[:, None]
+    target_area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, _SCALE])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, _LOG_RATIO])
+    # Python's round() and torch.round() both round half to even
+    w = torch.round(torch.sqrt(target_area * aspect))
+    h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # argmax gives the first of equal maxima
+    h, w = h.gather(1, first), w.gather(1, first)
+    # torch.randint(0, n) is uniform on 0..n-1, as floor(u * n); min() guards u*n rounding up to n
+    top = torch.minimum(torch.floor(u[:, _TOP].gather(1, first) * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, _LEFT].gather(1, first) * (width - w + 1)), width - w)
+
+    in_ratio = width / height
+    fallback_w = torch.where(in_ratio > max(ratio), torch.round(height * max(ratio)), width)
+    fallback_h = torch.where(in_ratio < min(ratio), torch.round(width / min(ratio)), height)
+    fallback_top = torch.div(height - fallback_h, 2, rounding_mode="floor")
+    fallback_left = torch.div(width - fallback_w, 2, rounding_mode="floor")
+
+    found = fits.any(dim=1, keepdim=True)
+    boxes = torch.cat([torch.where(found, top, fallback_top), torch.where(found, left, fallback_left),
+                       torch.where(found, h, fallback_h), torch.where(found, w, fallback_w)], dim=1)
+    return boxes.long()
+
+
+def per_image_settings(draws: ViewDraws, blur: bool) -> torch.Tensor:
+    """The photometric settings of each image, float32 ``[N, 12]``: jitter order (4), factors (4),
+    grayscale, blur, sigma, flip. An image left without jitter gets neutral factors."""
+    u = draws.uniform
+    jittered = u[:, _JITTER] < JITTER_P
+    order = u[:, _ORDER].argsort(dim=1)  # a uniformly random permutation, as ColorJitter's randperm(4)
+    b, c, s, hue = JITTER_STRENGTH
+    low = torch.tensor([1 - b, 1 - c, 1 - s, -hue], dtype=torch.float64)
+    high = torch.tensor([1 + b, 1 + c, 1 + s, hue], dtype=torch.float64)
+    factors = low + (high - low) * u[:, _FACTORS]
+    factors = torch.where(jittered[:, None], factors, torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    gray = u[:, _GRAY] < GRAYSCALE_P
+    blurred = (u[:, _BLUR] < BLUR_P) & blur
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, _SIGMA]
+    flip = u[:, _FLIP] < FLIP_P
+    columns = [order.double(), factors, gray[:, None], blurred[:, None], sigma[:, None], flip[:, None]]
+    return torch.cat([c.double() for c in columns], dim=1).float()
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """``[N, out_size, in_size]`` rows of torchvision's antialiased bilinear resize of the window
+    ``[start, start + length)`` of an axis: PIL's triangle filter, widened by the downscaling
+    factor, normalised over the pixels of the window (which also clamps at its edges)."""
+    device = start.device
+    start, length = start.float()[:, None, None], length.float()[:, None, None]
+    step = length / out_size
+    centre = start + (torch.arange(out_size, device=device).float()[None, :, None] + 0.5) * step
+    pixel = torch.arange(in_size, device=device).float()[None, None, :] + 0.5
+    weights = (1 - (pixel - centre).abs() / step.clamp(min=1)).clamp(min=0)
+    weights = weights * ((pixel > start) & (pixel < start + length))
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def resized_crops(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image's box resized to ``size`` x ``size``, float32 in [0, 1]: torchvision's
+    ``resized_crop(..., antialias=True)``, written as two resampling matrices per image.
+
+    ``images``: uint8 ``[N, 3, H, W]`` or a list of N uint8 ``[3, H_i, W_i]``; ``boxes`` ``[N, 4]``
+    (top, left, height, width) on the images' device.
+    """
+    top, left, height, width = boxes.unbind(dim=1)
+    if isinstance(images, torch.Tensor):
+        rows = resample_weights(top, height, images.shape[-2], size) / 255  # [N, size, H]
+        cols = resample_weights(left, width, images.shape[-1], size)  # [N, size, W]
+        return rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
+    # mixed sizes: the matrices of the whole batch at once, padded to the largest image, then one
+    # product per image on its own slice of them
+    rows = resample_weights(top, height, max(i.shape[-2] for i in images), size) / 255
+    cols = resample_weights(left, width, max(i.shape[-1] for i in images), size)
+    out = []
+    for image, r, c in zip(images, rows, cols):
+        out.append(r[:, : image.shape[-2]] @ image.float() @ c[:, : image.shape[-1]].T)
+    return torch.stack(out)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    return (ratio * x + (1 - ratio) * other).clamp(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` with a per-image shift ``[N, 1, 1, 1]``: to HSV (the hexcone
+    model, as PIL and torchvision), shift the hue modulo 1, back to RGB."""
+    r, g, b = x.unbind(dim=1)
+    value, _ = x.max(dim=1)
+    chroma = value - x.min(dim=1).values
+    gray = chroma == 0
+    saturation = chroma / torch.where(value == 0, 1, value)
+    safe = torch.where(gray, 1, chroma)
+    # the same precedence as torchvision when two channels tie for the maximum: red, green, blue
+    hue = torch.where(value == r, ((g - b) / safe) % 6,
+                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(gray, 0, hue / 6)
+    hue = (hue[:, None] + shift) % 1.0
+    # back to RGB: channel n (5, 3, 1 for R, G, B) is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue * 6) % 6
+    return value[:, None] - (value * saturation)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """ColorJitter with per-image factors ``[N, 4]`` applied in per-image ``order`` ``[N, 4]``.
+
+    Brightness, contrast and saturation are each a blend of the image with black, its mean gray
+    level or its grayscale version (torchvision's ``_blend``); at each of the 4 positions one blend
+    serves every image, with its own ratio and partner. Neutral factors (1, 1, 1, 0) leave an image
+    as it is.
+    """
+    ratio_at = lambda op: factors.gather(1, op[:, None].long())[:, :, None, None]
+    for position in range(4):
+        op = order[:, position][:, None, None, None]
+        gray = _luma(x)
+        partner = torch.where(op == BRIGHTNESS, 0.0, torch.where(op == CONTRAST, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+        ratio = torch.where(op == HUE, 1.0, ratio_at(order[:, position]))
+        x = _blend(x, partner, ratio)
+        x = torch.where(op == HUE, adjust_hue(x, factors[:, HUE, None, None, None]), x)
+    return x
+
+
+def grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """RandomGrayscale: the luma in all three channels, for the images where ``apply``."""
+    return torch.where(apply[:, None, None, None], _luma(x).expand_as(x), x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
+    """GaussianBlur(kernel_size) with a per-image sigma, for the images where ``apply``.
+
+    The kernel and the reflect padding of torchvision's ``gaussian_blur``; the 2-D kernel is an
+    outer product, so two 1-D passes (a grouped convolution, one group per image channel) give
+    the same result.
+    """
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    offsets = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*C, k]
+    pad = kernel_size // 2
+    flat = F.pad(x.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)
+    return torch.where(apply[:, None, None, None], flat.reshape(n, c, h, w), x)
+
+
+def horizontal_flip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    return torch.where(apply[:, None, None, None], x.flip(-1), x)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
+    return (x - mean) / std
