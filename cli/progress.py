@@ -29,12 +29,16 @@ class TrainingProgress:
     def __exit__(self, *exc):
         self.progress.stop()
         if self.unreadable:
-            self.console.print(f"warning: skipped {self.unreadable} unreadable image(s) in all")
+            self.say(f"warning: skipped {self.unreadable} unreadable image(s) in all")
+
+    def say(self, line: str) -> None:
+        # paths may hold [brackets] (rich markup) and are long: print them as they are, unwrapped
+        self.console.print(line, soft_wrap=True, markup=False, highlight=False)
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
-            self.console.print(
+            self.say(
                 f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
                 f"{event['world_size']} process(es) on {event['device']} ({event['precision']})")
             self.task = self.progress.add_task(self.description, total=event["total_steps"],
@@ -44,10 +48,10 @@ class TrainingProgress:
                                  lr=f"{event['lr']:.4g}", speed=f"{event['images_per_s']:.0f}")
         elif kind == "epoch":
             knn = f"  knn top-1 {event['knn_top1']:.4f}" if "knn_top1" in event else ""
-            self.console.print(
+            self.say(
                 f"epoch {event['epoch']}: loss {event['loss']:.4f}  collapse std x sqrt(d) "
                 f"{event['collapse_std']:.3f}  {event['images_per_s']:.0f} img/s{knn}")
         elif kind == "unreadable":
             self.unreadable += 1
             if self.unreadable <= MAX_UNREADABLE_SHOWN:
-                self.console.print(f"warning: skipped unreadable image {event['path']} ({event['reason']})")
+                self.say(f"warning: skipped unreadable image {event['path']} ({event['reason']})")

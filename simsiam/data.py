@@ -9,6 +9,7 @@ the middle of an epoch sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -85,6 +86,12 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     return ImageList(root=root, paths=paths, labels=labels, classes=classes)
 
 
+def _decoder_reason(message: str) -> str:
+    """"decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated" -> the reason only."""
+    reason = re.sub(r"^\w+, \S+:\d+, ", "", message.strip())
+    return reason.split(". ")[0].rstrip(".")
+
+
 def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason."""
     path = str(path)
@@ -93,8 +100,7 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
             data = torch.from_file(path, size=os.path.getsize(path), dtype=torch.uint8)
             return decode_image(data, mode=ImageReadMode.RGB)
         except RuntimeError as err:
-            # torchvision prefixes its messages with the C++ source location; keep the reason
-            raise OSError(str(err).rsplit(", ", 1)[-1].strip()) from None
+            raise OSError(_decoder_reason(str(err))) from None
     try:
         with Image.open(path) as image:
             return TF.pil_to_tensor(image.convert("RGB"))

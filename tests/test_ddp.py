@@ -11,7 +11,7 @@ import torch
 from simsiam.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--preset", "cifar", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "16",
+ARGS = ["--preset", "cifar", "--no-cifar-stem", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "16",
         "--epochs", "2", "--workers", "0", "--device", "cpu", "--seed", "5", "--log-every", "1"]
 
 

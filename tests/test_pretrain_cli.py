@@ -11,7 +11,7 @@ from simsiam.checkpoint import load_checkpoint
 
 from conftest import make_image_folder
 
-TINY = ["--preset", "cifar", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "8",
+TINY = ["--preset", "cifar", "--no-cifar-stem", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "8",
         "--epochs", "1", "--workers", "0", "--device", "cpu", "--log-every", "2"]
 
 
@@ -20,11 +20,13 @@ def run(*args):
 
 
 def assert_user_error(result, *fragments):
+    """Exit status 2 and one ``Error:`` line, the last one, naming the problem; no traceback."""
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.output
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in errors[0]
     assert "Traceback" not in result.output
 
 
@@ -39,7 +41,7 @@ def test_a_short_run_writes_checkpoints_config_and_metrics(tmp_path, shared_imag
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "last.pth.tar",
                                                "checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"}
     config = json.loads((out / "config.json").read_text())
-    assert config["arch"] == "resnet18" and config["cifar_stem"] and config["lr"] == 0.03 and config["wd"] == 5e-4
+    assert config["arch"] == "resnet18" and config["cifar_stem"] is False and config["lr"] == 0.03 and config["wd"] == 5e-4
     assert config["batch_size"] == 8 and config["image_size"] == 16 and config["proj_layers"] == 2
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if l["kind"] == "step"]
