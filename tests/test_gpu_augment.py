@@ -1,0 +1,242 @@
+"""The batched augmentation of the fast path against torchvision's per-image CPU recipe.
+
+Step by step the batched code must compute what torchvision's functions compute for each image
+with that image's parameters (to float32 rounding); and its random parameters, drawn over many
+images, must have the distribution of the CPU transforms' own draws. The distribution checks use
+two-sample Kolmogorov-Smirnov tests at fixed seeds (so they are deterministic) with a threshold of
+p > 1e-3; each is paired with a check that the same test rejects a slightly different recipe, so
+that a pass means something.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from simsiam import gpu_augment as G
+from simsiam.augment import BLUR_KERNEL, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
+
+ALPHA = 1e-3
+
+
+def ks_p(sample: np.ndarray, reference: np.ndarray) -> float:
+    """The p-value of the two-sample Kolmogorov-Smirnov test that both come from one distribution."""
+    return stats.ks_2samp(sample, reference, method="asymp").pvalue
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of tiny per-image calls run several times faster on one thread than on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def uniform_draws(n: int, seed: int = 0) -> G.ViewDraws:
+    return G.BatchAugment(16).draw(n, torch.Generator().manual_seed(seed))
+
+
+def textured_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """uint8 images with structure at several scales (smooth colour ramps plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    ramp_y = torch.linspace(0, 1, height)[:, None]
+    ramp_x = torch.linspace(0, 1, width)[None, :]
+    base = torch.stack([ramp_y * ramp_x, (1 - ramp_x).expand(height, width), ramp_y.expand(height, width)])
+    noise = torch.rand(n, 3, height, width, generator=g)
+    return ((0.7 * base + 0.3 * noise).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ---- each step, image by image, against torchvision's functions --------------------------------
+
+def test_resized_crops_are_torchvisions_antialiased_resized_crop():
+    images = textured_images(6, 40, 30)
+    boxes = torch.tensor([[0, 0, 40, 30], [3, 4, 10, 12], [5, 0, 35, 20], [1, 2, 7, 5], [0, 10, 40, 20], [20, 20, 20, 10]])
+    expected = torch.stack([TF.resized_crop(images[i].float() / 255, *boxes[i].tolist(), [16, 16], antialias=True)
+                            for i in range(6)])  # upscaling and downscaling, each axis
+    torch.testing.assert_close(G.resized_crops(images, boxes, 16), expected, atol=1e-5, rtol=0)
+    # mixed sizes go through the same matrices, one product per image
+    mixed = [images[0], textured_images(1, 25, 50)[0]]
+    mixed_boxes = torch.tensor([[2, 3, 30, 20], [0, 10, 25, 30]])
+    expected = torch.stack([TF.resized_crop(m.float() / 255, *b.tolist(), [16, 16], antialias=True)
+                            for m, b in zip(mixed, mixed_boxes)])
+    torch.testing.assert_close(G.resized_crops(mixed, mixed_boxes, 16), expected, atol=1e-5, rtol=0)
+
+
+def test_color_jitter_applies_each_images_factors_in_its_own_order():
+    x = textured_images(24, 12, 10).float() / 255
+    draws = uniform_draws(24, seed=1)
+    settings = G.per_image_settings(draws, blur=True)
+    order, factors = settings[:, G._P_ORDER].long(), settings[:, G._P_FACTORS]
+    got = G.color_jitter(x, order, factors)
+    functions = {G.BRIGHTNESS: TF.adjust_brightness, G.CONTRAST: TF.adjust_contrast,
+                 G.SATURATION: TF.adjust_saturation, G.HUE: TF.adjust_hue}
+    for i in range(24):
+        expected = x[i]
+        for op in order[i].tolist():
+            expected = functions[op](expected, float(factors[i, op]))
+        torch.testing.assert_close(got[i], expected, atol=2e-5, rtol=0)
+    assert len({tuple(o) for o in order.tolist()}) > 10  # many different orders were exercised
+
+
+def test_grayscale_blur_and_flip_match_torchvision_where_applied():
+    x = textured_images(8, 20, 18).float() / 255
+    apply = torch.tensor([True, False] * 4)
+    sigma = torch.linspace(0.1, 2.0, 8)
+    gray = G.grayscale(x, apply)
+    blurred = G.gaussian_blur(x, sigma, apply)
+    flipped = G.horizontal_flip(x, apply)
+    for i in range(8):
+        if apply[i]:
+            torch.testing.assert_close(gray[i], TF.rgb_to_grayscale(x[i], num_output_channels=3), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                blurred[i], TF.gaussian_blur(x[i], [BLUR_KERNEL, BLUR_KERNEL], [float(sigma[i])] * 2), atol=1e-5, rtol=0)
+            assert torch.equal(flipped[i], TF.horizontal_flip(x[i]))
+        else:
+            assert torch.equal(gray[i], x[i]) and torch.equal(blurred[i], x[i]) and torch.equal(flipped[i], x[i])
+
+
+def test_output_shape_dtype_device_and_determinism():
+    augment = G.BatchAugment(16, blur=True)
+    images = textured_images(5, 20, 24)
+    first = augment(images, augment.draw(5, torch.Generator().manual_seed(3)))
+    again = augment(images, augment.draw(5, torch.Generator().manual_seed(3)))
+    other = augment(images, augment.draw(5, torch.Generator().manual_seed(4)))
+    assert first.shape == (5, 3, 16, 16) and first.dtype == torch.float32 and first.device == images.device
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert torch.isfinite(first).all()
+    mixed = augment([images[0], textured_images(1, 33, 17)[0]], augment.draw(2, torch.Generator().manual_seed(3)))
+    assert mixed.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above cover the same code")
+def test_the_gpu_computes_what_the_cpu_computes():
+    augment = G.BatchAugment(32, blur=True)
+    images = textured_images(64, 40, 48)
+    draws = augment.draw(64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(augment(images.cuda(), draws).cpu(), augment(images, draws), atol=2e-3, rtol=0)
+
+
+# ---- the random parameters, against the CPU transforms' own draws ---------------------------------
+
+def torchvision_boxes(height: int, width: int, n: int, scale=(0.2, 1.0)) -> np.ndarray:
+    crop = v2.RandomResizedCrop(16, scale=scale)
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    torch.manual_seed(0)
+    return np.array([list(crop.make_params([image]).values()) for _ in range(n)], dtype=float)
+
+
+def box_statistics(boxes: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
+    top, left, h, w = boxes.T
+    return {"area": h * w / (height * width), "log_aspect": np.log(w / h),
+            "centre_y": (top + h / 2) / height, "centre_x": (left + w / 2) / width}
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (375, 500), (12, 60)])
+def test_crop_boxes_follow_random_resized_crop(height, width, one_thread):
+    n = 3000
+    ours = G.crop_boxes(uniform_draws(n), torch.full((n,), height), torch.full((n,), width), (0.2, 1.0)).numpy()
+    assert (ours[:, 0] >= 0).all() and (ours[:, 1] >= 0).all()
+    assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
+    reference = box_statistics(torchvision_boxes(height, width, n), height, width)
+    for name, values in box_statistics(ours, height, width).items():
+        assert ks_p(values, reference[name]) > ALPHA, name
+    # the same test tells the official scale range from ImageNet-supervised's 0.08-1
+    wrong = G.crop_boxes(uniform_draws(n), torch.full((n,), height), torch.full((n,), width), (0.08, 1.0)).numpy()
+    assert ks_p(box_statistics(wrong, height, width)["area"], reference["area"]) < 1e-6
+
+
+def test_crop_falls_back_to_torchvisions_centre_crop_when_ten_tries_fail():
+    for height, width in [(1, 100), (100, 1), (2, 40)]:
+        ours = G.crop_boxes(uniform_draws(200), torch.full((200,), height), torch.full((200,), width), (0.2, 1.0))
+        expected = torchvision_boxes(height, width, 200)
+        assert (ours.numpy() == expected).all(), (height, width)
+
+
+def torchvision_photometric_draws(n: int) -> dict[str, np.ndarray]:
+    """The CPU recipe's own draws: ColorJitter's factors and order, and the coin flips."""
+    torch.manual_seed(0)
+    jitter = v2.ColorJitter(*G.JITTER_STRENGTH)
+    blur = v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))
+    params = [jitter.make_params([]) for _ in range(n)]
+    return {
+        "brightness": np.array([p["brightness_factor"] for p in params]),
+        "contrast": np.array([p["contrast_factor"] for p in params]),
+        "saturation": np.array([p["saturation_factor"] for p in params]),
+        "hue": np.array([p["hue_factor"] for p in params]),
+        "order": np.array([p["fn_idx"].tolist() for p in params]),
+        "sigma": np.array([blur.make_params([])["sigma"][0] for _ in range(n)]),
+    }
+
+
+def test_jitter_factors_order_and_coin_flips_follow_the_cpu_recipe(one_thread):
+    n = 4000
+    draws = uniform_draws(n, seed=2)
+    settings = G.per_image_settings(draws, blur=True).double().numpy()
+    jittered = draws.uniform[:, G._JITTER].numpy() < G.JITTER_P
+    reference = torchvision_photometric_draws(n)
+    for column, name in enumerate(["brightness", "contrast", "saturation", "hue"]):
+        ours = settings[jittered, G._P_FACTORS][:, column]
+        assert ks_p(ours, reference[name]) > ALPHA, name
+    # the factors of images left without jitter are neutral
+    assert (settings[~jittered, G._P_FACTORS] == [1, 1, 1, 0]).all()
+    assert ks_p(settings[settings[:, G._P_BLUR] > 0, G._P_SIGMA], reference["sigma"]) > ALPHA
+    # a wider jitter (0.5 instead of 0.4) is told apart
+    assert ks_p(1 + (settings[jittered, G._P_FACTORS][:, 0] - 1) * 1.25, reference["brightness"]) < 1e-6
+
+    # every one of the 24 orders equally likely, as torch.randperm(4) (chi-square test)
+    code = lambda orders: (orders * np.array([64, 16, 4, 1])).sum(axis=1)
+    ours_counts = np.unique(code(settings[:, G._P_ORDER].astype(int)), return_counts=True)[1]
+    assert len(ours_counts) == 24 and stats.chisquare(ours_counts).pvalue > ALPHA
+    assert len(np.unique(code(reference["order"]))) == 24
+
+    # RandomApply(p=0.8), RandomGrayscale(p=0.2), blur p=0.5, flip p=0.5: binomial tests
+    for name, hits, p in [("jitter", jittered, G.JITTER_P), ("gray", settings[:, G._P_GRAY] > 0, G.GRAYSCALE_P),
+                          ("blur", settings[:, G._P_BLUR] > 0, G.BLUR_P), ("flip", settings[:, G._P_FLIP] > 0, G.FLIP_P)]:
+        assert stats.binomtest(int(hits.sum()), n, p).pvalue > ALPHA, name
+    assert (G.per_image_settings(draws, blur=False)[:, G._P_BLUR] == 0).all()
+
+
+# ---- whole views: the batched augmentation against the CPU recipe, in distribution ------------------
+
+def view_statistics(views: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per view: channel means, contrast (std), saturation proxy and left-right asymmetry."""
+    views = views.double()
+    return {
+        "mean_r": views[:, 0].mean(dim=(1, 2)).numpy(),
+        "mean_g": views[:, 1].mean(dim=(1, 2)).numpy(),
+        "mean_b": views[:, 2].mean(dim=(1, 2)).numpy(),
+        "std": views.std(dim=(1, 2, 3)).numpy(),
+        "channel_spread": views.std(dim=1).mean(dim=(1, 2)).numpy(),
+        "left_minus_right": (views[..., :8].mean(dim=(1, 2, 3)) - views[..., 8:].mean(dim=(1, 2, 3))).numpy(),
+        "sharpness": (views[..., 1:] - views[..., :-1]).abs().mean(dim=(1, 2, 3)).numpy(),
+    }
+
+
+def test_views_have_the_distribution_of_the_cpu_recipe(one_thread):
+    n = 1500
+    image = textured_images(1, 30, 26, seed=5)[0]
+    # the CPU recipe is fed the float image, so that its uint8 rounding between steps (which the
+    # batched path leaves out on purpose) does not enter the comparison
+    recipe = pretrain_transform(16, blur=True)
+    torch.manual_seed(0)
+    cpu = torch.stack([recipe(image.float() / 255) for _ in range(n)])
+    augment = G.BatchAugment(16, blur=True)
+    ours = augment(image.expand(n, -1, -1, -1), augment.draw(n, torch.Generator().manual_seed(0)))
+    reference = view_statistics(cpu)
+    for name, values in view_statistics(ours).items():
+        assert ks_p(values, reference[name]) > ALPHA, name
+    # the test notices a recipe without grayscale
+    no_gray = G.BatchAugment(16, blur=True)
+    draws = no_gray.draw(n, torch.Generator().manual_seed(0))
+    draws.uniform[:, G._GRAY] = 1.0
+    spread = view_statistics(no_gray(image.expand(n, -1, -1, -1), draws))["channel_spread"]
+    assert ks_p(spread, reference["channel_spread"]) < 1e-6
+    # a fifth of the views are gray: equal channels once the normalisation is undone
+    pixels = ours * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    gray_share = float((pixels.std(dim=1).amax(dim=(1, 2)) < 1e-5).float().mean())
+    assert math.isclose(gray_share, G.GRAYSCALE_P, abs_tol=0.04)
