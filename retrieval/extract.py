@@ -1,42 +1,200 @@
-"""Embedding images with a backbone."""
+"""Embedding images: batches through a network, into memory or into a feature file.
+
+Multi-GPU and multi-node (``torchrun``): rank r embeds the r-th contiguous slice of the images
+into its own shard file, and rank 0 writes the requested file as HDF5 virtual datasets over the
+shards in rank order, which is dataset order. No features travel between processes.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
-from simsiam.data import ImageDataset, make_loader
+from simsiam.augment import eval_transform
+from simsiam.data import ImageDataset, make_loader, scan_images
+from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
+from .feature_model import FeatureModel
+from .features import FeatureSet, FeatureWriter, read_header, write_virtual
 
-@torch.no_grad()
+EventHandler = Callable[[dict], None]
+
+
+def embed_batches(model: nn.Module, dataset, runtime: Runtime, batch_size: int = 256, workers: int = 0,
+                  on_batch=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(features [B, D] float32, labels [B], dataset indices [B])`` of the decodable images, in order.
+
+    ``on_batch(batch, unreadable)`` is called for every batch, also those where nothing decoded.
+    The model runs in eval mode (BN uses its running statistics) and in the runtime's precision
+    (bf16 autocast on CUDA); it is given back in the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=runtime.device.type == "cuda")
+    try:
+        with torch.no_grad():
+            for batch, unreadable in loader:
+                out = None
+                if batch is not None:
+                    images, labels, indices = batch
+                    images = images.to(runtime.device, non_blocking=True)
+                    if runtime.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    with runtime.autocast():
+                        features = model(images)
+                    out = (features.float().cpu().numpy(), labels.numpy(), indices.numpy())
+                if on_batch is not None:
+                    on_batch(batch, unreadable)
+                if out is not None:
+                    yield out
+    finally:
+        model.train(was_training)
+
+
 def embed(model: nn.Module, dataset: ImageDataset, runtime: Runtime, batch_size: int = 256,
           workers: int = 0, on_batch=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features [N, D] float32, labels [N] and dataset indices [N] of the decodable images, in order.
 
     ``model`` is put in eval mode for the pass and given back in the mode it was in.
     """
-    was_training = model.training
-    model.eval()
-    features, labels, indices = [], [], []
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=runtime.device.type == "cuda")
-    try:
-        for batch, unreadable in loader:
-            if batch is not None:
-                images, batch_labels, batch_indices = batch
-                images = images.to(runtime.device, non_blocking=True)
-                if runtime.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with runtime.autocast():
-                    out = model(images)
-                features.append(out.float().cpu())
-                labels.append(batch_labels)
-                indices.append(batch_indices)
-            if on_batch is not None:
-                on_batch(batch, unreadable)
-    finally:
-        model.train(was_training)
-    if not features:
+    parts = list(embed_batches(model, dataset, runtime, batch_size, workers, on_batch))
+    if not parts:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return torch.cat(features).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
+    features, labels, indices = zip(*parts)
+    return np.concatenate(features), np.concatenate(labels), np.concatenate(indices)
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    images: int  # rows written
+    skipped: int  # unreadable images left out
+    dim: int
+    shards: list[Path]  # the per-rank files of a torchrun extraction, else empty
+
+
+def _notify(on_event: EventHandler | None, event: dict) -> None:
+    if on_event is not None:
+        on_event(event)
+
+
+class _Extraction:
+    """What one call extracts: the images (this rank's slice of them), the transform, the attributes."""
+
+    def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
+                 normalize: bool, strict: bool):
+        self.images = scan_images(data)
+        self.image_size = image_size or model.image_size
+        self.resize = model.resize if resize is None else resize
+        if self.image_size <= 0 or self.resize < 0:
+            raise InputError(f"--image-size {self.image_size} / --resize {self.resize}: sizes must be positive")
+        dataset = ImageDataset(self.images, eval_transform(self.image_size, self.resize or None))
+        # contiguous slices in rank order: the shards concatenated are the images in order
+        mine = np.array_split(np.arange(len(dataset)), runtime.world_size)[runtime.rank]
+        self.dataset = Subset(dataset, mine.tolist()) if runtime.distributed else dataset
+        self.model = model
+        self.runtime = runtime
+        self.normalize = normalize
+        self.strict = strict
+        self.skipped = 0
+        self.attrs = {
+            "root": str(self.images.root.resolve()), "classes": self.images.classes, "arch": model.arch,
+            "layer": model.layer, "checkpoint": model.checkpoint, "checkpoint_sha256": model.checkpoint_sha256,
+            "image_size": self.image_size, "resize": self.resize, "normalized": normalize,
+            "precision": runtime.precision,
+        }
+
+    def batches(self, batch_size: int, workers: int, on_event: EventHandler | None):
+        """``(features, labels, paths)`` per batch, counting (or, with ``strict``, refusing) unreadable images."""
+        def on_batch(batch, unreadable):
+            for bad in unreadable:
+                if self.strict:
+                    raise InputError(f"{bad.path}: unreadable image ({bad.reason}); --strict stops at the first")
+                self.skipped += 1
+                _notify(on_event, {"event": "unreadable", "path": bad.path, "reason": bad.reason})
+            done = (0 if batch is None else len(batch[2])) + len(unreadable)
+            _notify(on_event, {"event": "batch", "images": done})
+
+        module = self.model.module.to(self.runtime.device)
+        _notify(on_event, {"event": "start", "images": len(self.dataset), "total_images": len(self.images),
+                           "rank": self.runtime.rank, "world_size": self.runtime.world_size,
+                           "device": str(self.runtime.device), "precision": self.runtime.precision})
+        for features, labels, indices in embed_batches(module, self.dataset, self.runtime, batch_size, workers,
+                                                        on_batch):
+            if self.normalize:
+                features /= np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+            yield features, labels, [self.images.paths[i] for i in indices]
+
+
+def extract_features(model: FeatureModel, data: str | os.PathLike, runtime: Runtime, image_size: int | None = None,
+                     resize: int | None = None, batch_size: int = 256, workers: int = 0, normalize: bool = False,
+                     strict: bool = False, on_event: EventHandler | None = None) -> FeatureSet:
+    """Embed the images of ``data`` (an ImageFolder or a flat folder) and keep the features in memory (float32)."""
+    if runtime.distributed:
+        raise InputError("in-memory extraction runs in one process; under torchrun use simsiam extract --out")
+    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict)
+    parts = list(job.batches(batch_size, workers, on_event))
+    if not parts:
+        raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
+    features, labels, paths = zip(*parts)
+    attrs = {**job.attrs, "skipped_images": job.skipped}
+    return FeatureSet(np.concatenate(features), np.concatenate(labels),
+                      [p for chunk in paths for p in chunk], attrs, str(data))
+
+
+def shard_path(out: Path, rank: int, world_size: int) -> Path:
+    return out.with_name(f"{out.name}.shards") / f"rank{rank:05d}-of-{world_size:05d}.h5"
+
+
+def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.PathLike, runtime: Runtime,
+                    image_size: int | None = None, resize: int | None = None, dtype: str = "float16",
+                    compression: str = "none", batch_size: int = 256, workers: int = 0, normalize: bool = False,
+                    strict: bool = False, overwrite: bool = False,
+                    on_event: EventHandler | None = None) -> ExtractSummary:
+    """Embed the images of ``data`` into the feature file ``out`` (schema: :mod:`retrieval.features`).
+
+    Written under a temporary name and renamed when complete. Under ``torchrun`` every rank
+    writes its shard (``OUT.shards/rankRRRRR-of-WWWWW.h5``) and rank 0 then writes ``out`` as
+    virtual datasets over them; every rank returns once ``out`` is in place.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder, expected a file name such as feats.h5")
+    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict)
+    target = shard_path(out, runtime.rank, runtime.world_size) if runtime.distributed else out
+    if runtime.distributed:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with FeatureWriter(target, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
+        for features, labels, paths in job.batches(batch_size, workers, on_event):
+            writer.append(features, labels, paths)
+        if writer.rows == 0 and not runtime.distributed:
+            raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
+        writer.attrs["skipped_images"] = job.skipped
+        writer.commit()
+    if not runtime.distributed:
+        return ExtractSummary(out, writer.rows, job.skipped, model.dim, [])
+
+    shards = [shard_path(out, rank, runtime.world_size) for rank in range(runtime.world_size)]
+    runtime.barrier()  # every shard is complete
+    headers = [read_header(shard) for shard in shards]
+    rows = sum(h[0] for h in headers)
+    skipped = sum(int(h[2].get("skipped_images", 0)) for h in headers)
+    if not rows:  # every rank sees it, so none is left waiting at the barrier below
+        raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
+    if runtime.is_main:
+        for stale in target.parent.glob("rank*-of-*.h5"):  # from an earlier run with another world size
+            if stale not in shards:
+                stale.unlink(missing_ok=True)
+        write_virtual(out, shards, {**job.attrs, "skipped_images": skipped})
+    runtime.barrier()  # ``out`` is in place for every rank
+    return ExtractSummary(out, rows, skipped, model.dim, shards)

@@ -1,16 +1,28 @@
 """Weighted kNN classification, the protocol of DINO's ``eval_knn.py``.
 
-Features are L2-normalised, similarity is the cosine, each of the k nearest training images votes
-``exp(sim / T)`` for its label, and the class with the most weight wins.
+"We L2-normalize the features, compute the cosine similarity to the training features, take the
+k nearest neighbours; each votes for its label with weight exp(sim / T); the class with the most
+weight wins" (DINO, Caron et al. 2021, ``knn_classifier``; k = 20, T = 0.07 as there). Top-5 is
+whether the label is among the five classes of most weight. Classes of equal weight are ranked
+by class index (a stable sort), so every backend reports the same top-5.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from simsiam.errors import InputError
+
+from .features import FeatureSet, check_compatible, check_usable, temporary_name
+from .neighbours import search
+
+VOTE_CHUNK = 8192  # queries voted at a time: bounds the [chunk, classes] score matrix
 
 
 @dataclass
@@ -21,48 +33,139 @@ class KnnResult:
     predictions: np.ndarray  # [N, min(5, classes)] class indices, best first
 
 
+@dataclass
+class KnnReport:
+    """Results of one evaluation, for every k, with what ran and what looked doubtful."""
+
+    results: list[KnnResult]
+    temperature: float
+    train_size: int
+    val_size: int
+    num_classes: int
+    backend: str
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
 def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temperature: float,
          num_classes: int) -> torch.Tensor:
-    """Class scores [B, C] from the k most similar neighbours (columns sorted by similarity)."""
+    """Class scores [B, C]: each of the k most similar neighbours (columns best first) adds exp(sim / T)."""
     weights = (neighbour_sims[:, :k].float() / temperature).exp()
-    scores = torch.zeros(neighbour_sims.shape[0], num_classes, device=weights.device)
+    scores = torch.zeros(neighbour_sims.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
     return scores.scatter_add_(1, neighbour_labels[:, :k], weights)
+
+
+def ranked_classes(scores: torch.Tensor, top: int = 5) -> torch.Tensor:
+    """The ``top`` classes of most weight, ties broken by the lower class index."""
+    return scores.sort(dim=1, descending=True, stable=True).indices[:, :min(top, scores.shape[1])]
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """``(top-5 predictions, top-1 accuracy, top-5 accuracy)`` of class scores."""
-    predictions = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    predictions = ranked_classes(scores)
     hits = predictions == labels[:, None]
     return predictions, hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()
 
 
-def torch_neighbours(train: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int = 1024):
-    """Exact top-k by cosine similarity with chunked matrix products (memory: chunk x N)."""
-    train = F.normalize(train.float(), dim=1)
-    sims, indices = [], []
-    for start in range(0, queries.shape[0], chunk_size):
-        q = F.normalize(queries[start:start + chunk_size].float().to(train.device), dim=1)
-        top = (q @ train.T).topk(k, dim=1)
-        sims.append(top.values)
-        indices.append(top.indices)
-    return torch.cat(sims), torch.cat(indices)
-
-
 def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,), temperature: float = 0.07,
-                 num_classes: int | None = None, device: str | torch.device = "cpu",
-                 chunk_size: int = 1024) -> list[KnnResult]:
-    """Weighted kNN top-1/top-5 of ``val`` against ``train``, for each k in ``ks``."""
-    device = torch.device(device)
-    train = torch.as_tensor(np.asarray(train_features)).to(device)
-    queries = torch.as_tensor(np.asarray(val_features))
-    train_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long).to(device)
-    val_labels = torch.as_tensor(np.asarray(val_labels), dtype=torch.long).to(device)
+                 num_classes: int | None = None, device: str | torch.device = "cpu", chunk_size: int | None = None,
+                 backend: str = "auto") -> list[KnnResult]:
+    """Weighted kNN top-1/top-5 of ``val`` against ``train``, for each k in ``ks``.
+
+    The neighbours are searched once for the largest k (``backend``: see
+    :mod:`retrieval.neighbours`; ``device`` "cuda:1" etc. pins the torch backend to a GPU).
+    """
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise InputError(f"-k {ks[0] if ks else ''}: k must be at least 1")
+    if temperature <= 0:
+        raise InputError(f"--temperature {temperature}: must be positive")
+    train_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    val_labels = torch.as_tensor(np.asarray(val_labels), dtype=torch.long)
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
-    sims, indices = torch_neighbours(train, queries, max(ks), chunk_size)
-    labels = train_labels[indices]
+    device = torch.device(device)
+    # a device with an index (the training loop's cuda:N) is torch's: faiss picks its GPUs itself
+    backend = "torch" if device.index is not None else backend
+    neighbours = search(train_features, val_features, ks[-1], backend, device.type, chunk_size)
+    sims = torch.from_numpy(neighbours.scores)
+    labels = train_labels[torch.from_numpy(neighbours.indices)]
     results = []
     for k in ks:
-        predictions, top1, top5 = accuracy(vote(sims, labels, k, temperature, num_classes), val_labels)
-        results.append(KnnResult(k, top1, top5, predictions.cpu().numpy()))
+        predictions, top1_hits, top5_hits = [], 0.0, 0.0
+        for start in range(0, len(val_labels), VOTE_CHUNK):
+            part = slice(start, start + VOTE_CHUNK)
+            scores = vote(sims[part], labels[part], k, temperature, num_classes)
+            chunk_predictions, top1, top5 = accuracy(scores, val_labels[part])
+            predictions.append(chunk_predictions)
+            top1_hits += top1 * len(chunk_predictions)
+            top5_hits += top5 * len(chunk_predictions)
+        results.append(KnnResult(k, top1_hits / len(val_labels), top5_hits / len(val_labels),
+                                 torch.cat(predictions).numpy()))
     return results
+
+
+def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[str]]:
+    """Refuse what the protocol cannot evaluate; return ``(number of classes, warnings)``."""
+    warnings = check_compatible(train, "--train", val, "--val")
+    for name, features in (("--train", train), ("--val", val)):
+        if len(features) == 0:
+            raise InputError(f"{name} {features.source}: holds no features")
+        if (features.labels < 0).any():
+            raise InputError(f"{name} {features.source}: {int((features.labels < 0).sum())} image(s) without a label; "
+                             "kNN needs labelled images (an ImageFolder: class/*.jpg)")
+    if max(ks) > len(train):
+        raise InputError(f"-k {max(ks)}: larger than the {len(train)} training images of {train.source}")
+    if train.classes and val.classes and train.classes != val.classes:
+        raise InputError(f"--val {val.source}: classes {val.classes[:3]}... differ from those of --train "
+                         f"{train.source} ({train.classes[:3]}...); labels would not mean the same classes")
+    check_usable(train, "--train")
+    check_usable(val, "--val")
+    num_classes = max(len(train.classes), len(val.classes),
+                      int(max(train.labels.max(), val.labels.max())) + 1)
+    return num_classes, warnings
+
+
+def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: float = 0.07, backend: str = "auto",
+                 device: str = "auto", chunk_size: int | None = None) -> KnnReport:
+    """The weighted kNN of ``val`` against ``train`` (feature sets from files or an extraction)."""
+    import time
+
+    from .neighbours import resolve_search
+
+    num_classes, warnings = check_knn_inputs(train, val, ks)
+    chosen, chosen_device = resolve_search(backend, device)
+    start = time.perf_counter()
+    results = weighted_knn(train.features, train.labels, val.features, val.labels, ks, temperature, num_classes,
+                           chosen_device, chunk_size, chosen)
+    return KnnReport(results, temperature, len(train), len(val), num_classes, f"{chosen}-{chosen_device}",
+                     time.perf_counter() - start, warnings)
+
+
+def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnReport) -> Path:
+    """One CSV row per validation image and k: ``path,label,class,k,prediction,predicted_class,top5,correct``.
+
+    Written under a temporary name and renamed when complete.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"--predictions {path}: the folder {path.parent} does not exist")
+    classes = val.classes
+
+    def name(index: int) -> str:
+        return classes[index] if 0 <= index < len(classes) else str(index)
+
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "class", "k", "prediction", "predicted_class", "top5", "correct"])
+            for result in report.results:
+                for image, label, top in zip(val.paths, val.labels, result.predictions):
+                    writer.writerow([image, int(label), name(int(label)), result.k, int(top[0]), name(int(top[0])),
+                                     " ".join(str(int(c)) for c in top), int(top[0] == label)])
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,125 @@
+"""The network that turns images into features: a checkpoint's (or a random) encoder up to a layer.
+
+``backbone``: the ResNet's globally pooled features (2048-d for ResNet-50), what the paper's
+linear and kNN evaluations use. ``projector``: the SimSiam projector's output z (Sec. 3, the
+"projection MLP" of the encoder f), the features the loss compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from simsiam.backbones import build_resnet
+from simsiam.checkpoint import BackboneWeights, build_backbone, read_backbone
+from simsiam.errors import InputError
+from simsiam.model import SimSiam
+
+LAYERS = ("backbone", "projector")
+# The evaluation transform of the two recipes: ImageNet resizes to 256 and center-crops 224;
+# the CIFAR recipe (3x3 stem) evaluates 32x32 images as they are.
+IMAGENET_EVAL = (224, 256)
+CIFAR_EVAL = (32, 0)
+
+
+@dataclass
+class FeatureModel:
+    """A network returning ``[B, dim]`` features, with what a feature file records about it."""
+
+    module: nn.Module
+    arch: str
+    layer: str
+    dim: int
+    checkpoint: str  # the path, or a description of a random initialisation
+    checkpoint_sha256: str  # "" for a random initialisation
+    image_size: int  # the evaluation transform the checkpoint was trained for
+    resize: int  # 0: no resize before the center crop
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _projector_shape(projector: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """``(layers, hidden width, output dim)`` of a projector from its ``fc.N.weight`` matrices."""
+    linear = sorted((int(k.split(".")[0]), v.shape) for k, v in projector.items() if k.endswith("weight") and v.dim() == 2)
+    return len(linear), linear[0][1][0], linear[-1][1][0]
+
+
+def _with_projector(weights: BackboneWeights, where: str) -> nn.Module:
+    if not weights.projector:
+        raise InputError(f"{where}: has no SimSiam projector ({weights.layout} layout); use --layer backbone")
+    layers, hidden, dim = _projector_shape(weights.projector)
+    if layers not in (2, 3):
+        raise InputError(f"{where}: a projector of {layers} linear layers; SimSiam's has 2 or 3")
+    model = SimSiam(build_resnet(weights.arch, num_classes=dim, cifar_stem=weights.cifar_stem), dim=dim,
+                    proj_layers=layers, proj_hidden_dim=hidden)
+    state = {**weights.backbone, **{f"fc.{k}": v for k, v in weights.projector.items()}}
+    try:
+        model.encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"{where}: its projector does not fit SimSiam's layout ({str(err).splitlines()[0]})") from None
+    return model.encoder
+
+
+def _eval_defaults(weights: BackboneWeights) -> tuple[int, int]:
+    """The checkpoint's own evaluation transform when it records one (ours), else by its stem."""
+    config = weights.source.get("config")
+    if isinstance(config, dict) and isinstance(config.get("image_size"), int):
+        return config["image_size"], int(config.get("eval_resize") or 0)
+    return CIFAR_EVAL if weights.cifar_stem else IMAGENET_EVAL
+
+
+def _output_dim(module: nn.Module, image_size: int) -> int:
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        dim = module(torch.zeros(1, 3, image_size, image_size)).shape[1]
+    module.train(was_training)
+    return int(dim)
+
+
+def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str = "backbone",
+                       random_init: bool = False, arch: str | None = None, cifar_stem: bool = False,
+                       seed: int = 0) -> FeatureModel:
+    """The encoder of ``checkpoint`` (any layout :func:`simsiam.checkpoint.read_backbone` reads) up to ``layer``.
+
+    With ``random_init``: the encoder ``simsiam pretrain`` starts from (torchvision init,
+    zero-initialised last BN of each residual block, as the official script), seeded by ``seed``:
+    the baseline a pretrained encoder is compared against.
+    """
+    if layer not in LAYERS:
+        raise InputError(f"--layer {layer}: choose one of {', '.join(LAYERS)}")
+    if random_init:
+        if checkpoint is not None:
+            raise InputError(f"{checkpoint}: give a checkpoint or --random-init, not both")
+        if not arch:
+            raise InputError("--random-init: needs --arch (e.g. --arch resnet50)")
+        torch.manual_seed(seed)
+        resnet = build_resnet(arch, num_classes=2048, cifar_stem=cifar_stem, zero_init_residual=True)
+        if layer == "projector":
+            module = SimSiam(resnet, dim=2048, proj_layers=2 if cifar_stem else 3).encoder
+        else:
+            resnet.fc = nn.Identity()
+            module = resnet
+        image_size, resize = CIFAR_EVAL if cifar_stem else IMAGENET_EVAL
+        description = f"random-init {arch}{' cifar-stem' if cifar_stem else ''} seed {seed}"
+        return FeatureModel(module.eval(), arch, layer, _output_dim(module, 32), description, "", image_size, resize)
+    if checkpoint is None:
+        raise InputError("no checkpoint given: pass CHECKPOINT, or --random-init --arch ARCH for a baseline")
+    weights = read_backbone(checkpoint)
+    if arch and arch != weights.arch:
+        raise InputError(f"--arch {arch}: {checkpoint} holds a {weights.arch}")
+    module = _with_projector(weights, str(checkpoint)) if layer == "projector" else build_backbone(weights)
+    image_size, resize = _eval_defaults(weights)
+    return FeatureModel(module.eval(), weights.arch, layer, _output_dim(module, 32), str(Path(checkpoint)),
+                        file_sha256(checkpoint), image_size, resize)

@@ -1,0 +1,316 @@
+"""Feature files: the one module that knows the HDF5 schema of ``simsiam extract``.
+
+Schema (DESIGN.md, "Feature files"), one HDF5 file:
+
+- ``features`` float16 or float32 ``[N, D]``, chunked, row i <-> image i
+- ``labels`` int64 ``[N]``, class index, -1 where unlabeled
+- ``paths`` UTF-8 strings ``[N]``, relative to the ``root`` attribute
+- attributes: ``root``, ``classes`` (JSON list), ``arch``, ``layer``, ``checkpoint``,
+  ``checkpoint_sha256``, ``image_size``, ``normalized`` (bool), ``simsiam_version``; we add
+  ``resize``, ``precision`` and ``skipped_images``.
+
+Files are written under a temporary name (``.NAME.PID.tmp``, hidden) and renamed when complete,
+so an interrupted run leaves no file that looks finished. A file written by a ``torchrun``
+extraction holds virtual datasets over one shard file per rank (HDF5 virtual datasets, paths
+relative to the file); it reads like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from simsiam import __version__
+from simsiam.errors import InputError
+
+DATASETS = ("features", "labels", "paths")
+REQUIRED_ATTRS = ("root", "classes", "arch", "layer", "checkpoint", "checkpoint_sha256", "image_size",
+                  "normalized", "simsiam_version")
+DTYPES = ("float16", "float32")
+COMPRESSIONS = ("none", "gzip", "lzf")
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: HDF5's recommended range, and whole rows per chunk
+_STRINGS = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class FeatureSet:
+    """The content of a feature file, or of an extraction kept in memory.
+
+    ``attrs`` holds the schema's attributes with ``classes`` decoded to a list.
+    """
+
+    features: np.ndarray  # [N, D] float16 or float32
+    labels: np.ndarray  # [N] int64, -1 where unlabeled
+    paths: list[str]  # [N], relative to attrs["root"]
+    attrs: dict = field(default_factory=dict)
+    source: str = "<memory>"  # where it was read from, for messages
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs.get("classes", []))
+
+    @property
+    def root(self) -> Path:
+        return Path(self.attrs.get("root", "."))
+
+
+def temporary_name(path: Path) -> Path:
+    """Hidden, process-specific and ``.tmp``: never mistaken for a finished file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _chunk_rows(dim: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, dim * itemsize))
+
+
+def _compression_args(compression: str) -> dict:
+    if compression not in COMPRESSIONS:
+        raise InputError(f"--compression {compression}: choose one of {', '.join(COMPRESSIONS)}")
+    if compression == "gzip":
+        return {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    if compression == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    return {}
+
+
+def _encode_attr(name: str, value):
+    if name == "classes":
+        return json.dumps(list(value))
+    if value is None:
+        return ""
+    return value
+
+
+class FeatureWriter:
+    """Streams rows into a new feature file; :meth:`commit` renames it into place.
+
+    Used as a context manager: leaving the block with an exception removes the temporary file,
+    so ``path`` is either absent, the previous file, or the complete new one.
+
+    Example:
+        >>> with FeatureWriter("feats.h5", dim=512, attrs=attrs) as writer:
+        ...     writer.append(features, labels, paths)
+        ...     writer.commit()
+    """
+
+    def __init__(self, path: str | os.PathLike, dim: int, attrs: dict, dtype: str = "float16",
+                 compression: str = "none", expected_rows: int = 0):
+        if dtype not in DTYPES:
+            raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise InputError(f"{self.path}: the folder {self.path.parent} does not exist")
+        self.tmp = temporary_name(self.path)
+        self.attrs = {**attrs, "simsiam_version": __version__}
+        self.rows = 0
+        self.file = h5py.File(self.tmp, "w")
+        storage = _compression_args(compression)
+        chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
+        self.features = self.file.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype,
+                                                 chunks=(chunk, dim), **storage)
+        self.labels = self.file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64,
+                                               chunks=(max(chunk, 1024),), **storage)
+        self.paths = self.file.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=_STRINGS,
+                                              chunks=(max(chunk, 1024),), **storage)
+
+    def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str]) -> None:
+        n = len(features)
+        if not n:
+            return
+        end = self.rows + n
+        for dataset in (self.features, self.labels, self.paths):
+            dataset.resize(end, axis=0)
+        self.features[self.rows:end] = np.asarray(features, dtype=self.features.dtype)
+        self.labels[self.rows:end] = np.asarray(labels, dtype=np.int64)
+        self.paths[self.rows:end] = list(paths)
+        self.rows = end
+
+    def commit(self) -> Path:
+        """Write the attributes, close, and rename the file into place."""
+        for name, value in self.attrs.items():
+            self.file.attrs[name] = _encode_attr(name, value)
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "FeatureWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.tmp.exists():
+            self.abort()
+
+
+def write_features(path: str | os.PathLike, feature_set: FeatureSet, dtype: str = "float16",
+                   compression: str = "none") -> Path:
+    """Write a whole :class:`FeatureSet` (atomically, as :class:`FeatureWriter`)."""
+    with FeatureWriter(path, feature_set.dim, feature_set.attrs, dtype, compression, len(feature_set)) as writer:
+        writer.append(feature_set.features, feature_set.labels, feature_set.paths)
+        return writer.commit()
+
+
+def write_virtual(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict) -> Path:
+    """A feature file whose datasets are HDF5 virtual datasets over ``shards``, concatenated in order.
+
+    Used by multi-process extraction: each rank writes the rows of its contiguous slice of the
+    dataset into its own shard, so the shards in rank order are the rows in dataset order, and
+    no process ever holds all the features. Shard paths are stored relative to ``path``'s folder
+    (HDF5 looks there), so the file and its shard folder can be moved together.
+    """
+    path = Path(path)
+    counts, dim, dtype = [], None, None
+    for shard in shards:
+        with h5py.File(shard, "r") as f:
+            counts.append(f["labels"].shape[0])
+            dim, dtype = f["features"].shape[1], f["features"].dtype
+    total = sum(counts)
+    layouts = {
+        "features": h5py.VirtualLayout(shape=(total, dim), dtype=dtype),
+        "labels": h5py.VirtualLayout(shape=(total,), dtype=np.int64),
+        "paths": h5py.VirtualLayout(shape=(total,), dtype=_STRINGS),
+    }
+    start = 0
+    for shard, count in zip(shards, counts):
+        relative = os.path.relpath(Path(shard).resolve(), path.resolve().parent)
+        if count:
+            for name, layout in layouts.items():
+                shape = (count, dim) if name == "features" else (count,)
+                layout[start:start + count] = h5py.VirtualSource(relative, name, shape=shape)
+        start += count
+    tmp = temporary_name(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, layout in layouts.items():
+                f.create_virtual_dataset(name, layout, fillvalue=None)
+            for name, value in {**attrs, "simsiam_version": __version__}.items():
+                f.attrs[name] = _encode_attr(name, value)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _decode_attrs(raw: h5py.AttributeManager, where: str) -> dict:
+    attrs = {}
+    for name, value in raw.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, np.generic):
+            value = value.item()
+        attrs[name] = value
+    try:
+        attrs["classes"] = json.loads(attrs.get("classes") or "[]")
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: its 'classes' attribute is not a JSON list") from None
+    return attrs
+
+
+def _check_shards(f: h5py.File, where: Path) -> None:
+    """A virtual dataset with a missing shard would silently read as zeros: refuse it instead."""
+    for name in DATASETS:
+        dataset = f[name]
+        if dataset.is_virtual:
+            for source in dataset.virtual_sources():
+                shard = Path(source.file_name)
+                if not shard.is_absolute():
+                    shard = where.parent / shard
+                if not shard.is_file():
+                    raise InputError(f"{where}: its shard {source.file_name} is missing (keep the shard folder "
+                                     "beside the file)")
+
+
+def read_features(path: str | os.PathLike, with_features: bool = True) -> FeatureSet:
+    """Read and check a feature file; ``with_features=False`` reads labels, paths and attributes only."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such feature file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: not an HDF5 file (expected a feature file written by simsiam extract)")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [name for name in DATASETS if name not in f]
+            if missing:
+                raise InputError(f"{path}: not a simsiam feature file: no dataset {', '.join(repr(m) for m in missing)}")
+            _check_shards(f, path)
+            shape = f["features"].shape
+            if len(shape) != 2 or f["labels"].shape != (shape[0],) or f["paths"].shape != (shape[0],):
+                raise InputError(f"{path}: features {shape}, labels {f['labels'].shape} and paths "
+                                 f"{f['paths'].shape} do not describe the same images")
+            if f["features"].dtype.kind != "f":
+                raise InputError(f"{path}: features are {f['features'].dtype}, expected float16 or float32")
+            attrs = _decode_attrs(f.attrs, str(path))
+            labels = f["labels"][:].astype(np.int64)
+            paths = [p.decode("utf-8") for p in f["paths"][:]]
+            features = f["features"][:] if with_features else np.empty((0, shape[1]), f["features"].dtype)
+    except OSError as err:
+        raise InputError(f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]})") from None
+    absent = [name for name in ("layer", "arch") if name not in attrs]
+    if absent:
+        raise InputError(f"{path}: not a simsiam feature file: no attribute {', '.join(absent)}")
+    return FeatureSet(features, labels, paths, attrs, str(path))
+
+
+def read_header(path: str | os.PathLike) -> tuple[int, int, dict]:
+    """``(rows, dim, attributes)`` of a feature file, without reading its datasets."""
+    with h5py.File(path, "r") as f:
+        rows, dim = f["features"].shape
+        return int(rows), int(dim), _decode_attrs(f.attrs, str(path))
+
+
+def check_usable(feature_set: FeatureSet, name: str) -> None:
+    """Refuse features cosine similarity cannot use: NaN/inf, or all-zero rows (no direction)."""
+    features = feature_set.features
+    if len(feature_set) == 0:
+        raise InputError(f"{name} {feature_set.source}: holds no features")
+    step = max(1, (1 << 26) // max(1, features.shape[1]))  # bounded temporary memory
+    for start in range(0, len(features), step):
+        block = np.asarray(features[start:start + step], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise InputError(f"{name} {feature_set.source}: NaN or infinite features (row {row}, "
+                             f"{feature_set.paths[row] if row < len(feature_set.paths) else '?'})")
+        zero = ~block.any(axis=1)
+        if zero.any():
+            row = start + int(np.argmax(zero))
+            raise InputError(f"{name} {feature_set.source}: all-zero feature vector (row {row}, "
+                             f"{feature_set.paths[row] if row < len(feature_set.paths) else '?'}); "
+                             "cosine similarity is undefined for it")
+
+
+def check_compatible(a: FeatureSet, a_name: str, b: FeatureSet, b_name: str) -> list[str]:
+    """Refuse pairs that cannot be compared (dimension, layer); return warnings for doubtful ones."""
+    if a.dim != b.dim:
+        raise InputError(f"{b_name} {b.source}: {b.dim}-d features, but {a_name} {a.source} has {a.dim}-d")
+    if a.attrs.get("layer") != b.attrs.get("layer"):
+        raise InputError(f"{b_name} {b.source}: features of layer {b.attrs.get('layer')!r}, but {a_name} "
+                         f"{a.source} has layer {a.attrs.get('layer')!r}")
+    warnings = []
+    sha_a, sha_b = a.attrs.get("checkpoint_sha256"), b.attrs.get("checkpoint_sha256")
+    # the file's hash decides when both have one; a random-init baseline has only its description
+    different = sha_a != sha_b if (sha_a and sha_b) else a.attrs.get("checkpoint") != b.attrs.get("checkpoint")
+    if different:
+        warnings.append(f"{a_name} and {b_name} come from different checkpoints "
+                        f"({a.attrs.get('checkpoint')!r} vs {b.attrs.get('checkpoint')!r})")
+    return warnings

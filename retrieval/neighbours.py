@@ -1,0 +1,149 @@
+"""Exact k-nearest-neighbour search by cosine similarity: FAISS (GPU or CPU) or chunked torch.
+
+Both compute, for every query, the k database rows of largest inner product after L2
+normalisation, best first, so they agree up to ties and float rounding.
+
+- ``faiss``: exhaustive inner-product search. On GPU (``faiss.knn_gpu`` on one GPU, a flat index
+  sharded over all GPUs with ``index_cpu_to_all_gpus`` when there are several) when
+  ``faiss.get_num_gpus() > 0``, else ``faiss.knn`` on the CPU. A faiss GPU call in a build or on
+  a machine without a GPU aborts the process, so the count is always checked first.
+- ``torch``: ``queries @ database.T`` a chunk of queries at a time, then ``topk``, on any
+  device; memory is bounded by ``chunk_size x N`` similarities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simsiam.errors import InputError
+
+BACKENDS = ("auto", "faiss", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+CHUNK_BYTES = 1 << 28  # 256 MiB of similarities per chunk when --chunk-size is not given
+FAISS_MISSING = ("faiss is not installed: pip install 'simsiam[cpu]' (faiss-cpu) or 'simsiam[gpu]' (faiss-gpu), "
+                 "or use --backend torch")
+
+
+@dataclass
+class Neighbours:
+    scores: np.ndarray  # [Q, k] float32 cosine similarities, best first
+    indices: np.ndarray  # [Q, k] int64 database rows
+    backend: str  # what ran: "faiss-gpu", "faiss-gpu-sharded", "faiss-cpu", "torch-cuda", "torch-cpu"
+
+
+def import_faiss():
+    """The faiss module, or an InputError naming the install extra."""
+    try:
+        import faiss
+    except ImportError:
+        raise InputError(f"--backend faiss: {FAISS_MISSING}") from None
+    return faiss
+
+
+def faiss_gpu_count(faiss) -> int:
+    """GPUs faiss can use: 0 for faiss-cpu builds, which have no GPU functions at all."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None and hasattr(faiss, "StandardGpuResources") else 0
+
+
+def faiss_placement(gpus: int, device: str) -> str:
+    """Where a faiss search runs: ``cpu``, ``gpu`` (one) or ``gpu-sharded`` (the database split over all)."""
+    if device == "cpu" or gpus == 0:
+        if device == "cuda":
+            raise InputError("--backend faiss --device cuda: this faiss has no GPU support (faiss-cpu, or no GPU "
+                             "visible); install the [gpu] extra (pip install 'simsiam[gpu]') on a GPU machine, "
+                             "or use --backend torch --device cuda")
+        return "cpu"
+    return "gpu" if gpus == 1 else "gpu-sharded"
+
+
+def resolve_search(backend: str, device: str) -> tuple[str, str]:
+    """``(backend, device)`` to run: ``auto`` picks the fastest available.
+
+    On a GPU machine that is faiss on GPU when faiss has GPU support, else torch on CUDA; on
+    CPU it is faiss (``faiss.knn`` blocks the BLAS product and keeps a heap per query, faster
+    than torch's ``topk`` over full rows; see benchmarks/RESULTS.md), torch when faiss is absent.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise InputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available() and backend != "faiss":
+        raise InputError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu, or install a CUDA "
+                         "build of torch (and the [gpu] extra for faiss-gpu) on a GPU machine")
+    if backend == "faiss":
+        faiss = import_faiss()
+        placement = faiss_placement(faiss_gpu_count(faiss), device)
+        return "faiss", "cpu" if placement == "cpu" else "cuda"
+    if backend == "torch":
+        return "torch", "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    try:
+        faiss = import_faiss()
+    except InputError:
+        faiss = None
+    gpus = faiss_gpu_count(faiss) if faiss is not None else 0
+    if device != "cpu" and gpus > 0:
+        return "faiss", "cuda"
+    if device != "cpu" and torch.cuda.is_available():
+        return "torch", "cuda"
+    return ("faiss", "cpu") if faiss is not None else ("torch", "cpu")
+
+
+def auto_chunk_size(rows: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    return int(max(1, min(8192, budget_bytes // max(1, 4 * rows))))
+
+
+def normalized_float32(x) -> np.ndarray:
+    """L2-normalised float32 copy (float16 files are upcast first: their squares would overflow)."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    return np.ascontiguousarray(x)
+
+
+def torch_search(database, queries, k: int, device: str = "cpu", chunk_size: int | None = None) -> Neighbours:
+    """Exact top-k cosine similarity by chunked matrix products on ``device``."""
+    dev = torch.device(device)
+    base = F.normalize(torch.as_tensor(np.asarray(database)).to(dev, torch.float32), dim=1)
+    chunk = chunk_size or auto_chunk_size(base.shape[0])
+    queries = torch.as_tensor(np.asarray(queries))
+    scores, indices = [], []
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start:start + chunk].to(dev, torch.float32), dim=1)
+        top = (q @ base.T).topk(k, dim=1)
+        scores.append(top.values.cpu())
+        indices.append(top.indices.cpu())
+    return Neighbours(torch.cat(scores).numpy(), torch.cat(indices).numpy(), f"torch-{dev.type}")
+
+
+def faiss_search(database, queries, k: int, device: str = "auto") -> Neighbours:
+    """Exact top-k inner product of L2-normalised vectors with faiss (GPU when faiss has GPUs)."""
+    faiss = import_faiss()
+    placement = faiss_placement(faiss_gpu_count(faiss), device)
+    base, q = normalized_float32(database), normalized_float32(queries)
+    if placement == "gpu":
+        resources = faiss.StandardGpuResources()
+        scores, indices = faiss.knn_gpu(resources, q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+    elif placement == "gpu-sharded":
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True  # each GPU holds 1/n of the database; results are merged
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(base.shape[1]), co=options)
+        index.add(base)
+        scores, indices = index.search(q, k)
+    else:
+        scores, indices = faiss.knn(q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return Neighbours(np.asarray(scores, np.float32), np.asarray(indices, np.int64), f"faiss-{placement}")
+
+
+def search(database, queries, k: int, backend: str = "auto", device: str = "auto",
+           chunk_size: int | None = None) -> Neighbours:
+    """The k most cosine-similar database rows of every query, best first."""
+    if k > len(database):
+        raise InputError(f"-k {k}: larger than the {len(database)} database rows")
+    backend, device = resolve_search(backend, device)
+    if backend == "faiss":
+        return faiss_search(database, queries, k, device)
+    return torch_search(database, queries, k, device, chunk_size)

@@ -1,0 +1,83 @@
+"""Weighted kNN (DINO's protocol) against a plain numpy implementation, for every backend."""
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.knn import weighted_knn
+from retrieval.neighbours import faiss_placement, resolve_search, search
+
+faiss = pytest.importorskip("faiss")
+
+
+def clustered(n: int, centres: np.ndarray, rng: np.random.Generator, noise: float = 1.6):
+    """Features around one centre per class, noisy enough that kNN makes mistakes."""
+    labels = rng.integers(0, len(centres), n)
+    return (centres[labels] + noise * rng.normal(size=(n, centres.shape[1]))).astype(np.float32), labels
+
+
+def numpy_knn(train, train_labels, val, k, temperature, classes):
+    """The protocol written out: normalise, cosine, top-k, exp(sim / T) votes, stable ranking."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    val = val / np.linalg.norm(val, axis=1, keepdims=True)
+    sims = val.astype(np.float64) @ train.astype(np.float64).T
+    nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    scores = np.zeros((len(val), classes))
+    for row, (idx, sim) in enumerate(zip(nearest, np.take_along_axis(sims, nearest, 1))):
+        np.add.at(scores[row], train_labels[idx], np.exp(sim / temperature))
+    return np.argsort(-scores, axis=1, kind="stable")[:, :5]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 32))
+    return (*clustered(1500, centres, rng), *clustered(300, centres, rng))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_every_backend_matches_the_numpy_protocol(data, backend):
+    train, train_labels, val, val_labels = data
+    for temperature in (0.02, 0.07, 0.5):
+        results = weighted_knn(train, train_labels, val, val_labels, ks=(1, 5, 20, 100), temperature=temperature,
+                               num_classes=10, backend=backend, chunk_size=128)
+        for result in results:
+            expected = numpy_knn(train, train_labels, val, result.k, temperature, 10)
+            np.testing.assert_array_equal(result.predictions, expected, err_msg=f"k={result.k} T={temperature}")
+            assert result.top1 == pytest.approx((expected[:, 0] == val_labels).mean())
+            assert result.top5 == pytest.approx((expected == val_labels[:, None]).any(1).mean())
+    # a real task, not a degenerate one: some right, some wrong
+    assert 0.3 < results[2].top1 < 0.99
+
+
+def test_backends_find_the_same_neighbours_from_float16_features(data):
+    train, _, val, _ = data
+    a = search(train.astype(np.float16), val.astype(np.float16), 10, "faiss", "cpu")
+    b = search(train.astype(np.float16), val.astype(np.float16), 10, "torch", "cpu", chunk_size=64)
+    assert a.backend == "faiss-cpu" and b.backend == "torch-cpu"
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_auto_picks_faiss_on_cpu_and_torch_without_faiss(monkeypatch):
+    assert resolve_search("auto", "cpu") == ("faiss", "cpu")
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+    assert resolve_search("auto", "cpu") == ("torch", "cpu")
+
+
+def test_faiss_runs_on_gpu_only_when_it_reports_gpus():
+    # faiss-cpu reports none: the search must never reach a GPU call (it would abort the process)
+    assert faiss_placement(0, "auto") == "cpu"
+    assert faiss_placement(1, "auto") == "gpu"
+    assert faiss_placement(4, "cuda") == "gpu-sharded"
+    assert faiss_placement(4, "cpu") == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or getattr(faiss, "get_num_gpus", lambda: 0)() == 0,
+                    reason="needs a CUDA GPU and faiss-gpu; the CPU tests above cover the same protocol")
+def test_faiss_gpu_and_torch_cuda_match_the_cpu_backends(data):
+    train, train_labels, val, val_labels = data
+    cpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="faiss", device="cpu")
+    for backend in ("faiss", "torch"):
+        gpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend=backend, device="cuda")
+        np.testing.assert_array_equal(gpu[0].predictions, cpu[0].predictions)
