@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from simsiam.augment import eval_transform
-from simsiam.data import ImageDataset, make_loader, scan_images
+from simsiam.data import ImageDataset, ImageList, make_loader, scan_images
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
@@ -91,7 +91,7 @@ class _Extraction:
 
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
                  normalize: bool, strict: bool):
-        self.images = scan_images(data)
+        self.images = data if isinstance(data, ImageList) else scan_images(data)
         self.image_size = image_size or model.image_size
         self.resize = model.resize if resize is None else resize
         if self.image_size <= 0 or self.resize < 0:
@@ -134,10 +134,10 @@ class _Extraction:
             yield features, labels, [self.images.paths[i] for i in indices]
 
 
-def extract_features(model: FeatureModel, data: str | os.PathLike, runtime: Runtime, image_size: int | None = None,
+def extract_features(model: FeatureModel, data: str | os.PathLike | ImageList, runtime: Runtime, image_size: int | None = None,
                      resize: int | None = None, batch_size: int = 256, workers: int = 0, normalize: bool = False,
                      strict: bool = False, on_event: EventHandler | None = None) -> FeatureSet:
-    """Embed the images of ``data`` (an ImageFolder or a flat folder) and keep the features in memory (float32)."""
+    """Embed the images of ``data`` (an ImageFolder, a flat folder, or an ImageList) into memory (float32)."""
     if runtime.distributed:
         raise InputError("in-memory extraction runs in one process; under torchrun use simsiam extract --out")
     job = _Extraction(model, data, runtime, image_size, resize, normalize, strict)
@@ -147,7 +147,7 @@ def extract_features(model: FeatureModel, data: str | os.PathLike, runtime: Runt
     features, labels, paths = zip(*parts)
     attrs = {**job.attrs, "skipped_images": job.skipped}
     return FeatureSet(np.concatenate(features), np.concatenate(labels),
-                      [p for chunk in paths for p in chunk], attrs, str(data))
+                      [p for chunk in paths for p in chunk], attrs, str(job.images.root))
 
 
 def shard_path(out: Path, rank: int, world_size: int) -> Path:

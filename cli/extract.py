@@ -1,0 +1,58 @@
+"""``simsiam extract``: embed a folder of images into an HDF5 feature file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .embedding import EmbeddingProgress, default_workers, model_options
+
+
+@click.command("extract")
+@click.argument("inputs", nargs=-1, required=True, metavar="[CHECKPOINT] DATA")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The feature file to write (.h5).")
+@click.option("--random-init", is_flag=True, help="No checkpoint: a randomly initialised encoder (a baseline).")
+@click.option("--arch", default=None, help="The ResNet of --random-init (e.g. resnet50).")
+@click.option("--cifar-stem", is_flag=True, help="With --random-init: the 3x3 stem without max-pool of the CIFAR recipe.")
+@click.option("--seed", type=int, default=0, help="Seed of --random-init.")
+@model_options
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
+@click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none",
+              help="HDF5 compression of the datasets (gzip: smaller, lzf: faster).")
+@click.option("--normalize", is_flag=True, help="Store L2-normalised features.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size, resize, batch_size, workers,
+            precision, dtype, compression, normalize, device, strict, overwrite):
+    """Embed the images of DATA (an ImageFolder class/*.jpg, or a flat folder) into --out.
+
+    CHECKPOINT: ours, an official SimSiam checkpoint or a torchvision ResNet state dict; or
+    --random-init --arch ARCH instead. Rows follow the images' sorted order; unreadable images are
+    skipped and counted.
+
+    \b
+    One GPU or CPU:  simsiam extract runs/r50/checkpoint_0099.pth.tar /data/imagenet/val --out val.h5
+    Eight GPUs:      torchrun --nproc_per_node=8 -m cli extract CKPT /data/imagenet/train --out train.h5
+    """
+    from retrieval.extract import extract_to_file
+    from retrieval.feature_model import load_feature_model
+    from simsiam.runtime import start, stop
+
+    expected = 1 if random_init else 2
+    if len(inputs) != expected:
+        raise click.UsageError("expected DATA with --random-init" if random_init else "expected CHECKPOINT DATA "
+                               "(or --random-init --arch ARCH DATA)")
+    checkpoint = None if random_init else inputs[0]
+    runtime = start(device, precision)
+    model = load_feature_model(checkpoint, layer, random_init, arch, cifar_stem, seed)
+    with EmbeddingProgress("extract") as progress:
+        summary = extract_to_file(model, inputs[-1], out, runtime, image_size, resize, dtype, compression, batch_size,
+                                  default_workers(workers), normalize, strict, overwrite, progress)
+    if runtime.is_main:
+        shards = f" over {len(summary.shards)} shards in {summary.shards[0].parent}" if summary.shards else ""
+        skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
+        click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "
+                   f"({model.arch} {layer}){shards}{skipped}")
+    stop(runtime)

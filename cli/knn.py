@@ -1,0 +1,84 @@
+"""``simsiam knn``: weighted kNN accuracy (DINO's protocol) of feature files or of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .embedding import EmbeddingProgress, default_workers, model_options
+
+PathArg = click.Path(path_type=Path)
+
+
+@click.command("knn")
+@click.argument("checkpoint", required=False, type=PathArg)
+@click.option("--train", "train_file", type=PathArg, help="Feature file of the labelled memory bank.")
+@click.option("--val", "val_file", type=PathArg, help="Feature file of the labelled images to classify.")
+@click.option("--train-dir", type=PathArg, help="With CHECKPOINT: labelled images (class/*.jpg) of the memory bank.")
+@click.option("--val-dir", type=PathArg, help="With CHECKPOINT: labelled images to classify.")
+@click.option("--save-features", type=PathArg, default=None,
+              help="With CHECKPOINT: also write train.h5 and val.h5 into this folder.")
+@click.option("-k", "ks", type=int, multiple=True, default=(20,), help="Neighbours; repeat for several (-k 10 -k 20 -k 200).")
+@click.option("--temperature", type=float, default=0.07, help="T of the exp(sim / T) votes.")
+@click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
+              help="auto: faiss on GPU when it has GPUs, else torch on CUDA, else faiss (or torch) on CPU.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--chunk-size", type=int, default=None,
+              help="torch backend: queries per matrix product (memory: chunk x train size x 4 bytes). [default: auto]")
+@click.option("--predictions", type=PathArg, default=None, help="Write one CSV row per image and k.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@model_options
+def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features, ks, temperature, backend, device,
+            chunk_size, predictions, as_json, layer, image_size, resize, batch_size, workers, precision):
+    """Weighted kNN top-1/top-5 of --val against --train: L2-normalised features, cosine similarity,
+    k nearest, votes exp(sim / T) (DINO's eval_knn.py; k = 20, T = 0.07).
+
+    \b
+    From feature files:  simsiam knn --train train.h5 --val val.h5 -k 10 -k 20
+    From a checkpoint:   simsiam knn CKPT --train-dir data/train --val-dir data/val
+    """
+    from retrieval.evaluate import evaluate_checkpoint, evaluate_files
+    from retrieval.knn import write_predictions
+
+    if checkpoint is None:
+        if not (train_file and val_file) or train_dir or val_dir or save_features:
+            raise click.UsageError("give --train FILE --val FILE, or CHECKPOINT --train-dir DIR --val-dir DIR")
+        report, val_set = evaluate_files(train_file, val_file, ks, temperature, backend, device, chunk_size)
+        sources = {"train": str(train_file), "val": str(val_file)}
+    else:
+        if not (train_dir and val_dir) or train_file or val_file:
+            raise click.UsageError("with CHECKPOINT give --train-dir DIR --val-dir DIR (not --train/--val)")
+        from simsiam.runtime import start
+
+        runtime = start(device, precision)
+        with EmbeddingProgress("knn") as progress:
+            report, val_set = evaluate_checkpoint(checkpoint, train_dir, val_dir, runtime, ks, temperature, backend,
+                                                  chunk_size, layer, image_size, resize, batch_size,
+                                                  default_workers(workers), save_features, progress)
+        sources = {"checkpoint": str(checkpoint), "train": str(train_dir), "val": str(val_dir)}
+    if predictions is not None:
+        write_predictions(predictions, val_set, report)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps({
+            **sources, "train_size": report.train_size, "val_size": report.val_size, "classes": report.num_classes,
+            "temperature": report.temperature, "backend": report.backend, "seconds": round(report.seconds, 3),
+            "results": [{"k": r.k, "top1": r.top1, "top5": r.top5} for r in report.results],
+            "warnings": report.warnings,
+        }))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"weighted kNN, T={report.temperature:g}: {report.val_size:,} images classified against "
+                  f"{report.train_size:,}, {report.num_classes} classes ({report.backend}, {report.seconds:.2f} s)")
+    table = Table()
+    for column in ("k", "top-1 %", "top-5 %"):
+        table.add_column(column, justify="right")
+    for r in report.results:
+        table.add_row(str(r.k), f"{100 * r.top1:.2f}", f"{100 * r.top5:.2f}")
+    console.print(table)

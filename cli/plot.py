@@ -1,0 +1,17 @@
+"""``simsiam plot``: the training curves of a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("plot")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write. [default: RUN_DIR/curves.png]")
+def command(run_dir, out):
+    """Draw loss, collapse monitor, kNN top-1 and lr of RUN_DIR/metrics.jsonl into a PNG."""
+    from simsiam.training_curves import plot_training_curves
+
+    click.echo(f"wrote {plot_training_curves(run_dir, out)}")

@@ -1,0 +1,94 @@
+"""A contact sheet of search results: each query in a row, beside its k nearest images and their scores.
+
+Drawn with matplotlib's object API (no pyplot state, no display needed). The PNG is exactly
+``(1 + k) * CELL_INCHES * DPI`` pixels wide and ``rows * CELL_INCHES * DPI`` high. With labels,
+a neighbour's frame is green when it shares the query's class and red when not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from simsiam.errors import InputError
+
+from .features import temporary_name
+from .search import SearchResult
+
+CELL_INCHES = 1.6
+DPI = 100
+MAX_ROWS = 16  # queries drawn; a sheet of thousands of rows helps nobody
+THUMBNAIL = 160
+
+
+def sheet_size(queries: int, k: int, max_rows: int = MAX_ROWS) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the sheet of ``queries`` queries with ``k`` neighbours each."""
+    return round((1 + k) * CELL_INCHES * DPI), round(min(queries, max_rows) * CELL_INCHES * DPI)
+
+
+def _thumbnail(path: Path) -> np.ndarray | None:
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            return np.asarray(image)
+    except (OSError, ValueError):
+        return None  # moved or unreadable since extraction: drawn as an empty cell, not fatal
+
+
+def _cell(ax, image: np.ndarray | None, title: str, frame: str | None) -> None:
+    if image is None:
+        ax.set_facecolor("0.85")
+        ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    else:
+        ax.imshow(image)
+    ax.set_title(title, fontsize=8, pad=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(frame is not None)
+        if frame is not None:
+            spine.set_color(frame)
+            spine.set_linewidth(3)
+
+
+def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: int = MAX_ROWS) -> Path:
+    """Write the PNG contact sheet of ``result`` (the first ``max_rows`` queries); atomic."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"--grid {out}: the folder {out.parent} does not exist")
+    rows = min(len(result.queries), max_rows)
+    k = result.indices.shape[1]
+    figure = Figure(figsize=((1 + k) * CELL_INCHES, rows * CELL_INCHES), dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, 1 + k, squeeze=False)
+    figure.subplots_adjust(left=0.01, right=0.99, top=1 - 0.25 / rows, bottom=0.02 / rows, wspace=0.08, hspace=0.3)
+    labelled = result.query_labels >= 0
+    for row in range(rows):
+        query_path = result.queries.root / result.queries.paths[row]
+        _cell(axes[row, 0], _thumbnail(query_path), f"query: {Path(result.queries.paths[row]).name}"[:24], "black")
+        for col in range(k):
+            index = int(result.indices[row, col])
+            ax = axes[row, col + 1]
+            if index < 0:
+                _cell(ax, None, "no result", None)
+                continue
+            frame = None
+            if labelled[row]:
+                frame = "tab:green" if result.database.labels[index] == result.query_labels[row] else "tab:red"
+            _cell(ax, _thumbnail(result.database.root / result.database.paths[index]),
+                  f"{result.scores[row, col]:.3f}", frame)
+    tmp = temporary_name(out)
+    try:
+        figure.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,59 @@
+"""kNN evaluation of feature files, or of a checkpoint on two image folders in one go."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from simsiam.data import scan_images
+from simsiam.errors import InputError
+from simsiam.runtime import Runtime
+
+from .extract import extract_features
+from .feature_model import load_feature_model
+from .features import FeatureSet, read_features, write_features
+from .knn import KnnReport, evaluate_knn
+from .neighbours import resolve_search
+
+
+def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), temperature: float = 0.07,
+                   backend: str = "auto", device: str = "auto",
+                   chunk_size: int | None = None) -> tuple[KnnReport, FeatureSet]:
+    """Weighted kNN of the feature file ``val`` against ``train``; returns the report and ``val``."""
+    resolve_search(backend, device)  # refuse a backend or device we cannot use before reading gigabytes
+    train_set, val_set = read_features(train), read_features(val)
+    return evaluate_knn(train_set, val_set, ks, temperature, backend, device, chunk_size), val_set
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathLike, val_dir: str | os.PathLike,
+                        runtime: Runtime, ks=(20,), temperature: float = 0.07, backend: str = "auto",
+                        chunk_size: int | None = None, layer: str = "backbone", image_size: int | None = None,
+                        resize: int | None = None, batch_size: int = 256, workers: int = 0,
+                        save_features: str | os.PathLike | None = None,
+                        on_event=None) -> tuple[KnnReport, FeatureSet]:
+    """Embed two labelled image folders with ``checkpoint`` and evaluate, keeping the features in memory.
+
+    Nothing is written unless ``save_features`` names a folder: then ``train.h5`` and ``val.h5``
+    (float32) go there.
+    """
+    if runtime.distributed:
+        raise InputError("knn CHECKPOINT runs in one process; under torchrun run simsiam extract for both folders, "
+                         "then simsiam knn --train --val")
+    resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu")
+    if save_features is not None and not Path(save_features).is_dir():
+        raise InputError(f"--save-features {save_features}: no such folder")
+    for name, folder in (("--train-dir", train_dir), ("--val-dir", val_dir)):
+        images = scan_images(folder)
+        if not images.labelled:
+            raise InputError(f"{name} {folder}: needs class folders (class/*.jpg): kNN needs labels")
+        if name == "--train-dir" and max(ks) > len(images):
+            raise InputError(f"-k {max(ks)}: larger than the {len(images)} images of --train-dir {folder}")
+    model = load_feature_model(checkpoint, layer)
+    common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
+    train_set = extract_features(model, train_dir, runtime, **common)
+    val_set = extract_features(model, val_dir, runtime, **common)
+    report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size)
+    if save_features is not None:
+        for name, feature_set in (("train.h5", train_set), ("val.h5", val_set)):
+            write_features(Path(save_features) / name, feature_set, dtype="float32")
+    return report, val_set

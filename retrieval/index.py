@@ -1,0 +1,289 @@
+"""FAISS indexes over a feature file, for image search: exact Flat, HNSW, or IVF-PQ.
+
+Vectors are L2-normalised and compared by inner product, so scores are cosine similarities, as
+in kNN. ``auto`` picks by size and memory:
+
+- Flat (exact) for up to ``FLAT_MAX_ROWS`` vectors, when ``rows x dim x 4`` bytes fit;
+- HNSW (``HNSW32,Flat``: a graph over the full vectors; fast and accurate, memory a bit above
+  Flat) up to ``HNSW_MAX_ROWS`` vectors, when it fits;
+- IVF-PQ otherwise (``IVF{nlist},PQ{m}x{bits}``, codes of m bytes per vector, re-ranked with
+  8-bit scalar-quantised vectors, ``Refine(SQ8)``, when memory allows).
+
+Search-time settings (``efSearch``; ``nprobe`` and the re-ranking depth ``k_factor_rf``) are
+tuned at build time: the cheapest that reaches ``target_recall`` of recall@10 against exact
+search, measured on a sample of the vectors used as queries. The index file is FAISS's own
+(``faiss.read_index`` opens it); ``INDEX.json`` beside it names the feature file its rows are the
+rows of, the settings and the measured recall.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from simsiam.errors import InputError
+
+from .features import FeatureSet, check_usable, read_features, temporary_name
+from .neighbours import import_faiss, normalized_float32
+
+KINDS = ("auto", "flat", "hnsw", "ivf-pq")
+FLAT_MAX_ROWS = 100_000
+HNSW_MAX_ROWS = 1_000_000
+HNSW_M = 32  # graph degree; 2M links per vector at the base level
+HNSW_EF_CONSTRUCTION = 80
+EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512)
+K_FACTOR_LADDER = (1, 2, 4, 8, 16)
+RECALL_AT = 10
+SIDECAR_FORMAT = "simsiam-index/1"
+_MEMORY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """``"8G"``, ``"512MiB"``, ``"1.5GB"`` or bytes -> bytes (binary units)."""
+    match = _MEMORY.match(str(text))
+    if not match:
+        raise InputError(f"--max-memory {text}: not a size (examples: 512M, 8G, 1.5GiB)")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class IndexPlan:
+    kind: str
+    factory: str  # a faiss.index_factory string
+    estimated_bytes: int
+    reason: str
+
+
+def _power_of_two_at_most(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def _ivf_pq_plan(rows: int, dim: int, budget: int | None) -> IndexPlan | None:
+    """IVF-PQ sized for ``rows`` (k-means wants >= 39 training points per centroid) and the budget."""
+    nlist = min(_power_of_two_at_most(4 * math.sqrt(rows)), _power_of_two_at_most(rows / 39))
+    bits = min(8, int(math.floor(math.log2(rows / 39))) if rows >= 39 * 16 else 0)
+    if bits < 4:
+        return None
+    divisors = [m for m in range(1, dim // 2 + 1) if dim % m == 0 and m <= 64]
+    fixed = nlist * dim * 4 + dim * (1 << bits) * 4  # coarse centroids and PQ codebooks
+    for refine in (True, False):
+        for m in reversed(divisors):
+            per_row = math.ceil(m * bits / 8) + 8 + (dim if refine else 0)  # codes, ids, SQ8 copy
+            size = fixed + rows * per_row
+            if budget is None or size <= budget:
+                factory = f"IVF{nlist},PQ{m}x{bits}np" + (",Refine(SQ8)" if refine else "")
+                how = "re-ranked with 8-bit vectors" if refine else "no re-ranking (memory)"
+                return IndexPlan("ivf-pq", factory, size, f"{m}-byte PQ codes in {nlist} lists, {how}")
+    return None
+
+
+def plan_index(rows: int, dim: int, kind: str = "auto", max_memory: int | None = None) -> IndexPlan:
+    """Which index to build for ``rows`` vectors of ``dim`` within ``max_memory`` bytes (None: no limit)."""
+    if kind not in KINDS:
+        raise InputError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    flat = IndexPlan("flat", "Flat", rows * dim * 4, "exact search")
+    hnsw = IndexPlan("hnsw", f"HNSW{HNSW_M},Flat", rows * (dim * 4 + (2 * HNSW_M + 2) * 4 + 12),
+                     f"graph of degree {HNSW_M} over the full vectors")
+    ivf_pq = _ivf_pq_plan(rows, dim, max_memory)
+    fits = lambda plan: plan is not None and (max_memory is None or plan.estimated_bytes <= max_memory)  # noqa: E731
+    limit = f"--max-memory {human_bytes(max_memory)}" if max_memory is not None else ""
+    if kind == "auto":
+        if rows <= FLAT_MAX_ROWS and fits(flat):
+            flat.reason = f"exact search: {rows:,} vectors (Flat up to {FLAT_MAX_ROWS:,})"
+            return flat
+        if rows <= HNSW_MAX_ROWS and fits(hnsw):
+            hnsw.reason = (f"{rows:,} vectors: more than {FLAT_MAX_ROWS:,}, so approximate; " if rows > FLAT_MAX_ROWS
+                           else f"Flat ({human_bytes(flat.estimated_bytes)}) exceeds {limit}; ") + hnsw.reason
+            return hnsw
+        if ivf_pq is not None:
+            why = (f"{rows:,} vectors (HNSW up to {HNSW_MAX_ROWS:,})" if rows > HNSW_MAX_ROWS and fits(hnsw)
+                   else f"HNSW ({human_bytes(hnsw.estimated_bytes)}) exceeds {limit}" if not fits(hnsw)
+                   else f"{rows:,} vectors")
+            ivf_pq.reason = f"{why}; {ivf_pq.reason}"
+            return ivf_pq
+        raise InputError(f"{limit or 'memory'}: too small for any index of {rows:,} x {dim} vectors "
+                         f"(Flat needs {human_bytes(flat.estimated_bytes)})")
+    plan = {"flat": flat, "hnsw": hnsw, "ivf-pq": ivf_pq}[kind]
+    if plan is None:
+        raise InputError(f"--kind ivf-pq: {rows} vectors are too few to train IVF-PQ (needs at least "
+                         f"{39 * 16}); use --kind flat")
+    if not fits(plan):
+        raise InputError(f"--kind {kind}: needs about {human_bytes(plan.estimated_bytes)}, more than {limit}")
+    return plan
+
+
+def recall_at(approximate: np.ndarray, exact: np.ndarray, k: int = RECALL_AT) -> float:
+    """Mean fraction of each query's exact top-k found in its approximate top-k."""
+    found = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approximate, exact)]
+    return float(np.mean(found)) / k
+
+
+def _parameter_ladder(plan: IndexPlan) -> list[str]:
+    """Search settings from cheapest to most thorough."""
+    if plan.kind == "hnsw":
+        return [f"efSearch={ef}" for ef in EF_SEARCH_LADDER]
+    if plan.kind == "ivf-pq":
+        nlist = int(re.search(r"IVF(\d+)", plan.factory).group(1))
+        probes = [1 << i for i in range(int(math.log2(nlist)) + 1)]
+        factors = K_FACTOR_LADDER if "Refine" in plan.factory else (None,)
+        return [f"nprobe={p}" + (f",k_factor_rf={f}" if f else "") for p in probes for f in factors]
+    return [""]
+
+
+@dataclass
+class IndexReport:
+    path: str
+    features: str
+    kind: str
+    factory: str
+    search_parameters: str
+    recall_at_10: float
+    recall_sample: int
+    target_recall: float
+    estimated_bytes: int
+    reason: str
+    rows: int
+    dim: int
+    seconds: float
+
+
+def sidecar_path(index_path: Path) -> Path:
+    return index_path.with_name(index_path.name + ".json")
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = temporary_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
+                max_memory: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000,
+                seed: int = 0, on_event: Callable[[str], None] | None = None) -> IndexReport:
+    """Build, tune and write an index over the feature file ``features_path`` (see the module docstring).
+
+    Written atomically: ``OUT.json`` first, then the index file, each under a temporary name.
+    """
+    faiss = import_faiss()
+    say = on_event or (lambda message: None)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
+    if not 0 < target_recall <= 1:
+        raise InputError(f"--target-recall {target_recall}: must be in (0, 1]")
+    start = time.perf_counter()
+    feature_set: FeatureSet = read_features(features_path)
+    check_usable(feature_set, "FEATURES")
+    rows, dim = len(feature_set), feature_set.dim
+    if rows < RECALL_AT:
+        raise InputError(f"{features_path}: {rows} vectors; an index needs at least {RECALL_AT}")
+    plan = plan_index(rows, dim, kind, max_memory)
+    attrs = feature_set.attrs
+    vectors = normalized_float32(feature_set.features)
+    del feature_set  # the float32 copy is all that is needed from here on
+
+    say(f"building {plan.factory} over {rows:,} x {dim} vectors: {plan.reason}")
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        sample = vectors[np.sort(rng.choice(rows, min(rows, 256 * 1024), replace=False))]
+        index.train(sample)
+    index.add(vectors)
+
+    rng = np.random.default_rng(seed + 1)
+    queries = vectors[np.sort(rng.choice(rows, min(rows, recall_sample), replace=False))]
+    say(f"measuring recall@{RECALL_AT} against exact search on {len(queries):,} sampled vectors")
+    _, exact = faiss.knn(queries, vectors, RECALL_AT, metric=faiss.METRIC_INNER_PRODUCT)
+    chosen, recall = "", 0.0
+    space = faiss.ParameterSpace()
+    for parameters in _parameter_ladder(plan):
+        if parameters:
+            space.set_index_parameters(index, parameters)
+        _, found = index.search(queries, RECALL_AT)
+        measured = recall_at(found, exact)
+        if measured > recall or not chosen:
+            chosen, recall = parameters, measured
+        if measured >= target_recall:
+            chosen, recall = parameters, measured
+            break
+    if chosen:
+        space.set_index_parameters(index, chosen)
+
+    report = IndexReport(str(out), str(Path(features_path)), plan.kind, plan.factory, chosen, recall, len(queries),
+                         target_recall, plan.estimated_bytes, plan.reason, rows, dim, time.perf_counter() - start)
+    sidecar = {"format": SIDECAR_FORMAT, **asdict(report),
+               "features": os.path.relpath(Path(features_path).resolve(), out.resolve().parent),
+               "features_absolute": str(Path(features_path).resolve()),
+               "layer": attrs.get("layer"), "arch": attrs.get("arch"),
+               "checkpoint_sha256": attrs.get("checkpoint_sha256"),
+               "metric": "cosine (inner product of L2-normalised vectors)"}
+    del sidecar["path"]
+    _write_atomic_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
+    tmp = temporary_name(out)
+    try:
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return report
+
+
+@dataclass
+class LoadedIndex:
+    index: object  # a faiss.Index, search parameters applied
+    meta: dict  # the sidecar
+    features_path: Path
+
+
+def load_index(path: str | os.PathLike) -> LoadedIndex:
+    """An index written by :func:`build_index`, with its tuned search parameters and its feature file."""
+    faiss = import_faiss()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such index file")
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        raise InputError(f"{path}: no {sidecar.name} beside it (simsiam index writes it; it names the feature file "
+                         "the index rows belong to)")
+    try:
+        meta = json.loads(sidecar.read_text())
+        if meta.get("format") != SIDECAR_FORMAT:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"{sidecar}: not an index description written by simsiam index") from None
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:
+        raise InputError(f"{path}: not a FAISS index file") from None
+    if index.ntotal != meta.get("rows"):
+        raise InputError(f"{path}: holds {index.ntotal} vectors but {sidecar.name} says {meta.get('rows')}")
+    if meta.get("search_parameters"):
+        faiss.ParameterSpace().set_index_parameters(index, meta["search_parameters"])
+    features = (path.parent / meta["features"]) if not Path(meta["features"]).is_absolute() else Path(meta["features"])
+    if not features.is_file() and Path(meta.get("features_absolute", "")).is_file():
+        features = Path(meta["features_absolute"])
+    return LoadedIndex(index, meta, features)

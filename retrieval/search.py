@@ -1,0 +1,180 @@
+"""Image search: the nearest database images of query images, by cosine similarity of their features.
+
+The database is a feature file (searched exactly) or an index built by ``simsiam index`` over
+one. Queries are images, embedded on the fly with a checkpoint through the same layer and
+evaluation transform as the database (read from its attributes), or a feature file. When the
+queries are the database itself, each query's own row is left out of its results.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from simsiam.data import ImageList, scan_images
+from simsiam.errors import InputError
+from simsiam.runtime import Runtime
+
+from .extract import extract_features
+from .feature_model import load_feature_model
+from .features import FeatureSet, check_compatible, check_usable, read_features
+from .index import LoadedIndex, load_index
+from .metrics import retrieval_metrics
+from .neighbours import normalized_float32, search
+
+EVAL_DEPTH = 10  # recall@1/5/10 need ten results per query
+
+
+@dataclass
+class Database:
+    """What is searched: the feature file's labels, paths and attributes, and its vectors or index."""
+
+    features: FeatureSet  # features are empty when an index holds the vectors
+    index: LoadedIndex | None
+    path: Path  # the file given
+
+    @property
+    def file(self) -> Path:
+        return Path(self.features.source)
+
+
+def open_database(path: str | os.PathLike) -> Database:
+    """A feature file (``.h5``, exact search) or a FAISS index written by ``simsiam index``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such index or feature file")
+    if path.is_file() and h5py.is_hdf5(path):
+        features = read_features(path)
+        check_usable(features, "DATABASE")
+        return Database(features, None, path)
+    loaded = load_index(path)
+    if not loaded.features_path.is_file():
+        raise InputError(f"{path}: its feature file {loaded.meta['features']} is missing (the index holds vectors, "
+                         "the feature file their paths and labels)")
+    features = read_features(loaded.features_path, with_features=False)
+    if len(features) != loaded.index.ntotal:
+        raise InputError(f"{path}: {loaded.index.ntotal} vectors, but {loaded.features_path} has {len(features)} rows; "
+                         "rebuild the index")
+    return Database(features, loaded, path)
+
+
+def single_image_list(path: Path) -> ImageList:
+    return ImageList(root=path.parent, paths=[path.name], labels=[-1], classes=[])
+
+
+def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, database: FeatureSet,
+                       runtime: Runtime, batch_size: int = 64, workers: int = 0, on_event=None) -> FeatureSet:
+    """Embed an image or a folder of images the way the database was: same layer, same transform.
+
+    Every query must decode: an image the user asked about is never skipped silently.
+    """
+    query = Path(query)
+    if not query.exists():
+        raise InputError(f"--query {query}: no such image or folder")
+    model = load_feature_model(checkpoint, layer=database.attrs.get("layer", "backbone"))
+    images = scan_images(query) if query.is_dir() else single_image_list(query)
+
+    def refuse_unreadable(event: dict) -> None:
+        if event["event"] == "unreadable":
+            raise InputError(f"--query {event['path']}: cannot decode the image ({event['reason']})")
+        if on_event is not None:
+            on_event(event)
+
+    image_size = int(database.attrs.get("image_size") or model.image_size)
+    resize = int(database.attrs.get("resize", model.resize))
+    return extract_features(model, images, runtime, image_size, resize, batch_size, workers,
+                            on_event=refuse_unreadable)
+
+
+@dataclass
+class SearchResult:
+    queries: FeatureSet  # paths, labels, root of the queries (features dropped after the search)
+    database: FeatureSet  # paths, labels, root, classes of the database
+    scores: np.ndarray  # [Q, k] cosine similarities, best first
+    indices: np.ndarray  # [Q, k] database rows; -1 where an approximate index found fewer than k
+    query_labels: np.ndarray  # [Q] query labels in the database's class numbering, -1 where unknown
+    excluded_self: bool
+    backend: str
+    metrics: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def neighbour_labels(self) -> np.ndarray:
+        return np.where(self.indices >= 0, self.database.labels[self.indices.clip(min=0)], -1)
+
+
+def labels_in_database_classes(queries: FeatureSet, database: FeatureSet) -> np.ndarray:
+    """Query labels renumbered into the database's classes by class name (-1 where it has no such class)."""
+    if queries.classes and database.classes:
+        position = {name: i for i, name in enumerate(database.classes)}
+        table = np.array([position.get(name, -1) for name in queries.classes] + [-1])
+        return table[np.where(queries.labels >= 0, queries.labels, len(queries.classes))]
+    return queries.labels.copy()
+
+
+def _search_rows(database: Database, queries: np.ndarray, k: int, backend: str, device: str) -> tuple:
+    if database.index is None:
+        found = search(database.features.features, queries, k, backend, device)
+        return found.scores, found.indices, found.backend
+    scores, indices = database.index.index.search(normalized_float32(queries), k)
+    return scores, indices.astype(np.int64), f"faiss index {database.index.meta.get('factory')}"
+
+
+def _drop_self(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row (query i is database row i) from k + 1 results."""
+    own = indices == np.arange(len(indices))[:, None]
+    keep = ~own
+    keep[~own.any(axis=1), -1] = False  # not found: drop the last instead
+    return scores[keep].reshape(len(scores), k), indices[keep].reshape(len(indices), k)
+
+
+def search_database(database: Database, queries: FeatureSet, k: int = 10, evaluate: bool = False,
+                    backend: str = "auto", device: str = "auto") -> SearchResult:
+    """The k nearest database images of every query, and with ``evaluate`` recall@1/5/10 and mAP@k."""
+    if k < 1:
+        raise InputError(f"-k {k}: must be at least 1")
+    warnings = check_compatible(database.features, "the database", queries, "the queries")
+    check_usable(queries, "--query")
+    same = queries.source != "<memory>" and Path(queries.source).resolve() == database.file.resolve()
+    depth = max(k, EVAL_DEPTH) if evaluate else k
+    rows = len(database.features)
+    if depth + int(same) > rows:
+        raise InputError(f"-k {depth}: larger than the {rows - int(same)} database images"
+                         + (" (--eval needs 10 neighbours per query)" if evaluate and depth > k else ""))
+    scores, indices, used = _search_rows(database, queries.features, depth + int(same), backend, device)
+    if same:
+        scores, indices = _drop_self(scores, indices, depth)
+    query_labels = labels_in_database_classes(queries, database.features)
+    result = SearchResult(FeatureSet(queries.features[:0], queries.labels, queries.paths, queries.attrs,
+                                     queries.source),
+                          database.features, scores[:, :k], indices[:, :k], query_labels, same, used,
+                          warnings=warnings)
+    if evaluate:
+        neighbour_labels = np.where(indices >= 0, database.features.labels[indices.clip(min=0)], -1)
+        result.metrics = retrieval_metrics(query_labels, neighbour_labels, database.features.labels,
+                                           map_k=k, self_in_database=same)
+    return result
+
+
+def find_neighbours(database_path: str | os.PathLike, k: int = 10, query: str | os.PathLike | None = None,
+                    checkpoint: str | os.PathLike | None = None, query_h5: str | os.PathLike | None = None,
+                    evaluate: bool = False, backend: str = "auto", device: str = "auto", precision: str = "auto",
+                    batch_size: int = 64, workers: int = 0, on_event=None) -> SearchResult:
+    """Search ``database_path`` (feature file or index) with query images (``query`` + ``checkpoint``) or ``query_h5``."""
+    from simsiam.runtime import resolve_device, resolve_precision
+
+    if (query is None) == (query_h5 is None):
+        raise InputError("give --query IMAGE_OR_DIR (with --checkpoint) or --query-h5 FILE, one of them")
+    if query is not None and checkpoint is None:
+        raise InputError(f"--query {query}: needs --checkpoint to embed the query images")
+    database = open_database(database_path)
+    if query_h5 is not None:
+        queries = read_features(query_h5)
+    else:
+        dev = resolve_device(device)
+        runtime = Runtime(dev, resolve_precision(precision, dev))
+        queries = embed_query_images(query, checkpoint, database.features, runtime, batch_size, workers, on_event)
+    return search_database(database, queries, k, evaluate, backend, device)

@@ -1,0 +1,93 @@
+"""Training curves of a run folder: loss, collapse monitor, kNN top-1 and lr, from ``metrics.jsonl``.
+
+``metrics.jsonl`` (written by :mod:`simsiam.train`) holds one JSON object per line: ``"kind":
+"step"`` lines (``step``, ``epoch``, ``loss``, ``lr``, ``collapse_std``, ``images_per_s``) and
+``"kind": "epoch"`` lines (the epoch's mean ``loss``, ``lr``, ``collapse_std``, and ``knn_top1``
+when the kNN monitor ran). A line cut short by a kill is skipped.
+
+The collapse monitor is the std of the L2-normalised projector output times sqrt(d): about 1
+when healthy, 0 when the representation has collapsed (the paper's Fig. 2, middle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import InputError
+
+METRICS_FILE = "metrics.jsonl"
+PANELS = (
+    ("loss", "loss (negative cosine)"),
+    ("collapse_std", "collapse monitor: std x sqrt(d)"),
+    ("knn_top1", "kNN top-1"),
+    ("lr", "learning rate"),
+)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """``(step records, epoch records)`` of a run folder's ``metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run folder")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise InputError(f"{run_dir}: no {METRICS_FILE} (not a folder written by simsiam pretrain)")
+    steps, epochs = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            (epochs if record.get("kind") == "epoch" else steps).append(record)
+    if not steps and not epochs:
+        raise InputError(f"{path}: holds no metrics yet")
+    return steps, epochs
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the four curves against the global step into a PNG (default ``RUN_DIR/curves.png``); atomic."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps, epochs = read_metrics(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
+    figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2, sharex=True).ravel()
+    for ax, (key, title) in zip(axes, PANELS):
+        x, y = _series(steps, key)
+        if x:
+            ax.plot(x, y, lw=1, alpha=0.6, label="logging steps")
+        ex, ey = _series(epochs, key)
+        if ex:
+            ax.plot(ex, ey, "o-", ms=3, label="epoch" if key != "knn_top1" else "evaluation")
+        if not x and not ex:
+            ax.text(0.5, 0.5, "not recorded" + (" (no --knn-train/--knn-val)" if key == "knn_top1" else ""),
+                    ha="center", va="center", transform=ax.transAxes, color="0.4")
+        elif x and ex:
+            ax.legend(fontsize=8)
+        if key == "collapse_std" and (x or ex):
+            ax.axhline(1.0, color="0.6", ls="--", lw=0.8)  # the healthy value, 1/sqrt(d) before scaling
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[2:]:
+        ax.set_xlabel("step")
+    figure.suptitle(Path(run_dir).resolve().name)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
