@@ -47,7 +47,7 @@ class EmbeddingProgress:
     """A progress bar with images/s for the events of :mod:`retrieval.extract`; warnings for unreadable images."""
 
     def __init__(self, description: str = "embedding", console: Console | None = None):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)  # paths are never broken across lines
         self.description = description
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  ImagesPerSecond(), TimeRemainingColumn(), console=self.console)

@@ -1,0 +1,168 @@
+"""``simsiam extract``: features equal those of the torchvision ResNet run directly, whatever the layout."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from retrieval.features import read_features
+from simsiam.augment import eval_transform
+from simsiam.data import decode_rgb
+from simsiam.model import SimSiam
+
+from conftest import make_image_folder
+from feature_files import assert_user_error, run, save_resnet18_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return save_resnet18_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", classes=2, per_class=4)
+
+
+def reference_features(model: torch.nn.Module, root: Path, paths: list[str], image_size: int = 16,
+                       resize: int | None = None) -> np.ndarray:
+    """The network run directly, one image at a time, with the evaluation transform."""
+    transform = eval_transform(image_size, resize)
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(transform(decode_rgb(root / p))[None]) for p in paths]).numpy()
+
+
+def torchvision_backbone(checkpoints) -> torch.nn.Module:
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(checkpoints["torchvision"], weights_only=True))
+    model.fc = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("layout", ["official", "torchvision"])
+def test_features_equal_the_torchvision_resnet_run_directly(tmp_path, checkpoints, images, layout):
+    out = tmp_path / "feats.h5"
+    result = run("extract", checkpoints[layout], images, "--out", out, "--dtype", "float32", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "8 x 512" in result.output
+    feats = read_features(out)
+    # rows follow the images in sorted order, and row i is the features of image i
+    assert feats.paths == sorted(feats.paths) and len(feats.paths) == 8
+    assert feats.labels.tolist() == [0] * 4 + [1] * 4
+    expected = reference_features(torchvision_backbone(checkpoints), images, feats.paths)
+    np.testing.assert_allclose(feats.features, expected, rtol=1e-4, atol=1e-5)
+    assert feats.attrs["layer"] == "backbone" and feats.attrs["arch"] == "resnet18"
+
+
+def test_projector_layer_is_the_simsiam_encoder_output(tmp_path, checkpoints, images):
+    out = tmp_path / "z.h5"
+    assert run("extract", checkpoints["official"], images, "--out", out, "--layer", "projector", "--dtype",
+               "float32", *FAST).exit_code == 0
+    feats = read_features(out)
+    model = SimSiam(torchvision.models.resnet18(num_classes=64), dim=64, pred_dim=16, proj_layers=2)
+    model.load_state_dict(torch.load(checkpoints["simsiam"], weights_only=True))
+    expected = reference_features(model.encoder, images, feats.paths)
+    assert feats.dim == 64
+    np.testing.assert_allclose(feats.features, expected, rtol=1e-4, atol=1e-4)
+    assert feats.attrs["layer"] == "projector"
+
+
+def test_projector_of_a_checkpoint_without_one_is_refused(tmp_path, checkpoints, images):
+    result = run("extract", checkpoints["torchvision"], images, "--out", tmp_path / "z.h5", "--layer", "projector",
+                 *FAST)
+    assert_user_error(result, "has no SimSiam projector", "--layer backbone")
+    assert not (tmp_path / "z.h5").exists()
+
+
+def test_default_transform_resizes_to_256_and_crops_224_for_imagenet_checkpoints(tmp_path, checkpoints):
+    big = tmp_path / "big"
+    big.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(big / "a.png")
+    out = tmp_path / "big.h5"
+    assert run("extract", checkpoints["torchvision"], big, "--out", out, "--dtype", "float32", "--workers", "0",
+               "--device", "cpu").exit_code == 0
+    feats = read_features(out)
+    assert (feats.attrs["image_size"], feats.attrs["resize"]) == (224, 256)
+    expected = reference_features(torchvision_backbone(checkpoints), big, ["a.png"], 224, 256)
+    np.testing.assert_allclose(feats.features, expected, rtol=1e-4, atol=1e-5)
+    assert feats.labels.tolist() == [-1] and feats.classes == []  # a flat folder: unlabeled
+
+
+def test_random_init_baseline_is_seeded(tmp_path, images):
+    args = ["extract", "--random-init", "--arch", "resnet18", images, *FAST]
+    assert run(*args, "--out", tmp_path / "a.h5").exit_code == 0
+    assert run(*args, "--out", tmp_path / "b.h5").exit_code == 0
+    a, b = read_features(tmp_path / "a.h5"), read_features(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a.features, b.features)
+    assert a.attrs["checkpoint"].startswith("random-init resnet18") and a.attrs["checkpoint_sha256"] == ""
+    assert a.features.dtype == np.float16  # the default --dtype
+
+
+def test_random_init_needs_an_arch(tmp_path, images):
+    assert_user_error(run("extract", "--random-init", images, "--out", tmp_path / "a.h5", *FAST), "--arch")
+
+
+def test_unknown_checkpoint_layout_writes_nothing(tmp_path, images):
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {"some.weight": torch.zeros(3)}}, bad)
+    result = run("extract", bad, images, "--out", tmp_path / "feats.h5", *FAST)
+    assert_user_error(result, "unknown checkpoint layout")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_existing_output_needs_overwrite(tmp_path, checkpoints, images):
+    out = tmp_path / "feats.h5"
+    out.write_text("keep me")
+    assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST), "--overwrite")
+    assert out.read_text() == "keep me"
+
+
+def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path, checkpoints):
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
+    (data / "class0" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "feats.h5"
+    result = run("extract", checkpoints["torchvision"], data, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable skipped" in result.output and "broken.png" in result.output
+    feats = read_features(out)
+    assert len(feats) == 3 and feats.attrs["skipped_images"] == 1 and "class0/broken.png" not in feats.paths
+    strict = run("extract", checkpoints["torchvision"], data, "--out", tmp_path / "strict.h5", "--strict", *FAST)
+    assert_user_error(strict, "broken.png", only_line=False)
+    assert not (tmp_path / "strict.h5").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_path, checkpoints, images):
+    single = tmp_path / "single.h5"
+    assert run("extract", checkpoints["torchvision"], images, "--out", single, "--dtype", "float32",
+               *FAST).exit_code == 0
+    out = tmp_path / "ddp.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli",
+               "extract", str(checkpoints["torchvision"]), str(images), "--out", str(out), "--dtype", "float32",
+               *FAST]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("wrote") == 1  # rank 0 reports
+    shards = sorted((tmp_path / "ddp.h5.shards").iterdir())
+    assert [s.name for s in shards] == ["rank00000-of-00002.h5", "rank00001-of-00002.h5"]
+    with h5py.File(out) as f:
+        assert all(f[name].is_virtual for name in ("features", "labels", "paths"))
+    with h5py.File(shards[0]) as f:
+        assert f["features"].shape[0] == 4  # rank 0: the first half of the images
+    a, b = read_features(single), read_features(out)
+    assert b.paths == a.paths and b.labels.tolist() == a.labels.tolist()
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
+    assert b.attrs["skipped_images"] == 0 and b.attrs["layer"] == "backbone"

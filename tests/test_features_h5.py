@@ -1,0 +1,131 @@
+"""The HDF5 feature file: schema, dtypes, attributes, row order, atomic writes, virtual shards."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from retrieval.extract import extract_to_file
+from retrieval.feature_model import FeatureModel
+from retrieval.features import FeatureSet, FeatureWriter, read_features, write_features, write_virtual
+from simsiam.errors import InputError
+from simsiam.runtime import Runtime
+
+from conftest import make_image_folder
+
+CPU = Runtime(torch.device("cpu"), "fp32")
+
+
+class MeanColour(torch.nn.Module):
+    """A stand-in network whose features identify the image: its mean colour and its pixel values."""
+
+    def forward(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x.flatten(1)[:, :5]], dim=1)
+
+
+def identity_model() -> FeatureModel:
+    return FeatureModel(MeanColour(), "resnet18", "backbone", 8, "/ckpts/c.pth", "cd" * 32, 16, 0)
+
+
+def test_round_trip_keeps_schema_dtype_attributes_and_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 7)).astype(np.float32)
+    attrs = {"root": "/data/x", "classes": ["cat", "dog"], "arch": "resnet50", "layer": "projector",
+             "checkpoint": "c.pth", "checkpoint_sha256": "00" * 32, "image_size": 224, "normalized": False}
+    labels = rng.integers(-1, 2, 50)
+    paths = [f"dir/é{i}.jpg" for i in range(50)]  # UTF-8
+    for dtype, compression in (("float16", "gzip"), ("float32", "none"), ("float32", "lzf")):
+        path = tmp_path / f"{dtype}-{compression}.h5"
+        write_features(path, FeatureSet(features, labels, paths, attrs), dtype=dtype, compression=compression)
+        with h5py.File(path) as f:
+            assert f["features"].dtype == np.dtype(dtype) and f["features"].chunks is not None
+            assert f["labels"].dtype == np.int64 and f["paths"].dtype.kind == "O"
+            assert f["features"].compression == (None if compression == "none" else compression)
+            assert json.loads(f.attrs["classes"]) == ["cat", "dog"]
+            assert {"root", "classes", "arch", "layer", "checkpoint", "checkpoint_sha256", "image_size",
+                    "normalized", "simsiam_version"} <= set(f.attrs)
+        back = read_features(path)
+        np.testing.assert_allclose(back.features, features, rtol=1e-3 if dtype == "float16" else 0)
+        assert back.labels.tolist() == labels.tolist() and back.paths == paths
+        assert back.classes == ["cat", "dog"] and back.attrs["layer"] == "projector"
+        assert back.attrs["image_size"] == 224 and back.attrs["normalized"] is False
+
+
+def test_extraction_rows_follow_the_images_and_record_the_transform(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=3)
+    out = tmp_path / "feats.h5"
+    summary = extract_to_file(identity_model(), data, out, CPU, dtype="float32", batch_size=2)
+    feats = read_features(out)
+    assert summary.images == 9 and feats.paths == sorted(feats.paths)
+    assert feats.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert feats.classes == ["class0", "class1", "class2"]
+    assert feats.attrs["root"] == str(data.resolve()) and feats.attrs["resize"] == 0
+    assert feats.attrs["checkpoint_sha256"] == "cd" * 32 and feats.attrs["precision"] == "fp32"
+    # row i holds image i: compare with each image embedded alone
+    from simsiam.augment import eval_transform
+    from simsiam.data import decode_rgb
+
+    for row, path in enumerate(feats.paths):
+        alone = MeanColour()(eval_transform(16, None)(decode_rgb(data / path))[None])[0]
+        np.testing.assert_allclose(feats.features[row], alone.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_stores_unit_rows(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
+    extract_to_file(identity_model(), data, tmp_path / "n.h5", CPU, dtype="float32", normalize=True)
+    feats = read_features(tmp_path / "n.h5")
+    np.testing.assert_allclose(np.linalg.norm(feats.features, axis=1), 1, rtol=1e-5)
+    assert feats.attrs["normalized"] is True
+
+
+def test_an_interrupted_extraction_leaves_no_finished_looking_file(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    out = tmp_path / "feats.h5"
+    out.write_bytes(b"the previous file")
+    seen = []
+
+    def kill_after_two_batches(event):
+        if event["event"] == "batch":
+            # while writing, only a hidden temporary file exists beside the old one
+            seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name != "data"))
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(identity_model(), data, out, CPU, batch_size=2, overwrite=True,
+                        on_event=kill_after_two_batches)
+    assert len(seen[0]) == 2 and seen[0][0].startswith(".feats.h5.") and seen[0][0].endswith(".tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "feats.h5"]
+    assert out.read_bytes() == b"the previous file"
+
+
+def test_writer_removes_its_temporary_file_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with FeatureWriter(tmp_path / "f.h5", 3, {"arch": "a", "layer": "backbone"}) as writer:
+            writer.append(np.ones((2, 3)), [0, 1], ["a", "b"])
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_virtual_file_over_shards_reads_as_one_file_and_moves_with_them(tmp_path):
+    attrs = {"root": "/r", "classes": ["a"], "arch": "resnet18", "layer": "backbone", "checkpoint": "c",
+             "checkpoint_sha256": "", "image_size": 16, "normalized": False}
+    shards_dir = tmp_path / "run" / "feats.h5.shards"
+    shards_dir.mkdir(parents=True)
+    parts = [np.full((n, 4), i, np.float32) for i, n in enumerate((3, 0, 2))]  # an empty shard too
+    shards = []
+    for i, part in enumerate(parts):
+        shards.append(write_features(shards_dir / f"rank{i:05d}-of-00003.h5",
+                                     FeatureSet(part, np.zeros(len(part), np.int64),
+                                                [f"{i}-{j}" for j in range(len(part))], attrs), dtype="float32"))
+    write_virtual(tmp_path / "run" / "feats.h5", shards, attrs)
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # relative sources: the pair moves together
+    feats = read_features(tmp_path / "moved" / "feats.h5")
+    assert feats.paths == ["0-0", "0-1", "0-2", "2-0", "2-1"]
+    np.testing.assert_array_equal(feats.features[:, 0], [0, 0, 0, 2, 2])
+    (tmp_path / "moved" / "feats.h5.shards" / "rank00002-of-00003.h5").unlink()
+    with pytest.raises(InputError, match="shard .*rank00002-of-00003.h5 is missing"):
+        read_features(tmp_path / "moved" / "feats.h5")

@@ -1,0 +1,100 @@
+"""``simsiam index``: Flat is exact, the approximate kinds reach recall@10 >= 0.9, auto chooses by size and memory."""
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval.index import FLAT_MAX_ROWS, build_index, load_index, parse_memory, plan_index
+from simsiam.errors import InputError
+
+from feature_files import assert_user_error, clustered, feature_file, run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread():
+    # the test machine's cores are shared: OpenMP threads spinning against each other cost more than they bring
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clustered_file(tmp_path_factory):
+    features, labels = clustered(3000, classes=20, dim=32, noise=0.5)
+    return feature_file(tmp_path_factory.mktemp("index") / "feats.h5", features, labels, dtype="float16")
+
+
+def exact_top10(path):
+    from retrieval.features import read_features
+    from retrieval.neighbours import normalized_float32
+
+    vectors = normalized_float32(read_features(path).features)
+    return vectors, faiss.knn(vectors, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
+
+
+def test_flat_is_exact(clustered_file, tmp_path):
+    report = build_index(clustered_file, tmp_path / "flat.index", kind="flat", recall_sample=300)
+    assert report.kind == "flat" and report.recall_at_10 == 1.0
+    vectors, exact = exact_top10(clustered_file)
+    found = load_index(tmp_path / "flat.index").index.search(vectors, 10)[1]
+    np.testing.assert_array_equal(found, exact)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
+def test_approximate_kinds_reach_recall_at_10_of_090(clustered_file, tmp_path, kind):
+    out = tmp_path / f"{kind}.index"
+    report = build_index(clustered_file, out, kind=kind, target_recall=0.9, recall_sample=300)
+    assert report.kind == kind and report.recall_at_10 >= 0.9 and report.search_parameters
+    # the reported recall is real: measure it again over every vector with the saved settings
+    loaded = load_index(out)
+    assert loaded.meta["search_parameters"] == report.search_parameters
+    vectors, exact = exact_top10(clustered_file)
+    found = loaded.index.search(vectors, 10)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+    assert recall >= 0.88, recall
+    if kind == "ivf-pq":
+        assert "PQ" in report.factory and "Refine(SQ8)" in report.factory
+
+
+def test_auto_chooses_by_size_and_memory():
+    assert plan_index(FLAT_MAX_ROWS, 512).kind == "flat"
+    assert plan_index(FLAT_MAX_ROWS + 1, 512).kind == "hnsw"
+    assert plan_index(5_000_000, 512).kind == "ivf-pq"
+    tight = plan_index(50_000, 2048, max_memory=parse_memory("100M"))  # Flat would take 390 MiB
+    assert tight.kind == "ivf-pq" and tight.estimated_bytes <= 100 * 2 ** 20 and "Refine" not in tight.factory
+    imagenet = plan_index(1_281_167, 2048, max_memory=parse_memory("4G"))
+    assert imagenet.kind == "ivf-pq" and imagenet.factory == "IVF4096,PQ64x8np,Refine(SQ8)"
+    with pytest.raises(InputError, match="--kind flat: needs about 390.6 MiB, more than --max-memory 100.0 MiB"):
+        plan_index(50_000, 2048, "flat", parse_memory("100M"))
+    with pytest.raises(InputError, match="too small"):
+        plan_index(50_000, 2048, max_memory=1000)
+    assert parse_memory("1.5GiB") == 3 * 2 ** 29 and parse_memory("512") == 512
+    with pytest.raises(InputError, match="--max-memory lots: not a size"):
+        parse_memory("lots")
+
+
+def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
+    out = tmp_path / "auto.index"
+    result = run("index", clustered_file, "--out", out, "--recall-sample", "200")
+    assert result.exit_code == 0, result.output
+    assert "flat: Flat" in result.output and "exact search: 3,000 vectors" in result.output
+    assert "recall@10 vs exact search: 1.0000 on 200 sampled queries" in result.output
+    sidecar = json.loads((tmp_path / "auto.index.json").read_text())
+    assert sidecar["rows"] == 3000 and sidecar["kind"] == "flat" and sidecar["features_absolute"] == str(clustered_file)
+    memory = run("index", clustered_file, "--out", tmp_path / "small.index", "--max-memory", "200K", "--json",
+                 "--recall-sample", "200", "--target-recall", "0.9")
+    assert memory.exit_code == 0, memory.output
+    report = json.loads(memory.output)
+    assert report["kind"] == "ivf-pq" and report["estimated_bytes"] <= 200 * 1024
+    assert "exceeds --max-memory 200.0 KiB" in report["reason"]
+
+
+def test_cli_errors(clustered_file, tmp_path):
+    assert_user_error(run("index", tmp_path / "none.h5", "--out", tmp_path / "x.index"), "no such feature file")
+    assert_user_error(run("index", clustered_file, "--out", tmp_path / "x.index", "--max-memory", "1K"), "too small")
+    few = feature_file(tmp_path / "few.h5", *clustered(100))
+    assert_user_error(run("index", few, "--out", tmp_path / "x.index", "--kind", "ivf-pq"), "too few", "--kind flat")
+    assert not list(tmp_path.glob("x.index*")) and not list(tmp_path.glob(".x.index*"))

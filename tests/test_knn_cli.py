@@ -1,0 +1,161 @@
+"""``simsiam knn`` through click: table, JSON, several k, predictions CSV, the checkpoint form, every error."""
+
+import csv
+import json
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder
+from feature_files import assert_user_error, clustered, feature_file, run, save_resnet18_checkpoints
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("feats")
+    train, train_labels = clustered(400, noise=1.2, seed=1)
+    val, val_labels = clustered(100, noise=1.2, seed=2)
+    return {"train": feature_file(folder / "train.h5", train, train_labels, dtype="float16"),
+            "val": feature_file(folder / "val.h5", val, val_labels, dtype="float16"),
+            "val_labels": val_labels}
+
+
+def test_table_with_several_k(files):
+    result = run("knn", "--train", files["train"], "--val", files["val"], "-k", "5", "-k", "20", "--backend", "torch")
+    assert result.exit_code == 0, result.output
+    assert "100 images classified against 400, 8 classes (torch-cpu" in result.output
+    rows = [line for line in result.output.splitlines() if line.strip().startswith(("│  5", "│ 20"))]
+    assert len(rows) == 2
+
+
+def test_json_matches_the_library_and_backends_agree(files):
+    from retrieval.evaluate import evaluate_files
+
+    outputs = {}
+    for backend in ("faiss", "torch"):
+        result = run("knn", "--train", files["train"], "--val", files["val"], "-k", "1", "-k", "20",
+                     "--temperature", "0.1", "--backend", backend, "--json")
+        assert result.exit_code == 0, result.output
+        outputs[backend] = json.loads(result.output)
+    assert outputs["faiss"]["results"] == outputs["torch"]["results"]
+    report, _ = evaluate_files(files["train"], files["val"], (1, 20), 0.1, "torch")
+    assert [r["top1"] for r in outputs["torch"]["results"]] == pytest.approx([r.top1 for r in report.results])
+    assert outputs["torch"]["train_size"] == 400 and outputs["torch"]["temperature"] == 0.1
+    assert 0.3 < outputs["torch"]["results"][1]["top1"] < 1.0
+
+
+def test_predictions_csv_has_a_row_per_image_and_k(files, tmp_path):
+    out = tmp_path / "pred.csv"
+    result = run("knn", "--train", files["train"], "--val", files["val"], "-k", "3", "-k", "7", "--predictions", out,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 200 and rows[0].keys() == {"path", "label", "class", "k", "prediction", "predicted_class",
+                                                   "top5", "correct"}
+    k7 = [r for r in rows if r["k"] == "7"]
+    top1 = json.loads(result.output)["results"][1]["top1"]
+    assert np.mean([int(r["correct"]) for r in k7]) == pytest.approx(top1)
+    assert [int(r["label"]) for r in k7] == files["val_labels"].tolist()
+    assert all(r["predicted_class"] == f"class{r['prediction']}" for r in rows)
+
+
+def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_path):
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=5)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=3, seed=1)
+    args = ["knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "3", "--image-size", "16",
+            "--resize", "0", "--workers", "0", "--device", "cpu", "--json"]
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    result = run(*args, "--save-features", saved)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["train_size"] == 10 and report["val_size"] == 6 and report["results"][0]["k"] == 3
+    assert sorted(p.name for p in saved.iterdir()) == ["train.h5", "val.h5"]
+    again = run("knn", "--train", saved / "train.h5", "--val", saved / "val.h5", "-k", "3", "--json")
+    assert json.loads(again.output)["results"] == report["results"]
+    before = set(tmp_path.rglob("*"))
+    assert run(*args).exit_code == 0
+    assert set(tmp_path.rglob("*")) == before  # nothing written without --save-features
+
+
+# ---- errors: exit 2, one line, nothing written --------------------------------------------------------------------
+
+
+def knn_error(tmp_path, train, val, *extra):
+    out = tmp_path / "pred.csv"
+    result = run("knn", "--train", train, "--val", val, "--predictions", out, *extra)
+    assert not out.exists() and not list(tmp_path.glob(".pred.csv*"))
+    return result
+
+
+def test_missing_and_non_hdf5_files(files, tmp_path):
+    assert_user_error(knn_error(tmp_path, tmp_path / "nope.h5", files["val"]), "nope.h5: no such feature file")
+    text = tmp_path / "notes.h5"
+    text.write_text("hello")
+    assert_user_error(knn_error(tmp_path, files["train"], text), "notes.h5: not an HDF5 file")
+
+
+def test_hdf5_without_the_schema(files, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["data"] = np.zeros((3, 4))
+    assert_user_error(knn_error(tmp_path, other, files["val"]),
+                      "other.h5: not a simsiam feature file: no dataset 'features', 'labels', 'paths'")
+
+
+def test_different_dimensions_or_layers_are_refused(files, tmp_path):
+    wide = feature_file(tmp_path / "wide.h5", *clustered(20, dim=64))
+    assert_user_error(knn_error(tmp_path, files["train"], wide), "--val", "64-d features", "has 32-d")
+    projector = feature_file(tmp_path / "z.h5", *clustered(20), layer="projector")
+    assert_user_error(knn_error(tmp_path, files["train"], projector), "layer 'projector'", "layer 'backbone'")
+
+
+def test_different_checkpoints_only_warn(files, tmp_path):
+    other = feature_file(tmp_path / "other.h5", *clustered(30, seed=3), checkpoint="b.pth", sha="ef" * 32)
+    result = run("knn", "--train", files["train"], "--val", other, "-k", "5")
+    assert result.exit_code == 0, result.output
+    assert "warning: --train and --val come from different checkpoints" in result.output
+
+
+def test_val_without_labels(files, tmp_path):
+    unlabeled = feature_file(tmp_path / "u.h5", clustered(10)[0])
+    assert_user_error(knn_error(tmp_path, files["train"], unlabeled), "--val", "10 image(s) without a label")
+
+
+def test_k_larger_than_the_training_set(files, tmp_path):
+    assert_user_error(knn_error(tmp_path, files["train"], files["val"], "-k", "10", "-k", "401"),
+                      "-k 401: larger than the 400 training images")
+
+
+@pytest.mark.parametrize("bad", ["nan", "zero"])
+def test_nan_or_all_zero_features(files, tmp_path, bad):
+    features, labels = clustered(20)
+    features[7] = np.nan if bad == "nan" else 0
+    broken = feature_file(tmp_path / "broken.h5", features, labels)
+    expected = "NaN or infinite features (row 7" if bad == "nan" else "all-zero feature vector (row 7"
+    assert_user_error(knn_error(tmp_path, broken, files["val"]), "--train", expected)
+
+
+def test_faiss_backend_without_faiss_names_the_install_extra(files, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    assert_user_error(knn_error(tmp_path, files["train"], files["val"], "--backend", "faiss"),
+                      "faiss is not installed", "simsiam[cpu]")
+    # auto falls back to torch
+    result = run("knn", "--train", files["train"], "--val", files["val"], "--json")
+    assert json.loads(result.output)["backend"] == "torch-cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
+def test_cuda_without_a_gpu_names_the_install_extra(files, tmp_path, backend):
+    result = knn_error(tmp_path, files["train"], files["val"], "--device", "cuda", "--backend", backend)
+    assert_user_error(result, "--device cuda", "[gpu]")
+
+
+def test_usage_errors(files):
+    result = run("knn", "--train", files["train"])
+    assert result.exit_code == 2 and "give --train FILE --val FILE" in result.output

@@ -1,0 +1,110 @@
+"""``simsiam search``: neighbours as a table and JSON, a PNG contact sheet, retrieval metrics, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.contact_sheet import sheet_size
+from retrieval.features import read_features
+from retrieval.metrics import retrieval_metrics
+from simsiam.errors import InputError
+
+from conftest import make_image_folder
+from feature_files import assert_user_error, clustered, feature_file, run, save_resnet18_checkpoints
+
+FAST = ["--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """Images, a checkpoint, the images' feature file and an index over it."""
+    root = tmp_path_factory.mktemp("search")
+    checkpoint = save_resnet18_checkpoints(root / "ckpt")["torchvision"]
+    images = make_image_folder(root / "images", classes=3, per_class=5)
+    feats = root / "gallery.h5"
+    assert run("extract", checkpoint, images, "--out", feats, "--dtype", "float32", *FAST).exit_code == 0
+    assert run("index", feats, "--out", root / "gallery.index", "--kind", "flat").exit_code == 0
+    return {"root": root, "checkpoint": checkpoint, "images": images, "h5": feats, "index": root / "gallery.index"}
+
+
+def test_query_image_finds_itself_first_and_prints_neighbours(gallery):
+    query = gallery["images"] / "class1" / "c1_002.png"
+    for database in (gallery["h5"], gallery["index"]):
+        result = run("search", database, "--query", query, "--checkpoint", gallery["checkpoint"], "-k", "4",
+                     "--json", "--workers", "0", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        found = json.loads(result.output.strip().splitlines()[-1])
+        [q] = found["queries"]
+        assert q["path"] == "c1_002.png" and len(q["neighbours"]) == 4
+        assert q["neighbours"][0]["path"] == "class1/c1_002.png" and q["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
+        scores = [n["score"] for n in q["neighbours"]]
+        assert scores == sorted(scores, reverse=True)
+    table = run("search", gallery["index"], "--query", query, "--checkpoint", gallery["checkpoint"], "-k", "3",
+                "--workers", "0", "--device", "cpu")
+    assert table.exit_code == 0, table.output
+    assert "c1_002.png" in table.output and "class1/c1_002.png" in table.output and "1.0000" in table.output
+
+
+def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
+    grid = tmp_path / "grid.png"
+    result = run("search", gallery["h5"], "--query", gallery["images"], "--checkpoint", gallery["checkpoint"], "-k", "3",
+                 "--grid", grid, "--grid-rows", "4", "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with Image.open(grid) as image:
+        image.load()
+        assert image.format == "PNG" and image.size == sheet_size(15, 3, 4) == (640, 640)
+        pixels = np.asarray(image.convert("RGB"))
+    # the query's frame is black and a correct neighbour's green: the sheet holds more than a background
+    assert (pixels == 0).all(axis=2).any() and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+def test_eval_reports_recall_and_map_leaving_each_query_out(gallery):
+    result = run("search", gallery["h5"], "--query-h5", gallery["h5"], "--eval", "-k", "4", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found["excluded_self"] is True
+    assert all(q["neighbours"][0]["path"] != q["path"] for q in found["queries"])
+    metrics = found["metrics"]
+    assert set(metrics) == {"recall@1", "recall@5", "recall@10", "mAP@4", "queries_evaluated", "queries_left_out"}
+    assert metrics["queries_evaluated"] == 15 and 0 < metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"]
+    text = run("search", gallery["h5"], "--query-h5", gallery["h5"], "--eval", "-k", "4")
+    assert f"recall@1 {metrics['recall@1']:.4f}" in text.output and "12 more queries" in text.output
+
+
+def test_metrics_by_hand():
+    # query 0 (label 1): relevant at ranks 1 and 3 of 4, 2 relevant in all -> AP@4 = (1/1 + 2/3) / 2
+    # query 1 (label 2): relevant at rank 2, 3 relevant in all -> AP@4 = (1/2) / 3
+    database = np.array([1, 1, 2, 2, 2, 0])
+    neighbours = np.array([[1, 0, 1, 2], [0, 2, 0, 0]])
+    m = retrieval_metrics(np.array([1, 2]), np.hstack([neighbours, np.zeros((2, 6), int)]), database, map_k=4)
+    assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0
+    assert m["mAP@4"] == pytest.approx(((1 + 2 / 3) / 2 + (1 / 2) / 3) / 2)
+    with pytest.raises(InputError, match="no query has a label"):
+        retrieval_metrics(np.array([-1, 7]), np.zeros((2, 10), int), database)
+
+
+def test_query_h5_of_a_different_layer_or_dimension_is_refused(gallery, tmp_path):
+    other = feature_file(tmp_path / "q.h5", *clustered(5, dim=16))
+    assert_user_error(run("search", gallery["h5"], "--query-h5", other), "16-d features", "has 512-d")
+
+
+def test_undecodable_query_image(gallery, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    result = run("search", gallery["index"], "--query", broken, "--checkpoint", gallery["checkpoint"],
+                 "--grid", tmp_path / "grid.png", "--workers", "0", "--device", "cpu")
+    assert_user_error(result, "--query", "broken.jpg: cannot decode the image", only_line=False)
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_other_errors(gallery, tmp_path):
+    assert_user_error(run("search", tmp_path / "none.index", "--query-h5", gallery["h5"]), "no such index")
+    assert_user_error(run("search", gallery["h5"], "--query", gallery["images"]), "needs --checkpoint")
+    assert_user_error(run("search", gallery["h5"], "--query-h5", gallery["h5"], "-k", "15"),
+                      "-k 15: larger than the 14 database images")
+    stray = tmp_path / "stray.index"
+    stray.write_bytes((gallery["index"]).read_bytes())
+    assert_user_error(run("search", stray, "--query-h5", gallery["h5"]), "no stray.index.json beside it")
+    assert read_features(gallery["h5"]).dim == 512
