@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,7 @@ from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, link
                          save_atomic, to_official_layout)
 from .config import PretrainConfig, write_json_atomic
 from .data import GlobalBatchSampler, ImageDataset, make_loader, scan_images
+from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
@@ -144,6 +147,40 @@ class KnnMonitor:
         return result.top1
 
 
+@dataclass
+class EpochTotals:
+    """Running totals of the epoch under way: loss summed over steps, steps, unreadable images."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+
+    def add(self, loss_sum: float, steps: int, skipped: int) -> None:
+        self.loss_sum += loss_sum
+        self.steps += steps
+        self.skipped += skipped
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _reduce_interval(loss_sum: torch.Tensor, diverged_at: torch.Tensor, skipped: int,
+                     runtime: rt.Runtime) -> tuple[float, int, int]:
+    """The interval's loss sum (averaged over ranks), the first step whose loss was not finite on
+    any rank (-1: none) and the unreadable images of all ranks, with one transfer from the device."""
+    packed = torch.stack([loss_sum.double(), torch.tensor(float(skipped), dtype=torch.float64, device=loss_sum.device),
+                          torch.where(diverged_at < 0, float("inf"), diverged_at.double())])
+    if runtime.distributed:
+        dist.all_reduce(packed[:2])
+        dist.all_reduce(packed[2:], op=dist.ReduceOp.MIN)
+    loss, skipped, first_bad = packed.tolist()
+    return loss / runtime.world_size, -1 if first_bad == float("inf") else int(first_bad), int(skipped)
+
+
 def _checkpoint(config, model, optimizer, epoch, step_in_epoch, global_step, metrics) -> dict:
     return {
         "epoch": epoch,  # epochs completed (official meaning); the epoch under way when step_in_epoch > 0
@@ -214,17 +251,26 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         write_json_atomic(config.to_dict(), out / CONFIG_FILE)
     metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
 
-    transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
-    dataset = ImageDataset(images, transform, seed=config.seed)
-    loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
+    # for it or auto picks it, else DataLoader workers; both yield the same batches for the sampler
+    dataset = loader = pretrain_batches(config, images, sampler, runtime)
+    if loader is None:
+        transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
+        dataset = ImageDataset(images, transform, seed=config.seed)
+        loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    loss_fn = negative_cosine_similarity
+    if config.compile:  # raw stays uncompiled: its state dict keys are the official ones
+        model, loss_fn = torch.compile(model), torch.compile(loss_fn)
     total_steps = config.epochs * sampler.steps_per_epoch
     emit({"event": "start", "images": len(images), "steps_per_epoch": sampler.steps_per_epoch,
           "total_steps": total_steps, "global_step": global_step, "epoch": start_epoch,
-          "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision})
+          "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision,
+          "batch_source": getattr(loader, "name", "dataloader")})
 
-    last_good = None  # the newest checkpoint on disk, named when the loss diverges
-    if checkpoint is not None:
-        last_good = str(resume_from)
+    last_good = str(resume_from) if checkpoint is not None else None  # named when the loss diverges
+    # an epoch's running totals; a mid-epoch checkpoint carries them so that a resumed epoch's
+    # summary line is the one the uninterrupted run writes
+    totals = EpochTotals(**checkpoint.get("epoch_totals", {})) if checkpoint is not None and start_step else EpochTotals()
     del checkpoint
     metrics: dict = {}
     model.train()
@@ -232,12 +278,14 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         lr = set_learning_rate(optimizer, config, epoch)
         sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
         dataset.set_epoch(epoch)
-        skipped = 0
+        if epoch != start_epoch:
+            totals = EpochTotals()
         # sums since the last log line, kept on the device so that steps do not wait for the GPU
         loss_sum = torch.zeros((), device=runtime.device)
         diverged_at = torch.full((), -1, dtype=torch.long, device=runtime.device)
+        skipped = 0
         interval_steps, interval_start = 0, time.perf_counter()
-        epoch_start, epoch_loss, epoch_steps = time.perf_counter(), 0.0, 0
+        timed_steps, epoch_start = 0, time.perf_counter()
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
             for bad in unreadable:
                 if config.strict:
@@ -255,7 +303,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
 
             with runtime.autocast():
                 p1, p2, z1, z2 = model(view1, view2)
-                loss = negative_cosine_similarity(p1, p2, z1, z2)
+                loss = loss_fn(p1, p2, z1, z2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -270,17 +318,11 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             if global_step % config.log_every and not end_of_epoch and not save_now:
                 continue
 
-            # a logging step: one synchronisation for the loss, the divergence check and the monitors
-            summary = torch.stack([loss_sum, diverged_at.float()])
-            if runtime.distributed:
-                summary[1] = torch.where(summary[1] < 0, float("inf"), summary[1])
-                dist.all_reduce(summary[:1])
-                dist.all_reduce(summary[1:], op=dist.ReduceOp.MIN)
-                summary[0] /= runtime.world_size
-            mean_loss, bad_step = summary.tolist()
-            if 0 <= bad_step < float("inf"):
+            # a logging step: one synchronisation for the loss, the divergence check and the counts
+            mean_loss, bad_step, skipped = _reduce_interval(loss_sum, diverged_at, skipped, runtime)
+            if bad_step >= 0:
                 raise TrainingDiverged(
-                    f"the loss became NaN or infinite at step {int(bad_step)} (epoch {epoch}); "
+                    f"the loss became NaN or infinite at step {bad_step} (epoch {epoch}); "
                     + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"))
             now = time.perf_counter()
             mean_loss /= interval_steps
@@ -291,24 +333,20 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             }
             metrics_log.write(metrics)
             emit({"event": "log", **metrics})
-            epoch_loss += mean_loss * interval_steps
-            epoch_steps += interval_steps
+            totals.add(mean_loss * interval_steps, interval_steps, skipped)
+            timed_steps += interval_steps
             loss_sum.zero_()
-            interval_steps, interval_start = 0, now
+            skipped, interval_steps, interval_start = 0, 0, now
 
             if save_now and runtime.is_main:
-                save_atomic(_checkpoint(config, raw, optimizer, epoch, step + 1, global_step, metrics), out / LAST)
+                state = _checkpoint(config, raw, optimizer, epoch, step + 1, global_step, metrics)
+                save_atomic({**state, "epoch_totals": totals.to_dict()}, out / LAST)
                 last_good = str(out / LAST)
 
-        # end of the epoch
-        if runtime.distributed:
-            counts = torch.tensor([skipped], device=runtime.device)
-            dist.all_reduce(counts)
-            skipped = int(counts.item())
         epoch_metrics = {
-            "kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": epoch_loss / max(epoch_steps, 1),
-            "lr": lr, "collapse_std": metrics.get("collapse_std"), "skipped_images": skipped,
-            "images_per_s": epoch_steps * config.batch_size / (time.perf_counter() - epoch_start),
+            "kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": totals.mean_loss,
+            "lr": lr, "collapse_std": metrics.get("collapse_std"), "skipped_images": totals.skipped,
+            "images_per_s": timed_steps * config.batch_size / (time.perf_counter() - epoch_start),
         }
         if knn is not None and ((epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs):
             if runtime.is_main:
