@@ -30,8 +30,13 @@ def simsiam():
 
 # Each module holds one command (or command group) named ``command``.
 COMMAND_MODULES = (
+    "extract",
+    "index",
+    "knn",
+    "plot",
     "pretrain",
     "quickstart",
+    "search",
 )
 
 
