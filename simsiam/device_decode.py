@@ -11,7 +11,6 @@ error where the plain path reports them unreadable). An image neither decoder ca
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -42,7 +41,9 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int):
         path = self.images.root / self.images.paths[index]
         try:
-            data = torch.from_file(str(path), size=os.path.getsize(path), dtype=torch.uint8)
+            # a plain bytearray: memory-mapped storages (torch.from_file, io.read_file) fail to
+            # travel from a worker to the main process
+            data = torch.frombuffer(bytearray(path.read_bytes()) or bytearray(1), dtype=torch.uint8)
             payload = data if _is_whole_jpeg(data) else decode_rgb(path)
         except (OSError, RuntimeError) as err:
             payload = Unreadable(str(path), str(err) or type(err).__name__)

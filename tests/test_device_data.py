@@ -1,0 +1,178 @@
+"""The fast path's batch sources, run on CPU tensors: the sampler's batches, per rank and on resume;
+unreadable and mixed-size images; device decoding; the auto rule; extraction's batches."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simsiam.augment import eval_transform
+from simsiam.config import preset_config
+from simsiam.data import GlobalBatchSampler, ImageDataset, make_loader, scan_images
+from simsiam.device_data import (DecodedBatches, EvalBatches, InMemoryBatches, MixedImageSizes, fits_on_device,
+                                 pretrain_batches)
+from simsiam.device_decode import decode_batch, encoded_loader
+from simsiam.gpu_augment import BatchAugment
+from simsiam.runtime import Runtime
+
+from conftest import make_image_folder
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """32 labelled 16x16 JPEGs."""
+    return make_image_folder(tmp_path_factory.mktemp("jpegs") / "images", classes=2, per_class=16, ext="jpg")
+
+
+def collect(source, epoch: int = 0):
+    source.set_epoch(epoch)
+    return [(views, labels, indices) for (views, labels, indices), _ in source]
+
+
+def sources(folder, kind=InMemoryBatches, batch=8, rank=0, world_size=1, seed=3):
+    images = scan_images(folder)
+    sampler = GlobalBatchSampler(len(images), batch, seed, rank, world_size)
+    return kind(images, sampler, BatchAugment(16, blur=True), seed, CPU), sampler
+
+
+def test_in_memory_batches_are_the_samplers_batches_with_two_views(jpeg_folder):
+    source, sampler = sources(jpeg_folder)
+    assert source.data.shape == (32, 3, 16, 16) and source.data.dtype == torch.uint8
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        expected = list(sampler)
+        got = collect(source, epoch)
+        assert [i.tolist() for _, _, i in got] == expected
+        for (v1, v2), labels, indices in got:
+            assert v1.shape == v2.shape == (8, 3, 16, 16) and not torch.equal(v1, v2)
+            assert labels.tolist() == [source.images.labels[i] for i in indices.tolist()]
+    assert not torch.equal(collect(source, 0)[0][0][0], collect(source, 1)[0][0][0])
+
+
+def test_two_ranks_see_the_halves_of_the_single_process_batches(jpeg_folder):
+    single, _ = sources(jpeg_folder, batch=8)
+    halves = [sources(jpeg_folder, batch=8, rank=r, world_size=2)[0] for r in (0, 1)]
+    for epoch in (0, 1):
+        whole = collect(single, epoch)
+        parts = [collect(h, epoch) for h in halves]
+        for step, ((views, _, indices), (a, _, ia), (b, _, ib)) in enumerate(zip(whole, *parts)):
+            assert torch.equal(torch.cat([ia, ib]), indices), step
+            for view, va, vb in zip(views, a, b):
+                torch.testing.assert_close(torch.cat([va, vb]), view, atol=1e-6, rtol=0)
+
+
+def test_a_resumed_epoch_sees_the_remaining_batches_unchanged(jpeg_folder):
+    source, sampler = sources(jpeg_folder)
+    sampler.set_epoch(1)
+    full = collect(source, 1)
+    sampler.set_epoch(1, start_step=2)
+    resumed = collect(source, 1)
+    assert len(resumed) == len(full) - 2
+    for (views, _, indices), (expected_views, _, expected_indices) in zip(resumed, full[2:]):
+        assert torch.equal(indices, expected_indices)
+        assert all(torch.equal(v, e) for v, e in zip(views, expected_views))
+
+
+def test_decoding_per_batch_gives_the_views_of_the_in_memory_dataset(jpeg_folder):
+    in_memory, _ = sources(jpeg_folder)
+    decoded, _ = sources(jpeg_folder, kind=DecodedBatches)
+    for (views, _, indices), (other_views, _, other_indices) in zip(collect(in_memory, 2), collect(decoded, 2)):
+        assert torch.equal(indices, other_indices)
+        for v, o in zip(views, other_views):
+            torch.testing.assert_close(v, o, atol=1e-5, rtol=0)
+
+
+def add_broken_files(folder):
+    good = sorted((folder / "class0").glob("*.jpg"))[0].read_bytes()
+    (folder / "class0" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "class1" / "garbage.jpg").write_bytes(b"not an image at all")
+    return folder
+
+
+@pytest.mark.parametrize("kind", [InMemoryBatches, DecodedBatches])
+def test_unreadable_images_are_dropped_from_their_batches_and_reported(tmp_path, kind):
+    folder = add_broken_files(make_image_folder(tmp_path / "imgs", classes=2, per_class=7, ext="jpg"))
+    source, sampler = sources(folder, kind=kind, batch=4)
+    names = lambda items: sorted(u.path.rsplit("/", 1)[1] for u in items)
+    reported, seen = [], []
+    source.set_epoch(0)
+    for batch, unreadable in source:
+        reported += unreadable
+        if batch is not None:
+            (v1, v2), labels, indices = batch
+            assert len(v1) == len(v2) == len(labels) == len(indices) == 4 - len(unreadable)
+            seen += [source.images.paths[i] for i in indices.tolist()]
+    assert names(reported) == ["garbage.jpg", "truncated.jpg"]
+    assert all(u.reason for u in reported)
+    assert not any("truncated" in p or "garbage" in p for p in seen) and len(seen) == 14
+
+
+def test_decode_batch_decodes_jpegs_together_and_hands_the_rest_to_the_cpu_decoder(tmp_path):
+    folder = add_broken_files(make_image_folder(tmp_path / "imgs", classes=2, per_class=2, ext="jpg"))
+    Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(folder / "class1" / "small.png")
+    # looks like a whole JPEG (start and end markers), so it reaches the batch decoder, which fails
+    (folder / "class1" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff" + b"garbage" * 10 + b"\xff\xd9")
+    images = scan_images(folder)
+    [batch] = list(encoded_loader(images, batch_size=16))
+    # not a JPEG, or one without its end marker: decoded by the worker, on the CPU
+    assert sorted(u.path.rsplit("/", 1)[1] for u in batch.unreadable) == ["garbage.jpg", "truncated.jpg"]
+    assert [p.dim() for p in batch.payloads].count(3) == 1  # the PNG came decoded
+    paths = [str(images.root / images.paths[i]) for i in batch.indices.tolist()]
+    decoded, failed = decode_batch(batch.payloads, paths, CPU)
+    assert [u.path.rsplit("/", 1)[1] for u in failed.values()] == ["corrupt.jpg"]
+    plain = ImageDataset(images, lambda image: image)
+    for j, image in enumerate(decoded):
+        if j in failed:
+            assert image is None and failed[j].reason
+        else:
+            assert torch.equal(image, plain[int(batch.indices[j])][0])
+
+
+def mixed_size_folder(root):
+    make_image_folder(root, classes=2, per_class=4, ext="jpg")
+    Image.fromarray(np.zeros((20, 12, 3), np.uint8)).save(root / "class0" / "other_size.jpg")
+    return root
+
+
+def test_mixed_sizes_are_refused_when_asked_for_and_left_to_other_sources_by_auto(tmp_path):
+    folder = mixed_size_folder(tmp_path / "mixed")
+    images = scan_images(folder)
+    sampler = GlobalBatchSampler(len(images), 4, 0)
+    runtime = Runtime(CPU, "fp32")
+    config = preset_config("cifar", image_size=16, data_on_gpu=True)
+    with pytest.raises(MixedImageSizes, match="other_size.jpg: 20x12 pixels.*--data-on-gpu needs images of one size"):
+        pretrain_batches(config, images, sampler, runtime)
+    # auto never holds data on a CPU; --gpu-decode takes images of any size
+    assert pretrain_batches(preset_config("cifar", image_size=16), images, sampler, runtime) is None
+    source = pretrain_batches(preset_config("cifar", image_size=16, gpu_decode=True), images, sampler, runtime)
+    assert isinstance(source, DecodedBatches)
+    assert all(v.shape == (4, 3, 16, 16) for (views, _, _) in collect(source) for v in views)
+
+
+def test_auto_holds_the_data_on_the_gpu_when_it_takes_at_most_a_quarter_of_its_memory(jpeg_folder, monkeypatch):
+    images = scan_images(jpeg_folder)  # 32 images of 3x16x16 bytes: 24,576 bytes
+    cuda = torch.device("cuda", 0)
+    for total, expected in [(4 * 24_576, True), (4 * 24_576 - 1, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=total))
+        assert fits_on_device(images, cuda) is expected
+    assert not fits_on_device(images, CPU)
+
+
+def test_extraction_batches_decoded_on_the_device_equal_the_plain_loaders(tmp_path):
+    folder = add_broken_files(make_image_folder(tmp_path / "imgs", classes=2, per_class=5, size=24, ext="jpg"))
+    Image.fromarray(np.full((30, 20, 3), 90, np.uint8)).save(folder / "class1" / "tall.png")
+    images = scan_images(folder)
+    plain = list(make_loader(ImageDataset(images, eval_transform(16, 20)), batch_size=4))
+    ours = list(EvalBatches(images, 16, 20, CPU, batch_size=4))
+    assert len(plain) == len(ours)
+    for (batch, unreadable), (expected, expected_unreadable) in zip(ours, plain):
+        assert sorted(u.path for u in unreadable) == sorted(u.path for u in expected_unreadable)
+        if expected is None:
+            assert batch is None
+            continue
+        for got, want in zip(batch, expected):
+            assert torch.equal(got, want)
