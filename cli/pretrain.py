@@ -35,6 +35,14 @@ def _from_preset(help_text: str) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="auto: bf16 autocast and channels_last on CUDA, fp32 on CPU. [default: auto]")
+@click.option("--compile/--no-compile", default=None,
+              help="torch.compile the model and the loss (the first steps then take a minute or more). [default: off]")
+@click.option("--data-on-gpu/--no-data-on-gpu", default=None,  # 25%: simsiam.device_data.DATA_ON_GPU_MEMORY_FRACTION
+              help="Decode the dataset once into GPU memory and augment both views there; images of one size. "
+                   "[default: auto, on with a GPU when the decoded images take at most 25% of its memory]")
+@click.option("--gpu-decode/--no-gpu-decode", default=None,
+              help="When the dataset is not held on the GPU: workers only read files, JPEGs are decoded and "
+                   "augmented on the GPU in batches. [default: off]")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
 @click.option("--save-every-epochs", type=int, default=None, help=_from_preset("Epochs between numbered checkpoints."))
