@@ -29,16 +29,19 @@ EventHandler = Callable[[dict], None]
 
 
 def embed_batches(model: nn.Module, dataset, runtime: Runtime, batch_size: int = 256, workers: int = 0,
-                  on_batch=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                  on_batch=None, batches=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(features [B, D] float32, labels [B], dataset indices [B])`` of the decodable images, in order.
 
     ``on_batch(batch, unreadable)`` is called for every batch, also those where nothing decoded.
     The model runs in eval mode (BN uses its running statistics) and in the runtime's precision
-    (bf16 autocast on CUDA); it is given back in the mode it was in.
+    (bf16 autocast on CUDA); it is given back in the mode it was in. ``batches`` replaces the
+    DataLoader over ``dataset``: any iterable of ``(batch, unreadable)`` pairs, such as the fast
+    path's :class:`simsiam.device_data.EvalBatches` that decodes on the GPU.
     """
     was_training = model.training
     model.eval()
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=runtime.device.type == "cuda")
+    loader = batches if batches is not None else make_loader(
+        dataset, batch_size=batch_size, workers=workers, pin_memory=runtime.device.type == "cuda")
     try:
         with torch.no_grad():
             for batch, unreadable in loader:
@@ -59,13 +62,14 @@ def embed_batches(model: nn.Module, dataset, runtime: Runtime, batch_size: int =
         model.train(was_training)
 
 
-def embed(model: nn.Module, dataset: ImageDataset, runtime: Runtime, batch_size: int = 256,
-          workers: int = 0, on_batch=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed(model: nn.Module, dataset: ImageDataset | None, runtime: Runtime, batch_size: int = 256,
+          workers: int = 0, on_batch=None, batches=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features [N, D] float32, labels [N] and dataset indices [N] of the decodable images, in order.
 
-    ``model`` is put in eval mode for the pass and given back in the mode it was in.
+    ``model`` is put in eval mode for the pass and given back in the mode it was in; ``batches``:
+    see :func:`embed_batches`.
     """
-    parts = list(embed_batches(model, dataset, runtime, batch_size, workers, on_batch))
+    parts = list(embed_batches(model, dataset, runtime, batch_size, workers, on_batch, batches))
     if not parts:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     features, labels, indices = zip(*parts)

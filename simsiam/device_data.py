@@ -18,6 +18,7 @@ each image as a single process with the same global batch does.
 from __future__ import annotations
 
 import torch
+from torch.utils.data import BatchSampler
 from torchvision.transforms.v2 import functional as TF
 
 from .config import PretrainConfig
@@ -199,16 +200,17 @@ class EvalBatches:
 
     Yields ``((images, labels, indices), unreadable)`` in dataset order, ``batch_size`` at a time,
     as ``make_loader(ImageDataset(images, eval_transform(image_size, resize)))`` does; images
-    already on ``device``.
+    already on ``device``. ``indices``: only these images (a torchrun rank's slice), in this order.
     """
 
     def __init__(self, images: ImageList, image_size: int, resize: int | None, device: torch.device,
-                 batch_size: int = 256, workers: int = 0):
+                 batch_size: int = 256, workers: int = 0, indices: list[int] | None = None):
         self.images = images
         self.image_size = image_size
         self.resize = resize
         self.device = device
-        self.loader = encoded_loader(images, batch_size=batch_size, workers=workers)
+        batches = None if indices is None else BatchSampler(indices, batch_size, drop_last=False)
+        self.loader = encoded_loader(images, batches, batch_size=batch_size, workers=workers)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -176,3 +176,21 @@ def test_extraction_batches_decoded_on_the_device_equal_the_plain_loaders(tmp_pa
             continue
         for got, want in zip(batch, expected):
             assert torch.equal(got, want)
+
+
+def test_embedding_with_device_decoded_batches_gives_the_plain_features(tmp_path):
+    from retrieval.extract import embed
+    from simsiam.backbones import build_resnet, pooled_backbone
+
+    folder = add_broken_files(make_image_folder(tmp_path / "imgs", classes=2, per_class=5, size=24, ext="jpg"))
+    images = scan_images(folder)
+    torch.manual_seed(0)
+    model = pooled_backbone(build_resnet("resnet18", cifar_stem=True))
+    runtime = Runtime(CPU, "fp32")
+    plain = embed(model, ImageDataset(images, eval_transform(16, 20)), runtime, batch_size=4)
+    ours = embed(model, None, runtime, batches=EvalBatches(images, 16, 20, CPU, batch_size=4))
+    for got, want in zip(ours, plain):
+        np.testing.assert_array_equal(got, want)
+    # a rank's slice, in its order
+    part = list(EvalBatches(images, 16, 20, CPU, batch_size=3, indices=[7, 1, 5, 9]))
+    assert [i for (batch, _) in part if batch is not None for i in batch[2].tolist()] == [7, 1, 9]  # 5: truncated.jpg
