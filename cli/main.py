@@ -30,9 +30,12 @@ def simsiam():
 
 # Each module holds one command (or command group) named ``command``.
 COMMAND_MODULES = (
+    "convert_d2",
+    "detect",
     "extract",
     "index",
     "knn",
+    "lincls",
     "plot",
     "pretrain",
     "quickstart",

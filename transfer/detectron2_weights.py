@@ -60,6 +60,8 @@ TORCHVISION_INPUT_SETTINGS: dict[str, object] = {
     "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
 }
 
+# The top-level modules of Detectron2's meta-architectures, as its state dicts name them.
+_DETECTRON2_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.", "sem_seg_head.", "pixel_mean", "pixel_std")
 _TORCHVISION_BN = re.compile(r"(^|\.)bn(\d)\.")
 _TORCHVISION_STAGE = re.compile(r"^layer(\d)\.")
 
@@ -201,11 +203,12 @@ def check_detectron2_weights(weights: str) -> str:
         raise InputError(f"--weights {path}: neither a Detectron2 .pkl nor a PyTorch checkpoint "
                          "(convert a SimSiam checkpoint with simsiam convert-d2 first)")
     checkpoint = load_checkpoint(path, mmap=True)
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"--weights {path}: a PyTorch file without model weights")
-    if "model" not in checkpoint and any(k.startswith(("module.encoder", "encoder.", "layer1.")) for k in state):
-        raise InputError(f"--weights {path}: a SimSiam/torchvision checkpoint, not Detectron2 weights; "
+    model = checkpoint.get("model", checkpoint)  # Detectron2 also loads a bare state dict
+    if isinstance(model, dict) and any(str(k).startswith(_DETECTRON2_PREFIXES) for k in model):
+        return weights
+    if "state_dict" in checkpoint or any(str(k).startswith(("module.", "encoder", "conv1.", "layer1.")) for k in model):
+        raise InputError(f"--weights {path}: a SimSiam/MoCo/torchvision checkpoint, not Detectron2 weights; "
                          "convert it first: simsiam convert-d2 CHECKPOINT --out model.pkl")
-    return weights
+    raise InputError(f"--weights {path}: a PyTorch file without Detectron2 model weights "
+                     "(no 'model' entry with backbone.*, roi_heads.* names)")
 

@@ -1,0 +1,110 @@
+"""``simsiam lincls``: the linear evaluation of a pretrained backbone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .progress import TrainingProgress
+
+
+def _from_preset(help_text: str) -> str:
+    return f"{help_text} [default: from --preset]"
+
+
+class LinearEvalProgress(TrainingProgress):
+    """The pretraining progress bar, with validation accuracy on the epoch lines."""
+
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "start":
+            self.console.print(f"{event['arch']} backbone frozen; {event['classes']} classes, "
+                               f"{event['val_images']} validation images")
+        if event["event"] == "epoch":
+            accuracy = (f"  val top-1 {event['top1']:.2f}  top-{event['topk']} {event['top5']:.2f}"
+                        if "top1" in event else "")
+            self.console.print(f"epoch {event['epoch']}: loss {event['loss']:.4f}  train top-1 "
+                               f"{event['train_top1']:.2f}{accuracy}")
+            return
+        super().__call__(event)
+
+
+@click.command("lincls")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.argument("train_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("val_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (last.pth.tar, linear_head.pth, metrics.jsonl, config.json). [default: CHECKPOINT's "
+                   "folder/lincls]")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None,
+              help="imagenet: the official recipe at 224; cifar: the same at 32x32, batch 512, 100 epochs, lr 1.0 "
+                   "[default: imagenet]")
+@click.option("--epochs", type=int, default=None, help=_from_preset("Epochs."))
+@click.option("--batch-size", type=int, default=None, help=_from_preset("Global batch size over all processes."))
+@click.option("--lr", type=float, default=None, help=_from_preset("Base lr; the optimizer uses lr x batch / 256."))
+@click.option("--momentum", type=float, default=None, help="SGD momentum. [default: 0.9]")
+@click.option("--wd", type=float, default=None, help="Weight decay. [default: 0]")
+@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default=None, help=_from_preset("Optimizer."))
+@click.option("--trust-coefficient", type=float, default=None, help="LARS trust coefficient. [default: 0.001]")
+@click.option("--image-size", type=int, default=None, help=_from_preset("Crop size."))
+@click.option("--eval-resize", type=int, default=None,
+              help=_from_preset("Resize of the short side before the validation center crop; 0: none."))
+@click.option("--crop-min-scale", type=float, default=None, help=_from_preset("RandomResizedCrop's smallest scale."))
+@click.option("--eval-every", type=int, default=None, help="Epochs between validations. [default: 1]")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: min(8, CPUs)]")
+@click.option("--seed", type=int, default=None, help="Random seed. [default: 0]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="auto: the frozen backbone in bf16 autocast on CUDA, fp32 on CPU; the head is always fp32. "
+                   "[default: auto]")
+@click.option("--strict/--no-strict", default=None, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
+@click.option("--save-every-steps", type=int, default=None,
+              help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue a linear evaluation: its output folder or its last.pth.tar.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
+def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **options):
+    """Linear evaluation of CHECKPOINT's frozen backbone: train on TRAIN_DIR, report top-1/top-5 on VAL_DIR.
+
+    \b
+    Both folders are ImageFolders (class/*.jpg). The official protocol by default: 90 epochs,
+    batch 4096, LARS, lr 0.1 x batch/256, cosine; every setting can be overridden.
+    ImageNet:  simsiam lincls runs/r50/checkpoint_0099.pth.tar /data/imagenet/train /data/imagenet/val
+    8 GPUs:    torchrun --nproc_per_node=8 -m cli lincls CHECKPOINT TRAIN_DIR VAL_DIR --out runs/r50/lincls
+    Resume:    simsiam lincls --resume runs/r50/lincls
+    """
+    from simsiam.checkpoint import find_resume_checkpoint, load_checkpoint
+    from transfer.lincls import HEAD_FILE, linear_eval
+    from transfer.lincls_config import LinearEvalConfig, preset_linear_config
+
+    from .main import UserError
+
+    explicit = {k: v for k, v in options.items() if v is not None}
+    if resume is not None:
+        checkpoint_path = find_resume_checkpoint(resume)
+        saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
+        if not isinstance(saved, dict) or "train_dir" not in saved:
+            raise UserError(f"--resume {resume}: not a checkpoint of simsiam lincls")
+        if preset is not None and preset != saved.get("preset"):
+            raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
+        for name, given in (("CHECKPOINT", checkpoint), ("TRAIN_DIR", train_dir), ("VAL_DIR", val_dir)):
+            if given is not None and str(given) != saved[name.lower()]:
+                raise UserError(f"{name} {given}: the run being resumed used {saved[name.lower()]}")
+        config = LinearEvalConfig.from_dict({**saved, **explicit})
+        config.out = str(out or checkpoint_path.parent)
+    else:
+        if val_dir is None:
+            raise click.UsageError("Missing arguments: CHECKPOINT TRAIN_DIR VAL_DIR (needed unless --resume is given).")
+        config = preset_linear_config(preset or "imagenet", checkpoint=str(checkpoint), train_dir=str(train_dir),
+                                      val_dir=str(val_dir), **explicit)
+        config.out = str(out or Path(checkpoint).parent / "lincls")
+        checkpoint_path = None
+
+    with LinearEvalProgress(description="lincls") as progress:
+        final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
+    if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
+        click.echo(f"top-1 {final['top1']:.2f}  top-{final['topk']} {final['top5']:.2f}  (best top-1 "
+                   f"{final['best_top1']:.2f}) after {final['epoch']} epochs; linear head in "
+                   f"{Path(config.out) / HEAD_FILE}")

@@ -1,0 +1,155 @@
+"""``simsiam detect``: what works without Detectron2 (CI has none): input checks, configs, the toy set.
+
+Every input error is reported before Detectron2 is needed, so these run everywhere; the tests
+that need Detectron2 are in test_detectron2.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from cli.main import simsiam
+from transfer.detectron2_config import CONFIG_DIR, config_names
+from transfer.toy_voc import VOC_CLASSES, make_toy_voc
+
+SHIPPED = ["coco-r50-c4-1x", "coco-r50-c4-2x", "coco-r50-fpn-1x", "voc-r50-c4", "voc-r50-fpn"]
+
+
+def run(*args):
+    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_voc(root, train_images=4, test_images=20, width=64, height=48)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A file in the Detectron2 pickle format (contents need not be a whole ResNet for the checks)."""
+    path = tmp_path_factory.mktemp("w") / "r50.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, "__author__": "test",
+                     "matching_heuristics": True}, f)
+    return path
+
+
+def test_the_shipped_configs_are_listed_and_their_bases_exist():
+    assert config_names() == SHIPPED
+    for name in SHIPPED:
+        path = CONFIG_DIR / f"{name}.yaml"
+        while True:
+            data = yaml.safe_load(path.read_text())
+            if "_BASE_" not in data:
+                break
+            path = path.parent / data["_BASE_"]
+            assert path.is_file(), path
+        assert path.name.startswith("_base-")  # every chain ends in a base with the backbone settings
+
+
+def test_unknown_config_lists_the_valid_ones(tmp_path, weights, toy_root):
+    result = run("detect", "train", "--config", "voc-r50-c5", "--weights", weights, "--data-root", toy_root)
+    assert_user_error(result, "voc-r50-c5", "unknown config", ", ".join(SHIPPED))
+    result = run("detect", "eval", "--config", tmp_path / "mine.yaml", "--weights", weights, "--data-root", toy_root)
+    assert_user_error(result, "mine.yaml", "no such YAML file")
+
+
+def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
+    base = ["detect", "train", "--config", "voc-r50-c4", "--data-root", toy_root, "--output", tmp_path / "out"]
+    assert_user_error(run(*base, "--weights", tmp_path / "none.pkl"), "none.pkl", "no such file")
+    (tmp_path / "text.pkl").write_text("hello")
+    assert_user_error(run(*base, "--weights", tmp_path / "text.pkl"), "text.pkl", "not a Detectron2 pickle")
+    with open(tmp_path / "counter.pkl", "wb") as f:  # a pickle that would build an arbitrary object
+        pickle.dump({"model": collections.Counter("abc")}, f)
+    assert_user_error(run(*base, "--weights", tmp_path / "counter.pkl"), "not a Detectron2 pickle",
+                      "collections.Counter")
+    with open(tmp_path / "strings.pkl", "wb") as f:
+        pickle.dump({"model": {"a": "b"}}, f)
+    assert_user_error(run(*base, "--weights", tmp_path / "strings.pkl"), "not a Detectron2 pickle")
+    torch.save({"state_dict": {"module.encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "simsiam.pth.tar")
+    assert_user_error(run(*base, "--weights", tmp_path / "simsiam.pth.tar"), "convert it first")
+    (tmp_path / "model.pth").write_bytes(b"\0" * 64)
+    assert_user_error(run(*base, "--weights", tmp_path / "model.pth"), "model.pth", "neither")
+    missing = run("detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root)
+    assert missing.exit_code == 2 and "Missing option '--weights'" in missing.output  # click's usage error
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_root_without_voc_or_coco_folders(tmp_path, weights):
+    base = ["detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--output", tmp_path / "out"]
+    assert_user_error(run(*base, "--data-root", tmp_path / "nowhere"), "nowhere", "no such folder")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run(*base, "--data-root", tmp_path / "empty"), "empty", "neither VOC", "VOCdevkit/VOC2007",
+                      "train2017/")
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_detectron2_a_clear_message_with_the_install_command(tmp_path, weights, toy_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # "import detectron2" now fails, installed or not
+    result = run("detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--data-root", toy_root,
+                 "--output", tmp_path / "out")
+    assert_user_error(result, "Detectron2 is not installed", "pip install --no-build-isolation",
+                      "git+https://github.com/facebookresearch/detectron2.git", "setuptools<81")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_works_without_detectron2(monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2", None)
+    for command in ("train", "eval", "make-toy-voc"):
+        result = run("detect", command, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_make_toy_voc_writes_a_voc_dataset(tmp_path):
+    result = run("detect", "make-toy-voc", tmp_path / "toy", "--train-images", "6", "--test-images", "20",
+                 "--size", "80", "60")
+    assert result.exit_code == 0, result.output
+    assert "simsiam detect train --config voc-r50-c4" in result.output
+    counts = {("VOC2007", "trainval"): 6, ("VOC2007", "test"): 20, ("VOC2012", "trainval"): 3}
+    for (year, split), count in counts.items():
+        folder = tmp_path / "toy" / "VOCdevkit" / year
+        ids = (folder / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+        assert len(ids) == count
+        names = set()
+        for file_id in ids:
+            assert (folder / "JPEGImages" / f"{file_id}.jpg").is_file()
+            tree = ET.parse(folder / "Annotations" / f"{file_id}.xml")
+            width, height = int(tree.find("size/width").text), int(tree.find("size/height").text)
+            assert (width, height) == (80, 60)
+            objects = tree.findall("object")
+            assert 1 <= len(objects) <= 3
+            for obj in objects:
+                names.add(obj.find("name").text)
+                assert obj.find("difficult").text == "0"
+                x0, y0, x1, y1 = (int(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax"))
+                assert 1 <= x0 < x1 <= width and 1 <= y0 < y1 <= height  # VOC: 1-based, inclusive
+        assert names <= set(VOC_CLASSES)
+        if split == "test":
+            assert names == set(VOC_CLASSES)  # each class has ground truth, so every per-class AP is defined
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == ["VOCdevkit"]  # no staging folder left
+
+
+def test_make_toy_voc_errors(tmp_path):
+    make_toy_voc(tmp_path, train_images=1, test_images=20, width=40, height=40)
+    assert_user_error(run("detect", "make-toy-voc", tmp_path), "already holds a VOCdevkit")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "b", "--test-images", "5"), "--test-images 5")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "at least 32x32")

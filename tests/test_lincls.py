@@ -1,0 +1,213 @@
+"""``simsiam lincls``: the official linear evaluation, its LARS, resume and error cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli.main import simsiam
+from simsiam.backbones import build_resnet
+from simsiam.checkpoint import load_checkpoint, to_official_layout
+from simsiam.model import SimSiam
+from transfer.lars import LARS
+from transfer.lincls import HEAD_FILE
+from transfer.lincls_config import PRESETS, LinearEvalConfig, preset_linear_config
+
+from conftest import make_image_folder
+
+TINY = ["--image-size", "16", "--eval-resize", "0", "--crop-min-scale", "0.6", "--workers", "0", "--device", "cpu",
+        "--log-every", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and much faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args):
+    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three separable classes (a square of one colour each); train and val drawn independently."""
+    root = tmp_path_factory.mktemp("lincls")
+    train = make_image_folder(root / "train", classes=3, per_class=16, size=16, seed=0)
+    val = make_image_folder(root / "val", classes=3, per_class=8, size=16, seed=1)
+    torch.manual_seed(0)
+    model = SimSiam(build_resnet("resnet18", num_classes=32), 32, 8)  # random, but informative, features
+    # pretrained-looking BN statistics, so that eval-mode BN (and its staying frozen) matters
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    checkpoint = root / "checkpoint_0099.pth.tar"
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": to_official_layout(model.state_dict())}, checkpoint)
+    return checkpoint, train, val
+
+
+def test_linear_head_learns_a_separable_task_and_the_backbone_stays_frozen(tmp_path, data):
+    checkpoint, train, val = data
+    out = tmp_path / "lincls"
+    result = run("lincls", checkpoint, train, val, "--out", out, *TINY, "--optimizer", "sgd", "--lr", "1",
+                 "--batch-size", "16", "--epochs", "8")
+    assert result.exit_code == 0, result.output
+    head = load_checkpoint(out / HEAD_FILE)
+    metrics = head["metrics"]
+    assert metrics["top1"] >= 95.0, metrics
+    assert metrics["top5"] == 100.0 and metrics["topk"] == 3  # top-k with k = min(5, classes)
+    assert metrics["backbone_unchanged"] is True
+    assert set(head["state_dict"]) == {"fc.weight", "fc.bias"} and head["state_dict"]["fc.weight"].shape == (3, 512)
+    assert head["classes"] == ["class0", "class1", "class2"]
+    # the head plugs into the torchvision ResNet of the checkpoint (official names)
+    from simsiam.checkpoint import read_backbone
+
+    resnet = build_resnet("resnet18", num_classes=3)
+    resnet.load_state_dict({**read_backbone(checkpoint).backbone, **head["state_dict"]})
+    assert "top-1" in result.output and "linear head in" in result.output
+
+
+def test_backbone_weights_and_bn_statistics_are_unchanged_after_training(tmp_path, data, monkeypatch):
+    """The official sanity check, done here independently of the run's own: frozen, and in eval mode."""
+    import transfer.lincls as lincls
+
+    checkpoint, train, val = data
+    config = preset_linear_config("cifar", checkpoint=str(checkpoint), train_dir=str(train), val_dir=str(val),
+                                  out=str(tmp_path / "run"), image_size=16, batch_size=16, epochs=2, workers=0,
+                                  device="cpu")
+    before = load_checkpoint(checkpoint)["state_dict"]
+    seen = {}
+    original = lincls.backbone_unchanged
+
+    def spy(backbone, pretrained):
+        seen.update({k: v.detach().clone() for k, v in backbone.state_dict().items()})
+        seen["training"] = backbone.training
+        return original(backbone, pretrained)
+
+    monkeypatch.setattr(lincls, "backbone_unchanged", spy)
+    lincls.linear_eval(config)
+    assert seen.pop("training") is False
+    assert len(seen) == len([k for k in before if k.startswith("module.encoder.") and ".fc." not in k])
+    for name, value in seen.items():  # running_mean/var and num_batches_tracked included
+        assert torch.equal(value, before[f"module.encoder.{name}"]), name
+
+
+def test_official_defaults_and_presets():
+    config = LinearEvalConfig()
+    assert (config.epochs, config.batch_size, config.lr, config.wd, config.momentum) == (90, 4096, 0.1, 0.0, 0.9)
+    assert config.optimizer == "lars" and config.trust_coefficient == 0.001
+    assert config.init_lr == pytest.approx(1.6)  # 0.1 x 4096 / 256
+    assert (config.image_size, config.eval_resize, config.crop_min_scale) == (224, 256, 0.08)
+    assert PRESETS["cifar"]["image_size"] == 32 and PRESETS["cifar"]["eval_resize"] == 0
+    assert preset_linear_config("cifar", epochs=3).epochs == 3
+
+
+def test_lars_matches_apex_larc_without_clipping():
+    """apex LARC(trust_coefficient, clip=False) then SGD: computed by hand for one step."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    bias = torch.nn.Parameter(torch.zeros(4))  # zero norm: left as it is, as apex does
+    grad_w, grad_b = torch.randn(4, 3), torch.randn(4)
+    lr, wd, trust = 0.5, 1e-4, 0.001
+    optimizer = LARS([weight, bias], lr=lr, momentum=0.9, weight_decay=wd, trust_coefficient=trust)
+    w0 = weight.detach().clone()
+    weight.grad, bias.grad = grad_w.clone(), grad_b.clone()
+    optimizer.step()
+    ratio = trust * w0.norm() / (grad_w.norm() + w0.norm() * wd + 1e-8)
+    assert torch.allclose(weight, w0 - lr * ratio * (grad_w + wd * w0), atol=1e-7)
+    assert torch.allclose(bias, -lr * grad_b)  # no ratio, no weight decay
+    assert optimizer.param_groups[0]["weight_decay"] == wd  # restored after the step
+
+
+class Stop(Exception):
+    """Stands for a kill."""
+
+
+def stop_at(kind: str, key: str, value: int):
+    def on_event(event):
+        if event["event"] == kind and event[key] == value:
+            raise Stop
+    return on_event
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
+    from transfer.lincls import linear_eval
+
+    checkpoint, train, val = data
+    common = [checkpoint, train, val, *TINY, "--batch-size", "16", "--lr", "1000", "--epochs", "3"]
+    assert run("lincls", *common, "--out", tmp_path / "straight").exit_code == 0
+    # the same run, killed as its second epoch ends (before that epoch's checkpoint is written) ...
+    config = preset_linear_config("imagenet", checkpoint=str(checkpoint), train_dir=str(train), val_dir=str(val),
+                                  out=str(tmp_path / "killed"), image_size=16, eval_resize=0, crop_min_scale=0.6,
+                                  batch_size=16, lr=1000.0, epochs=3, workers=0, device="cpu", log_every=2)
+    with pytest.raises(Stop):
+        linear_eval(config, on_event=stop_at("epoch", "epoch", 2))
+    assert load_checkpoint(tmp_path / "killed" / "last.pth.tar")["epoch"] == 1
+    assert not (tmp_path / "killed" / HEAD_FILE).exists()
+    # ... and resumed from its folder
+    resumed = run("lincls", "--resume", tmp_path / "killed")
+    assert resumed.exit_code == 0, resumed.output
+    a = load_checkpoint(tmp_path / "straight" / HEAD_FILE)
+    b = load_checkpoint(tmp_path / "killed" / HEAD_FILE)
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+    assert a["metrics"]["top1"] == b["metrics"]["top1"]
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines if line["kind"] == "epoch"] == [1, 2, 3]
+
+
+def test_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, data):
+    """``--save-every-steps``: a run killed between epochs' ends resumes from its step."""
+    from transfer.lincls import linear_eval
+
+    checkpoint, train, val = data
+    common = dict(checkpoint=str(checkpoint), train_dir=str(train), val_dir=str(val), image_size=16, eval_resize=0,
+                  batch_size=16, lr=1000.0, workers=0, device="cpu", log_every=1)
+    straight = preset_linear_config("imagenet", out=str(tmp_path / "a"), epochs=2, **common)
+    linear_eval(straight)
+
+    interrupted = preset_linear_config("imagenet", out=str(tmp_path / "b"), epochs=2, save_every_steps=1, **common)
+    with pytest.raises(Stop):
+        linear_eval(interrupted, on_event=stop_at("log", "step", 5))
+    saved = load_checkpoint(tmp_path / "b" / "last.pth.tar")
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 1)  # 3 steps per epoch: step 4, saved before step 5, is epoch 2's first
+    linear_eval(interrupted, resume_from=tmp_path / "b" / "last.pth.tar")
+    a = load_checkpoint(tmp_path / "a" / HEAD_FILE)["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / HEAD_FILE)["state_dict"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_errors(tmp_path, data):
+    checkpoint, train, val = data
+    args = [*TINY, "--batch-size", "16", "--epochs", "1"]
+    assert_user_error(run("lincls", tmp_path / "none.pth", train, val, "--out", tmp_path / "o", *args),
+                      "none.pth", "no such checkpoint")
+    flat = tmp_path / "flat"
+    make_image_folder(flat, classes=1, per_class=4, size=16, labelled=False)
+    assert_user_error(run("lincls", checkpoint, train, flat, "--out", tmp_path / "o", *args), "VAL_DIR", "class folders")
+    other = make_image_folder(tmp_path / "other", classes=5, per_class=2, size=16)
+    assert_user_error(run("lincls", checkpoint, train, other, "--out", tmp_path / "o", *args),
+                      "classes not in TRAIN_DIR", "class3")
+    assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args[:-2], "--epochs", "0"),
+                      "--epochs 0")
+    assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4096"),
+                      "--batch-size 4096", "larger than the dataset")
+    assert_user_error(run("lincls", "--resume", tmp_path / "nothing"), "--resume")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pth*"))
+

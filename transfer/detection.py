@@ -1,0 +1,143 @@
+"""``simsiam detect train|eval``: Detectron2 fine-tuning and evaluation of a converted backbone.
+
+:func:`plan_detection` checks everything a user gives (config, weights, data folders, GPUs) before
+anything starts, and settles the config; :func:`run_detection` runs it through Detectron2's own
+``launch`` (one process, several GPUs, or several machines), as MoCo's ``detection/train_net.py``.
+The checks that need no Detectron2 come first, so they work where it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from simsiam.errors import InputError
+
+from .detection_datasets import check_data_root, locate_datasets
+from .detectron2_config import (REFERENCE_GPUS, load_config, require_detectron2, resolve_config, scale_schedule,
+                                use_plain_batchnorm)
+from .detectron2_weights import check_detectron2_weights
+
+RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
+# Files by which Detectron2 marks an output folder as holding a training run.
+RUN_MARKERS = ("last_checkpoint", "model_final.pth")
+
+
+@dataclass
+class DetectionRun:
+    """What every process needs; Detectron2's ``launch`` pickles it to each one."""
+
+    config_file: str
+    config_yaml: str  # the settled config (CfgNode.dump())
+    datasets: list  # DatasetLocation of every dataset the run reads
+    eval_only: bool
+    resume: bool
+
+
+@dataclass
+class DetectionPlan:
+    run: DetectionRun
+    output_dir: Path
+    world_size: int
+    num_gpus: int
+    num_machines: int
+    notes: list[str] = field(default_factory=list)  # what was changed or should be known, for the user
+
+
+def plan_detection(config: str, weights: str | None, data_root: str, output: str | None = None,
+                   opts: Sequence[str] = (), num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
+                   dist_url: str = "auto", scale: bool = False, eval_only: bool = False, resume: bool = False,
+                   overwrite: bool = False) -> DetectionPlan:
+    """Check the inputs and settle the Detectron2 config of a training or evaluation run."""
+    if num_gpus < 1 or num_machines < 1:
+        raise InputError(f"--num-gpus {num_gpus} / --num-machines {num_machines}: must be at least 1")
+    if not 0 <= machine_rank < num_machines:
+        raise InputError(f"--machine-rank {machine_rank}: must be in 0..{num_machines - 1}")
+    if num_machines > 1 and dist_url == "auto":
+        raise InputError("--dist-url: a multi-machine run needs the tcp://HOST:PORT of machine 0")
+    config_file = resolve_config(config)
+    if weights is not None:
+        check_detectron2_weights(weights)
+    elif eval_only or not resume:
+        raise InputError("--weights: needed (a convert-d2 .pkl to train from, a model_final.pth to evaluate)")
+    check_data_root(data_root)
+    require_detectron2()
+
+    import torch
+
+    cfg = load_config(config, opts)
+    names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
+    if not names:
+        raise InputError(f"--config {config}: DATASETS.TEST and DATASETS.TRAIN name no dataset")
+    datasets = locate_datasets(data_root, names)
+
+    notes: list[str] = []
+    world_size = num_gpus * num_machines
+    if not torch.cuda.is_available():
+        if world_size > 1:
+            raise InputError(f"--num-gpus {num_gpus} --num-machines {num_machines}: no CUDA GPU is visible; "
+                             "on a CPU run with one process")
+        if cfg.MODEL.DEVICE != "cpu":
+            cfg.MODEL.DEVICE = "cpu"
+            notes.append("MODEL.DEVICE: cuda -> cpu (no CUDA GPU is visible)")
+    elif num_gpus > torch.cuda.device_count():
+        raise InputError(f"--num-gpus {num_gpus}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if world_size == 1:
+        notes += use_plain_batchnorm(cfg)
+
+    if not eval_only:
+        if scale:
+            notes += scale_schedule(cfg, world_size)
+        elif world_size != REFERENCE_GPUS and cfg.SOLVER.REFERENCE_WORLD_SIZE in (0, world_size):
+            notes.append(f"batch {cfg.SOLVER.IMS_PER_BATCH} over {world_size} GPU(s) instead of {REFERENCE_GPUS}: "
+                         f"{cfg.SOLVER.IMS_PER_BATCH // world_size} images per GPU; --scale-schedule applies "
+                         "the linear scaling rule instead")
+        if cfg.SOLVER.IMS_PER_BATCH % world_size:
+            raise InputError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}: not divisible by the {world_size} "
+                             "GPUs")
+
+    out = Path(output) if output else Path("output") / config_file.stem
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out}: exists and is not a folder")
+    holds_run = any((out / marker).exists() for marker in RUN_MARKERS)
+    if not eval_only:
+        if resume and not (out / "last_checkpoint").exists() and weights is None:
+            raise InputError(f"--resume: {out} holds no checkpoint to resume from (last_checkpoint)")
+        if holds_run and not resume and not overwrite:
+            raise InputError(f"--output {out}: already holds a training run; pass --resume to continue it or "
+                             "--overwrite to start over")
+    cfg.MODEL.WEIGHTS = weights or ""
+    cfg.OUTPUT_DIR = str(out)
+    cfg.freeze()
+    run = DetectionRun(str(config_file), cfg.dump(), datasets, eval_only, resume)
+    return DetectionPlan(run, out, world_size, num_gpus, num_machines, notes)
+
+
+def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "auto") -> dict | None:
+    """Train (then evaluate) or only evaluate, in every process; the main process's results.
+
+    Returns ``{dataset: {task: {metric: value}}}`` (AP, AP50, AP75, ...) on the machine of rank
+    0, None elsewhere.
+    """
+    from detectron2.engine import launch
+
+    from .detectron2_trainer import detection_worker
+
+    results_path = plan.output_dir / RESULTS_FILE
+    if machine_rank == 0:
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        results_path.unlink(missing_ok=True)  # never report the numbers of an earlier run
+    launch(detection_worker, plan.num_gpus, num_machines=plan.num_machines, machine_rank=machine_rank,
+           dist_url=dist_url, args=(plan.run,))
+    if machine_rank != 0 or not results_path.exists():
+        return None
+    return json.loads(results_path.read_text())
+
+
+def write_results(results: dict, output_dir: str | os.PathLike) -> None:
+    from simsiam.config import write_json_atomic
+
+    write_json_atomic(results, Path(output_dir) / RESULTS_FILE)

@@ -1,0 +1,304 @@
+"""Linear evaluation: a linear classifier trained on the frozen backbone (``simsiam lincls``).
+
+The protocol of the official ``main_lincls.py`` (SimSiam, after MoCo): every backbone parameter
+frozen and the backbone kept in eval mode, so BN uses its pretrained running statistics
+("switch to train mode" is ``model.eval()`` there); only ``fc`` learns. At the end, the sanity
+check of the official script: the backbone's weights must equal the checkpoint's.
+
+Runs in one process or under ``torchrun`` (each rank takes its slice of every global batch, the
+validation set is split over the ranks). The pieces of pretraining are reused: the data pipeline
+(whose randomness is a function of seed, epoch and image index, so a resumed run sees the very
+batches it would have seen), the runtime, atomic checkpoints, the run folder and metrics log.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Subset
+
+from simsiam import __version__, runtime as rt
+from simsiam.augment import eval_transform, linear_eval_transform
+from simsiam.backbones import build_resnet
+from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_checkpoint, read_backbone, save_atomic
+from simsiam.config import write_json_atomic
+from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, make_loader, scan_images
+from simsiam.errors import InputError, SimSiamError
+from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, prepare_run_dir
+
+from .lars import LARS
+from .lincls_config import LinearEvalConfig
+
+HEAD_FILE = "linear_head.pth"
+Event = Callable[[dict], None]
+
+
+def build_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    """The classifier, initialised as the official script: weight N(0, 0.01), bias 0."""
+    head = nn.Linear(feature_dim, num_classes)
+    nn.init.normal_(head.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def build_optimizer(head: nn.Module, config: LinearEvalConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "lars":
+        return LARS(head.parameters(), config.init_lr, momentum=config.momentum, weight_decay=config.wd,
+                    trust_coefficient=config.trust_coefficient)
+    return torch.optim.SGD(head.parameters(), config.init_lr, momentum=config.momentum, weight_decay=config.wd)
+
+
+def learning_rate(config: LinearEvalConfig, epoch: int) -> float:
+    """The official ``adjust_learning_rate``: cosine decay per epoch, no warmup."""
+    return config.init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+
+
+def feature_dim(arch: str) -> int:
+    with torch.device("meta"):  # shapes only
+        return build_resnet(arch).fc.in_features
+
+
+def labelled_images(train_dir: str, val_dir: str) -> tuple[ImageList, ImageList]:
+    """Both folders as ImageFolders, the validation labels indexing the training classes."""
+    train, val = scan_images(train_dir), scan_images(val_dir)
+    for option, images in (("TRAIN_DIR", train), ("VAL_DIR", val)):
+        if not images.labelled:
+            raise InputError(f"{option} {images.root}: needs class folders (class/*.jpg) for labels")
+    unknown = [c for c in val.classes if c not in train.classes]
+    if unknown:
+        raise InputError(f"VAL_DIR {val.root}: classes not in TRAIN_DIR: {', '.join(unknown[:5])}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    index = {c: i for i, c in enumerate(train.classes)}
+    labels = [index[val.classes[label]] for label in val.labels]
+    return train, ImageList(val.root, val.paths, labels, train.classes)
+
+
+def backbone_unchanged(backbone: nn.Module, pretrained: BackboneWeights) -> bool:
+    """The official ``sanity_check``: every backbone tensor still equals the checkpoint's."""
+    state = backbone.state_dict()
+    return all(torch.equal(state[k].cpu(), v) for k, v in pretrained.backbone.items())
+
+
+class Evaluator:
+    """Top-1, top-5 (top-k with k = min(5, classes)) and loss on the validation set."""
+
+    def __init__(self, images: ImageList, config: LinearEvalConfig, runtime: rt.Runtime):
+        dataset = ImageDataset(images, eval_transform(config.image_size, config.eval_resize or None))
+        shard = Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
+        self.loader = make_loader(shard, batch_size=min(256, config.batch_size), workers=config.workers,
+                                  pin_memory=runtime.device.type == "cuda")
+        self.topk = min(5, len(images.classes))
+        self.runtime = runtime
+
+    @torch.no_grad()
+    def __call__(self, backbone: nn.Module, head: nn.Module) -> dict:
+        device = self.runtime.device
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@k, loss, count
+        skipped = 0
+        for batch, unreadable in self.loader:
+            skipped += len(unreadable)
+            if batch is None:
+                continue
+            images, labels, _ = batch
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            logits = classify(backbone, head, images, self.runtime)
+            top = logits.topk(self.topk, dim=1).indices
+            hits = top == labels[:, None]
+            totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
+                                   F.cross_entropy(logits, labels, reduction="sum"),
+                                   torch.tensor(len(labels), device=device)]).double()
+        if self.runtime.distributed:
+            dist.all_reduce(totals)
+        correct1, correctk, loss, count = totals.tolist()
+        if count == 0:
+            raise InputError("VAL_DIR: no readable validation image")
+        return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correctk / count, "val_loss": loss / count,
+                "topk": self.topk, "val_images": int(count), "val_skipped": skipped}
+
+
+def classify(backbone: nn.Module, head: nn.Module, images: torch.Tensor, runtime: rt.Runtime) -> torch.Tensor:
+    """Logits of the linear head on the frozen backbone's pooled features (no graph through it)."""
+    if runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), runtime.autocast():
+        features = backbone(images)
+    return head(features.float())
+
+
+def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch, global_step, metrics, best) -> dict:
+    return {
+        "epoch": epoch,  # epochs completed; the epoch under way when step_in_epoch > 0
+        "step_in_epoch": step_in_epoch,
+        "global_step": global_step,
+        "arch": weights.arch,
+        "state_dict": {f"fc.{k}": v for k, v in head.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "classes": classes,
+        "config": config.to_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "metrics": metrics,
+        "best_top1": best,
+        "simsiam_version": __version__,
+    }
+
+
+def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None = None, overwrite: bool = False,
+                on_event: Event | None = None) -> dict:
+    """Train and evaluate the linear classifier as ``config`` says; returns the final metrics.
+
+    Writes ``config.out``: ``last.pth.tar`` (for ``resume_from``), ``metrics.jsonl``,
+    ``config.json`` and, at the end, ``linear_head.pth`` (``fc.weight``, ``fc.bias`` in
+    torchvision's names, the class names, the metrics).
+    """
+    config.validate()
+    runtime = rt.start(config.device, config.precision)
+    try:
+        return _linear_eval(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
+    finally:
+        rt.stop(runtime)
+
+
+def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, overwrite, on_event: Event) -> dict:
+    emit = on_event if runtime.is_main else (lambda event: None)
+    out = Path(config.out)
+    weights = read_backbone(config.checkpoint)
+    train_images, val_images = labelled_images(config.train_dir, config.val_dir)
+    sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
+        raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
+    if runtime.is_main:
+        prepare_run_dir(out, checkpoint is not None, overwrite)
+    runtime.barrier()
+
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(weights).requires_grad_(False).eval()
+    head = build_head(feature_dim(weights.arch), len(train_images.classes))
+    optimizer = build_optimizer(head, config)
+    start_epoch = start_step = global_step = 0
+    best = 0.0
+    if checkpoint is not None:
+        head.load_state_dict({k.removeprefix("fc."): v for k, v in checkpoint["state_dict"].items()})
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, start_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
+        global_step = checkpoint["global_step"]
+        best = checkpoint.get("best_top1", 0.0)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+    backbone.to(runtime.device)
+    if runtime.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    head.to(runtime.device)
+    # raw: the head whose state is saved; model: what the step runs (DDP-wrapped in parallel runs)
+    model = head
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            head, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+    if runtime.is_main:
+        write_json_atomic(config.to_dict(), out / CONFIG_FILE)
+    metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
+    dataset = ImageDataset(train_images, linear_eval_transform(config.image_size, (config.crop_min_scale, 1.0)),
+                           seed=config.seed)
+    loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
+    evaluate = Evaluator(val_images, config, runtime)
+    emit({"event": "start", "images": len(train_images), "val_images": len(val_images),
+          "classes": len(train_images.classes), "steps_per_epoch": sampler.steps_per_epoch,
+          "total_steps": config.epochs * sampler.steps_per_epoch, "global_step": global_step, "epoch": start_epoch,
+          "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision,
+          "arch": weights.arch})
+    del checkpoint
+
+    metrics: dict = {}
+    for epoch in range(start_epoch, config.epochs):
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
+        dataset.set_epoch(epoch)
+        skipped = 0
+        sums = torch.zeros(3, device=runtime.device)  # loss, correct, images since the last log line
+        interval_steps, interval_start = 0, time.perf_counter()
+        epoch_sums = torch.zeros(3, device=runtime.device)
+        for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
+            for bad in unreadable:
+                if config.strict:
+                    raise InputError(f"{bad.path}: cannot decode image ({bad.reason}); drop --strict to skip such images")
+                emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})
+            skipped += len(unreadable)
+            if batch is None:
+                raise InputError(f"{config.train_dir}: every image of a batch at step {global_step} is unreadable")
+            images, labels, _ = batch
+            images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
+            logits = classify(backbone, model, images, runtime)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            global_step += 1
+            interval_steps += 1
+            batch_sums = torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
+                                      torch.tensor(len(labels), device=runtime.device)]).float()
+            sums += batch_sums
+            epoch_sums += batch_sums
+            end_of_epoch = step + 1 == sampler.steps_per_epoch
+            save_now = config.save_every_steps and global_step % config.save_every_steps == 0 and not end_of_epoch
+            if global_step % config.log_every and not end_of_epoch and not save_now:
+                continue
+            if runtime.distributed:
+                dist.all_reduce(sums)
+            loss_sum, correct, count = sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise SimSiamError(f"the loss became NaN or infinite at step {global_step}; lower --lr")
+            now = time.perf_counter()
+            step_metrics = {"kind": "step", "step": global_step, "epoch": epoch, "loss": loss_sum / count,
+                            "train_top1": 100.0 * correct / count, "lr": lr,
+                            "images_per_s": interval_steps * config.batch_size / (now - interval_start)}
+            metrics_log.write(step_metrics)
+            emit({"event": "log", **step_metrics})
+            sums.zero_()
+            interval_steps, interval_start = 0, now
+            if save_now and runtime.is_main:
+                save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch, step + 1,
+                                        global_step, step_metrics, best), out / LAST)
+
+        if runtime.distributed:
+            dist.all_reduce(epoch_sums)
+            counts = torch.tensor([skipped], device=runtime.device)
+            dist.all_reduce(counts)
+            skipped = int(counts.item())
+        loss_sum, correct, count = epoch_sums.tolist()
+        metrics = {"kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / max(count, 1),
+                   "train_top1": 100.0 * correct / max(count, 1), "lr": lr, "skipped_images": skipped}
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+            metrics.update(evaluate(backbone, head))
+            best = max(best, metrics["top1"])
+            metrics["best_top1"] = best
+        metrics_log.write(metrics)
+        emit({"event": "epoch", **metrics})
+        if runtime.is_main:
+            save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch + 1, 0,
+                                    global_step, metrics, best), out / LAST)
+        runtime.barrier()
+
+    if not metrics:  # resumed a finished run: evaluate it again
+        metrics = {"kind": "epoch", "step": global_step, "epoch": config.epochs, **evaluate(backbone, head),
+                   "best_top1": best}
+    metrics["backbone_unchanged"] = backbone_unchanged(backbone, weights)
+    if not metrics["backbone_unchanged"]:
+        raise SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation")
+    if runtime.is_main:
+        save_atomic({"state_dict": {f"fc.{k}": v.cpu() for k, v in head.state_dict().items()},
+                     "classes": train_images.classes, "arch": weights.arch, "cifar_stem": weights.cifar_stem,
+                     "checkpoint": str(config.checkpoint), "metrics": metrics, "config": config.to_dict(),
+                     "simsiam_version": __version__}, out / HEAD_FILE)
+    emit({"event": "end", **metrics})
+    return metrics

@@ -1,0 +1,93 @@
+"""Linear evaluation settings and their presets (``simsiam lincls``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from simsiam.errors import InputError
+
+OPTIMIZERS = ("lars", "sgd")
+
+
+@dataclass
+class LinearEvalConfig:
+    """Every setting of a linear evaluation; ``config.json`` of its output folder holds one.
+
+    The defaults are the official ``main_lincls.py`` of SimSiam: a linear classifier on the frozen
+    backbone (BN in eval mode), fc initialised N(0, 0.01) with zero bias, 90 epochs, batch 4096,
+    lr 0.1 x batch / 256 with a per-epoch cosine decay, LARS (trust coefficient 0.001, no
+    clipping) with momentum 0.9 and no weight decay.
+    """
+
+    checkpoint: str = ""
+    train_dir: str = ""
+    val_dir: str = ""
+    out: str = ""
+    preset: str = "imagenet"
+    epochs: int = 90
+    batch_size: int = 4096  # global, over all processes
+    lr: float = 0.1  # base lr; the optimizer's is lr * batch_size / 256
+    momentum: float = 0.9
+    wd: float = 0.0
+    optimizer: str = "lars"
+    trust_coefficient: float = 0.001
+    image_size: int = 224
+    eval_resize: int = 256  # resize before the center crop of validation; 0: none
+    crop_min_scale: float = 0.08  # RandomResizedCrop's default scale (0.08, 1)
+    eval_every: int = 1  # epochs
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    strict: bool = False
+    log_every: int = 10  # steps
+    save_every_steps: int = 0  # also refresh last.pth.tar every N steps (0: at epoch ends only)
+
+    @property
+    def init_lr(self) -> float:
+        """The linear scaling rule: lr x batch / 256."""
+        return self.lr * self.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LinearEvalConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "image_size", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("lr", "momentum", "wd", "trust_coefficient", "eval_resize", "workers", "save_every_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+        if not 0 < self.crop_min_scale <= 1:
+            raise InputError(f"--crop-min-scale {self.crop_min_scale}: must be in (0, 1]")
+        if self.eval_resize and self.eval_resize < self.image_size:
+            raise InputError(f"--eval-resize {self.eval_resize}: smaller than --image-size {self.image_size}")
+
+
+# "imagenet": the official main_lincls.py. "cifar": the same protocol on 32x32 images (the
+# paper's App. D gives no linear recipe): no resize at validation, batch 512, 100 epochs, and a
+# base lr of 1.0 so that LARS's relative steps (lr x trust per step) add up over the ~10k steps
+# of CIFAR-10 to a budget of the order of the ImageNet recipe's (1.6e-3 x 28k steps).
+PRESETS: dict[str, dict] = {
+    "imagenet": dict(epochs=90, batch_size=4096, lr=0.1, optimizer="lars", image_size=224, eval_resize=256,
+                     crop_min_scale=0.08),
+    "cifar": dict(epochs=100, batch_size=512, lr=1.0, optimizer="lars", image_size=32, eval_resize=0,
+                  crop_min_scale=0.08),
+}
+
+
+def preset_linear_config(name: str, **overrides) -> LinearEvalConfig:
+    """The preset's settings with ``overrides`` (None values are ignored) on top."""
+    if name not in PRESETS:
+        raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return LinearEvalConfig(preset=name, **values)
