@@ -10,15 +10,7 @@ from retrieval.index import FLAT_MAX_ROWS, build_index, load_index, parse_memory
 from simsiam.errors import InputError
 
 from feature_files import assert_user_error, clustered, feature_file, run
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_faiss_thread():
-    # the test machine's cores are shared: OpenMP threads spinning against each other cost more than they bring
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+from feature_files import one_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

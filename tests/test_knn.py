@@ -7,6 +7,8 @@ import torch
 from retrieval.knn import weighted_knn
 from retrieval.neighbours import faiss_placement, resolve_search, search
 
+from feature_files import one_thread  # noqa: F401 (autouse)
+
 faiss = pytest.importorskip("faiss")
 
 
@@ -59,10 +61,11 @@ def test_backends_find_the_same_neighbours_from_float16_features(data):
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
-def test_auto_picks_faiss_on_cpu_and_torch_without_faiss(monkeypatch):
-    assert resolve_search("auto", "cpu") == ("faiss", "cpu")
-    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+def test_auto_picks_torch_on_cpu_and_never_needs_faiss(monkeypatch):
     assert resolve_search("auto", "cpu") == ("torch", "cpu")
+    assert resolve_search("faiss", "auto") == ("faiss", "cpu")  # faiss-cpu reports no GPU
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+    assert resolve_search("auto", "auto")[0] == "torch"
 
 
 def test_faiss_runs_on_gpu_only_when_it_reports_gpus():

@@ -11,6 +11,7 @@ import torch
 
 from conftest import make_image_folder
 from feature_files import assert_user_error, clustered, feature_file, run, save_resnet18_checkpoints
+from feature_files import one_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_predictions_csv_has_a_row_per_image_and_k(files, tmp_path):
 
 def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_path):
     checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
-    train = make_image_folder(tmp_path / "train", classes=2, per_class=5)
-    val = make_image_folder(tmp_path / "val", classes=2, per_class=3, seed=1)
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=3)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=2, seed=1)
     args = ["knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "3", "--image-size", "16",
             "--resize", "0", "--workers", "0", "--device", "cpu", "--json"]
     saved = tmp_path / "saved"
@@ -73,7 +74,7 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     result = run(*args, "--save-features", saved)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
-    assert report["train_size"] == 10 and report["val_size"] == 6 and report["results"][0]["k"] == 3
+    assert report["train_size"] == 6 and report["val_size"] == 4 and report["results"][0]["k"] == 3
     assert sorted(p.name for p in saved.iterdir()) == ["train.h5", "val.h5"]
     again = run("knn", "--train", saved / "train.h5", "--val", saved / "val.h5", "-k", "3", "--json")
     assert json.loads(again.output)["results"] == report["results"]

@@ -5,6 +5,7 @@ import json
 from PIL import Image
 
 from feature_files import assert_user_error, run
+from feature_files import one_thread  # noqa: F401 (autouse)
 
 
 def write_metrics(run_dir, knn: bool = True):

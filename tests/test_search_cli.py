@@ -13,6 +13,7 @@ from simsiam.errors import InputError
 
 from conftest import make_image_folder
 from feature_files import assert_user_error, clustered, feature_file, run, save_resnet18_checkpoints
+from feature_files import one_thread  # noqa: F401 (autouse)
 
 FAST = ["--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
 
@@ -31,20 +32,19 @@ def gallery(tmp_path_factory):
 
 def test_query_image_finds_itself_first_and_prints_neighbours(gallery):
     query = gallery["images"] / "class1" / "c1_002.png"
-    for database in (gallery["h5"], gallery["index"]):
-        result = run("search", database, "--query", query, "--checkpoint", gallery["checkpoint"], "-k", "4",
-                     "--json", "--workers", "0", "--device", "cpu")
-        assert result.exit_code == 0, result.output
-        found = json.loads(result.output.strip().splitlines()[-1])
-        [q] = found["queries"]
-        assert q["path"] == "c1_002.png" and len(q["neighbours"]) == 4
-        assert q["neighbours"][0]["path"] == "class1/c1_002.png" and q["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
-        scores = [n["score"] for n in q["neighbours"]]
-        assert scores == sorted(scores, reverse=True)
-    table = run("search", gallery["index"], "--query", query, "--checkpoint", gallery["checkpoint"], "-k", "3",
-                "--workers", "0", "--device", "cpu")
+    common = ["--query", query, "--checkpoint", gallery["checkpoint"], "-k", "4", "--workers", "0", "--device", "cpu"]
+    result = run("search", gallery["h5"], *common, "--json")
+    assert result.exit_code == 0, result.output
+    [q] = json.loads(result.output.strip().splitlines()[-1])["queries"]
+    assert q["path"] == "c1_002.png" and len(q["neighbours"]) == 4
+    assert q["neighbours"][0]["path"] == "class1/c1_002.png" and q["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
+    scores = [n["score"] for n in q["neighbours"]]
+    assert scores == sorted(scores, reverse=True)
+    table = run("search", gallery["index"], *common)  # the index finds the same, as a table
     assert table.exit_code == 0, table.output
-    assert "c1_002.png" in table.output and "class1/c1_002.png" in table.output and "1.0000" in table.output
+    rows = [line.split("│")[1:-1] for line in table.output.splitlines() if line.startswith("│")]
+    assert [r[3].strip() for r in rows] == [n["path"] for n in q["neighbours"]]
+    assert rows[0][0].strip() == "c1_002.png" and rows[0][2].strip() == "1.0000"
 
 
 def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
