@@ -72,7 +72,8 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
     labelled = result.query_labels >= 0
     for row in range(rows):
         query_path = result.queries.root / result.queries.paths[row]
-        _cell(axes[row, 0], _thumbnail(query_path), f"query: {Path(result.queries.paths[row]).name}"[:24], "black")
+        name = result.queries.paths[row]
+        _cell(axes[row, 0], _thumbnail(query_path), name if len(name) <= 24 else "…" + name[-23:], "black")
         for col in range(k):
             index = int(result.indices[row, col])
             ax = axes[row, col + 1]

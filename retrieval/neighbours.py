@@ -64,9 +64,9 @@ def faiss_placement(gpus: int, device: str) -> str:
 def resolve_search(backend: str, device: str) -> tuple[str, str]:
     """``(backend, device)`` to run; ``auto`` picks the fastest available.
 
-    On CPU that is torch: both are bound by the same float32 matrix product, and torch's chunked
-    ``topk`` measured 5-10% faster than ``faiss.knn`` at 100,000 x 512 for k = 20 and 200
-    (benchmarks/RESULTS.md). On a GPU machine it is faiss on GPU when faiss has GPU support (its
+    On CPU that is torch: both are bound by the same float32 matrix product and timed within the
+    noise of each other at 100,000 x 512 (benchmarks/RESULTS.md), and torch needs no optional
+    package. On a GPU machine it is faiss on GPU when faiss has GPU support (its
     k-selection runs fused on the tiles of the product, nothing [chunk, N] is materialised), else
     torch on CUDA.
     """
