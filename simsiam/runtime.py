@@ -95,30 +95,36 @@ def stop(runtime: Runtime) -> None:
 def sync_batchnorm(model: nn.Module, runtime: Runtime) -> nn.Module:
     """Batch statistics over the global batch, as the official script (SyncBN under DDP).
 
-    PyTorch's SyncBatchNorm runs only on GPUs; on CPUs (gloo) :class:`CPUSyncBatchNorm` computes
-    the same statistics so that CPU runs, and the tests, behave as GPU runs do.
+    PyTorch's SyncBatchNorm runs only on GPUs (and DDP refuses it on CPU modules); on CPUs
+    (gloo) every BatchNorm becomes a :class:`CPUSyncBatchNorm`, which computes the same
+    statistics, so that CPU runs, and the tests, behave as GPU runs do.
     """
     if not runtime.distributed:
         return model
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if runtime.device.type == "cpu":
-        for module in model.modules():
-            if type(module) is nn.SyncBatchNorm:
-                module.__class__ = CPUSyncBatchNorm
+    if runtime.device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.__class__ = CPUSyncBatchNorm  # same parameters and buffers, so same state dict
     return model
 
 
-class CPUSyncBatchNorm(nn.SyncBatchNorm):
-    """:class:`torch.nn.SyncBatchNorm` for CPU tensors under the gloo backend.
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Synchronised batch norm for CPU tensors under the gloo backend.
 
     Normalises with the mean and biased variance of the global batch, and updates the running
-    variance with the unbiased one, like the CUDA kernel. Two all-reduces (mean, then squared
-    deviations) keep the variance as accurate as ``F.batch_norm``'s two-pass computation; the
-    gradient flows through the autograd-aware all-reduce.
+    variance with the unbiased one, like :class:`torch.nn.SyncBatchNorm`'s CUDA kernel. Two
+    all-reduces (mean, then squared deviations) keep the variance as accurate as
+    ``F.batch_norm``'s two-pass computation; the gradient flows through the autograd-aware
+    all-reduce. Outside training, or without a process group, it is a plain BatchNorm.
     """
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and input.device.type == "cpu"):
+        if not (self.training and dist.is_initialized()):
             return super().forward(input)
         from torch.distributed.nn.functional import all_reduce
 

@@ -11,7 +11,9 @@ import torch
 from simsiam.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--preset", "cifar", "--no-cifar-stem", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "16",
+# The CIFAR stem has no max-pool: with one, float noise of 1e-7 can flip which of two equal
+# pixels a window keeps (our synthetic images have flat squares), and the runs drift apart.
+ARGS = ["--preset", "cifar", "--image-size", "8", "--dim", "64", "--pred-dim", "16", "--batch-size", "16",
         "--epochs", "2", "--workers", "0", "--device", "cpu", "--seed", "5", "--log-every", "1"]
 
 
@@ -35,18 +37,18 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
     # Each rank holds half of every global batch (the sampler gives rank r its slice), DDP
     # averages the gradients, and SyncBN (CPUSyncBatchNorm under gloo) normalises with the
-    # statistics of the whole global batch. So the two runs compute the same function; they
-    # differ only in the order of float additions (per-rank sums, then an all-reduce). After 8
-    # SGD steps that leaves differences of about 1e-6 relative; 1e-4 bounds them with room,
-    # while per-rank BN statistics (no sync) or a wrong batch split move weights by > 1e-2.
+    # statistics of the whole global batch. So the two runs compute the same function and differ
+    # only in the order of float additions (per-rank sums, then an all-reduce): measured, at
+    # most 5e-5 of a tensor's scale after 8 steps. 5e-4 bounds that with room, while per-rank BN
+    # statistics (no SyncBN) move the weights by 2e-1 of their scale here, a wrong batch split more.
     worst = 0.0
     for key, a in single["state_dict"].items():
         b = ddp["state_dict"][key]
         if a.is_floating_point():
-            scale = a.abs().max().clamp_min(1e-3)
+            scale = a.abs().max().clamp_min(1e-2)  # running means near 0 have no relative scale
             worst = max(worst, ((a - b).abs().max() / scale).item())
         else:
             assert torch.equal(a, b), key
-    assert worst < 1e-4, worst
+    assert worst < 5e-4, worst
     lines = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("single", "ddp")]
     assert len(lines[0]) == len(lines[1])
