@@ -177,6 +177,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     if runtime.is_main:
         prepare_run_dir(out, checkpoint is not None, overwrite)
+        if checkpoint is None:
+            (out / HEAD_FILE).unlink(missing_ok=True)  # the head of a run being started over
     runtime.barrier()
 
     torch.manual_seed(config.seed)
