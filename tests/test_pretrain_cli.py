@@ -155,3 +155,22 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
     assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, "--epochs", "0"),
                       "--epochs 0: must be at least 1")
     assert not (tmp_path / "r").exists()
+
+
+def test_knn_monitor_logs_top1_each_epoch(tmp_path, shared_image_folder):
+    out = tmp_path / "run"
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "2",
+                 "--knn-train", shared_image_folder, "--knn-val", shared_image_folder, "--knn-k", "5")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [l for l in lines if l["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0.0 <= e["knn_top1"] <= 1.0 for e in epochs)
+    assert "knn top-1" in result.output
+
+
+def test_knn_monitor_needs_labelled_folders(tmp_path, shared_image_folder):
+    flat = make_image_folder(tmp_path / "flat", classes=1, per_class=8, labelled=False)
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY,
+                 "--knn-train", shared_image_folder, "--knn-val", flat)
+    assert_user_error(result, "--knn-val", "needs class folders")
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,27 @@
+"""``simsiam quickstart`` writes the digits, pretrains, and reports kNN before and after.
+
+The full default run (about 3 minutes on 2 CPU cores) is a benchmark (benchmarks/quickstart.py,
+results in benchmarks/RESULTS.md); here one epoch checks the whole path.
+"""
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import simsiam
+from simsiam.checkpoint import read_backbone
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_whole_path(tmp_path):
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(simsiam, ["quickstart", "--out", str(out), "--epochs", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "digits" / "train").glob("*/*.png"))) == 1257
+    assert len(list((out / "digits" / "test").glob("*/*.png"))) == 540
+    scores = dict(re.findall(r"(random initialisation|SimSiam pretrained)\s*[│|]\s*([01]\.\d{3})", result.output))
+    assert set(scores) == {"random initialisation", "SimSiam pretrained"}, result.output
+    assert all(0.0 <= float(v) <= 1.0 for v in scores.values())
+    weights = read_backbone(out / "run" / "last.pth.tar")
+    assert weights.arch == "resnet18" and weights.source["epoch"] == 1
