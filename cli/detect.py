@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-CONFIG_HELP = "A shipped config (voc-r50-c4, coco-r50-c4-1x, coco-r50-c4-2x, voc-r50-fpn, coco-r50-fpn-1x) or a YAML path."
+if TYPE_CHECKING:
+    from transfer.detection import DetectionPlan
 
+CONFIG_HELP = "A shipped config (voc-r50-c4, coco-r50-c4-1x, coco-r50-c4-2x, voc-r50-fpn, coco-r50-fpn-1x) or a YAML path."
 
 # For a CPU: small images, few iterations, few proposals and RoIs (the C4 head runs res5 on each
 # RoI), a short precise-BN pass.
@@ -103,15 +106,14 @@ def make_toy_voc_command(root, train_images, test_images, size, seed) -> None:
                f"--output {root}/run {TOY_OVERRIDES}")
 
 
-
-def _report_plan(plan) -> None:
+def _report_plan(plan: "DetectionPlan") -> None:
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"{'evaluating' if plan.run.eval_only else 'training'} on {plan.world_size} process(es); "
                f"output in {plan.output_dir}", err=True)
 
 
-def _report_results(results: dict | None, plan) -> None:
+def _report_results(results: dict | None, plan: "DetectionPlan") -> None:
     if results is None:
         if plan.run.eval_only or plan.num_machines == 1:
             click.echo("no evaluation results were written", err=True)
