@@ -23,7 +23,7 @@ PathArg = click.Path(path_type=Path)
 @click.option("-k", "ks", type=int, multiple=True, default=(20,), help="Neighbours; repeat for several (-k 10 -k 20 -k 200).")
 @click.option("--temperature", type=float, default=0.07, help="T of the exp(sim / T) votes.")
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
-              help="auto: faiss on GPU when faiss has GPUs, else torch (on CUDA when there is a GPU).")
+              help="auto: faiss on GPU when faiss has GPUs, else torch on CUDA; on CPU faiss, or torch without it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--chunk-size", type=int, default=None,
               help="torch backend: queries per matrix product (memory: chunk x train size x 4 bytes). [default: auto]")

@@ -20,7 +20,7 @@ import torch
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, temporary_name
-from .neighbours import search
+from .neighbours import as_tensor, search
 
 VOTE_CHUNK = 8192  # queries voted at a time: bounds the [chunk, classes] score matrix
 
@@ -80,8 +80,9 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
         raise InputError(f"-k {ks[0] if ks else ''}: k must be at least 1")
     if temperature <= 0:
         raise InputError(f"--temperature {temperature}: must be positive")
-    train_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    val_labels = torch.as_tensor(np.asarray(val_labels), dtype=torch.long)
+    # voting runs on the CPU: [queries, k] neighbours are small next to the search
+    train_labels = as_tensor(train_labels).cpu().long()
+    val_labels = as_tensor(val_labels).cpu().long()
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
     device = torch.device(device)

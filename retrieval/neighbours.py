@@ -23,7 +23,9 @@ from simsiam.errors import InputError
 
 BACKENDS = ("auto", "faiss", "torch")
 DEVICES = ("auto", "cpu", "cuda")
-CHUNK_BYTES = 1 << 28  # 256 MiB of similarities per chunk when --chunk-size is not given
+# similarities per chunk when --chunk-size is not given: small on CPU (cache, RAM), large enough
+# on a GPU for the matrix product to fill it (1.28M ImageNet rows: 400 queries a chunk)
+CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 31}
 FAISS_MISSING = ("faiss is not installed: pip install 'simsiam[cpu]' (faiss-cpu) or 'simsiam[gpu]' (faiss-gpu), "
                  "or use --backend torch")
 
@@ -64,11 +66,11 @@ def faiss_placement(gpus: int, device: str) -> str:
 def resolve_search(backend: str, device: str) -> tuple[str, str]:
     """``(backend, device)`` to run; ``auto`` picks the fastest available.
 
-    On CPU that is torch: both are bound by the same float32 matrix product and timed within the
-    noise of each other at 100,000 x 512 (benchmarks/RESULTS.md), and torch needs no optional
-    package. On a GPU machine it is faiss on GPU when faiss has GPU support (its
-    k-selection runs fused on the tiles of the product, nothing [chunk, N] is materialised), else
-    torch on CUDA.
+    On a GPU machine that is faiss on GPU when faiss has GPU support (its k-selection runs fused
+    on the tiles of the product, nothing [chunk, N] is materialised), else torch on CUDA. On CPU
+    it is faiss when installed: both are bound by the same float32 matrix product, and
+    ``faiss.knn`` (BLAS blocks, a heap per query) beat torch's chunked ``topk`` by 3-13% in each
+    of three runs at 100,000 x 10,000 x 512 (benchmarks/RESULTS.md); torch otherwise.
     """
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -82,23 +84,34 @@ def resolve_search(backend: str, device: str) -> tuple[str, str]:
         placement = faiss_placement(faiss_gpu_count(faiss), device)
         return "faiss", "cpu" if placement == "cpu" else "cuda"
     use_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if backend == "auto" and use_gpu:
+    if backend == "auto":
         try:
             faiss = import_faiss()
         except InputError:
             faiss = None
-        if faiss is not None and faiss_gpu_count(faiss) > 0:
+        if faiss is not None and use_gpu and faiss_gpu_count(faiss) > 0:
             return "faiss", "cuda"
+        if faiss is not None and not use_gpu:
+            return "faiss", "cpu"
     return "torch", "cuda" if use_gpu else "cpu"
 
 
-def auto_chunk_size(rows: int, budget_bytes: int = CHUNK_BYTES) -> int:
-    return int(max(1, min(8192, budget_bytes // max(1, 4 * rows))))
+def auto_chunk_size(rows: int, device: str = "cpu") -> int:
+    return int(max(1, min(8192, CHUNK_BYTES[device] // max(1, 4 * rows))))
+
+
+def as_tensor(x) -> torch.Tensor:
+    """A tensor where it is (a GPU tensor stays there), or a zero-copy view of an array."""
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def as_array(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def normalized_float32(x) -> np.ndarray:
     """L2-normalised float32 copy (float16 files are upcast first: their squares would overflow)."""
-    x = np.array(x, dtype=np.float32, copy=True)
+    x = np.array(as_array(x), dtype=np.float32, copy=True)
     x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
     return np.ascontiguousarray(x)
 
@@ -106,9 +119,9 @@ def normalized_float32(x) -> np.ndarray:
 def torch_search(database, queries, k: int, device: str = "cpu", chunk_size: int | None = None) -> Neighbours:
     """Exact top-k cosine similarity by chunked matrix products on ``device``."""
     dev = torch.device(device)
-    base = F.normalize(torch.as_tensor(np.asarray(database)).to(dev, torch.float32), dim=1)
-    chunk = chunk_size or auto_chunk_size(base.shape[0])
-    queries = torch.as_tensor(np.asarray(queries))
+    base = F.normalize(as_tensor(database).to(dev, torch.float32), dim=1)
+    chunk = chunk_size or auto_chunk_size(base.shape[0], dev.type)
+    queries = as_tensor(queries)
     scores, indices = [], []
     for start in range(0, queries.shape[0], chunk):
         q = F.normalize(queries[start:start + chunk].to(dev, torch.float32), dim=1)

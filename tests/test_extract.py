@@ -167,3 +167,17 @@ def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_pat
     assert b.paths == a.paths and b.labels.tolist() == a.labels.tolist()
     np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
     assert b.attrs["skipped_images"] == 0 and b.attrs["layer"] == "backbone"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above check the same "
+                                                          "features in fp32")
+def test_cuda_extraction_runs_in_bf16_and_stays_close_to_fp32(tmp_path, checkpoints, images):
+    cpu, gpu = tmp_path / "cpu.h5", tmp_path / "gpu.h5"
+    common = [checkpoints["torchvision"], images, "--dtype", "float32", "--image-size", "16", "--resize", "0",
+              "--workers", "0"]
+    assert run("extract", *common, "--out", cpu, "--device", "cpu").exit_code == 0
+    assert run("extract", *common, "--out", gpu, "--device", "cuda").exit_code == 0
+    a, b = read_features(cpu), read_features(gpu)
+    assert b.attrs["precision"] == "bf16" and a.attrs["precision"] == "fp32"
+    cosine = (a.features * b.features).sum(1) / np.linalg.norm(a.features, axis=1) / np.linalg.norm(b.features, axis=1)
+    assert cosine.min() > 0.99, cosine

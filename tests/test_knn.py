@@ -52,6 +52,15 @@ def test_every_backend_matches_the_numpy_protocol(data, backend):
     assert 0.3 < results[2].top1 < 0.99
 
 
+def test_tensors_are_taken_as_they_are(data):
+    train, train_labels, val, val_labels = data
+    arrays = weighted_knn(train, train_labels, val, val_labels, ks=(10,), backend="torch")
+    for backend in ("torch", "faiss"):
+        tensors = weighted_knn(torch.from_numpy(train), torch.from_numpy(train_labels), torch.from_numpy(val),
+                               torch.from_numpy(val_labels), ks=(10,), backend=backend)
+        np.testing.assert_array_equal(tensors[0].predictions, arrays[0].predictions)
+
+
 def test_backends_find_the_same_neighbours_from_float16_features(data):
     train, _, val, _ = data
     a = search(train.astype(np.float16), val.astype(np.float16), 10, "faiss", "cpu")
@@ -61,11 +70,11 @@ def test_backends_find_the_same_neighbours_from_float16_features(data):
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
-def test_auto_picks_torch_on_cpu_and_never_needs_faiss(monkeypatch):
-    assert resolve_search("auto", "cpu") == ("torch", "cpu")
+def test_auto_picks_faiss_on_cpu_and_torch_without_faiss(monkeypatch):
+    assert resolve_search("auto", "cpu") == ("faiss", "cpu")
     assert resolve_search("faiss", "auto") == ("faiss", "cpu")  # faiss-cpu reports no GPU
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)
-    assert resolve_search("auto", "auto")[0] == "torch"
+    assert resolve_search("auto", "cpu") == ("torch", "cpu")
 
 
 def test_faiss_runs_on_gpu_only_when_it_reports_gpus():
@@ -76,11 +85,23 @@ def test_faiss_runs_on_gpu_only_when_it_reports_gpus():
     assert faiss_placement(4, "cpu") == "cpu"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or getattr(faiss, "get_num_gpus", lambda: 0)() == 0,
-                    reason="needs a CUDA GPU and faiss-gpu; the CPU tests above cover the same protocol")
-def test_faiss_gpu_and_torch_cuda_match_the_cpu_backends(data):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above cover the protocol")
+def test_torch_on_cuda_matches_the_cpu_backends(data):
     train, train_labels, val, val_labels = data
     cpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="faiss", device="cpu")
-    for backend in ("faiss", "torch"):
-        gpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend=backend, device="cuda")
-        np.testing.assert_array_equal(gpu[0].predictions, cpu[0].predictions)
+    gpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="torch", device="cuda")
+    np.testing.assert_array_equal(gpu[0].predictions, cpu[0].predictions)
+    on_gpu = [torch.from_numpy(x).cuda() for x in (train, train_labels, val, val_labels)]
+    gpu = weighted_knn(*on_gpu, ks=(20,), backend="torch", device="cuda")  # GPU tensors stay on the GPU
+    np.testing.assert_array_equal(gpu[0].predictions, cpu[0].predictions)
+
+
+@pytest.mark.skipif(getattr(faiss, "get_num_gpus", lambda: 0)() == 0,
+                    reason="needs faiss-gpu and a GPU (faiss-cpu is installed here); test_faiss_runs_on_gpu_only_when_"
+                           "it_reports_gpus covers the choice on CPU")
+def test_faiss_gpu_matches_the_cpu_backends(data):
+    train, train_labels, val, val_labels = data
+    cpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="faiss", device="cpu")
+    gpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="faiss", device="cuda")
+    np.testing.assert_array_equal(gpu[0].predictions, cpu[0].predictions)
+    assert search(train, val, 5, "faiss", "cuda").backend.startswith("faiss-gpu")
