@@ -1,0 +1,120 @@
+"""Benchmark 3: extraction throughput, images/s, of a ResNet-50 backbone at 224 (resize 256,
+centre crop 224) over a JPEG folder, three ways, timed by :mod:`benchmarks.harness`:
+
+- ``official-style``: the official evaluation loop's pipeline, PIL decoding and torchvision's PIL
+  transforms in DataLoader workers, fp32 forward (as ``main_lincls.py`` validates);
+- ``ours-plain``: :func:`retrieval.extract.embed_batches` over the plain loader (transforms v2 in
+  workers), bf16 autocast and channels_last on CUDA;
+- ``ours-gpu-decode``: the same function over :class:`simsiam.device_data.EvalBatches` (workers
+  only read files; decoding, resizing and cropping on the GPU).
+
+    python -m benchmarks.extraction --data /tmp/imagenet-like
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision import transforms
+
+from retrieval.extract import embed_batches
+from simsiam import runtime as rt
+from simsiam.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from simsiam.backbones import build_resnet, pooled_backbone
+from simsiam.data import ImageDataset, scan_images
+from simsiam.device_data import EvalBatches
+
+from .harness import REPO, Method, append_jsonl, command_line, environment, markdown_section, time_steps, write_markdown
+
+IMAGE_SIZE, RESIZE = 224, 256
+
+
+def official_style(data: str, device: torch.device, batch_size: int, workers: int) -> Method:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = pooled_backbone(build_resnet("resnet50")).to(device).eval()
+    torch.backends.cudnn.benchmark = True
+    dataset = torchvision.datasets.ImageFolder(data, transforms.Compose([
+        transforms.Resize(RESIZE), transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+
+    @torch.no_grad()
+    def epoch():
+        for images, _ in loader:
+            yield model(images.to(device, non_blocking=True)).cpu()
+
+    return Method("official-style", epoch, lambda features: None, batch_size, time.perf_counter() - start,
+                  notes="fp32, PIL decode and transforms in workers")
+
+
+
+def ours(data: str, runtime: rt.Runtime, batch_size: int, workers: int, gpu_decode: bool) -> Method:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = pooled_backbone(build_resnet("resnet50")).to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    images = scan_images(data)
+    if gpu_decode:
+        epoch = lambda: embed_batches(model, None, runtime, batches=EvalBatches(
+            images, IMAGE_SIZE, RESIZE, runtime.device, batch_size, workers))
+    else:
+        dataset = ImageDataset(images, eval_transform(IMAGE_SIZE, RESIZE))
+        epoch = lambda: embed_batches(model, dataset, runtime, batch_size, workers)
+    name = "ours-gpu-decode" if gpu_decode else "ours-plain"
+    where = "decode, resize and crop on the device" if gpu_decode else "transforms v2 in workers"
+    return Method(name, epoch, lambda features: None, batch_size, time.perf_counter() - start,
+                  notes=f"{runtime.precision}, {where}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2, help="batches")
+    parser.add_argument("--steps", type=int, default=12, help="timed batches")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--methods", default="official-style,ours-plain,ours-gpu-decode")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
+    parser.add_argument("--results-md", default=None)
+    args = parser.parse_args(argv)
+
+    runtime = rt.start(args.device)
+    builders = {
+        "official-style": lambda: official_style(args.data, runtime.device, args.batch_size, args.workers),
+        "ours-plain": lambda: ours(args.data, runtime, args.batch_size, args.workers, gpu_decode=False),
+        "ours-gpu-decode": lambda: ours(args.data, runtime, args.batch_size, args.workers, gpu_decode=True),
+    }
+    rows = []
+    for name in args.methods.split(","):
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+        try:
+            row = time_steps(builders[name](), runtime.device, args.warmup, args.steps)
+        except Exception as err:  # recorded, so that one broken method does not hide the others
+            row = {"method": name, "error": f"{type(err).__name__}: {err}", "notes": f"{type(err).__name__}: {err}"[:120]}
+        append_jsonl(Path(args.out) / "extraction.jsonl", {"benchmark": "extraction", **row})
+        print(row, flush=True)
+        rows.append(row)
+    reference = next((r for r in rows if r["method"] == "official-style" and "images_per_s" in r), None)
+    for r in rows:
+        if reference and "images_per_s" in r:
+            r["x_official"] = round(r["images_per_s"] / reference["images_per_s"], 2)
+    columns = ["method", "images_per_s", "x_official", "step_ms", "batch_size", "peak_gpu_mib", "setup_s", "notes"]
+    notes = f"ResNet-50 backbone, resize {RESIZE}, centre crop {IMAGE_SIZE}; {args.warmup} warm-up batches, " \
+            f"then {args.steps} timed; {args.workers} DataLoader workers; data: {args.data}"
+    write_markdown(args.results_md, markdown_section(f"Extraction throughput, batch {args.batch_size}",
+                                                     environment(runtime.device), command_line(), columns, rows, notes))
+
+
+if __name__ == "__main__":
+    main()
