@@ -119,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-only", action="store_true",
                         help="time the batches alone (decoding and augmenting), without the model's step")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per method")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="a time.time() after which no method is started (each runs at most until then)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--results-md", default=None, help="append the table to this markdown file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -133,16 +135,20 @@ def main(argv=None) -> None:
     forwarded = [a for a in sys.argv[1:]]
     for method in args.methods.split(","):
         started = time.perf_counter()
+        timeout = min(args.timeout, args.deadline - time.time()) if args.deadline else args.timeout
+        failure = {"benchmark": "throughput", "config": args.config, "run": args.run, "method": method}
+        if timeout < 20:
+            append_jsonl(Path(args.out) / "throughput.jsonl", {**failure, "error": "not run: out of time (--deadline)"})
+            print(f"== {args.config}: {method} not run, out of time", flush=True)
+            continue
         print(f"== {args.config}: {method}", flush=True)
         try:
             done = subprocess.run([sys.executable, "-m", "benchmarks.throughput", *forwarded, "--child", method,
-                                   "--run", args.run], cwd=REPO, timeout=args.timeout)
+                                   "--run", args.run], cwd=REPO, timeout=timeout)
             status = f"exit {done.returncode}"
         except subprocess.TimeoutExpired:
             status = "timed out"
-            append_jsonl(Path(args.out) / "throughput.jsonl", {"benchmark": "throughput", "config": args.config,
-                                                                 "run": args.run, "method": method,
-                                                                 "error": f"timed out after {args.timeout} s"})
+            append_jsonl(Path(args.out) / "throughput.jsonl", {**failure, "error": f"timed out after {timeout:.0f} s"})
         print(f"== {method}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
     summarise(args, command)
 
