@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import BatchSampler
 from torchvision.transforms.v2 import functional as TF
 
+from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .config import PretrainConfig
 from .data import GlobalBatchSampler, ImageList, Unreadable, decode_rgb, derived_seed
 from .device_decode import decode_batch, encoded_loader
 from .errors import InputError
-from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .gpu_augment import BatchAugment, ViewDraws
 from .runtime import Runtime
 

@@ -141,6 +141,18 @@ def test_decode_batch_decodes_jpegs_together_and_hands_the_rest_to_the_cpu_decod
             assert torch.equal(image, plain[int(batch.indices[j])][0])
 
 
+def test_a_batch_leaves_its_worker_as_one_tensor_of_jpeg_bytes(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=3, ext="jpg")
+    Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(folder / "class1" / "small.png")
+    images = scan_images(folder)
+    [here] = list(encoded_loader(images, batch_size=16))
+    [there] = list(encoded_loader(images, batch_size=16, workers=1))
+    # one tensor for the six JPEGs (each tensor from a worker costs ~1 ms), the PNG decoded apart
+    assert there.jpeg_bytes.dim() == 1 and len(there.decoded) == 1 and there.lengths.count(0) == 1
+    assert len(there.jpeg_bytes) == sum((images.root / p).stat().st_size for p in images.paths if p.endswith(".jpg"))
+    assert len(there.payloads) == 7 and all(torch.equal(a, b) for a, b in zip(here.payloads, there.payloads))
+
+
 def mixed_size_folder(root):
     make_image_folder(root, classes=2, per_class=4, ext="jpg")
     Image.fromarray(np.zeros((20, 12, 3), np.uint8)).save(root / "class0" / "other_size.jpg")
