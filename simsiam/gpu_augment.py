@@ -222,7 +222,7 @@ def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) ->
     Brightness, contrast and saturation are each a blend of the image with black, its mean gray
     level or its grayscale version (torchvision's ``_blend``); at each of the 4 positions one blend
     serves every image, with its own ratio and partner. Neutral factors (1, 1, 1, 0) leave an image
-    as it is.
+    as it is (to float rounding: the hue step's round trip through HSV).
     """
     ratio_at = lambda op: factors.gather(1, op[:, None].long())[:, :, None, None]
     for position in range(4):
