@@ -20,6 +20,9 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     """Per-channel std of the L2-normalised outputs z/||z||, averaged over channels (Sec. 4.1).
 
     About 1/sqrt(d) for outputs spread over the unit sphere, 0 when they collapse to a constant;
-    the training log multiplies it by sqrt(d) so that healthy is near 1.
+    the training log multiplies it by sqrt(d) so that healthy is near 1. Measured on a training
+    batch of N behind the projector's output BN it cannot fall below 2 sqrt(N-1) / (N sqrt(d)):
+    BN keeps every channel's batch variance at 1, so the collapsed batch is N-1 equal outputs
+    and one opposite outlier.
     """
     return F.normalize(z.float(), dim=1).std(dim=0).mean()

@@ -226,7 +226,10 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     runtime.barrier()
 
     torch.manual_seed(config.seed)
-    model = build_model(config)
+    model = build_model(config).to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # built after the move, so that a resumed optimizer's state lands on the parameters' device
     optimizer = build_optimizer(model, config)
     start_epoch = start_step = global_step = 0
     if checkpoint is not None:
@@ -237,9 +240,6 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         global_step = checkpoint.get("global_step", start_epoch * sampler.steps_per_epoch + start_step)
         if "rng" in checkpoint:
             torch.set_rng_state(checkpoint["rng"]["torch"])
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
     model = rt.sync_batchnorm(model, runtime)
     # raw: the model whose state dict is saved; model: what the step runs (DDP-wrapped in parallel runs)
     raw = model

@@ -182,8 +182,11 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     runtime.barrier()
 
     torch.manual_seed(config.seed)
-    backbone = build_backbone(weights).requires_grad_(False).eval()
-    head = build_head(feature_dim(weights.arch), len(train_images.classes))
+    backbone = build_backbone(weights).requires_grad_(False).eval().to(runtime.device)
+    if runtime.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    # on the device before the optimizer exists, so that a resumed optimizer's state lands there too
+    head = build_head(feature_dim(weights.arch), len(train_images.classes)).to(runtime.device)
     optimizer = build_optimizer(head, config)
     start_epoch = start_step = global_step = 0
     best = 0.0
@@ -194,10 +197,6 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         global_step = checkpoint["global_step"]
         best = checkpoint.get("best_top1", 0.0)
         torch.set_rng_state(checkpoint["rng"]["torch"])
-    backbone.to(runtime.device)
-    if runtime.channels_last:
-        backbone.to(memory_format=torch.channels_last)
-    head.to(runtime.device)
     # raw: the head whose state is saved; model: what the step runs (DDP-wrapped in parallel runs)
     model = head
     if runtime.distributed:
