@@ -14,9 +14,9 @@ import click
 def command(out, epochs):
     """Pretrain a small SimSiam on scikit-learn's handwritten digits and show what it learned.
 
-    Needs no data and no GPU: the 1,797 8x8 digits ship inside scikit-learn. Prints the
-    weighted-kNN top-1 on held-out digits of the encoder at random initialisation and after
-    pretraining.
+    Needs no data and no GPU: the 1,797 8x8 digits ship inside scikit-learn. Runs the workflow
+    (pretrain, extract, knn, plot, convert-d2) and prints the weighted-kNN top-1 on held-out
+    digits of the encoder at random initialisation and after pretraining.
     """
     from rich.console import Console
     from rich.table import Table
@@ -33,7 +33,13 @@ def command(out, epochs):
                         f"{result.train_images} in the memory bank")
     table.add_column("encoder")
     table.add_column("top-1", justify="right")
-    table.add_row("random initialisation", f"{result.random_init_top1:.3f}")
+    table.add_row("random initialisation (where pretraining starts)", f"{result.random_init_top1:.3f}")
     table.add_row("SimSiam pretrained", f"{result.trained_top1:.3f}")
     Console().print(table)
-    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"run folder:         {result.checkpoint.parent}  (training curves: {result.curves.name})")
+    click.echo(f"features (HDF5):    {result.train_features}, {result.test_features}")
+    click.echo(f"Detectron2 weights: {result.detectron2_weights}")
+    click.echo("next:")
+    click.echo(f"  simsiam knn --train {result.train_features} --val {result.test_features} -k 10 -k 20")
+    click.echo(f"  simsiam search {result.train_features} --query-h5 {result.test_features} --eval")
+    click.echo(f"  simsiam pretrain --resume {result.checkpoint.parent} --epochs 20   # train longer")

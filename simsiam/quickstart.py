@@ -2,7 +2,7 @@
 
 ``load_digits`` ships 1,797 real 8x8 grey images inside scikit-learn, so the quickstart needs no
 download. They are upscaled and written as an ImageFolder, so the run goes through the very
-pipeline (``scan_images`` → ``pretrain`` → ``embed`` → ``weighted_knn``) a user's data does.
+pipeline a user's data does: pretrain, extract, knn, plot, convert-d2.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import eval_transform
 from .backbones import build_resnet, pooled_backbone
-from .checkpoint import build_backbone, read_backbone
 from .config import PretrainConfig, preset_config
-from .data import ImageDataset, scan_images
 from .runtime import Runtime, resolve_device, resolve_precision
 
 DIGITS_IMAGE_SIZE = 32
@@ -52,7 +49,7 @@ def quickstart_config(data: Path, out: Path, **overrides) -> PretrainConfig:
     smaller batch gives more steps, and the higher lr suits the short schedule.
     """
     settings = dict(
-        cifar_stem=False, epochs=8, batch_size=64, lr=0.5, image_size=DIGITS_IMAGE_SIZE, crop_min_scale=0.5,
+        cifar_stem=False, epochs=6, batch_size=64, lr=0.5, image_size=DIGITS_IMAGE_SIZE, crop_min_scale=0.5,
         dim=512, pred_dim=128, proj_hidden_dim=512, save_every_epochs=100, log_every=5,
         workers=0, device="cpu",
     )
@@ -67,40 +64,61 @@ class QuickstartResult:
     random_init_top1: float
     trained_top1: float
     checkpoint: Path
+    train_features: Path
+    test_features: Path
+    detectron2_weights: Path
+    curves: Path
     train_images: int
     test_images: int
 
 
-def knn_top1(encoder: torch.nn.Module, train: ImageDataset, test: ImageDataset, runtime: Runtime, k: int = 20) -> float:
-    from retrieval.extract import embed
-    from retrieval.knn import weighted_knn
+def _random_init_model(config: PretrainConfig):
+    """The encoder pretraining starts from (same seed, same construction as ``build_model``)."""
+    from retrieval.feature_model import FeatureModel
 
-    backbone = pooled_backbone(encoder).to(runtime.device)
-    train_x, train_y, _ = embed(backbone, train, runtime, batch_size=256)
-    test_x, test_y, _ = embed(backbone, test, runtime, batch_size=256)
-    [result] = weighted_knn(train_x, train_y, test_x, test_y, (k,), 0.07, num_classes=len(train.images.classes))
-    return result.top1
+    torch.manual_seed(config.seed)
+    encoder = build_resnet(config.arch, num_classes=config.dim, cifar_stem=config.cifar_stem, zero_init_residual=True)
+    return FeatureModel(pooled_backbone(encoder), config.arch, "backbone", encoder.fc.in_features,
+                        f"random initialisation (seed {config.seed})", "", config.image_size, config.eval_resize)
 
 
 def run_quickstart(out: str | os.PathLike, on_event=None, **overrides) -> QuickstartResult:
-    """Pretrain on the digits' train split; kNN top-1 on the test split, before and after."""
+    """The whole workflow on the digits, each step through the library call its command makes.
+
+    ``pretrain`` on the train split; ``extract`` both splits to HDF5 with the pretrained
+    backbone; ``knn`` of test against train, and the same for the encoder at its random
+    initialisation (in memory); ``plot`` of the training curves; ``convert-d2`` of the backbone.
+    """
+    from retrieval.extract import extract_features, extract_to_file
+    from retrieval.feature_model import load_feature_model
+    from retrieval.features import read_features
+    from retrieval.knn import evaluate_knn
+    from transfer.detectron2_weights import convert_checkpoint, write_detectron2_pickle
+
     from .train import pretrain
+    from .training_curves import plot_training_curves
 
     out = Path(out)
     config = quickstart_config(out / "digits" / "train", out / "run", **overrides)
     train_dir, test_dir = write_digits(out / "digits", config.image_size)
     device = resolve_device(config.device)
     runtime = Runtime(device, resolve_precision(config.precision, device))
-    transform = eval_transform(config.image_size, None)
-    train_set = ImageDataset(scan_images(train_dir), transform)
-    test_set = ImageDataset(scan_images(test_dir), transform)
 
-    torch.manual_seed(config.seed)  # the same initialisation pretrain() starts from
-    random_encoder = build_resnet(config.arch, num_classes=config.dim, cifar_stem=config.cifar_stem,
-                                  zero_init_residual=True)
-    random_top1 = knn_top1(random_encoder, train_set, test_set, runtime)
+    random_model = _random_init_model(config)
+    random_sets = [extract_features(random_model, folder, runtime) for folder in (train_dir, test_dir)]
+    [random_result] = evaluate_knn(*random_sets, ks=(20,), device=device.type).results
 
     pretrain(config, overwrite=True, on_event=on_event)
     checkpoint = Path(config.out) / "last.pth.tar"
-    trained_top1 = knn_top1(build_backbone(read_backbone(checkpoint)), train_set, test_set, runtime)
-    return QuickstartResult(random_top1, trained_top1, checkpoint, len(train_set), len(test_set))
+    trained_model = load_feature_model(checkpoint, "backbone")
+    features = out / "features"
+    features.mkdir(exist_ok=True)
+    files = [features / "train.h5", features / "test.h5"]
+    for folder, path in zip((train_dir, test_dir), files):
+        extract_to_file(trained_model, folder, path, runtime, overwrite=True)
+    [trained_result] = evaluate_knn(*(read_features(f) for f in files), ks=(20,), device=device.type).results
+
+    curves = plot_training_curves(config.out)
+    detectron2_weights = write_detectron2_pickle(convert_checkpoint(checkpoint), out / f"{config.arch}-detectron2.pkl")
+    return QuickstartResult(random_result.top1, trained_result.top1, checkpoint, files[0], files[1],
+                            detectron2_weights, curves, len(random_sets[0]), len(random_sets[1]))

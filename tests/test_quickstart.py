@@ -4,12 +4,15 @@ The full default run (about 3 minutes on 2 CPU cores) is a benchmark (benchmarks
 results in benchmarks/RESULTS.md); here one epoch checks the whole path.
 """
 
+import pickle
 import re
 
 import pytest
 from click.testing import CliRunner
 
 from cli.main import simsiam
+from retrieval.features import read_features
+from retrieval.knn import evaluate_knn
 from simsiam.checkpoint import read_backbone
 
 
@@ -20,8 +23,20 @@ def test_quickstart_runs_the_whole_path(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((out / "digits" / "train").glob("*/*.png"))) == 1257
     assert len(list((out / "digits" / "test").glob("*/*.png"))) == 540
-    scores = dict(re.findall(r"(random initialisation|SimSiam pretrained)\s*[│|]\s*([01]\.\d{3})", result.output))
+    scores = dict(re.findall(r"(random initialisation|SimSiam pretrained).*?([01]\.\d{3})", result.output))
     assert set(scores) == {"random initialisation", "SimSiam pretrained"}, result.output
     assert all(0.0 <= float(v) <= 1.0 for v in scores.values())
     weights = read_backbone(out / "run" / "last.pth.tar")
     assert weights.arch == "resnet18" and weights.source["epoch"] == 1
+
+    # the later commands' outputs, written by the library calls they make
+    train, test = read_features(out / "features" / "train.h5"), read_features(out / "features" / "test.h5")
+    assert train.features.shape == (1257, 512) and test.features.shape == (540, 512)
+    assert train.attrs["arch"] == "resnet18" and train.attrs["layer"] == "backbone"
+    report = evaluate_knn(train, test, ks=(20,))
+    assert f"{report.results[0].top1:.3f}" == scores["SimSiam pretrained"]
+    with open(out / "resnet18-detectron2.pkl", "rb") as f:
+        detectron2 = pickle.load(f)
+    assert detectron2["matching_heuristics"] and "stem.conv1.weight" in detectron2["model"]
+    assert (out / "run" / "curves.png").stat().st_size > 0
+    assert f"simsiam knn --train {out / 'features' / 'train.h5'}" in result.output
