@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
+from .atomic import atomic_write
 from .backbones import build_resnet, infer_resnet_arch
 from .errors import InputError
 
@@ -36,32 +35,9 @@ def epoch_checkpoint_name(epoch: int) -> str:
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Make ``path`` another name of ``source`` (a hard link, copy where links are refused)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` atomically (see :func:`simsiam.atomic.atomic_write`)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:

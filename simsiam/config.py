@@ -6,14 +6,32 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from .atomic import atomic_write
 from .backbones import RESNET_ARCHS
 from .errors import InputError
 
 
+class RunSettings:
+    """What the settings dataclasses of runs share: a JSON round trip and the lr scaling rule."""
+
+    @property
+    def init_lr(self) -> float:
+        """The linear scaling rule of the paper: lr x batch / 256."""
+        return self.lr * self.batch_size / 256
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """Settings from a saved dict; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunSettings):
     """Every setting of a pretraining run; ``config.json`` of a run folder holds one of these."""
 
     data: str = ""
@@ -53,19 +71,6 @@ class PretrainConfig:
     knn_every: int = 1
     knn_k: int = 20
     knn_temperature: float = 0.07
-
-    @property
-    def init_lr(self) -> float:
-        """The linear scaling rule of the paper: lr x batch / 256."""
-        return self.lr * self.batch_size / 256
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "save_every_epochs", "knn_every", "knn_k")
@@ -115,7 +120,5 @@ def preset_config(name: str, **overrides) -> PretrainConfig:
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")

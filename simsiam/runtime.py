@@ -93,6 +93,14 @@ def stop(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """``model`` under DDP in a parallel run, else itself: steps run the result, checkpoints save ``model``."""
+    if not runtime.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
 def sync_batchnorm(model: nn.Module, runtime: Runtime) -> nn.Module:
     """Batch statistics over the global batch, as the official script (SyncBN under DDP).
 

@@ -18,8 +18,9 @@ from torch import nn
 from . import __version__, runtime as rt
 from .augment import TwoViews, eval_transform, pretrain_transform
 from .backbones import build_resnet, pooled_backbone
-from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, link_atomic, load_checkpoint,
-                         save_atomic, to_official_layout)
+from .atomic import link_atomic
+from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
+                         to_official_layout)
 from .config import PretrainConfig, write_json_atomic
 from .data import GlobalBatchSampler, ImageDataset, make_loader, scan_images
 from .device_data import pretrain_batches
@@ -242,10 +243,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             torch.set_rng_state(checkpoint["rng"]["torch"])
     model = rt.sync_batchnorm(model, runtime)
     # raw: the model whose state dict is saved; model: what the step runs (DDP-wrapped in parallel runs)
-    raw = model
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    raw, model = model, rt.data_parallel(model, runtime)
 
     if runtime.is_main:
         write_json_atomic(config.to_dict(), out / CONFIG_FILE)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from simsiam import __version__
+from simsiam.atomic import atomic_write
 from simsiam.checkpoint import BackboneWeights, load_checkpoint, read_backbone
 from simsiam.errors import InputError
 
@@ -143,16 +143,8 @@ def check_pickle_path(out: str | os.PathLike) -> Path:
 def write_detectron2_pickle(weights: Detectron2Weights, out: str | os.PathLike) -> Path:
     """Pickle ``weights`` to ``out`` atomically: a temporary file in the same folder, then a rename."""
     out = check_pickle_path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(weights.to_pickle_dict(), f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as f:
+        pickle.dump(weights.to_pickle_dict(), f, protocol=4)
     return out
 
 

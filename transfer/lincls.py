@@ -197,11 +197,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         global_step = checkpoint["global_step"]
         best = checkpoint.get("best_top1", 0.0)
         torch.set_rng_state(checkpoint["rng"]["torch"])
-    # raw: the head whose state is saved; model: what the step runs (DDP-wrapped in parallel runs)
-    model = head
-    if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            head, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    model = rt.data_parallel(head, runtime)  # what the step runs; the checkpoint saves ``head``
 
     if runtime.is_main:
         write_json_atomic(config.to_dict(), out / CONFIG_FILE)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from simsiam.config import RunSettings
 from simsiam.errors import InputError
 
 OPTIMIZERS = ("lars", "sgd")
 
 
 @dataclass
-class LinearEvalConfig:
+class LinearEvalConfig(RunSettings):
     """Every setting of a linear evaluation; ``config.json`` of its output folder holds one.
 
     The defaults are the official ``main_lincls.py`` of SimSiam: a linear classifier on the frozen
@@ -44,19 +44,6 @@ class LinearEvalConfig:
     strict: bool = False
     log_every: int = 10  # steps
     save_every_steps: int = 0  # also refresh last.pth.tar every N steps (0: at epoch ends only)
-
-    @property
-    def init_lr(self) -> float:
-        """The linear scaling rule: lr x batch / 256."""
-        return self.lr * self.batch_size / 256
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LinearEvalConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "image_size", "eval_every", "log_every"):
