@@ -56,7 +56,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name not in DEVICES:
         raise InputError(f"--device {name}: choose one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is visible to PyTorch")
+        raise InputError("--device cuda: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); "
+                         "use --device cpu, or install a CUDA build of torch")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)

@@ -174,3 +174,10 @@ def test_knn_monitor_needs_labelled_folders(tmp_path, shared_image_folder):
                  "--knn-train", shared_image_folder, "--knn-val", flat)
     assert_user_error(result, "--knn-val", "needs class folders")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU; this one has one")
+def test_device_cuda_without_a_gpu(tmp_path, shared_image_folder):
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--device", "cuda")
+    assert_user_error(result, "--device cuda: no CUDA GPU is visible", "--device cpu")
+    assert not (tmp_path / "run").exists()
