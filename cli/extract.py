@@ -22,10 +22,12 @@ from .embedding import EmbeddingProgress, default_workers, model_options
               help="HDF5 compression of the datasets (gzip: smaller, lzf: faster).")
 @click.option("--normalize", is_flag=True, help="Store L2-normalised features.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--gpu-decode", is_flag=True,
+              help="Workers only read files; JPEGs are decoded (nvjpeg), resized and cropped on the GPU in batches.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size, resize, batch_size, workers,
-            precision, dtype, compression, normalize, device, strict, overwrite):
+            precision, dtype, compression, normalize, device, gpu_decode, strict, overwrite):
     """Embed the images of DATA (an ImageFolder class/*.jpg, or a flat folder) into --out.
 
     CHECKPOINT: ours, an official SimSiam checkpoint or a torchvision ResNet state dict; or
@@ -49,7 +51,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
     model = load_feature_model(checkpoint, layer, random_init, arch, cifar_stem, seed)
     with EmbeddingProgress("extract") as progress:
         summary = extract_to_file(model, inputs[-1], out, runtime, image_size, resize, dtype, compression, batch_size,
-                                  default_workers(workers), normalize, strict, overwrite, progress)
+                                  default_workers(workers), normalize, strict, overwrite, progress, gpu_decode)
     if runtime.is_main:
         shards = f" over {len(summary.shards)} shards in {summary.shards[0].parent}" if summary.shards else ""
         skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""

@@ -94,7 +94,7 @@ class _Extraction:
     """What one call extracts: the images (this rank's slice of them), the transform, the attributes."""
 
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
-                 normalize: bool, strict: bool):
+                 normalize: bool, strict: bool, gpu_decode: bool = False):
         self.images = data if isinstance(data, ImageList) else scan_images(data)
         self.image_size = image_size or model.image_size
         self.resize = model.resize if resize is None else resize
@@ -103,7 +103,9 @@ class _Extraction:
         dataset = ImageDataset(self.images, eval_transform(self.image_size, self.resize or None))
         # contiguous slices in rank order: the shards concatenated are the images in order
         mine = np.array_split(np.arange(len(dataset)), runtime.world_size)[runtime.rank]
-        self.dataset = Subset(dataset, mine.tolist()) if runtime.distributed else dataset
+        self.mine = mine.tolist() if runtime.distributed else None
+        self.dataset = Subset(dataset, self.mine) if runtime.distributed else dataset
+        self.gpu_decode = gpu_decode
         self.model = model
         self.runtime = runtime
         self.normalize = normalize
@@ -131,8 +133,14 @@ class _Extraction:
         _notify(on_event, {"event": "start", "images": len(self.dataset), "total_images": len(self.images),
                            "rank": self.runtime.rank, "world_size": self.runtime.world_size,
                            "device": str(self.runtime.device), "precision": self.runtime.precision})
+        batches = None
+        if self.gpu_decode:  # the fast path's decoding on the device, same pixels (simsiam.device_data)
+            from simsiam.device_data import EvalBatches
+
+            batches = EvalBatches(self.images, self.image_size, self.resize or None, self.runtime.device,
+                                  batch_size, workers, indices=self.mine)
         for features, labels, indices in embed_batches(module, self.dataset, self.runtime, batch_size, workers,
-                                                        on_batch):
+                                                        on_batch, batches):
             if self.normalize:
                 features /= np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
             yield features, labels, [self.images.paths[i] for i in indices]
@@ -140,11 +148,11 @@ class _Extraction:
 
 def extract_features(model: FeatureModel, data: str | os.PathLike | ImageList, runtime: Runtime, image_size: int | None = None,
                      resize: int | None = None, batch_size: int = 256, workers: int = 0, normalize: bool = False,
-                     strict: bool = False, on_event: EventHandler | None = None) -> FeatureSet:
+                     strict: bool = False, on_event: EventHandler | None = None, gpu_decode: bool = False) -> FeatureSet:
     """Embed the images of ``data`` (an ImageFolder, a flat folder, or an ImageList) into memory (float32)."""
     if runtime.distributed:
         raise InputError("in-memory extraction runs in one process; under torchrun use simsiam extract --out")
-    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict)
+    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     parts = list(job.batches(batch_size, workers, on_event))
     if not parts:
         raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
@@ -162,7 +170,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
                     image_size: int | None = None, resize: int | None = None, dtype: str = "float16",
                     compression: str = "none", batch_size: int = 256, workers: int = 0, normalize: bool = False,
                     strict: bool = False, overwrite: bool = False,
-                    on_event: EventHandler | None = None) -> ExtractSummary:
+                    on_event: EventHandler | None = None, gpu_decode: bool = False) -> ExtractSummary:
     """Embed the images of ``data`` into the feature file ``out`` (schema: :mod:`retrieval.features`).
 
     Written under a temporary name and renamed when complete. Under ``torchrun`` every rank
@@ -174,7 +182,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         raise InputError(f"{out}: exists; pass --overwrite to replace it")
     if out.is_dir():
         raise InputError(f"{out}: is a folder, expected a file name such as feats.h5")
-    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict)
+    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     target = shard_path(out, runtime.rank, runtime.world_size) if runtime.distributed else out
     if runtime.distributed:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,19 @@ def test_features_equal_the_torchvision_resnet_run_directly(tmp_path, checkpoint
     assert feats.attrs["layer"] == "backbone" and feats.attrs["arch"] == "resnet18"
 
 
+def test_gpu_decode_path_gives_the_same_features(tmp_path, checkpoints, images):
+    # --gpu-decode decodes, resizes and crops in batches on the device (here the CPU): same pixels
+    plain, batched = tmp_path / "plain.h5", tmp_path / "batched.h5"
+    args = [checkpoints["official"], images, "--dtype", "float32", "--image-size", "12", "--resize", "14",
+            "--workers", "0", "--device", "cpu", "--batch-size", "3"]
+    assert run("extract", *args, "--out", plain).exit_code == 0
+    result = run("extract", *args, "--out", batched, "--gpu-decode")
+    assert result.exit_code == 0, result.output
+    a, b = read_features(plain), read_features(batched)
+    assert a.paths == b.paths and a.labels.tolist() == b.labels.tolist()
+    np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
+
+
 def test_projector_layer_is_the_simsiam_encoder_output(tmp_path, checkpoints, images):
     out = tmp_path / "z.h5"
     assert run("extract", checkpoints["official"], images, "--out", out, "--layer", "projector", "--dtype",
