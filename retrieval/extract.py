@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from simsiam.augment import eval_transform
-from simsiam.data import ImageDataset, ImageList, make_loader, scan_images
+from simsiam.data import ImageDataset, ImageList, count_unreadable, make_loader, scan_images
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
@@ -121,11 +121,8 @@ class _Extraction:
     def batches(self, batch_size: int, workers: int, on_event: EventHandler | None):
         """``(features, labels, paths)`` per batch, counting (or, with ``strict``, refusing) unreadable images."""
         def on_batch(batch, unreadable):
-            for bad in unreadable:
-                if self.strict:
-                    raise InputError(f"{bad.path}: unreadable image ({bad.reason}); --strict stops at the first")
-                self.skipped += 1
-                _notify(on_event, {"event": "unreadable", "path": bad.path, "reason": bad.reason})
+            self.skipped += count_unreadable(unreadable, self.strict, lambda bad: _notify(
+                on_event, {"event": "unreadable", "path": bad.path, "reason": bad.reason}))
             done = (0 if batch is None else len(batch[2])) + len(unreadable)
             _notify(on_event, {"event": "batch", "images": done})
 

@@ -158,6 +158,16 @@ class ImageDataset(Dataset):
             return self.transform(image), self.images.labels[index], index
 
 
+def count_unreadable(unreadable: list[Unreadable], strict: bool, announce: Callable[[Unreadable], None]) -> int:
+    """How many images of a batch could not be decoded, each announced; under ``strict`` the first
+    one is an :class:`InputError` instead (the ``--strict`` of every command that reads images)."""
+    for bad in unreadable:
+        if strict:
+            raise InputError(f"{bad.path}: cannot decode image ({bad.reason}); drop --strict to skip such images")
+        announce(bad)
+    return len(unreadable)
+
+
 def collate_readable(samples: list) -> tuple[object | None, list[Unreadable]]:
     """Collate the decodable samples; return ``(batch or None, unreadable samples)``."""
     unreadable = [s for s in samples if isinstance(s, Unreadable)]

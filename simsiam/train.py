@@ -22,7 +22,7 @@ from .atomic import link_atomic
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import GlobalBatchSampler, ImageDataset, make_loader, scan_images
+from .data import GlobalBatchSampler, ImageDataset, count_unreadable, make_loader, scan_images
 from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
@@ -271,6 +271,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     totals = EpochTotals(**checkpoint.get("epoch_totals", {})) if checkpoint is not None and start_step else EpochTotals()
     del checkpoint
     metrics: dict = {}
+    announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     model.train()
     for epoch in range(start_epoch, config.epochs):
         lr = set_learning_rate(optimizer, config, epoch)
@@ -285,11 +286,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         interval_steps, interval_start = 0, time.perf_counter()
         timed_steps, epoch_start = 0, time.perf_counter()
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
-            for bad in unreadable:
-                if config.strict:
-                    raise InputError(f"{bad.path}: cannot decode image ({bad.reason}); drop --strict to skip such images")
-                emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})
-            skipped += len(unreadable)
+            skipped += count_unreadable(unreadable, config.strict, announce)
             if batch is None:
                 raise InputError(f"{config.data}: every image of a batch at step {global_step} is unreadable")
             (view1, view2), _, _ = batch

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import simsiam
 from retrieval.features import FeatureSet, write_features
+from cli_runner import assert_user_error, run  # noqa: F401 (the tests import them from here)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,23 +53,6 @@ def feature_file(path: Path, features: np.ndarray, labels: np.ndarray | None = N
              "checkpoint_sha256": sha, "image_size": 16, "resize": 0, "normalized": False}
     paths = [f"{classes[l] if l >= 0 else 'x'}/img{i:05d}.png" for i, l in enumerate(labels)]
     return write_features(path, FeatureSet(features, np.asarray(labels), paths, attrs), dtype=dtype)
-
-
-def run(*args):
-    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_user_error(result, *fragments, only_line: bool = True):
-    """Exit status 2, one ``Error:`` line naming the problem (the only line when ``only_line``), no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1 and errors[0] == lines[-1], result.output
-    if only_line:
-        assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
 
 
 def save_resnet18_checkpoints(folder: Path, seed: int = 0) -> dict[str, Path]:

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import simsiam
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import to_official_layout
 from simsiam.model import SimSiam
 from transfer import detectron2_weights
 from transfer.detectron2_weights import convert_checkpoint, detectron2_name
+from cli_runner import assert_user_error, run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "detectron2-resnet-parameters.json"
 
@@ -146,10 +145,6 @@ def test_moco_r101_matches_detectron2_r101_c4(tmp_path):
         assert np.array_equal(array, backbone[source_name(name, backbone)].numpy()), name
 
 
-def run(*args):
-    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
-
-
 def test_cli_writes_the_detectron2_pickle_and_prints_count_and_settings(tmp_path, official_r50):
     path, _ = official_r50
     out = tmp_path / "r50.pkl"
@@ -165,14 +160,6 @@ def test_cli_writes_the_detectron2_pickle_and_prints_count_and_settings(tmp_path
     assert data["matching_heuristics"] is True and data["__author__"].startswith("simsiam")
     assert len(data["model"]) == 265 and all(isinstance(v, np.ndarray) for v in data["model"].values())
     assert [p.name for p in tmp_path.iterdir()] == ["r50.pkl"]  # no temporary file left
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_refuses_a_checkpoint_that_is_not_a_resnet(tmp_path):

@@ -15,25 +15,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
-from cli.main import simsiam
 from transfer.detectron2_config import CONFIG_DIR, config_names
 from transfer.toy_voc import VOC_CLASSES, make_toy_voc
+from cli_runner import assert_user_error, run
 
 SHIPPED = ["coco-r50-c4-1x", "coco-r50-c4-2x", "coco-r50-fpn-1x", "voc-r50-c4", "voc-r50-fpn"]
-
-
-def run(*args):
-    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import simsiam
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import load_checkpoint, to_official_layout
 from simsiam.model import SimSiam
@@ -17,6 +15,7 @@ from transfer.lincls import HEAD_FILE
 from transfer.lincls_config import PRESETS, LinearEvalConfig, preset_linear_config
 
 from conftest import make_image_folder
+from cli_runner import assert_user_error, run
 
 TINY = ["--image-size", "16", "--eval-resize", "0", "--crop-min-scale", "0.6", "--workers", "0", "--device", "cpu",
         "--log-every", "2"]
@@ -29,18 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run(*args):
-    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,14 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from cli.main import simsiam
 from simsiam.checkpoint import load_checkpoint
 
+from cli_runner import assert_user_error, run
 from conftest import make_image_folder
 
 TINY = ["--preset", "cifar", "--no-cifar-stem", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "8",
         "--epochs", "1", "--workers", "0", "--device", "cpu", "--log-every", "2"]
-
-
-def run(*args):
-    return CliRunner().invoke(simsiam, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_user_error(result, *fragments):
-    """Exit status 2 and one ``Error:`` line, the last one, naming the problem; no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1 and errors[0] == lines[-1], result.output
-    for fragment in fragments:
-        assert fragment in errors[0]
-    assert "Traceback" not in result.output
 
 
 def no_checkpoints(folder):
@@ -97,7 +81,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, folder_with_bad_ima
 def test_unreadable_image_is_fatal_under_strict(tmp_path, folder_with_bad_images):
     out = tmp_path / "run"
     result = run("pretrain", folder_with_bad_images, "--out", out, *TINY, "--batch-size", "6", "--strict")
-    assert_user_error(result, "cannot decode image", "--strict")
+    assert_user_error(result, "cannot decode image", "--strict", only_line=False)
     assert "truncated.jpg" in result.output or "garbage.jpg" in result.output
     assert no_checkpoints(out)
 
@@ -116,7 +100,8 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     monkeypatch.setattr(simsiam.train, "negative_cosine_similarity", loss_that_diverges_at_step_11)
     out = tmp_path / "run"
     result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "3")
-    assert_user_error(result, "NaN or infinite at step 11 (epoch 1)", "last good checkpoint is", "last.pth.tar")
+    assert_user_error(result, "NaN or infinite at step 11 (epoch 1)", "last good checkpoint is", "last.pth.tar",
+                      only_line=False)
     checkpoint = load_checkpoint(out / "last.pth.tar")
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 8
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())

@@ -30,7 +30,7 @@ from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_checkpoint, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
-from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, make_loader, scan_images
+from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, make_loader, scan_images
 from simsiam.errors import InputError, SimSiamError
 from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, prepare_run_dir
 
@@ -168,6 +168,7 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
 
 def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, overwrite, on_event: Event) -> dict:
     emit = on_event if runtime.is_main else (lambda event: None)
+    announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
     weights = read_backbone(config.checkpoint)
     train_images, val_images = labelled_images(config.train_dir, config.val_dir)
@@ -225,11 +226,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         interval_steps, interval_start = 0, time.perf_counter()
         epoch_sums = torch.zeros(3, device=runtime.device)
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
-            for bad in unreadable:
-                if config.strict:
-                    raise InputError(f"{bad.path}: cannot decode image ({bad.reason}); drop --strict to skip such images")
-                emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})
-            skipped += len(unreadable)
+            skipped += count_unreadable(unreadable, config.strict, announce)
             if batch is None:
                 raise InputError(f"{config.train_dir}: every image of a batch at step {global_step} is unreadable")
             images, labels, _ = batch
