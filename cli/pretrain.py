@@ -26,6 +26,14 @@ def _from_preset(help_text: str) -> str:
 @click.option("--image-size", type=int, default=None, help=_from_preset("Crop size."))
 @click.option("--dim", type=int, default=None, help=_from_preset("Projector output dimension."))
 @click.option("--pred-dim", type=int, default=None, help=_from_preset("Predictor hidden dimension."))
+@click.option("--proj-layers", type=click.IntRange(2, 3), default=None, help=_from_preset("Projector fc layers."))
+@click.option("--proj-hidden-dim", type=int, default=None,
+              help=_from_preset("Projector hidden width; 0: the backbone's width, as official."))
+@click.option("--momentum", type=float, default=None, help="SGD momentum. [default: 0.9]")
+@click.option("--crop-min-scale", type=float, default=None, help="Smallest RandomResizedCrop area. [default: 0.2]")
+@click.option("--blur/--no-blur", default=None, help=_from_preset("Gaussian blur augmentation (p=0.5)."))
+@click.option("--eval-resize", type=int, default=None,
+              help=_from_preset("Short side before the center crop of the kNN monitor; 0: none."))
 @click.option("--fix-pred-lr/--no-fix-pred-lr", default=None, help=_from_preset("Keep the predictor's lr constant."))
 @click.option("--warmup-epochs", type=int, default=None, help="Linear lr warmup epochs before the cosine. [default: 0]")
 @click.option("--no-stop-grad", "stop_grad", flag_value=False, default=None,

@@ -166,3 +166,19 @@ def test_device_cuda_without_a_gpu(tmp_path, shared_image_folder):
     result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--device", "cuda")
     assert_user_error(result, "--device cuda: no CUDA GPU is visible", "--device cpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_preset_value_can_be_overridden(tmp_path, shared_image_folder):
+    out = tmp_path / "run"
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--proj-layers", "3", "--proj-hidden-dim", "32",
+                 "--momentum", "0.8", "--crop-min-scale", "0.5", "--blur", "--eval-resize", "20", "--wd", "1e-3",
+                 "--no-fix-pred-lr", "--warmup-epochs", "0", "--lr", "0.1")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["proj_layers"], config["proj_hidden_dim"], config["momentum"], config["crop_min_scale"]) == (3, 32, 0.8, 0.5)
+    assert config["blur"] is True and config["eval_resize"] == 20 and config["wd"] == 1e-3 and not config["fix_pred_lr"]
+    checkpoint = load_checkpoint(out / "last.pth.tar")
+    assert checkpoint["state_dict"]["module.encoder.fc.0.weight"].shape == (32, 512)
+    assert checkpoint["state_dict"]["module.encoder.fc.6.weight"].shape == (64, 32)
+    [group] = checkpoint["optimizer"]["param_groups"]  # one group: the predictor's lr is not fixed
+    assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3 and group["lr"] == pytest.approx(0.1 * 8 / 256)
