@@ -14,10 +14,11 @@ import click
               help="The index file; OUT.json beside it records its feature file and settings.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-pq"]), default="auto",
               help="auto: Flat (exact) up to 100,000 vectors, HNSW up to 1,000,000, else IVF-PQ, within --max-memory.")
-@click.option("--max-memory", default=None, help="Memory the index may take (e.g. 4G, 512M). [default: no limit]")
+@click.option("--max-memory", default=None, help="Memory the finished index may take (e.g. 4G, 512M); building it also holds the vectors "
+                   "as float32 (rows x dim x 4 bytes). [default: no limit]")
 @click.option("--target-recall", type=float, default=0.95,
               help="Search settings are tuned to the cheapest that reach this recall@10 against exact search.")
-@click.option("--recall-sample", type=int, default=1000, help="Vectors used as queries to measure recall@10.")
+@click.option("--recall-sample", type=int, default=1000, help="Vectors used as queries to tune the search settings, and as many again to measure recall@10.")
 @click.option("--seed", type=int, default=0, help="Seed of the training and recall samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def command(features, out, kind, max_memory, target_recall, recall_sample, seed, as_json):

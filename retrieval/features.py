@@ -116,15 +116,19 @@ class FeatureWriter:
         self.tmp = temporary_name(self.path)
         self.attrs = {**attrs, "simsiam_version": __version__}
         self.rows = 0
-        self.file = h5py.File(self.tmp, "w")
         storage = _compression_args(compression)
         chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
-        self.features = self.file.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype,
-                                                 chunks=(chunk, dim), **storage)
-        self.labels = self.file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64,
-                                               chunks=(max(chunk, 1024),), **storage)
-        self.paths = self.file.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=_STRINGS,
-                                              chunks=(max(chunk, 1024),), **storage)
+        self.file = h5py.File(self.tmp, "w")
+        try:
+            self.features = self.file.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype,
+                                                     chunks=(chunk, dim), **storage)
+            self.labels = self.file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64,
+                                                   chunks=(max(chunk, 1024),), **storage)
+            self.paths = self.file.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=_STRINGS,
+                                                  chunks=(max(chunk, 1024),), **storage)
+        except BaseException:
+            self.abort()
+            raise
 
     def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str]) -> None:
         n = len(features)

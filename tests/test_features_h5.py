@@ -109,6 +109,9 @@ def test_writer_removes_its_temporary_file_on_error(tmp_path):
             writer.append(np.ones((2, 3)), [0, 1], ["a", "b"])
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="--compression zstd"):
+        FeatureWriter(tmp_path / "f.h5", 3, {"arch": "a", "layer": "backbone"}, compression="zstd")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_virtual_file_over_shards_reads_as_one_file_and_moves_with_them(tmp_path):
