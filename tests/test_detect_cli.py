@@ -6,6 +6,7 @@ that need Detectron2 are in test_detectron2.py.
 
 from __future__ import annotations
 
+import ast
 import collections
 import pickle
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from transfer.detectron2_config import CONFIG_DIR, config_names
+from transfer.detectron2_config import CONFIG_DIR, config_names, use_plain_batchnorm
 from transfer.toy_voc import VOC_CLASSES, make_toy_voc
 from cli_runner import assert_user_error, run
 
@@ -51,6 +52,68 @@ def test_the_shipped_configs_are_listed_and_their_bases_exist():
             path = path.parent / data["_BASE_"]
             assert path.is_file(), path
         assert path.name.startswith("_base-")  # every chain ends in a base with the backbone settings
+
+
+def shipped_settings(path):
+    """A shipped config as flat ``KEY: value`` pairs, its ``_BASE_`` chain merged the way yacs merges
+    it (the child wins), without Detectron2; tuples written as strings are read as yacs reads them."""
+    data = yaml.safe_load(path.read_text())
+    settings = shipped_settings(path.parent / data.pop("_BASE_")) if "_BASE_" in data else {}
+
+    def flatten(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                flatten(value, f"{prefix}{key}.")
+            else:
+                is_tuple = isinstance(value, str) and value.startswith("(")
+                settings[prefix + key] = ast.literal_eval(value) if is_tuple else value
+
+    flatten(data)
+    return settings
+
+
+# The protocol of MoCo's detection configs (DESIGN.md), for every shipped config; the same values
+# are checked on Detectron2's merged config in test_detectron2.py where Detectron2 is installed.
+BACKBONE_PROTOCOL = {"MODEL.BACKBONE.FREEZE_AT": 0, "MODEL.RESNETS.DEPTH": 50, "MODEL.RESNETS.STRIDE_IN_1X1": False,
+                     "MODEL.RESNETS.NORM": "naiveSyncBN", "INPUT.FORMAT": "RGB",
+                     "MODEL.PIXEL_MEAN": [123.675, 116.280, 103.530], "MODEL.PIXEL_STD": [58.395, 57.120, 57.375],
+                     "TEST.PRECISE_BN.ENABLED": True, "SOLVER.IMS_PER_BATCH": 16, "SOLVER.BASE_LR": 0.02,
+                     "INPUT.MIN_SIZE_TEST": 800}
+SCHEDULES = {"voc-r50-c4": (24000, (18000, 22000)), "voc-r50-fpn": (24000, (18000, 22000)),
+             "coco-r50-c4-1x": (90000, (60000, 80000)), "coco-r50-fpn-1x": (90000, (60000, 80000)),
+             "coco-r50-c4-2x": (180000, (120000, 160000))}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_shipped_configs_hold_the_protocol(name):
+    settings = shipped_settings(CONFIG_DIR / f"{name}.yaml")
+    for key, value in BACKBONE_PROTOCOL.items():
+        assert settings[key] == value, key
+    assert (settings["SOLVER.MAX_ITER"], settings["SOLVER.STEPS"]) == SCHEDULES[name]
+    if name.startswith("voc"):
+        assert settings["INPUT.MIN_SIZE_TRAIN"] == tuple(range(480, 801, 32))
+        assert settings["DATASETS.TRAIN"] == ("voc_2007_trainval", "voc_2012_trainval")
+        assert settings["DATASETS.TEST"] == ("voc_2007_test",) and settings["SOLVER.WARMUP_ITERS"] == 100
+        assert settings["MODEL.ROI_HEADS.NUM_CLASSES"] == 20 and settings["MODEL.MASK_ON"] is False
+    else:
+        assert settings["INPUT.MIN_SIZE_TRAIN"] == tuple(range(640, 801, 32))
+        assert settings["DATASETS.TRAIN"] == ("coco_2017_train",) and settings["DATASETS.TEST"] == ("coco_2017_val",)
+        assert settings["MODEL.MASK_ON"] is True
+    if "-c4" in name:
+        assert settings["MODEL.ROI_HEADS.NAME"] == "Res5ROIHeadsExtraNorm"
+        assert (settings["MODEL.RPN.PRE_NMS_TOPK_TEST"], settings["MODEL.RPN.POST_NMS_TOPK_TEST"]) == (6000, 1000)
+
+
+def test_synchronised_norms_become_plain_bn_in_one_process_and_say_so():
+    # a user's config, as the nested mapping yacs' CfgNode is (a dict subclass)
+    cfg = {"MODEL": {"RESNETS": {"NORM": "SyncBN"}, "FPN": {"NORM": "naiveSyncBN"},
+                     "ROI_BOX_HEAD": {"NORM": ""}, "ROI_MASK_HEAD": {"NORM": "GN"}}}
+    changes = use_plain_batchnorm(cfg)
+    assert changes == ["MODEL.RESNETS.NORM: SyncBN -> BN (one process: nothing to synchronise)",
+                       "MODEL.FPN.NORM: naiveSyncBN -> BN (one process: nothing to synchronise)"]
+    assert cfg["MODEL"] == {"RESNETS": {"NORM": "BN"}, "FPN": {"NORM": "BN"}, "ROI_BOX_HEAD": {"NORM": ""},
+                            "ROI_MASK_HEAD": {"NORM": "GN"}}
+    assert use_plain_batchnorm({"MODEL": {"RESNETS": {"NORM": "BN"}}}) == []  # keys it lacks are fine
 
 
 def test_unknown_config_lists_the_valid_ones(tmp_path, weights, toy_root):

@@ -194,6 +194,8 @@ def test_scale_schedule_applies_the_linear_scaling_rule_and_says_so(tmp_path, r5
     assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER, cfg.SOLVER.WARMUP_ITERS) == (2, 192000, 800)
     assert cfg.SOLVER.BASE_LR == pytest.approx(0.0025) and tuple(cfg.SOLVER.STEPS) == (144000, 176000)
     assert cfg.SOLVER.REFERENCE_WORLD_SIZE == 1  # so that Detectron2's trainer does not scale again
+    assert cfg.TEST.PRECISE_BN.NUM_ITER == 1600  # precise BN still sees 200 x 16 images
+    assert "TEST.PRECISE_BN.NUM_ITER: 200 -> 1600" in plan.notes
     assert "linear scaling rule for 1 GPU(s) instead of 8:" in plan.notes
     assert "SOLVER.IMS_PER_BATCH: 16 -> 2" in plan.notes and "SOLVER.BASE_LR: 0.02 -> 0.0025" in plan.notes
     assert "SOLVER.STEPS: (18000, 22000) -> (144000, 176000)" in plan.notes

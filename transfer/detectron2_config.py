@@ -21,9 +21,9 @@ REFERENCE_GPUS = 8
 # The norms of Detectron2 that synchronise statistics over processes (layers/batch_norm.py: get_norm).
 SYNC_NORMS = ("SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
 NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM")
-# What Detectron2's DefaultTrainer.auto_scale_workers changes.
+# What Detectron2's DefaultTrainer.auto_scale_workers changes, and the precise-BN iterations.
 SCHEDULE_KEYS = ("SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS",
-                 "SOLVER.STEPS", "TEST.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD")
+                 "SOLVER.STEPS", "TEST.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD", "TEST.PRECISE_BN.NUM_ITER")
 
 INSTALL_HINT = ("pip install 'setuptools<81' wheel && pip install --no-build-isolation "
                 "'git+https://github.com/facebookresearch/detectron2.git'")
@@ -143,6 +143,9 @@ def scale_schedule(cfg: "CfgNode", world_size: int) -> list[str]:
     # returns a scaled copy whose REFERENCE_WORLD_SIZE is world_size, so the trainer scales no more
     scaled = DefaultTrainer.auto_scale_workers(cfg, world_size)
     cfg.merge_from_other_cfg(scaled)
+    # Detectron2 leaves precise BN's iterations alone; scale them too, so that its statistics are
+    # recomputed over as many images as in the reference run.
+    cfg.TEST.PRECISE_BN.NUM_ITER = int(round(before["TEST.PRECISE_BN.NUM_ITER"] * reference / world_size))
     changes = [f"{key}: {_show(before[key])} -> {_show(get_key(cfg, key))}"
                for key in SCHEDULE_KEYS if before[key] != get_key(cfg, key)]
     if changes:
