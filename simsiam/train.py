@@ -245,8 +245,6 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     # raw: the model whose state dict is saved; model: what the step runs (DDP-wrapped in parallel runs)
     raw, model = model, rt.data_parallel(model, runtime)
 
-    if runtime.is_main:
-        write_json_atomic(config.to_dict(), out / CONFIG_FILE)
     metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
 
     # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
@@ -260,10 +258,14 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     if config.compile:  # raw stays uncompiled: its state dict keys are the official ones
         model, loss_fn = torch.compile(model), torch.compile(loss_fn)
     total_steps = config.epochs * sampler.steps_per_epoch
-    emit({"event": "start", "images": len(images), "steps_per_epoch": sampler.steps_per_epoch,
-          "total_steps": total_steps, "global_step": global_step, "epoch": start_epoch,
-          "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision,
-          "batch_source": getattr(loader, "name", "dataloader")})
+    resolved = {"images": len(images), "steps_per_epoch": sampler.steps_per_epoch, "total_steps": total_steps,
+                "world_size": runtime.world_size, "batch_per_process": config.batch_size // runtime.world_size,
+                "init_lr": config.init_lr, "device": str(runtime.device),
+                "precision": runtime.precision, "channels_last": runtime.channels_last,
+                "batch_source": getattr(loader, "name", "dataloader")}
+    if runtime.is_main:  # the settings as given, and what "auto" and the scaling rules made of them
+        write_json_atomic({**config.to_dict(), "resolved": resolved}, out / CONFIG_FILE)
+    emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch})
 
     last_good = str(resume_from) if checkpoint is not None else None  # named when the loss diverges
     # an epoch's running totals; a mid-epoch checkpoint carries them so that a resumed epoch's

@@ -41,12 +41,23 @@ def test_projector_and_predictor_are_laid_out_as_official():
     assert not model.encoder.fc[6].bias.requires_grad
 
 
-def test_checkpoint_keys_load_into_official_main_lincls_logic():
-    model = SimSiam(build_resnet("resnet18", num_classes=128, zero_init_residual=True), 128, 32)
-    state_dict = to_official_layout(model.state_dict())
+def test_checkpoint_keys_load_into_official_main_lincls_logic(tmp_path):
+    import torchvision
 
-    # main_lincls.py, "load from pre-trained, before DistributedDataParallel constructor"
-    linear = build_resnet("resnet18")
+    from simsiam.checkpoint import save_atomic
+    from simsiam.config import preset_config
+    from simsiam.train import _checkpoint, build_model, build_optimizer
+
+    config = preset_config("imagenet")  # ResNet-50, 2048, 512: the official model
+    torch.manual_seed(0)
+    model = build_model(config)
+    path = tmp_path / "checkpoint_0099.pth.tar"
+    save_atomic(_checkpoint(config, model, build_optimizer(model, config), 100, 0, 0, {}), path)
+
+    # main_lincls.py: models.__dict__[args.arch](), then "load from pre-trained, before
+    # DistributedDataParallel constructor" (torch.load of the whole file, as the official script does)
+    linear = torchvision.models.__dict__["resnet50"]()
+    state_dict = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     for k in list(state_dict.keys()):
         if k.startswith("module.encoder") and not k.startswith("module.encoder.fc"):
             state_dict[k[len("module.encoder."):]] = state_dict[k]
@@ -54,7 +65,8 @@ def test_checkpoint_keys_load_into_official_main_lincls_logic():
     msg = linear.load_state_dict(state_dict, strict=False)
     assert set(msg.missing_keys) == {"fc.weight", "fc.bias"}
     assert msg.unexpected_keys == []
-    assert torch.equal(linear.layer4[1].conv2.weight, model.encoder.layer4[1].conv2.weight)
+    assert torch.equal(linear.layer4[2].conv3.weight, model.encoder.layer4[2].conv3.weight)
+    assert torch.equal(linear.bn1.running_var, model.encoder.bn1.running_var)
 
 
 def test_cifar_variant_has_a_3x3_stem_no_maxpool_and_a_2_layer_projector():

@@ -27,6 +27,10 @@ def test_a_short_run_writes_checkpoints_config_and_metrics(tmp_path, shared_imag
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "resnet18" and config["cifar_stem"] is False and config["lr"] == 0.03 and config["wd"] == 5e-4
     assert config["batch_size"] == 8 and config["image_size"] == 16 and config["proj_layers"] == 2
+    # and what "auto" and the scaling rule made of them
+    assert config["precision"] == "auto" and config["resolved"]["device"] == "cpu"
+    assert config["resolved"]["precision"] == "fp32" and config["resolved"]["batch_source"] == "dataloader"
+    assert config["resolved"]["init_lr"] == pytest.approx(0.03 * 8 / 256) and config["resolved"]["world_size"] == 1
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if l["kind"] == "step"]
     epochs = [l for l in lines if l["kind"] == "epoch"]
