@@ -92,7 +92,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         for name, given in (("CHECKPOINT", checkpoint), ("TRAIN_DIR", train_dir), ("VAL_DIR", val_dir)):
             if given is not None and str(given) != saved[name.lower()]:
                 raise UserError(f"{name} {given}: the run being resumed used {saved[name.lower()]}")
-        config = LinearEvalConfig.from_dict({**saved, **explicit})
+        config = LinearEvalConfig.for_resume(saved, explicit, str(checkpoint_path))
         config.out = str(out or checkpoint_path.parent)
     else:
         if val_dir is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -88,7 +89,7 @@ def command(data, out, preset, resume, overwrite, **options):
             raise UserError(f"--resume {resume}: the checkpoint has no run config to continue from")
         if preset is not None and preset != saved.get("preset"):
             raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
-        config = PretrainConfig.from_dict({**saved, **explicit})
+        config = PretrainConfig.for_resume(saved, explicit, str(checkpoint_path))
         config.out = str(out or checkpoint_path.parent)
     else:
         if data is None:
@@ -101,5 +102,5 @@ def command(data, out, preset, resume, overwrite, **options):
 
     with TrainingProgress() as progress:
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
-    if final:
+    if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")

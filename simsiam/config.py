@@ -23,11 +23,27 @@ class RunSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # Settings a resumed run may be given anew: where the data now is, how it runs, what it logs and saves, and
+    # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
+    # decides what the saved weights and optimizer state are, so changing it is refused.
+    RESUME_MAY_CHANGE = frozenset({"data", "epochs", "eval_resize", "workers", "device", "precision", "compile", "data_on_gpu",
+                                   "gpu_decode", "strict", "log_every", "save_every_epochs", "save_every_steps",
+                                   "knn_train", "knn_val", "knn_every", "knn_k", "knn_temperature", "eval_every"})
+
     @classmethod
     def from_dict(cls, values: dict):
         """Settings from a saved dict; keys this version does not know are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def for_resume(cls, saved: dict, given: dict, where: str):
+        """The saved settings of the run at ``where``, with the ``given`` ones a resumed run may change."""
+        for name, value in given.items():
+            if name not in cls.RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+                raise InputError(f"--{name.replace('_', '-')} {value}: the run being resumed ({where}) used "
+                                 f"{saved[name]}; a resumed run continues with its own settings")
+        return cls.from_dict({**saved, **given})
 
 
 @dataclass

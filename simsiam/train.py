@@ -74,10 +74,12 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_FILES) or any(folder.glob("checkpoint_*.pth.tar"))
 
 
-def prepare_run_dir(out: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds another run unless resuming it or told to overwrite it."""
+def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse a folder that holds another run unless resuming it (from a checkpoint inside it) or
+    told to overwrite it."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    resuming = resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
     if holds_run(out) and not resuming:
         if not overwrite:
             raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
@@ -223,7 +225,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     knn = KnnMonitor(config, runtime) if config.knn_train else None
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     if runtime.is_main:
-        prepare_run_dir(out, checkpoint is not None, overwrite)
+        prepare_run_dir(out, resume_from, overwrite)
     runtime.barrier()
 
     torch.manual_seed(config.seed)
@@ -241,6 +243,8 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         global_step = checkpoint.get("global_step", start_epoch * sampler.steps_per_epoch + start_step)
         if "rng" in checkpoint:
             torch.set_rng_state(checkpoint["rng"]["torch"])
+            if len(checkpoint["rng"].get("cuda", [])) == torch.cuda.device_count() > 0:
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     model = rt.sync_batchnorm(model, runtime)
     # raw: the model whose state dict is saved; model: what the step runs (DDP-wrapped in parallel runs)
     raw, model = model, rt.data_parallel(model, runtime)

@@ -170,7 +170,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
         linear_eval(config, on_event=stop_at("epoch", "epoch", 2))
     assert load_checkpoint(tmp_path / "killed" / "last.pth.tar")["epoch"] == 1
     assert not (tmp_path / "killed" / HEAD_FILE).exists()
-    # ... and resumed from its folder
+    # a resumed run keeps its recipe ...
+    assert_user_error(run("lincls", "--resume", tmp_path / "killed", "--batch-size", "8"),
+                      "--batch-size 8: the run being resumed", "used 16")
+    # ... and, resumed from its folder, ends where the uninterrupted run ends
     resumed = run("lincls", "--resume", tmp_path / "killed")
     assert resumed.exit_code == 0, resumed.output
     a = load_checkpoint(tmp_path / "straight" / HEAD_FILE)

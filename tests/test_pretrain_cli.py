@@ -131,6 +131,18 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    # what decides the saved weights and optimizer cannot change under a resumed run
+    before = (out / "last.pth.tar").stat().st_mtime_ns
+    assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--batch-size", "4"),
+                      "--batch-size 4: the run being resumed", "used 8")
+    assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--lr", "0.1"), "--lr 0.1", "used 0.03")
+    assert (out / "last.pth.tar").stat().st_mtime_ns == before
+    # a run resumed into another --out folder must not write over the run held there
+    other = tmp_path / "other"
+    assert run("pretrain", shared_image_folder, "--out", other, *TINY, "--seed", "3").exit_code == 0
+    assert_user_error(run("pretrain", "--resume", out, "--out", other, "--epochs", "3"),
+                      f"--out {other}: already holds a run")
+    assert json.loads((other / "config.json").read_text())["seed"] == 3
 
 
 def test_resume_of_a_folder_without_checkpoints(tmp_path):

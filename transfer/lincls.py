@@ -177,7 +177,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     if runtime.is_main:
-        prepare_run_dir(out, checkpoint is not None, overwrite)
+        prepare_run_dir(out, resume_from, overwrite)
         if checkpoint is None:
             (out / HEAD_FILE).unlink(missing_ok=True)  # the head of a run being started over
     runtime.barrier()
