@@ -303,6 +303,16 @@ def check_usable(feature_set: FeatureSet, name: str) -> None:
                              "cosine similarity is undefined for it")
 
 
+def labels_in_classes_of(features: FeatureSet, reference: FeatureSet) -> np.ndarray:
+    """``features``' labels renumbered into ``reference``'s classes by class name (-1 where it has no
+    such class); unchanged when either file has no class names."""
+    if features.classes and reference.classes:
+        position = {name: i for i, name in enumerate(reference.classes)}
+        table = np.array([position.get(name, -1) for name in features.classes] + [-1])
+        return table[np.where(features.labels >= 0, features.labels, len(features.classes))]
+    return features.labels.copy()
+
+
 def check_compatible(a: FeatureSet, a_name: str, b: FeatureSet, b_name: str) -> list[str]:
     """Refuse pairs that cannot be compared (dimension, layer); return warnings for doubtful ones."""
     if a.dim != b.dim:

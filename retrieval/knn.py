@@ -19,7 +19,7 @@ import torch
 
 from simsiam.errors import InputError
 
-from .features import FeatureSet, check_compatible, check_usable, temporary_name
+from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, temporary_name
 from .neighbours import as_tensor, search
 
 VOTE_CHUNK = 8192  # queries voted at a time: bounds the [chunk, classes] score matrix
@@ -45,6 +45,8 @@ class KnnReport:
     backend: str
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # what predictions index: the training classes
+    val_labels: np.ndarray | None = None  # the validation labels in those classes
 
 
 def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temperature: float,
@@ -106,8 +108,9 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     return results
 
 
-def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[str]]:
-    """Refuse what the protocol cannot evaluate; return ``(number of classes, warnings)``."""
+def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[str], np.ndarray]:
+    """Refuse what the protocol cannot evaluate; return ``(number of classes, warnings, validation
+    labels in the training classes)``."""
     warnings = check_compatible(train, "--train", val, "--val")
     for name, features in (("--train", train), ("--val", val)):
         if len(features) == 0:
@@ -117,14 +120,21 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[
                              "kNN needs labelled images (an ImageFolder: class/*.jpg)")
     if max(ks) > len(train):
         raise InputError(f"-k {max(ks)}: larger than the {len(train)} training images of {train.source}")
+    val_labels = val.labels
     if train.classes and val.classes and train.classes != val.classes:
-        raise InputError(f"--val {val.source}: classes {val.classes[:3]}... differ from those of --train "
-                         f"{train.source} ({train.classes[:3]}...); labels would not mean the same classes")
+        unknown = [name for name in val.classes if name not in train.classes]
+        if unknown:
+            raise InputError(f"--val {val.source}: classes {', '.join(unknown[:3])}{'...' if len(unknown) > 3 else ''} "
+                             f"are not among the {len(train.classes)} classes of --train {train.source}")
+        # a validation set with some of the classes (or in another order): match them by name
+        val_labels = labels_in_classes_of(val, train)
+        warnings.append(f"--val has {len(val.classes)} of the {len(train.classes)} classes of --train; "
+                        "labels matched by class name")
     check_usable(train, "--train")
     check_usable(val, "--val")
     num_classes = max(len(train.classes), len(val.classes),
-                      int(max(train.labels.max(), val.labels.max())) + 1)
-    return num_classes, warnings
+                      int(max(train.labels.max(), val_labels.max())) + 1)
+    return num_classes, warnings, val_labels
 
 
 def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: float = 0.07, backend: str = "auto",
@@ -134,13 +144,13 @@ def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: floa
 
     from .neighbours import resolve_search
 
-    num_classes, warnings = check_knn_inputs(train, val, ks)
+    num_classes, warnings, val_labels = check_knn_inputs(train, val, ks)
     chosen, chosen_device = resolve_search(backend, device)
     start = time.perf_counter()
-    results = weighted_knn(train.features, train.labels, val.features, val.labels, ks, temperature, num_classes,
+    results = weighted_knn(train.features, train.labels, val.features, val_labels, ks, temperature, num_classes,
                            chosen_device, chunk_size, chosen)
     return KnnReport(results, temperature, len(train), len(val), num_classes, f"{chosen}-{chosen_device}",
-                     time.perf_counter() - start, warnings)
+                     time.perf_counter() - start, warnings, list(train.classes or val.classes), val_labels)
 
 
 def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnReport) -> Path:
@@ -151,7 +161,8 @@ def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnRepor
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"--predictions {path}: the folder {path.parent} does not exist")
-    classes = val.classes
+    classes = report.classes
+    labels = report.val_labels if report.val_labels is not None else val.labels
 
     def name(index: int) -> str:
         return classes[index] if 0 <= index < len(classes) else str(index)
@@ -162,7 +173,7 @@ def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnRepor
             writer = csv.writer(f)
             writer.writerow(["path", "label", "class", "k", "prediction", "predicted_class", "top5", "correct"])
             for result in report.results:
-                for image, label, top in zip(val.paths, val.labels, result.predictions):
+                for image, label, top in zip(val.paths, labels, result.predictions):
                     writer.writerow([image, int(label), name(int(label)), result.k, int(top[0]), name(int(top[0])),
                                      " ".join(str(int(c)) for c in top), int(top[0] == label)])
         os.replace(tmp, path)

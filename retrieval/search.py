@@ -21,7 +21,7 @@ from simsiam.runtime import Runtime
 
 from .extract import extract_features
 from .feature_model import load_feature_model
-from .features import FeatureSet, check_compatible, check_usable, read_features
+from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, read_features
 from .index import LoadedIndex, load_index
 from .metrics import retrieval_metrics
 from .neighbours import normalized_float32, search
@@ -106,15 +106,6 @@ class SearchResult:
         return np.where(self.indices >= 0, self.database.labels[self.indices.clip(min=0)], -1)
 
 
-def labels_in_database_classes(queries: FeatureSet, database: FeatureSet) -> np.ndarray:
-    """Query labels renumbered into the database's classes by class name (-1 where it has no such class)."""
-    if queries.classes and database.classes:
-        position = {name: i for i, name in enumerate(database.classes)}
-        table = np.array([position.get(name, -1) for name in queries.classes] + [-1])
-        return table[np.where(queries.labels >= 0, queries.labels, len(queries.classes))]
-    return queries.labels.copy()
-
-
 def _search_rows(database: Database, queries: np.ndarray, k: int, backend: str, device: str) -> tuple:
     if database.index is None:
         found = search(database.features.features, queries, k, backend, device)
@@ -147,7 +138,7 @@ def search_database(database: Database, queries: FeatureSet, k: int = 10, evalua
     scores, indices, used = _search_rows(database, queries.features, depth + int(same), backend, device)
     if same:
         scores, indices = _drop_self(scores, indices, depth)
-    query_labels = labels_in_database_classes(queries, database.features)
+    query_labels = labels_in_classes_of(queries, database.features)
     result = SearchResult(FeatureSet(queries.features[:0], queries.labels, queries.paths, queries.attrs,
                                      queries.source),
                           database.features, scores[:, :k], indices[:, :k], query_labels, same, used,

@@ -122,6 +122,31 @@ def test_different_checkpoints_only_warn(files, tmp_path):
     assert "warning: --train and --val come from different checkpoints" in result.output
 
 
+def test_val_with_some_of_the_classes_is_matched_by_class_name(files, tmp_path):
+    import h5py as h5
+
+    with h5.File(files["val"]) as f:
+        features, labels = f["features"][:], f["labels"][:]
+    rows = np.isin(labels, [2, 5, 7])
+    renumbered = np.searchsorted([2, 5, 7], labels[rows])  # 0, 1, 2 for class2, class5, class7
+    subset = feature_file(tmp_path / "subset.h5", features[rows], renumbered, dtype="float16",
+                          classes=["class2", "class5", "class7"])
+    full_csv, subset_csv = tmp_path / "full.csv", tmp_path / "subset.csv"
+    assert run("knn", "--train", files["train"], "--val", files["val"], "-k", "5", "--predictions", full_csv).exit_code == 0
+    result = run("knn", "--train", files["train"], "--val", subset, "-k", "5", "--predictions", subset_csv, "--json")
+    assert result.exit_code == 0, result.output
+    expected = [r for r in csv.DictReader(full_csv.open()) if r["class"] in ("class2", "class5", "class7")]
+    got = list(csv.DictReader(subset_csv.open()))
+    assert [(r["label"], r["class"], r["prediction"], r["correct"]) for r in got] == \
+        [(r["label"], r["class"], r["prediction"], r["correct"]) for r in expected]
+    assert "--val has 3 of the 8 classes of --train; labels matched by class name" in result.output
+    report = json.loads(result.output.splitlines()[-1])
+    assert report["results"][0]["top1"] == pytest.approx(np.mean([int(r["correct"]) for r in expected]))
+    # a class the training set does not have could never be predicted: refused
+    alien = feature_file(tmp_path / "alien.h5", features[:5], np.zeros(5, int), classes=["zebra"])
+    assert_user_error(knn_error(tmp_path, files["train"], alien), "--val", "zebra", "not among the 8 classes of --train")
+
+
 def test_val_without_labels(files, tmp_path):
     unlabeled = feature_file(tmp_path / "u.h5", clustered(10)[0])
     assert_user_error(knn_error(tmp_path, files["train"], unlabeled), "--val", "10 image(s) without a label")
