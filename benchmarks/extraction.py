@@ -8,6 +8,10 @@ centre crop 224) over a JPEG folder, three ways, timed by :mod:`benchmarks.harne
 - ``ours-gpu-decode``: the same function over :class:`simsiam.device_data.EvalBatches` (workers
   only read files; decoding, resizing and cropping on the GPU).
 
+A step is a batch of features handed back on the CPU. Timing: :data:`benchmarks.harness.PROTOCOL`
+(every method has DataLoader workers, so N is at least 2 x workers x prefetch_factor); the folder
+is listed enough times over that the window holds no epoch end.
+
     python -m benchmarks.extraction --data /tmp/imagenet-like
 """
 
@@ -26,15 +30,17 @@ from retrieval.extract import embed_batches
 from simsiam import runtime as rt
 from simsiam.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from simsiam.backbones import build_resnet, pooled_backbone
-from simsiam.data import ImageDataset, scan_images
+from simsiam.data import ImageDataset, make_loader, scan_images
 from simsiam.device_data import EvalBatches
 
-from .harness import REPO, Method, append_jsonl, command_line, environment, markdown_section, time_steps, write_markdown
+from . import our_recipe
+from .harness import (PROTOCOL, REPO, Method, append_jsonl, command_line, environment, loader_queue, markdown_section,
+                      passes_needed, time_steps, write_markdown)
 
 IMAGE_SIZE, RESIZE = 224, 256
 
 
-def official_style(data: str, device: torch.device, batch_size: int, workers: int) -> Method:
+def official_style(data: str, device: torch.device, batch_size: int, workers: int, passes: int = 1) -> Method:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = pooled_backbone(build_resnet("resnet50")).to(device).eval()
@@ -42,8 +48,11 @@ def official_style(data: str, device: torch.device, batch_size: int, workers: in
     dataset = torchvision.datasets.ImageFolder(data, transforms.Compose([
         transforms.Resize(RESIZE), transforms.CenterCrop(IMAGE_SIZE), transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    if passes > 1:
+        dataset = torch.utils.data.ConcatDataset([dataset] * passes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")
+    queue = loader_queue(loader)
 
     @torch.no_grad()
     def epoch():
@@ -51,27 +60,28 @@ def official_style(data: str, device: torch.device, batch_size: int, workers: in
             yield model(images.to(device, non_blocking=True)).cpu()
 
     return Method("official-style", epoch, lambda features: None, batch_size, time.perf_counter() - start,
-                  notes="fp32, PIL decode and transforms in workers")
+                  notes="fp32, PIL decode and transforms in workers", workers=queue[0], queue=queue[1])
 
 
-
-def ours(data: str, runtime: rt.Runtime, batch_size: int, workers: int, gpu_decode: bool) -> Method:
+def ours(data: str, runtime: rt.Runtime, batch_size: int, workers: int, gpu_decode: bool, passes: int = 1) -> Method:
     start = time.perf_counter()
     torch.manual_seed(0)
     model = pooled_backbone(build_resnet("resnet50")).to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    images = scan_images(data)
+    images = our_recipe.repeat_images(scan_images(data), passes)
     if gpu_decode:
-        epoch = lambda: embed_batches(model, None, runtime, batches=EvalBatches(
-            images, IMAGE_SIZE, RESIZE, runtime.device, batch_size, workers))
+        batches = lambda: EvalBatches(images, IMAGE_SIZE, RESIZE, runtime.device, batch_size, workers)  # noqa: E731
+        epoch = lambda: embed_batches(model, None, runtime, batches=batches())  # noqa: E731
+        queue = loader_queue(batches().loader)
     else:
         dataset = ImageDataset(images, eval_transform(IMAGE_SIZE, RESIZE))
-        epoch = lambda: embed_batches(model, dataset, runtime, batch_size, workers)
+        epoch = lambda: embed_batches(model, dataset, runtime, batch_size, workers)  # noqa: E731
+        queue = loader_queue(make_loader(dataset, batch_size=batch_size, workers=workers))  # as embed_batches makes it
     name = "ours-gpu-decode" if gpu_decode else "ours-plain"
     where = "decode, resize and crop on the device" if gpu_decode else "transforms v2 in workers"
     return Method(name, epoch, lambda features: None, batch_size, time.perf_counter() - start,
-                  notes=f"{runtime.precision}, {where}")
+                  notes=f"{runtime.precision}, {where}", workers=queue[0], queue=queue[1])
 
 
 def main(argv=None) -> None:
@@ -79,22 +89,33 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2, help="batches")
-    parser.add_argument("--steps", type=int, default=12, help="timed batches")
+    parser.add_argument("--steps", type=int, default=12,
+                        help="timed batches at least (and at least 2 x workers x prefetch_factor)")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--methods", default="official-style,ours-plain,ours-gpu-decode")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="a time.time() after which no method is started (it is listed as not run)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--results-md", default=None)
     args = parser.parse_args(argv)
 
     runtime = rt.start(args.device)
+    passes = passes_needed(len(scan_images(args.data)), args.batch_size, args.steps, args.workers)
     builders = {
-        "official-style": lambda: official_style(args.data, runtime.device, args.batch_size, args.workers),
-        "ours-plain": lambda: ours(args.data, runtime, args.batch_size, args.workers, gpu_decode=False),
-        "ours-gpu-decode": lambda: ours(args.data, runtime, args.batch_size, args.workers, gpu_decode=True),
+        "official-style": lambda: official_style(args.data, runtime.device, args.batch_size, args.workers, passes),
+        "ours-plain": lambda: ours(args.data, runtime, args.batch_size, args.workers, gpu_decode=False, passes=passes),
+        "ours-gpu-decode": lambda: ours(args.data, runtime, args.batch_size, args.workers, gpu_decode=True,
+                                        passes=passes),
     }
     rows = []
     for name in args.methods.split(","):
+        if args.deadline and time.time() > args.deadline:
+            why = "not run: out of time (--deadline)"
+            row = {"method": name, "error": why, "notes": why}
+            append_jsonl(Path(args.out) / "extraction.jsonl", {"benchmark": "extraction", **row})
+            rows.append(row)
+            continue
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -109,9 +130,14 @@ def main(argv=None) -> None:
     for r in rows:
         if reference and "images_per_s" in r:
             r["x_official"] = round(r["images_per_s"] / reference["images_per_s"], 2)
-    columns = ["method", "images_per_s", "x_official", "step_ms", "batch_size", "peak_gpu_mib", "setup_s", "notes"]
-    notes = f"ResNet-50 backbone, resize {RESIZE}, centre crop {IMAGE_SIZE}; {args.warmup} warm-up batches, " \
-            f"then {args.steps} timed; {args.workers} DataLoader workers; data: {args.data}"
+    for r in rows:
+        if "images_per_s_2nd_half" in r:
+            r["2nd_half"] = r["images_per_s_2nd_half"]
+    columns = ["method", "images_per_s", "2nd_half", "x_official", "step_ms", "steps", "queue", "batch_size",
+               "peak_gpu_mib", "setup_s", "first_batch_s", "notes"]
+    notes = (f"ResNet-50 backbone, resize {RESIZE}, centre crop {IMAGE_SIZE}; {args.warmup} warm-up batches, "
+             f"--steps {args.steps}, {args.workers} DataLoader workers; data: {args.data} ({passes} passes an "
+             f"epoch); {PROTOCOL}")
     write_markdown(args.results_md, markdown_section(f"Extraction throughput, batch {args.batch_size}",
                                                      environment(runtime.device), command_line(), columns, rows, notes))
 

@@ -8,13 +8,18 @@ are timed: no training loop is repeated per method.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,15 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class Method:
     """What a benchmark times: ``step(batch)`` over the batches of ``epoch()`` (a fresh iterable
-    each time one runs out), ``batch_size`` images a step (two views of an image count once)."""
+    each time it is called), ``batch_size`` images a step (two views of an image count once)."""
 
     name: str
     epoch: Callable[[], Iterable]
     step: Callable[[object], torch.Tensor | None]
     batch_size: int
     setup_s: float = 0.0  # building it: model, dataset (decoding a dataset into GPU memory counts here)
-    notes: str = ""
+    notes: str | Callable[[], str] = ""  # a callable is read after timing (e.g. "compile failed: eager")
     extra: dict = field(default_factory=dict)
+    # its DataLoader, if its batches come from one: the worker processes, and the batches they may
+    # hold ready ahead of the step (workers x prefetch_factor); 0 for sources without workers
+    workers: int = 0
+    queue: int = 0
 
 
 def synchronize(device: torch.device) -> None:
@@ -43,39 +52,160 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batches_forever(method: Method):
+def loader_queue(loader) -> tuple[int, int]:
+    """(workers, batches its workers may hold ready) of a ``torch.utils.data.DataLoader``."""
+    workers = loader.num_workers
+    return workers, workers * (loader.prefetch_factor or 2) if workers else 0
+
+
+def window_steps(steps: int, workers: int = 0, queue: int = 0) -> int:
+    """How many steps the window times: ``steps``, and for a DataLoader at least twice the ``queue``
+    of batches its workers may hold ready, rounded up to whole rounds of its ``workers`` (worker
+    ``i`` makes batches ``i, i + workers, ...``: started together, they deliver in waves)."""
+    if not queue:
+        return steps
+    wave = max(1, workers)
+    return -(-max(steps, 2 * queue) // wave) * wave
+
+
+PROTOCOL = ("protocol: warm-up steps on one iterator, then dropped; a fresh iterator, its first batch "
+            "and step untimed (worker start-up); then N timed steps (steps), end to end, device synchronised "
+            "at start, middle (2nd_half rate) and end; N >= --steps and, for DataLoader sources, >= 2 x the "
+            "batches its workers may queue ahead (queue = workers x prefetch_factor), in whole worker rounds; "
+            "datasets repeated so that no epoch ends (no worker restart) inside the window")
+
+
+class EpochTooShort(RuntimeError):
+    pass
+
+
+def _drop(iterator) -> None:
+    """Stop an iterator's DataLoader workers now (a generator is closed, which releases the
+    loader iterator it holds; the last reference going shuts the workers down)."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+    del iterator
+    gc.collect()
+
+
+def _batches(method: Method, window: int):
+    """Batches of one fresh pass; a source without workers may run into its next epoch (a new
+    order, nothing restarts), a DataLoader source must not: that would time a worker restart."""
     while True:
-        yielded = False
+        count = 0
         for batch in method.epoch():
-            yielded = True
+            count += 1
             yield batch
-        if not yielded:
+        if not count:
             raise RuntimeError(f"{method.name}: an epoch with no batches")
+        if method.queue:
+            raise EpochTooShort(f"{method.name}: an epoch of {count} batches is shorter than the {window} "
+                                "the timing needs; repeat the dataset (its workers would restart inside the window)")
 
 
 def time_steps(method: Method, device: torch.device, warmup: int, steps: int) -> dict:
-    """Run ``warmup`` untimed steps (compilation, cuDNN autotuning, worker start), then time
-    ``steps`` steps end to end (waiting for the batches included), synchronising the device only
-    at both ends. Returns images/s and the peak GPU memory of the process so far."""
-    batches = _batches_forever(method)
+    """Time ``method`` by :data:`PROTOCOL`: ``warmup`` untimed steps on a first iterator, then a
+    fresh iterator's first batch and step untimed, then N timed steps (:func:`window_steps`).
+    Returns images/s (the whole window and its second half) and the peak GPU memory so far."""
+    n = window_steps(steps, method.workers, method.queue)
+    warmup_s = 0.0
+    if warmup:
+        start = time.perf_counter()
+        batches = _batches(method, warmup)
+        for _ in range(warmup):
+            method.step(next(batches))
+        synchronize(device)
+        _drop(batches)
+        warmup_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in range(warmup):
+    batches = _batches(method, n + 1)
+    method.step(next(batches))
+    synchronize(device)
+    first_s = time.perf_counter() - start
+    half = n // 2
+    start = middle = time.perf_counter()
+    for i in range(n):
+        if i == half:
+            synchronize(device)
+            middle = time.perf_counter()
         method.step(next(batches))
     synchronize(device)
-    warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        method.step(next(batches))
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    end = time.perf_counter()
+    _drop(batches)
+    elapsed = end - start
+    notes = method.notes() if callable(method.notes) else method.notes
     result = {
-        "method": method.name, "batch_size": method.batch_size, "steps": steps, "warmup_steps": warmup,
-        "seconds": round(elapsed, 3), "images_per_s": round(steps * method.batch_size / elapsed, 1),
-        "step_ms": round(1000 * elapsed / steps, 2), "warmup_s": round(warmup_s, 2), "setup_s": round(method.setup_s, 2),
-        "notes": method.notes, **method.extra,
+        "method": method.name, "batch_size": method.batch_size, "steps": n, "warmup_steps": warmup,
+        "seconds": round(elapsed, 3), "images_per_s": round(n * method.batch_size / elapsed, 1),
+        "images_per_s_2nd_half": round((n - half) * method.batch_size / (end - middle), 1),
+        "step_ms": round(1000 * elapsed / n, 2), "warmup_s": round(warmup_s, 2), "first_batch_s": round(first_s, 2),
+        "setup_s": round(method.setup_s, 2), "workers": method.workers, "queue": method.queue,
+        "notes": notes, **method.extra,
     }
     result.update(peak_memory(device))
     return result
+
+
+def passes_needed(images: int, batch_size: int, steps: int, workers: int, prefetch: int = 4) -> int:
+    """How many times a dataset of ``images`` must be repeated so that one epoch holds the untimed
+    first batch and the longest window :func:`window_steps` gives (for ``prefetch`` up to 4)."""
+    window = window_steps(steps, workers, workers * prefetch)
+    return max(1, -(-(window + 2) * batch_size // max(1, images)))
+
+
+class CompileTimeout(Exception):
+    """Compiling (the first steps of a ``torch.compile`` d model) took longer than allowed."""
+
+
+def arm_alarm(seconds: float, what: str = "compiling") -> bool:
+    """Raise :class:`CompileTimeout` in the main thread ``seconds`` from now (SIGALRM); False, and
+    nothing armed, off the main thread, without SIGALRM or for ``seconds`` <= 0."""
+    if seconds <= 0 or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return False
+
+    def ring(signum, frame):
+        raise CompileTimeout(f"{what} took over {seconds:.0f} s")
+
+    signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return True
+
+
+def disarm_alarm() -> None:
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@contextmanager
+def time_limit(seconds: float, what: str = "compiling"):
+    armed = arm_alarm(seconds, what)
+    try:
+        yield
+    finally:
+        if armed:
+            disarm_alarm()
+
+
+def compile_failure(err: BaseException) -> str:
+    """One line for a row's notes on why compiling was given up, with the traceback on stderr."""
+    traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    root = err  # dynamo wraps what the backend raised (BackendCompilerFailed(... CompileTimeout ...))
+    for _ in range(10):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None:
+            break
+        root = inner
+    first = (str(root).strip().splitlines() or [""])[0]
+    print(f"== torch.compile failed, going on eager: {type(root).__name__}: {first}", file=sys.stderr, flush=True)
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 - the eager model does not need it
+        pass
+    return f"compile failed ({type(root).__name__}: {first[:80]}), eager instead"
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -20,7 +20,7 @@ from torch import nn
 
 from simsiam.backbones import build_resnet
 
-from .harness import Method
+from .harness import Method, loader_queue
 
 
 class LightlySimSiam(nn.Module):
@@ -42,7 +42,9 @@ class LightlySimSiam(nn.Module):
         return z.detach(), p
 
 
-def build(config, device: torch.device) -> Method:
+def build(config, device: torch.device, passes: int = 1) -> Method:
+    """lightly's SimSiam for a :class:`simsiam.config.PretrainConfig`'s backbone, data, batch size and
+    worker count; the folder's images ``passes`` times over in an epoch (for timing)."""
     from lightly.loss import NegativeCosineSimilarity
     from lightly.transforms import SimSiamTransform
 
@@ -58,6 +60,8 @@ def build(config, device: torch.device) -> Method:
                                 weight_decay=5e-4 if cifar else 1e-4)
     transform = SimSiamTransform(input_size=config.image_size, gaussian_blur=0.0 if cifar else 0.5)
     dataset = torchvision.datasets.ImageFolder(config.data, transform)
+    if passes > 1:
+        dataset = torch.utils.data.ConcatDataset([dataset] * passes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          num_workers=config.workers, pin_memory=device.type == "cuda")
 
@@ -74,7 +78,8 @@ def build(config, device: torch.device) -> Method:
     model.train()
     import lightly
 
+    workers, queue = loader_queue(loader)
     method = Method("lightly", lambda: loader, step, config.batch_size, setup_s=time.perf_counter() - start,
-                    notes=f"lightly {lightly.__version__}, fp32, PIL transforms")
+                    notes=f"lightly {lightly.__version__}, fp32, PIL transforms", workers=workers, queue=queue)
     method.model, method.optimizer = model, optimizer  # for a run of whole epochs (time to accuracy)
     return method

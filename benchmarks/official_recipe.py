@@ -33,7 +33,7 @@ from torchvision import transforms
 from simsiam.augment import IMAGENET_MEAN, IMAGENET_STD
 from simsiam.train import build_model, build_optimizer
 
-from .harness import Method
+from .harness import Method, loader_queue
 
 
 class PILGaussianBlur:
@@ -74,9 +74,10 @@ def _process_group_of_one(device: torch.device) -> None:
                             world_size=1, rank=0)
 
 
-def build(config, device: torch.device) -> Method:
+def build(config, device: torch.device, passes: int = 1) -> Method:
     """The official pipeline and step for a :class:`simsiam.config.PretrainConfig`'s model,
-    augmentation, data, batch size and worker count."""
+    augmentation, data, batch size and worker count; the folder's images ``passes`` times over
+    in an epoch (for timing: see :func:`benchmarks.harness.passes_needed`)."""
     start = time.perf_counter()
     _process_group_of_one(device)
     torch.manual_seed(0)
@@ -90,6 +91,8 @@ def build(config, device: torch.device) -> Method:
     torch.backends.cudnn.benchmark = True
 
     dataset = torchvision.datasets.ImageFolder(config.data, TwoCrops(official_augmentation(config.image_size, config.blur)))
+    if passes > 1:
+        dataset = torch.utils.data.ConcatDataset([dataset] * passes)
     sampler = torch.utils.data.distributed.DistributedSampler(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.workers,
                                          pin_memory=True, sampler=sampler, drop_last=True)
@@ -112,5 +115,6 @@ def build(config, device: torch.device) -> Method:
         return loss
 
     model.train()
+    workers, queue = loader_queue(loader)
     return Method("official", epoch, step, config.batch_size, setup_s=time.perf_counter() - start,
-                  notes="fp32, PIL transforms, DDP of one process")
+                  notes="fp32, PIL transforms, DDP of one process", workers=workers, queue=queue)

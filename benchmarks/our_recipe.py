@@ -7,6 +7,9 @@ batches that already sit on the GPU, ready to go, so that no data work is left.
 The step is the training loop's (``simsiam.train._pretrain``): views to the device, channels_last,
 autocast forward and loss, ``zero_grad(set_to_none=True)``, backward, SGD step; the loss stays on
 the device (the loop reads it every ``--log-every`` steps, the harness at the end).
+
+With ``compile_model``, a step that fails to compile, or whose compiling takes longer than
+``compile_timeout`` seconds, is run eager instead, from then on, and the rows say so.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from simsiam.device_data import pretrain_batches
 from simsiam.loss import negative_cosine_similarity
 from simsiam.train import build_model, build_optimizer
 
-from .harness import Method
+from .harness import Method, compile_failure, loader_queue, time_limit
 
 
 class _Trainer:
     """The model, optimizer and step of a run, built once and shared by the methods of a process."""
 
-    def __init__(self, config, compile_model: bool):
+    def __init__(self, config, compile_model: bool, compile_timeout: float = 0):
         self.runtime = rt.start(config.device, config.precision)
         torch.manual_seed(0)
         model = build_model(config)
@@ -37,12 +40,28 @@ class _Trainer:
         model.to(self.runtime.device)
         if self.runtime.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.model, self.loss_fn = model, negative_cosine_similarity
+        self.eager = self.model, self.loss_fn = model, negative_cosine_similarity
+        self.compiled, self.compile_timeout = compile_model, compile_timeout
+        self.compile_note = "compiled" if compile_model else "eager"
         if compile_model:
             self.model, self.loss_fn = torch.compile(model), torch.compile(negative_cosine_similarity)
         self.model.train()
 
     def step(self, batch):
+        """A training step; compiled, the step runs under a time limit (compiling happens in the
+        first calls), and on any failure the step is redone eager, as are all later ones."""
+        if not self.compiled:
+            return self._step(batch)
+        try:
+            with time_limit(self.compile_timeout):
+                return self._step(batch)
+        except Exception as err:  # noqa: BLE001 - whatever compiling raised, eager is the answer
+            self.compile_note = compile_failure(err)
+            self.compiled = False
+            self.model, self.loss_fn = self.eager
+            return self._step(batch)
+
+    def _step(self, batch):
         batch, _ = batch  # (batch, unreadable) as the loaders yield it
         if batch is None:
             return None
@@ -77,42 +96,57 @@ def _epochs(source, sampler):
     return epoch
 
 
-def build_plain(config, device: torch.device) -> list[Method]:
+def repeat_images(images, passes: int):
+    """The folder's images listed ``passes`` times over: an epoch as long as that many (see
+    :func:`benchmarks.harness.passes_needed`)."""
+    if passes <= 1:
+        return images
+    return dataclasses.replace(images, paths=images.paths * passes, labels=images.labels * passes)
+
+
+def build_plain(config, device: torch.device, passes: int = 1) -> list[Method]:
     start = time.perf_counter()
     trainer = _Trainer(config, compile_model=False)
-    images = scan_images(config.data)
+    images = repeat_images(scan_images(config.data), passes)
     sampler = _sampler(config, images)
     transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
     dataset = ImageDataset(images, transform, seed=config.seed)
     loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=device.type == "cuda")
     loader.set_epoch = dataset.set_epoch
+    workers, queue = loader_queue(loader)
     return [Method("ours-plain", _epochs(loader, sampler), trainer.step, config.batch_size,
-                   setup_s=time.perf_counter() - start,
+                   setup_s=time.perf_counter() - start, workers=workers, queue=queue,
                    notes=f"{trainer.runtime.precision}, transforms v2 on uint8 in {config.workers} workers")]
 
 
-def build_fast(config, device: torch.device, compile_model: bool = True) -> list[Method]:
+def build_fast(config, device: torch.device, compile_model: bool = True, passes: int = 1,
+               compile_timeout: float = 0) -> list[Method]:
     """The compute bound first (it also pays for the compilation), then the fast path, on one
-    compiled model. ``config.data_on_gpu`` / ``config.gpu_decode`` say which fast source."""
+    compiled model. ``config.data_on_gpu`` / ``config.gpu_decode`` say which fast source; a
+    source with DataLoader workers (GPU decoding) lists the images ``passes`` times, one held on
+    the device does not (its epoch ends without restarting anything)."""
     start = time.perf_counter()
-    trainer = _Trainer(config, compile_model)
+    trainer = _Trainer(config, compile_model, compile_timeout)
     built = time.perf_counter() - start
     views = [torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=trainer.runtime.device)
              for _ in range(4)]
     ready = [(((views[i], views[i + 1]), None, None), []) for i in (0, 2)]
-    compiled = "compiled" if compile_model else "eager"
-    bound = Method("compute-bound", lambda: ready * 50, trainer.step, config.batch_size, setup_s=built,
-                   notes=f"{trainer.runtime.precision}, {compiled}, batches already on the GPU")
+    precision = trainer.runtime.precision
+    bound = Method("compute-bound", lambda: ready * 5000, trainer.step, config.batch_size, setup_s=built,
+                   notes=lambda: f"{precision}, {trainer.compile_note}, batches already on the GPU")
 
     start = time.perf_counter()
     images = scan_images(config.data)
+    if not config.data_on_gpu:
+        images = repeat_images(images, passes)
     sampler = _sampler(config, images)
     source = pretrain_batches(config, images, sampler, trainer.runtime)
     if source is None:
         raise RuntimeError("the config asks for no fast-path source (data_on_gpu / gpu_decode)")
+    workers, queue = loader_queue(source.loader) if hasattr(source, "loader") else (0, 0)
     fast = Method("ours-fast", _epochs(source, sampler), trainer.step, config.batch_size,
-                  setup_s=built + time.perf_counter() - start,
-                  notes=f"{trainer.runtime.precision}, {compiled}, {source.name}")
+                  setup_s=built + time.perf_counter() - start, workers=workers, queue=queue,
+                  notes=lambda: f"{precision}, {trainer.compile_note}, {source.name}")
     return [bound, fast]
 
 

@@ -9,6 +9,13 @@ Configurations: ``cifar-r18`` (ResNet-18 with the CIFAR stem, 32x32, batch 512, 
 App. D recipe) and ``r50-224`` (ResNet-50, 224x224, batch 256, the official ImageNet recipe).
 Each result is a line of ``--out``/throughput.jsonl; the table, with ratios, is printed and
 appended to ``--results-md``.
+
+Timing (:data:`benchmarks.harness.PROTOCOL`): warm-up steps on one iterator, then a fresh
+iterator whose first batch is untimed, then N timed steps, N at least ``--steps`` and, for the
+methods fed by DataLoader workers (official, lightly, ours-plain, ours-fast on a JPEG folder),
+at least 2 x workers x prefetch_factor batches; every dataset is listed enough times over that
+no epoch ends inside the window. With ``--compile``, a fast path whose compiling fails or takes
+over ``--compile-timeout`` seconds runs eager, and its rows say so.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import REPO, append_jsonl, command_line, environment, markdown_section, time_steps, write_markdown
+from .harness import (PROTOCOL, REPO, append_jsonl, command_line, environment, markdown_section, passes_needed,
+                      time_steps, write_markdown)
 
 CONFIGS = {"cifar-r18": ("cifar", 512), "r50-224": ("imagenet", 256)}
 METHODS = ("official", "lightly", "plain", "fast")
@@ -38,20 +46,30 @@ def pretrain_config(args):
                          device=args.device)
 
 
+def data_passes(args) -> int:
+    """The folder listed this many times over in an epoch, so that no timed window holds an epoch end."""
+    from simsiam.data import scan_images
+
+    config = pretrain_config(args)
+    return passes_needed(len(scan_images(config.data)), config.batch_size, args.steps, config.workers)
+
+
 def build(method: str, args):
     config = pretrain_config(args)
     device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    passes = data_passes(args)
     if method == "official":
         from . import official_recipe
-        return [official_recipe.build(config, device)], device
+        return [official_recipe.build(config, device, passes)], device
     if method == "lightly":
         from . import lightly_recipe
-        return [lightly_recipe.build(config, device)], device
+        return [lightly_recipe.build(config, device, passes)], device
     from . import our_recipe
     if method == "plain":
-        return our_recipe.build_plain(config, device), device
+        return our_recipe.build_plain(config, device, passes), device
     if method == "fast":
-        return our_recipe.build_fast(our_recipe.fast_config(config), device, compile_model=args.compile), device
+        return our_recipe.build_fast(our_recipe.fast_config(config), device, compile_model=args.compile, passes=passes,
+                                     compile_timeout=args.compile_timeout), device
     raise SystemExit(f"unknown method {method}")
 
 
@@ -97,11 +115,15 @@ def summarise(args, command: str) -> None:
         if "error" in r:
             r["notes"] = r["error"][:120]
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    columns = ["method", "images_per_s", "x_official", "x_lightly", "of_bound", "step_ms", "batch_size",
-               "peak_gpu_mib", "setup_s", "warmup_s", "notes"]
+    for r in rows:
+        if "images_per_s_2nd_half" in r:
+            r["2nd_half"] = r["images_per_s_2nd_half"]
+    columns = ["method", "images_per_s", "2nd_half", "x_official", "x_lightly", "of_bound", "step_ms", "steps", "queue",
+               "batch_size", "peak_gpu_mib", "setup_s", "warmup_s", "first_batch_s", "notes"]
     what = "Data pipeline throughput (no model)" if args.data_only else "Training throughput"
     title = f"{what}, {args.config}, batch {args.batch_size or CONFIGS[args.config][1]}"
-    notes = f"{args.warmup} warm-up steps, then {args.steps} timed steps; {args.workers} DataLoader workers"
+    notes = (f"{args.warmup} warm-up steps, --steps {args.steps}, {args.workers} DataLoader workers; data: "
+             f"{args.data} (listed {data_passes(args)} times over an epoch where workers feed it); {PROTOCOL}")
     write_markdown(args.results_md, markdown_section(title, environment(device), command, columns, rows, notes))
 
 
@@ -112,10 +134,13 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the configuration's (512 or 256)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=15,
+                        help="timed steps at least; DataLoader methods time at least 2 x workers x prefetch_factor")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="the fast path without torch.compile")
+    parser.add_argument("--compile-timeout", type=float, default=240,
+                        help="seconds a compiled step may take (compiling included) before the fast path goes eager")
     parser.add_argument("--data-only", action="store_true",
                         help="time the batches alone (decoding and augmenting), without the model's step")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per method")
