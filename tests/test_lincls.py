@@ -48,15 +48,19 @@ def data(tmp_path_factory):
     return checkpoint, train, val
 
 
-def test_linear_head_learns_a_separable_task_and_the_backbone_stays_frozen(tmp_path, data):
+# LARS (the default) moves the weights by trust x lr of their norm a step: on the 90 steps here
+# it needs a far larger base lr than over the ~28k steps of the ImageNet recipe.
+@pytest.mark.parametrize("optimizer,lr,epochs,least_top1", [("sgd", "1", "8", 95.0), ("lars", "1000", "30", 90.0)])
+def test_linear_head_learns_a_separable_task_and_the_backbone_stays_frozen(tmp_path, data, optimizer, lr, epochs,
+                                                                           least_top1):
     checkpoint, train, val = data
     out = tmp_path / "lincls"
-    result = run("lincls", checkpoint, train, val, "--out", out, *TINY, "--optimizer", "sgd", "--lr", "1",
-                 "--batch-size", "16", "--epochs", "8")
+    result = run("lincls", checkpoint, train, val, "--out", out, *TINY, "--optimizer", optimizer, "--lr", lr,
+                 "--batch-size", "16", "--epochs", epochs, "--eval-every", epochs)
     assert result.exit_code == 0, result.output
     head = load_checkpoint(out / HEAD_FILE)
     metrics = head["metrics"]
-    assert metrics["top1"] >= 95.0, metrics
+    assert metrics["top1"] >= least_top1, metrics  # chance is 33.3
     assert metrics["top5"] == 100.0 and metrics["topk"] == 3  # top-k with k = min(5, classes)
     assert metrics["backbone_unchanged"] is True
     assert set(head["state_dict"]) == {"fc.weight", "fc.bias"} and head["state_dict"]["fc.weight"].shape == (3, 512)
