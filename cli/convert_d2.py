@@ -11,16 +11,19 @@ import click
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="The Detectron2 pickle to write; must end in .pkl.")
-def command(checkpoint: Path, out: Path) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def command(checkpoint: Path, out: Path, overwrite: bool) -> None:
     """Convert the ResNet backbone of CHECKPOINT for Detectron2.
 
     CHECKPOINT: a simsiam pretrain checkpoint, an official SimSiam or MoCo one, or a torchvision
     ResNet state dict (ResNet-18/34/50/101/152). The projector, predictor and fc are left out.
     Needs no Detectron2.
     """
+    from simsiam.atomic import check_output
     from transfer.detectron2_weights import check_pickle_path, convert_checkpoint, write_detectron2_pickle
 
     check_pickle_path(out)  # before the (slow) read of a large checkpoint
+    check_output(out, "--out", overwrite, inputs=[checkpoint])
     weights = convert_checkpoint(checkpoint)
     write_detectron2_pickle(weights, out)
     click.echo(f"wrote {len(weights.model)} tensors of the {weights.arch} backbone to {out} "

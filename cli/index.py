@@ -18,10 +18,11 @@ import click
                    "as float32 (rows x dim x 4 bytes). [default: no limit]")
 @click.option("--target-recall", type=float, default=0.95,
               help="Search settings are tuned to the cheapest that reach this recall@10 against exact search.")
-@click.option("--recall-sample", type=int, default=1000, help="Vectors used as queries to tune the search settings, and as many again to measure recall@10.")
+@click.option("--recall-sample", type=click.IntRange(min=1), default=1000, help="Vectors used as queries to tune the search settings, and as many again to measure recall@10.")
 @click.option("--seed", type=int, default=0, help="Seed of the training and recall samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(features, out, kind, max_memory, target_recall, recall_sample, seed, as_json):
+@click.option("--overwrite", is_flag=True, help="Replace --out (and OUT.json) if they exist.")
+def command(features, out, kind, max_memory, target_recall, recall_sample, seed, as_json, overwrite):
     """Build a FAISS index over FEATURES (a feature file from simsiam extract) and report its recall@10.
 
     \b
@@ -30,7 +31,11 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     """
     from dataclasses import asdict
 
-    from retrieval.index import build_index, human_bytes, parse_memory
+    from retrieval.index import build_index, human_bytes, parse_memory, sidecar_path
+    from simsiam.atomic import check_output
+
+    check_output(out, "--out", overwrite, inputs=[features])
+    check_output(sidecar_path(out), "--out", overwrite, inputs=[features])
 
     budget = parse_memory(max_memory) if max_memory is not None else None
     say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))

@@ -15,11 +15,40 @@ class UserError(click.ClickException):
 
 
 class SimSiamGroup(click.Group):
+    """Every user mistake ends as one ``Error:`` line and exit status 2, never a traceback."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SimSiamError as err:
             raise UserError(str(err)) from None
+        except click.UsageError as err:  # click's own would print the usage and a hint: 4 lines
+            command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            raise UserError(f"{err.format_message()} (see: simsiam{command} --help)") from None
+        except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
+            raise UserError(_os_error(err)) from None
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            raise UserError(f"out of memory ({_first_line(err)}); try a smaller --batch-size or --image-size") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _os_error(err: OSError) -> str:
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or _first_line(err)}"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (CUDA), the CPU allocator's RuntimeError; checked by name so that
+    # this module does not import torch
+    text = str(err)
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower())
 
 
 @click.group(cls=SimSiamGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

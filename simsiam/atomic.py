@@ -8,6 +8,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import InputError
+
 
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
@@ -18,8 +20,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     when the block raises.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a folder; give a file name", str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -28,6 +33,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -40,3 +51,18 @@ def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     os.replace(tmp, path)
+
+
+def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()) -> Path:
+    """Refuse, before any work, an output file that cannot or should not be written: a folder, a
+    missing parent folder, one of the ``inputs``, or an existing file without ``overwrite``."""
+    out = Path(out)
+    if out.is_dir():
+        raise InputError(f"{option} {out}: is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise InputError(f"{option} {out}: the folder {out.parent} does not exist")
+    if any(Path(p).exists() and out.exists() and out.samefile(p) for p in inputs):
+        raise InputError(f"{option} {out}: is an input of this command; choose another name")
+    if out.exists() and not overwrite:
+        raise InputError(f"{option} {out}: exists; pass --overwrite to replace it")
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,12 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     ``mmap``: map the file instead of reading it; tensors are read when touched (cheap peeks).
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False  # only the zip format (torch.save's since 1.6) maps; torch's own message misleads
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -59,9 +64,9 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         detail = message.split("WeightsUnpickler error:")[-1]
         reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unpickling failed")
         raise InputError(f"{path}: not a PyTorch checkpoint ({reason[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001  any bytes at all: the legacy unpickler fails in many ways
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason[:120]})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
     return obj

@@ -93,9 +93,14 @@ class PretrainConfig(RunSettings):
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("lr", "wd", "warmup_epochs", "workers", "save_every_steps"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+        for name in ("lr", "wd", "warmup_epochs", "workers", "save_every_steps", "proj_hidden_dim", "eval_resize"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # NaN compares false
+                raise InputError(f"--{name.replace('_', '-')} {value}: must be a finite number, not negative")
+        if not 0 <= self.momentum < 1:
+            raise InputError(f"--momentum {self.momentum}: must be in [0, 1)")
+        if self.batch_size < 2:
+            raise InputError(f"--batch-size {self.batch_size}: BatchNorm needs at least 2 images a batch")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs:
             raise InputError(f"--warmup-epochs {self.warmup_epochs}: must be fewer than --epochs {self.epochs}")
         if self.arch not in RESNET_ARCHS:

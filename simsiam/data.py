@@ -86,6 +86,22 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     return ImageList(root=root, paths=paths, labels=labels, classes=classes)
 
 
+def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option: str) -> tuple[ImageList, ImageList]:
+    """Both folders as ImageFolders, the validation labels indexing the training classes (matched by
+    name, so a validation folder may hold some of the classes, in any order)."""
+    train, val = scan_images(train_dir), scan_images(val_dir)
+    for option, images in ((train_option, train), (val_option, val)):
+        if not images.labelled:
+            raise InputError(f"{option} {images.root}: needs class folders (class/*.jpg) for labels")
+    unknown = [c for c in val.classes if c not in train.classes]
+    if unknown:
+        raise InputError(f"{val_option} {val.root}: classes not in {train_option}: {', '.join(unknown[:5])}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    index = {c: i for i, c in enumerate(train.classes)}
+    labels = [index[val.classes[label]] for label in val.labels]
+    return train, ImageList(val.root, val.paths, labels, train.classes)
+
+
 def _decoder_reason(message: str) -> str:
     """"decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated" -> the reason only."""
     reason = re.sub(r"^\w+, \S+:\d+, ", "", message.strip())

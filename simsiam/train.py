@@ -22,7 +22,7 @@ from .atomic import link_atomic
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import GlobalBatchSampler, ImageDataset, count_unreadable, make_loader, scan_images
+from .data import GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, scan_images
 from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
@@ -69,9 +69,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
 
 
 def holds_run(folder: Path) -> bool:
-    if not folder.is_dir():
-        return False
-    return any((folder / name).exists() for name in RUN_FILES) or any(folder.glob("checkpoint_*.pth.tar"))
+    """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
+    before its first checkpoint leaves only its config and log; the next start replaces them.)"""
+    return folder.is_dir() and ((folder / LAST).exists() or any(folder.glob("checkpoint_*.pth.tar")))
 
 
 def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
@@ -80,10 +80,10 @@ def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     resuming = resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
-    if holds_run(out) and not resuming:
-        if not overwrite:
-            raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
-                             "or --overwrite to start over")
+    if holds_run(out) and not resuming and not overwrite:
+        raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
+                         "or --overwrite to start over")
+    if not resuming:
         for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
             path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,11 +125,8 @@ class KnnMonitor:
 
     def __init__(self, config: PretrainConfig, runtime: rt.Runtime):
         transform = eval_transform(config.image_size, config.eval_resize or None)
-        self.train = ImageDataset(scan_images(config.knn_train), transform)
-        self.val = ImageDataset(scan_images(config.knn_val), transform)
-        for name, ds in (("--knn-train", self.train), ("--knn-val", self.val)):
-            if not ds.images.labelled:
-                raise InputError(f"{name} {ds.images.root}: needs class folders (labels) for kNN")
+        train, val = labelled_images(config.knn_train, config.knn_val, "--knn-train", "--knn-val")
+        self.train, self.val = ImageDataset(train, transform), ImageDataset(val, transform)
         if len(self.train) < config.knn_k:
             raise InputError(f"--knn-k {config.knn_k}: larger than the {len(self.train)} images of --knn-train")
         self.config = config
@@ -144,7 +141,7 @@ class KnnMonitor:
         workers = self.config.workers
         train_x, train_y, _ = embed(backbone, self.train, self.runtime, batch, workers)
         val_x, val_y, _ = embed(backbone, self.val, self.runtime, batch, workers)
-        num_classes = max(len(self.train.images.classes), len(self.val.images.classes))
+        num_classes = len(self.train.images.classes)
         [result] = weighted_knn(train_x, train_y, val_x, val_y, (self.config.knn_k,), self.config.knn_temperature,
                                 num_classes=num_classes, device=self.runtime.device)
         return result.top1
@@ -224,6 +221,9 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
     checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None and checkpoint["epoch"] >= config.epochs and not checkpoint.get("step_in_epoch"):
+        raise InputError(f"--resume {resume_from}: the run has finished its {checkpoint['epoch']} epochs; "
+                         f"pass --epochs N with N > {checkpoint['epoch']} to train on")
     if runtime.is_main:
         prepare_run_dir(out, resume_from, overwrite)
     runtime.barrier()
@@ -296,6 +296,9 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             if batch is None:
                 raise InputError(f"{config.data}: every image of a batch at step {global_step} is unreadable")
             (view1, view2), _, _ = batch
+            if len(view1) < 2 and runtime.world_size == 1:
+                raise InputError(f"{config.data}: one readable image in the batch of step {global_step}, and "
+                                 "BatchNorm needs two; remove the unreadable images or use a larger --batch-size")
             view1 = view1.to(runtime.device, non_blocking=True)
             view2 = view2.to(runtime.device, non_blocking=True)
             if runtime.channels_last:

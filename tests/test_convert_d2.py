@@ -189,7 +189,25 @@ def test_errors_on_missing_or_unreadable_checkpoints_and_bad_out_paths(tmp_path,
     assert_user_error(run("convert-d2", tmp_path / "junk.pth", "--out", tmp_path / "a.pkl"), "junk.pth")
     assert_user_error(run("convert-d2", path, "--out", tmp_path / "a.pth"), "must end in .pkl")
     assert_user_error(run("convert-d2", path, "--out", tmp_path / "missing" / "a.pkl"), "does not exist")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth"]
+    for text in ("hi", "hello world"):  # text files torch.load cannot make sense of
+        (tmp_path / "junk.pth").write_text(text)
+        assert_user_error(run("convert-d2", tmp_path / "junk.pth", "--out", tmp_path / "a.pkl"), "junk.pth")
+    (tmp_path / "junk.pth").write_bytes(np.random.default_rng(0).bytes(200))
+    assert_user_error(run("convert-d2", tmp_path / "junk.pth", "--out", tmp_path / "a.pkl"), "junk.pth")
+    (tmp_path / "dir.pkl").mkdir()
+    assert_user_error(run("convert-d2", path, "--out", tmp_path / "dir.pkl"), "dir.pkl: is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.pkl", "junk.pth"]
+
+
+def test_an_existing_out_is_replaced_only_with_overwrite_and_never_the_input(tmp_path, official_r50):
+    path, _ = official_r50
+    out = tmp_path / "r50.pkl"
+    out.write_bytes(b"someone's weights")
+    assert_user_error(run("convert-d2", path, "--out", out), "r50.pkl: exists; pass --overwrite")
+    assert out.read_bytes() == b"someone's weights"
+    assert run("convert-d2", path, "--out", out, "--overwrite").exit_code == 0
+    assert pickle.loads(out.read_bytes())["matching_heuristics"] is True
+    assert_user_error(run("convert-d2", out, "--out", out, "--overwrite"), "is an input of this command")
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, official_r50, monkeypatch):

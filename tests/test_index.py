@@ -88,6 +88,13 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
     assert memory.exit_code == 0, memory.output
     report = json.loads(memory.output)
     assert report["kind"] == "ivf-pq" and report["estimated_bytes"] <= 200 * 1024
+    # an index is never written over an existing file without --overwrite, nor over its input
+    before = out.read_bytes()
+    assert_user_error(run("index", clustered_file, "--out", out), "auto.index: exists; pass --overwrite")
+    assert out.read_bytes() == before
+    assert_user_error(run("index", clustered_file, "--out", clustered_file, "--overwrite"), "is an input of this command")
+    assert run("index", clustered_file, "--out", out, "--overwrite", "--recall-sample", "200").exit_code == 0
+    assert_user_error(run("index", clustered_file, "--out", tmp_path), "is a folder")
     assert "exceeds --max-memory 200.0 KiB" in report["reason"]
 
 

@@ -155,7 +155,47 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
                       "--arch vit_b_16: not a torchvision ResNet")
     assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, "--epochs", "0"),
                       "--epochs 0: must be at least 1")
+    for option, value, message in (("--lr", "nan", "--lr nan: must be a finite number"),
+                                   ("--lr", "inf", "--lr inf: must be a finite number"),
+                                   ("--momentum", "2", "--momentum 2.0: must be in [0, 1)"),
+                                   ("--momentum", "-1", "--momentum -1.0: must be in [0, 1)"),
+                                   ("--proj-hidden-dim", "-1", "--proj-hidden-dim -1: must be a finite number"),
+                                   ("--eval-resize", "-3", "--eval-resize -3: must be a finite number"),
+                                   ("--batch-size", "1", "--batch-size 1: BatchNorm needs at least 2")):
+        assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, option, value), message)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_path, shared_image_folder):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a run stopped before its first checkpoint leaves
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 2}\n')
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 8
+    assert '{"kind": "step", "step": 2}' not in (out / "metrics.jsonl").read_text()
+    # a finished run resumed as it is: nothing to do, said before anything is written
+    assert_user_error(run("pretrain", "--resume", out, "--out", tmp_path / "elsewhere"),
+                      "has finished its 1 epochs", "--epochs N with N > 1")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_knn_monitor_matches_validation_classes_by_name(tmp_path, shared_image_folder):
+    """A --knn-val folder with some of the classes (its labels must mean the training classes)."""
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(shared_image_folder / "class1", val / "class1")  # class index 0 in val, 1 in train
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--knn-train",
+                 shared_image_folder, "--knn-val", val, "--knn-k", "1")
+    assert result.exit_code == 0, result.output
+    epoch = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch["knn_top1"] == 1.0  # the val images are training images: their nearest neighbour is themselves
+    other = make_image_folder(tmp_path / "other", classes=1, per_class=2)
+    (other / "class0").rename(other / "zebra")
+    assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "run2", *TINY, "--knn-train",
+                          shared_image_folder, "--knn-val", other), "--knn-val", "classes not in --knn-train: zebra")
 
 
 def test_knn_monitor_logs_top1_each_epoch(tmp_path, shared_image_folder):

@@ -30,7 +30,7 @@ from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_checkpoint, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
-from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, make_loader, scan_images
+from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
 from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, prepare_run_dir
 
@@ -64,21 +64,6 @@ def learning_rate(config: LinearEvalConfig, epoch: int) -> float:
 def feature_dim(arch: str) -> int:
     with torch.device("meta"):  # shapes only
         return build_resnet(arch).fc.in_features
-
-
-def labelled_images(train_dir: str, val_dir: str) -> tuple[ImageList, ImageList]:
-    """Both folders as ImageFolders, the validation labels indexing the training classes."""
-    train, val = scan_images(train_dir), scan_images(val_dir)
-    for option, images in (("TRAIN_DIR", train), ("VAL_DIR", val)):
-        if not images.labelled:
-            raise InputError(f"{option} {images.root}: needs class folders (class/*.jpg) for labels")
-    unknown = [c for c in val.classes if c not in train.classes]
-    if unknown:
-        raise InputError(f"VAL_DIR {val.root}: classes not in TRAIN_DIR: {', '.join(unknown[:5])}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    index = {c: i for i, c in enumerate(train.classes)}
-    labels = [index[val.classes[label]] for label in val.labels]
-    return train, ImageList(val.root, val.paths, labels, train.classes)
 
 
 def backbone_unchanged(backbone: nn.Module, pretrained: BackboneWeights) -> bool:
@@ -171,7 +156,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
     weights = read_backbone(config.checkpoint)
-    train_images, val_images = labelled_images(config.train_dir, config.val_dir)
+    train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:

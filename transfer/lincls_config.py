@@ -50,8 +50,9 @@ class LinearEvalConfig(RunSettings):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for name in ("lr", "momentum", "wd", "trust_coefficient", "eval_resize", "workers", "save_every_steps"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):  # NaN compares false
+                raise InputError(f"--{name.replace('_', '-')} {value}: must be a finite number, not negative")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if not 0 < self.crop_min_scale <= 1:
