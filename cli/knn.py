@@ -25,7 +25,7 @@ PathArg = click.Path(path_type=Path)
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
               help="auto: faiss on GPU when faiss has GPUs, else torch on CUDA; on CPU faiss, or torch without it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--chunk-size", type=int, default=None,
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="torch backend: queries per matrix product (memory: chunk x train size x 4 bytes). [default: auto]")
 @click.option("--predictions", type=PathArg, default=None, help="Write one CSV row per image and k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

@@ -10,7 +10,7 @@ import click
 @click.command("quickstart")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("simsiam-quickstart"),
               help="Folder for the digits images and the run.")
-@click.option("--epochs", type=int, default=None, help="Pretraining epochs. [default: the quickstart's]")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Pretraining epochs. [default: the quickstart's]")
 def command(out, epochs):
     """Pretrain a small SimSiam on scikit-learn's handwritten digits and show what it learned.
 
@@ -25,7 +25,7 @@ def command(out, epochs):
 
     from .progress import TrainingProgress
 
-    overrides = {"epochs": epochs} if epochs else {}
+    overrides = {"epochs": epochs} if epochs is not None else {}
     console = Console(stderr=True)
     with TrainingProgress(console, description="quickstart") as progress:
         result = run_quickstart(out, on_event=progress, **overrides)

@@ -40,14 +40,14 @@ def _as_dict(result) -> dict:
 @click.option("-k", "k", type=int, default=10, help="Neighbours per query.")
 @click.option("--eval", "evaluate", is_flag=True, help="Also recall@1/5/10 and mAP@k, from the labels.")
 @click.option("--grid", type=PathArg, default=None, help="Draw a PNG contact sheet: each query beside its k nearest.")
-@click.option("--grid-rows", type=int, default=16, help="Queries drawn on the --grid sheet.")
+@click.option("--grid-rows", type=click.IntRange(min=1), default=16, help="Queries drawn on the --grid sheet.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every query) instead of a table.")
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
               help="Exact search of a feature file (an index searches itself).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto")
-@click.option("--batch-size", type=int, default=64, help="Query images per forward pass.")
-@click.option("--workers", type=int, default=0, help="DataLoader worker processes for the query images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Query images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes for the query images.")
 def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows, as_json, backend, device, precision,
             batch_size, workers):
     """Find the k nearest images of each query in DATABASE (a feature file, or an index from simsiam index).

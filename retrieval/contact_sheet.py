@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simsiam.errors import InputError
+from simsiam.atomic import check_output
 
 from .features import temporary_name
 from .search import SearchResult
@@ -61,8 +61,7 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
     from matplotlib.figure import Figure
 
     out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"--grid {out}: the folder {out.parent} does not exist")
+    check_output(out, "--grid", overwrite=True)
     rows = min(len(result.queries), max_rows)
     k = result.indices.shape[1]
     figure = Figure(figsize=((1 + k) * CELL_INCHES, rows * CELL_INCHES), dpi=DPI)

@@ -116,6 +116,8 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
         return FeatureModel(module.eval(), arch, layer, _output_dim(module, 32), description, "", image_size, resize)
     if checkpoint is None:
         raise InputError("no checkpoint given: pass CHECKPOINT, or --random-init --arch ARCH for a baseline")
+    if cifar_stem:
+        raise InputError(f"--cifar-stem: only with --random-init; {checkpoint} says which stem it has")
     weights = read_backbone(checkpoint)
     if arch and arch != weights.arch:
         raise InputError(f"--arch {arch}: {checkpoint} holds a {weights.arch}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simsiam.atomic import check_output
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, temporary_name
@@ -80,8 +81,8 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise InputError(f"-k {ks[0] if ks else ''}: k must be at least 1")
-    if temperature <= 0:
-        raise InputError(f"--temperature {temperature}: must be positive")
+    if not 0 < temperature < float("inf"):  # NaN compares false
+        raise InputError(f"--temperature {temperature}: must be a positive finite number")
     # voting runs on the CPU: [queries, k] neighbours are small next to the search
     train_labels = as_tensor(train_labels).cpu().long()
     val_labels = as_tensor(val_labels).cpu().long()
@@ -159,8 +160,7 @@ def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnRepor
     Written under a temporary name and renamed when complete.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"--predictions {path}: the folder {path.parent} does not exist")
+    check_output(path, "--predictions", overwrite=True)
     classes = report.classes
     labels = report.val_labels if report.val_labels is not None else val.labels
 

@@ -23,10 +23,10 @@ class RunSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # Settings a resumed run may be given anew: where the data now is, how it runs, what it logs and saves, and
+    # Settings a resumed run may be given anew: how it runs, what it logs and saves, and
     # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
     # decides what the saved weights and optimizer state are, so changing it is refused.
-    RESUME_MAY_CHANGE = frozenset({"data", "epochs", "eval_resize", "workers", "device", "precision", "compile", "data_on_gpu",
+    RESUME_MAY_CHANGE = frozenset({"epochs", "eval_resize", "workers", "device", "precision", "compile", "data_on_gpu",
                                    "gpu_decode", "strict", "log_every", "save_every_epochs", "save_every_steps",
                                    "knn_train", "knn_val", "knn_every", "knn_k", "knn_temperature", "eval_every"})
 

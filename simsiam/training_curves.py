@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from .atomic import check_output
 from .errors import InputError
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,7 +36,8 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise InputError(f"{run_dir}: no {METRICS_FILE} (not a folder written by simsiam pretrain)")
     steps, epochs = [], []
-    for line in path.read_text().splitlines():
+    # a line that is not JSON (the last one, cut by a kill) is skipped, as are bytes that are not text
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -59,8 +61,7 @@ def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | No
 
     steps, epochs = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
+    check_output(out, "--out", overwrite=True)
     figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2, sharex=True).ravel()

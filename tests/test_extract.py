@@ -136,6 +136,18 @@ def test_unknown_checkpoint_layout_writes_nothing(tmp_path, images):
     assert list(tmp_path.iterdir()) == [bad]
 
 
+def test_bad_option_values_are_refused_before_any_work(tmp_path, checkpoints, images):
+    out = tmp_path / "feats.h5"
+    for option, value, message in (("--image-size", "0", "--image-size"), ("--batch-size", "0", "--batch-size"),
+                                   ("--workers", "-1", "--workers"), ("--resize", "-3", "--resize")):
+        assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST, option, value),
+                          message, "(see: simsiam extract --help)")
+    assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST, "--cifar-stem"),
+                      "--cifar-stem: only with --random-init")
+    assert_user_error(run("extract", tmp_path, images, "--out", out, *FAST), "is a folder, not a checkpoint file")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_needs_overwrite(tmp_path, checkpoints, images):
     out = tmp_path / "feats.h5"
     out.write_text("keep me")

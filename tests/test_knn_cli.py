@@ -185,3 +185,9 @@ def test_cuda_without_a_gpu_names_the_install_extra(files, tmp_path, backend):
 def test_usage_errors(files):
     result = run("knn", "--train", files["train"])
     assert result.exit_code == 2 and "give --train FILE --val FILE" in result.output
+    assert "Usage:" not in result.output and len(result.output.strip().splitlines()) == 1
+    for option, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "0")):
+        assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], option, value),
+                          f"--temperature {float(value)}: must be a positive finite number")
+    assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], "--chunk-size", "-5"),
+                      "--chunk-size", "-5 is not in the range x>=1", "(see: simsiam knn --help)")

@@ -52,3 +52,8 @@ def test_plot_errors(tmp_path):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert_user_error(run("plot", tmp_path / "empty"), "holds no metrics yet")
     assert not (tmp_path / "empty" / "curves.png").exists()
+    (tmp_path / "empty" / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)  # not even text
+    assert_user_error(run("plot", tmp_path / "empty"), "holds no metrics yet")
+    write_metrics(tmp_path / "run")
+    (tmp_path / "folder.png").mkdir()
+    assert_user_error(run("plot", tmp_path / "run", "--out", tmp_path / "folder.png"), "folder.png", "is a folder")
