@@ -23,11 +23,11 @@ class TrainingProgress:
         self.unreadable = 0
 
     def __enter__(self):
-        self.progress.start()
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.task is not None:  # started by the run's first event: an error before it prints alone
+            self.progress.stop()
         if self.unreadable:
             self.say(f"warning: skipped {self.unreadable} unreadable image(s) in all")
 
@@ -41,6 +41,7 @@ class TrainingProgress:
             self.say(
                 f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
                 f"{event['world_size']} process(es) on {event['device']} ({event['precision']})")
+            self.progress.start()
             self.task = self.progress.add_task(self.description, total=event["total_steps"],
                                                completed=event["global_step"], loss="-", lr="-", speed="-")
         elif kind == "log":

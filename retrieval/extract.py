@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 
 from simsiam.augment import eval_transform
 from simsiam.data import ImageDataset, ImageList, count_unreadable, make_loader, scan_images
+from simsiam.atomic import check_output
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
@@ -174,11 +175,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     writes its shard (``OUT.shards/rankRRRRR-of-WWWWW.h5``) and rank 0 then writes ``out`` as
     virtual datasets over them; every rank returns once ``out`` is in place.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise InputError(f"{out}: is a folder, expected a file name such as feats.h5")
+    out = check_output(out, "--out", overwrite)
     job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     target = shard_path(out, runtime.rank, runtime.world_size) if runtime.distributed else out
     if runtime.distributed:

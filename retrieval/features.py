@@ -263,6 +263,8 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
                                  f"{f['paths'].shape} do not describe the same images")
             if f["features"].dtype.kind != "f":
                 raise InputError(f"{path}: features are {f['features'].dtype}, expected float16 or float32")
+            if f["labels"].dtype.kind not in "iu":
+                raise InputError(f"{path}: labels are {f['labels'].dtype}, expected integers (class indices)")
             attrs = _decode_attrs(f.attrs, str(path))
             labels = f["labels"][:].astype(np.int64)
             paths = [p.decode("utf-8") for p in f["paths"][:]]
@@ -272,6 +274,10 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
     absent = [name for name in ("layer", "arch") if name not in attrs]
     if absent:
         raise InputError(f"{path}: not a simsiam feature file: no attribute {', '.join(absent)}")
+    classes = attrs.get("classes") or []
+    if len(labels) and (labels.min() < -1 or (classes and labels.max() >= len(classes))):
+        raise InputError(f"{path}: labels from {labels.min()} to {labels.max()} do not index its "
+                         f"{len(classes)} classes (-1: no label)")
     return FeatureSet(features, labels, paths, attrs, str(path))
 
 
@@ -280,6 +286,17 @@ def read_header(path: str | os.PathLike) -> tuple[int, int, dict]:
     with h5py.File(path, "r") as f:
         rows, dim = f["features"].shape
         return int(rows), int(dim), _decode_attrs(f.attrs, str(path))
+
+
+def paths_digest(paths: Sequence[str]) -> str:
+    """A fingerprint of a feature file's rows (its image paths, in order): an index built over one
+    file must not be used with another of the same length."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode("utf-8") + b"\0")
+    return digest.hexdigest()
 
 
 def check_usable(feature_set: FeatureSet, name: str) -> None:

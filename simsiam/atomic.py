@@ -61,6 +61,8 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
         raise InputError(f"{option} {out}: is a folder; give a file name")
     if not out.parent.is_dir():
         raise InputError(f"{option} {out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(f"{option} {out}: no permission to write in {out.parent}")
     if any(Path(p).exists() and out.exists() and out.samefile(p) for p in inputs):
         raise InputError(f"{option} {out}: is an input of this command; choose another name")
     if out.exists() and not overwrite:

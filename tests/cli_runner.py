@@ -20,7 +20,7 @@ def assert_user_error(result, *fragments, only_line: bool = True):
     errors = [line for line in lines if line.startswith("Error: ")]
     assert len(errors) == 1 and errors[0] == lines[-1], result.output
     if only_line:
-        assert len(lines) == 1, result.output
+        assert len(result.output.splitlines()) == 1, repr(result.output)  # not even an empty line before it
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     assert "Traceback" not in result.output

@@ -106,6 +106,15 @@ def test_hdf5_without_the_schema(files, tmp_path):
         f["data"] = np.zeros((3, 4))
     assert_user_error(knn_error(tmp_path, other, files["val"]),
                       "other.h5: not a simsiam feature file: no dataset 'features', 'labels', 'paths'")
+    # labels that do not index the file's classes
+    bad = feature_file(tmp_path / "bad.h5", *clustered(20, seed=4))
+    with h5py.File(bad, "r+") as f:
+        f["labels"][0] = 99
+    assert_user_error(knn_error(tmp_path, files["train"], bad), "bad.h5: labels from", "to 99 do not index its")
+    with h5py.File(bad, "r+") as f:
+        del f["labels"]
+        f["labels"] = np.zeros(20, np.float32)
+    assert_user_error(knn_error(tmp_path, files["train"], bad), "bad.h5: labels are float32, expected integers")
 
 
 def test_different_dimensions_or_layers_are_refused(files, tmp_path):

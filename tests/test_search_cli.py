@@ -108,3 +108,20 @@ def test_other_errors(gallery, tmp_path):
     stray.write_bytes((gallery["index"]).read_bytes())
     assert_user_error(run("search", stray, "--query-h5", gallery["h5"]), "no stray.index.json beside it")
     assert read_features(gallery["h5"]).dim == 512
+
+
+def test_an_index_used_with_another_feature_file_of_the_same_length_is_refused(gallery, tmp_path):
+    import shutil
+
+    from retrieval.features import FeatureSet, write_features
+
+    feats = tmp_path / "feats.h5"
+    shutil.copyfile(gallery["h5"], feats)
+    assert run("index", feats, "--out", tmp_path / "feats.index", "--kind", "flat").exit_code == 0
+    assert run("search", tmp_path / "feats.index", "--query-h5", gallery["h5"], "-k", "3").exit_code == 0
+    original = read_features(feats)
+    reordered = FeatureSet(original.features[::-1].copy(), original.labels[::-1].copy(), original.paths[::-1],
+                           original.attrs)
+    write_features(feats, reordered)  # same rows, another order: the index's row i is no longer image i
+    assert_user_error(run("search", tmp_path / "feats.index", "--query-h5", gallery["h5"]),
+                      "is not the feature file it was built over", "rebuild the index")
