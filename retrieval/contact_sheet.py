@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from simsiam.atomic import check_output
+from simsiam.errors import InputError
 
 from .features import temporary_name
 from .search import SearchResult
@@ -61,6 +62,8 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
     from matplotlib.figure import Figure
 
     out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--grid {out}: must end in .png (the file written is a PNG)")
     check_output(out, "--grid", overwrite=True)
     rows = min(len(result.queries), max_rows)
     k = result.indices.shape[1]

@@ -41,7 +41,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
                          "then simsiam knn --train --val")
     resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu")
     if save_features is not None and not Path(save_features).is_dir():
-        raise InputError(f"--save-features {save_features}: no such folder")
+        what = "a file, not a folder" if Path(save_features).exists() else "no such folder"
+        raise InputError(f"--save-features {save_features}: {what}")
     for name, folder in (("--train-dir", train_dir), ("--val-dir", val_dir)):
         images = scan_images(folder)
         if not images.labelled:

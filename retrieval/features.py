@@ -344,4 +344,8 @@ def check_compatible(a: FeatureSet, a_name: str, b: FeatureSet, b_name: str) -> 
     if different:
         warnings.append(f"{a_name} and {b_name} come from different checkpoints "
                         f"({a.attrs.get('checkpoint')!r} vs {b.attrs.get('checkpoint')!r})")
+    for key in ("image_size", "resize"):  # the same network sees other pixels: comparable, but doubtful
+        if key in a.attrs and key in b.attrs and a.attrs[key] != b.attrs[key]:
+            warnings.append(f"{a_name} and {b_name} were extracted with different {key} "
+                            f"({a.attrs[key]} vs {b.attrs[key]})")
     return warnings

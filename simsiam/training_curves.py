@@ -61,6 +61,8 @@ def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | No
 
     steps, epochs = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: must end in .png (the file written is a PNG)")
     check_output(out, "--out", overwrite=True)
     figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

@@ -129,6 +129,11 @@ def test_different_checkpoints_only_warn(files, tmp_path):
     result = run("knn", "--train", files["train"], "--val", other, "-k", "5")
     assert result.exit_code == 0, result.output
     assert "warning: --train and --val come from different checkpoints" in result.output
+    with h5py.File(other, "r+") as f:
+        f.attrs["resize"] = 36
+    result = run("knn", "--train", files["train"], "--val", other, "-k", "5")
+    assert result.exit_code == 0, result.output
+    assert "warning: --train and --val were extracted with different resize (0 vs 36)" in result.output
 
 
 def test_val_with_some_of_the_classes_is_matched_by_class_name(files, tmp_path):

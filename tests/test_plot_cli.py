@@ -57,3 +57,5 @@ def test_plot_errors(tmp_path):
     write_metrics(tmp_path / "run")
     (tmp_path / "folder.png").mkdir()
     assert_user_error(run("plot", tmp_path / "run", "--out", tmp_path / "folder.png"), "folder.png", "is a folder")
+    assert_user_error(run("plot", tmp_path / "run", "--out", tmp_path / "curves.txt"), "must end in .png")
+    assert not (tmp_path / "curves.txt").exists()
