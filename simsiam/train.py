@@ -74,6 +74,15 @@ def holds_run(folder: Path) -> bool:
     return folder.is_dir() and ((folder / LAST).exists() or any(folder.glob("checkpoint_*.pth.tar")))
 
 
+def _written_by_a_run(config_file: Path) -> bool:
+    """Whether ``config_file`` is the config.json of a simsiam run (pretrain or lincls)."""
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"preset", "batch_size", "epochs"} <= values.keys()
+
+
 def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
     """Refuse a folder that holds another run unless resuming it (from a checkpoint inside it) or
     told to overwrite it."""
@@ -83,6 +92,10 @@ def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite:
     if holds_run(out) and not resuming and not overwrite:
         raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
                          "or --overwrite to start over")
+    strays = [n for n in RUN_FILES if (out / n).exists()]
+    if strays and not resuming and not overwrite and not _written_by_a_run(out / CONFIG_FILE):
+        raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
+                         "or pass --overwrite")
     if not resuming:
         for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
             path.unlink(missing_ok=True)

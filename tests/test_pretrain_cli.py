@@ -169,7 +169,8 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_path, shared_image_folder):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")  # what a run stopped before its first checkpoint leaves
+    # what a run stopped before its first checkpoint leaves
+    (out / "config.json").write_text(json.dumps({"preset": "cifar", "batch_size": 16, "epochs": 3}))
     (out / "metrics.jsonl").write_text('{"kind": "step", "step": 2}\n')
     result = run("pretrain", shared_image_folder, "--out", out, *TINY)
     assert result.exit_code == 0, result.output
@@ -179,6 +180,13 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_
     assert_user_error(run("pretrain", "--resume", out, "--out", tmp_path / "elsewhere"),
                       "has finished its 1 epochs", "--epochs N with N > 1")
     assert not (tmp_path / "elsewhere").exists()
+    # but a config.json that is not a run's is someone else's file: left alone
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"my": "settings"}')
+    assert_user_error(run("pretrain", shared_image_folder, "--out", project, *TINY),
+                      "holds config.json not written by simsiam")
+    assert (project / "config.json").read_text() == '{"my": "settings"}'
 
 
 def test_knn_monitor_matches_validation_classes_by_name(tmp_path, shared_image_folder):
