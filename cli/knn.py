@@ -42,6 +42,10 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
     from retrieval.evaluate import evaluate_checkpoint, evaluate_files
     from retrieval.knn import write_predictions
 
+    if predictions is not None:  # before any work, and never over an input
+        from simsiam.atomic import check_output
+
+        check_output(predictions, "--predictions", True, inputs=[p for p in (train_file, val_file) if p])
     if checkpoint is None:
         if not (train_file and val_file) or train_dir or val_dir or save_features:
             raise click.UsageError("give --train FILE --val FILE, or CHECKPOINT --train-dir DIR --val-dir DIR")

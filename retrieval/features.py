@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import h5py
 import numpy as np
@@ -288,15 +288,28 @@ def read_header(path: str | os.PathLike) -> tuple[int, int, dict]:
         return int(rows), int(dim), _decode_attrs(f.attrs, str(path))
 
 
-def paths_digest(paths: Sequence[str]) -> str:
-    """A fingerprint of a feature file's rows (its image paths, in order): an index built over one
-    file must not be used with another of the same length."""
+ROWS_FINGERPRINT_SAMPLE = 64
+
+
+def rows_fingerprint(paths: Sequence[str], row: Callable[[int], np.ndarray]) -> str:
+    """A fingerprint of a feature file's rows: its image paths in order, and the stored vectors
+    (``row(i)``) of ``ROWS_FINGERPRINT_SAMPLE`` evenly spaced rows. An index built over one file
+    must not be used with another of the same length: the same images in another order, or
+    another extraction of the same images."""
     import hashlib
 
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.encode("utf-8") + b"\0")
+    for i in sorted({int(i) for i in np.linspace(0, len(paths) - 1, ROWS_FINGERPRINT_SAMPLE)}):
+        digest.update(np.ascontiguousarray(row(i), dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+def file_rows_fingerprint(path: str | os.PathLike, paths: Sequence[str]) -> str:
+    """:func:`rows_fingerprint` of a feature file, reading only the sampled rows."""
+    with h5py.File(path, "r") as f:
+        return rows_fingerprint(paths, lambda i: f["features"][i])
 
 
 def check_usable(feature_set: FeatureSet, name: str) -> None:

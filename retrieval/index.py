@@ -32,7 +32,7 @@ import numpy as np
 
 from simsiam.errors import InputError
 
-from .features import FeatureSet, check_usable, paths_digest, read_features, temporary_name
+from .features import FeatureSet, check_usable, read_features, rows_fingerprint, temporary_name
 from .neighbours import import_faiss, normalized_float32
 
 KINDS = ("auto", "flat", "hnsw", "ivf-pq")
@@ -220,9 +220,10 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
         raise InputError(f"{features_path}: {rows} vectors; an index needs at least {RECALL_AT + 1}")
     plan = plan_index(rows, dim, kind, max_memory)
     attrs = feature_set.attrs
-    rows_digest = paths_digest(feature_set.paths)
-    vectors = normalized_float32(feature_set.features)
-    del feature_set  # the float32 copy is all that is needed from here on
+    stored = feature_set.features
+    rows_digest = rows_fingerprint(feature_set.paths, stored.__getitem__)
+    vectors = normalized_float32(stored)
+    del feature_set, stored  # the float32 copy is all that is needed from here on
 
     say(f"building {plan.factory} over {rows:,} x {dim} vectors: {plan.reason}")
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -263,7 +264,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
                "features": os.path.relpath(Path(features_path).resolve(), out.resolve().parent),
                "features_absolute": str(Path(features_path).resolve()),
                "layer": attrs.get("layer"), "arch": attrs.get("arch"),
-               "checkpoint_sha256": attrs.get("checkpoint_sha256"), "paths_sha256": rows_digest,
+               "checkpoint_sha256": attrs.get("checkpoint_sha256"), "rows_sha256": rows_digest,
                "metric": "cosine (inner product of L2-normalised vectors)"}
     del sidecar["path"]
     _write_atomic_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")

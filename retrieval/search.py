@@ -21,7 +21,7 @@ from simsiam.runtime import Runtime
 
 from .extract import extract_features
 from .feature_model import load_feature_model
-from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, paths_digest, read_features
+from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, file_rows_fingerprint, read_features
 from .index import LoadedIndex, load_index
 from .metrics import retrieval_metrics
 from .neighbours import normalized_float32, search
@@ -59,8 +59,8 @@ def open_database(path: str | os.PathLike) -> Database:
     if len(features) != loaded.index.ntotal:
         raise InputError(f"{path}: {loaded.index.ntotal} vectors, but {loaded.features_path} has {len(features)} rows; "
                          "rebuild the index")
-    expected = loaded.meta.get("paths_sha256")
-    if expected and expected != paths_digest(features.paths):
+    expected = loaded.meta.get("rows_sha256")
+    if expected and expected != file_rows_fingerprint(loaded.features_path, features.paths):
         raise InputError(f"{path}: {loaded.features_path} is not the feature file it was built over (other images "
                          "or another order); rebuild the index")
     return Database(features, loaded, path)

@@ -161,6 +161,17 @@ def test_val_with_some_of_the_classes_is_matched_by_class_name(files, tmp_path):
     assert_user_error(knn_error(tmp_path, files["train"], alien), "--val", "zebra", "not among the 8 classes of --train")
 
 
+def test_predictions_never_replace_an_input(files, tmp_path):
+    import shutil
+
+    val = tmp_path / "val.h5"
+    shutil.copyfile(files["val"], val)
+    before = val.read_bytes()
+    assert_user_error(run("knn", "--train", files["train"], "--val", val, "--predictions", val),
+                      "--predictions", "is an input of this command")
+    assert val.read_bytes() == before
+
+
 def test_val_without_labels(files, tmp_path):
     unlabeled = feature_file(tmp_path / "u.h5", clustered(10)[0])
     assert_user_error(knn_error(tmp_path, files["train"], unlabeled), "--val", "10 image(s) without a label")

@@ -125,3 +125,8 @@ def test_an_index_used_with_another_feature_file_of_the_same_length_is_refused(g
     write_features(feats, reordered)  # same rows, another order: the index's row i is no longer image i
     assert_user_error(run("search", tmp_path / "feats.index", "--query-h5", gallery["h5"]),
                       "is not the feature file it was built over", "rebuild the index")
+    # another extraction of the same images, in the same order: same paths, other vectors
+    other = FeatureSet(original.features * 0.5 + 0.1, original.labels, original.paths, original.attrs)
+    write_features(feats, other)
+    assert_user_error(run("search", tmp_path / "feats.index", "--query-h5", gallery["h5"]),
+                      "is not the feature file it was built over")
