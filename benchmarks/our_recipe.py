@@ -24,7 +24,7 @@ from simsiam.augment import TwoViews, pretrain_transform
 from simsiam.data import GlobalBatchSampler, ImageDataset, make_loader, scan_images
 from simsiam.device_data import pretrain_batches
 from simsiam.loss import negative_cosine_similarity
-from simsiam.train import build_model, build_optimizer
+from simsiam.train import build_model, build_optimizer, train_step
 
 from .harness import Method, compile_failure, loader_queue, time_limit
 
@@ -66,19 +66,8 @@ class _Trainer:
         if batch is None:
             return None
         (view1, view2), _, _ = batch
-        runtime = self.runtime
-        view1 = view1.to(runtime.device, non_blocking=True)
-        view2 = view2.to(runtime.device, non_blocking=True)
-        if runtime.channels_last:
-            view1 = view1.contiguous(memory_format=torch.channels_last)
-            view2 = view2.contiguous(memory_format=torch.channels_last)
-        with runtime.autocast():
-            p1, p2, z1, z2 = self.model(view1, view2)
-            loss = self.loss_fn(p1, p2, z1, z2)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        loss, _ = train_step(self.model, self.loss_fn, self.optimizer, self.runtime, view1, view2)
+        return loss
 
 
 def _sampler(config, images) -> GlobalBatchSampler:

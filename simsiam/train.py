@@ -194,6 +194,24 @@ def _reduce_interval(loss_sum: torch.Tensor, diverged_at: torch.Tensor, skipped:
     return loss / runtime.world_size, -1 if first_bad == float("inf") else int(first_bad), int(skipped)
 
 
+def train_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, runtime: rt.Runtime,
+               view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch of two views (moved to the device here); returns the loss and the
+    first view's projections z1 (for the collapse monitor), detached. The benchmarks time it."""
+    view1 = view1.to(runtime.device, non_blocking=True)
+    view2 = view2.to(runtime.device, non_blocking=True)
+    if runtime.channels_last:
+        view1 = view1.contiguous(memory_format=torch.channels_last)
+        view2 = view2.contiguous(memory_format=torch.channels_last)
+    with runtime.autocast():
+        p1, p2, z1, z2 = model(view1, view2)
+        loss = loss_fn(p1, p2, z1, z2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), z1.detach()
+
+
 def _checkpoint(config, model, optimizer, epoch, step_in_epoch, global_step, metrics) -> dict:
     return {
         "epoch": epoch,  # epochs completed (official meaning); the epoch under way when step_in_epoch > 0
@@ -312,22 +330,10 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             if len(view1) < 2 and runtime.world_size == 1:
                 raise InputError(f"{config.data}: one readable image in the batch of step {global_step}, and "
                                  "BatchNorm needs two; remove the unreadable images or use a larger --batch-size")
-            view1 = view1.to(runtime.device, non_blocking=True)
-            view2 = view2.to(runtime.device, non_blocking=True)
-            if runtime.channels_last:
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
-
-            with runtime.autocast():
-                p1, p2, z1, z2 = model(view1, view2)
-                loss = loss_fn(p1, p2, z1, z2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, z1 = train_step(model, loss_fn, optimizer, runtime, view1, view2)
 
             global_step += 1
             interval_steps += 1
-            loss = loss.detach()
             loss_sum += loss
             diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss), global_step, diverged_at)
             end_of_epoch = step + 1 == sampler.steps_per_epoch
