@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simsiam.atomic import check_output
+from simsiam.atomic import atomic_write, check_output
 from simsiam.errors import InputError
 
-from .features import temporary_name
 from .search import SearchResult
 
 CELL_INCHES = 1.6
@@ -87,11 +86,6 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
                 frame = "tab:green" if result.database.labels[index] == result.query_labels[row] else "tab:red"
             _cell(ax, _thumbnail(result.database.root / result.database.paths[index]),
                   f"{result.scores[row, col]:.3f}", frame)
-    tmp = temporary_name(out)
-    try:
-        figure.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as f:
+        figure.savefig(f, format="png", dpi=DPI)
     return out

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from simsiam.atomic import atomic_write
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_usable, read_features, rows_fingerprint, temporary_name
@@ -188,16 +189,6 @@ def sidecar_path(index_path: Path) -> Path:
     return index_path.with_name(index_path.name + ".json")
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = temporary_name(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
                 max_memory: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000,
                 seed: int = 0, on_event: Callable[[str], None] | None = None) -> IndexReport:
@@ -267,7 +258,8 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
                "checkpoint_sha256": attrs.get("checkpoint_sha256"), "rows_sha256": rows_digest,
                "metric": "cosine (inner product of L2-normalised vectors)"}
     del sidecar["path"]
-    _write_atomic_text(sidecar_path(out), json.dumps(sidecar, indent=2) + "\n")
+    with atomic_write(sidecar_path(out), "w") as f:
+        f.write(json.dumps(sidecar, indent=2) + "\n")
     tmp = temporary_name(out)
     try:
         faiss.write_index(index, str(tmp))

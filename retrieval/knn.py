@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simsiam.atomic import check_output
+from simsiam.atomic import atomic_write, check_output
 from simsiam.errors import InputError
 
-from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, temporary_name
+from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of
 from .neighbours import as_tensor, search
 
 VOTE_CHUNK = 8192  # queries voted at a time: bounds the [chunk, classes] score matrix
@@ -167,17 +167,11 @@ def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnRepor
     def name(index: int) -> str:
         return classes[index] if 0 <= index < len(classes) else str(index)
 
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", "class", "k", "prediction", "predicted_class", "top5", "correct"])
-            for result in report.results:
-                for image, label, top in zip(val.paths, labels, result.predictions):
-                    writer.writerow([image, int(label), name(int(label)), result.k, int(top[0]), name(int(top[0])),
-                                     " ".join(str(int(c)) for c in top), int(top[0] == label)])
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "class", "k", "prediction", "predicted_class", "top5", "correct"])
+        for result in report.results:
+            for image, label, top in zip(val.paths, labels, result.predictions):
+                writer.writerow([image, int(label), name(int(label)), result.k, int(top[0]), name(int(top[0])),
+                                 " ".join(str(int(c)) for c in top), int(top[0] == label)])
     return path

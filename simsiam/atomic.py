@@ -12,7 +12,7 @@ from .errors import InputError
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
     """Yield a file in ``path``'s folder; it replaces ``path`` only when the block completes.
 
     The data is fsync'ed before the rename, so a crash or a SIGKILL at any moment leaves the old
@@ -25,7 +25,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, **open_options) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

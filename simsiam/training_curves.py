@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import check_output
+from .atomic import atomic_write, check_output
 from .errors import InputError
 
 METRICS_FILE = "metrics.jsonl"
@@ -87,11 +87,6 @@ def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | No
     for ax in axes[2:]:
         ax.set_xlabel("step")
     figure.suptitle(Path(run_dir).resolve().name)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as f:
+        figure.savefig(f, format="png")
     return out
