@@ -1,0 +1,41 @@
+"""The one place where errors become exit codes (cli/main.py): usage, OS and out-of-memory errors."""
+
+import pytest
+
+from cli_runner import assert_user_error, run
+
+
+def test_a_file_where_a_folder_is_needed_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert_user_error(run("quickstart", "--out", afile), str(afile), "Not a directory")
+    assert afile.read_text() == "not a folder"
+
+
+def test_usage_errors_are_one_line_naming_the_help():
+    assert_user_error(run("nosuchcommand"), "No such command 'nosuchcommand'", "(see: simsiam --help)")
+    assert_user_error(run("extract", "--no-such-option"), "--no-such-option", "(see: simsiam extract --help)")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 30 GB"),
+                                   MemoryError()])
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
+    import retrieval.evaluate
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(retrieval.evaluate, "evaluate_files", exhausted)
+    assert_user_error(run("knn", "--train", tmp_path / "a.h5", "--val", tmp_path / "b.h5"),
+                      "out of memory", "try a smaller --batch-size")
+
+
+def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
+    import retrieval.evaluate
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a programming error")
+
+    monkeypatch.setattr(retrieval.evaluate, "evaluate_files", bug)
+    with pytest.raises(RuntimeError, match="a programming error"):
+        run("knn", "--train", tmp_path / "a.h5", "--val", tmp_path / "b.h5")
