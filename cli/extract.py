@@ -15,7 +15,7 @@ from .embedding import EmbeddingProgress, default_workers, model_options
 @click.option("--random-init", is_flag=True, help="No checkpoint: a randomly initialised encoder (a baseline).")
 @click.option("--arch", default=None, help="The ResNet of --random-init (e.g. resnet50).")
 @click.option("--cifar-stem", is_flag=True, help="With --random-init: the 3x3 stem without max-pool of the CIFAR recipe.")
-@click.option("--seed", type=int, default=0, help="Seed of --random-init.")
+@click.option("--seed", type=int, default=None, help="Seed of --random-init.  [default: 0]")
 @model_options
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
 @click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none",

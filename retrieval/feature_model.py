@@ -90,12 +90,12 @@ def _output_dim(module: nn.Module, image_size: int) -> int:
 
 def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str = "backbone",
                        random_init: bool = False, arch: str | None = None, cifar_stem: bool = False,
-                       seed: int = 0) -> FeatureModel:
+                       seed: int | None = None) -> FeatureModel:
     """The encoder of ``checkpoint`` (any layout :func:`simsiam.checkpoint.read_backbone` reads) up to ``layer``.
 
     With ``random_init``: the encoder ``simsiam pretrain`` starts from (torchvision init,
     zero-initialised last BN of each residual block, as the official script), seeded by ``seed``:
-    the baseline a pretrained encoder is compared against.
+    the baseline a pretrained encoder is compared against. ``seed`` (default 0) only with ``random_init``.
     """
     if layer not in LAYERS:
         raise InputError(f"--layer {layer}: choose one of {', '.join(LAYERS)}")
@@ -104,6 +104,7 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
             raise InputError(f"{checkpoint}: give a checkpoint or --random-init, not both")
         if not arch:
             raise InputError("--random-init: needs --arch (e.g. --arch resnet50)")
+        seed = 0 if seed is None else seed
         torch.manual_seed(seed)
         resnet = build_resnet(arch, num_classes=2048, cifar_stem=cifar_stem, zero_init_residual=True)
         if layer == "projector":
@@ -118,6 +119,8 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
         raise InputError("no checkpoint given: pass CHECKPOINT, or --random-init --arch ARCH for a baseline")
     if cifar_stem:
         raise InputError(f"--cifar-stem: only with --random-init; {checkpoint} says which stem it has")
+    if seed is not None:
+        raise InputError(f"--seed: only with --random-init; the weights of {checkpoint} are not drawn at random")
     weights = read_backbone(checkpoint)
     if arch and arch != weights.arch:
         raise InputError(f"--arch {arch}: {checkpoint} holds a {weights.arch}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,15 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise InputError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
+    problem = _not_a_torch_save_file(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     if mmap and not zipfile.is_zipfile(path):
         mmap = False  # only the zip format (torch.save's since 1.6) maps; torch's own message misleads
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not support; it fails if so
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         message = str(err)
         if "Unsupported global" in message:
@@ -63,13 +69,42 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
             ) from None
         detail = message.split("WeightsUnpickler error:")[-1]
         reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unpickling failed")
+        if "Unsupported operand" in reason:  # e.g. a legacy-format file pickled with protocol 4's framing
+            raise InputError(f"{path}: a legacy-format checkpoint the safe loader cannot read ({reason[:60]}); "
+                             "load it and torch.save it again with a recent PyTorch") from None
         raise InputError(f"{path}: not a PyTorch checkpoint ({reason[:120]})") from None
     except Exception as err:  # noqa: BLE001  any bytes at all: the legacy unpickler fails in many ways
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason[:120]})") from None
+        if zipfile.is_zipfile(path) or not _first_bytes(path, 2) == b"PK":
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason[:120]})") from None
+        raise InputError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
+
+
+def _first_bytes(path: Path, count: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(count)
+
+
+def _not_a_torch_save_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a ``torch.save`` file, judged from its first bytes; None if it may be one.
+
+    torch.save writes a zip archive (``PK``), or in its legacy format a pickle whose first object is
+    a long magic number (protocol byte, then ``LONG1`` of 10 bytes). Anything else would only give
+    the unpickler's cryptic complaints ("KeyError: 101", "Unsupported operand 149").
+    """
+    head = _first_bytes(path, 16)
+    if not head:
+        return "is empty, not a checkpoint"
+    if head.startswith(b"PK"):
+        return None
+    if head[:1] == b"\x80":  # pickle protocol 2+; protocol 4+ frames its data first (FRAME + 8-byte length)
+        body = head[11:] if head[2:3] == b"\x95" else head[2:]
+        if body.startswith(b"\x8a\n"):
+            return None
+    return "not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle format)"
 
 
 def to_official_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

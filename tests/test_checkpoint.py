@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -124,6 +125,22 @@ def test_missing_and_garbage_files_are_clear_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"\x00not a checkpoint at all")
     with pytest.raises(InputError, match="junk.pth: not a"):
         load_checkpoint(tmp_path / "junk.pth")
+    torch.save({"w": torch.ones(1000)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    cases = {"notes.txt": (b"epoch 3, lr 0.05\n", "not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle format"),
+             "plain.pkl": (pickle.dumps({"epoch": 1}), "not a PyTorch checkpoint (neither"),
+             "empty.pth": (b"", "is empty, not a checkpoint"),
+             "cut.pth": (data[: len(data) // 2], "a damaged or truncated checkpoint")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match=re.escape(f"{name}: {message}")):
+            load_checkpoint(tmp_path / name)
+
+
+def test_the_legacy_torch_save_format_still_loads(tmp_path):
+    torch.save({"epoch": 7, "w": torch.arange(3.0)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "old.pth")
+    assert loaded["epoch"] == 7 and torch.equal(loaded["w"], torch.arange(3.0))
 
 
 def test_save_is_atomic_when_the_write_fails(tmp_path):

@@ -144,6 +144,8 @@ def test_bad_option_values_are_refused_before_any_work(tmp_path, checkpoints, im
                           message, "(see: simsiam extract --help)")
     assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST, "--cifar-stem"),
                       "--cifar-stem: only with --random-init")
+    assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST, "--seed", "3"),
+                      "--seed: only with --random-init")
     assert_user_error(run("extract", tmp_path, images, "--out", out, *FAST), "is a folder, not a checkpoint file")
     assert list(tmp_path.iterdir()) == []
 
