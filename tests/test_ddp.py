@@ -1,5 +1,6 @@
 """DDP: two gloo processes on CPU train as one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from simsiam.checkpoint import load_checkpoint
+from conftest import make_image_folder
+from simsiam.checkpoint import from_official_layout, load_checkpoint
+from simsiam.config import PretrainConfig
+from simsiam.runtime import start
+from simsiam.train import KnnMonitor, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 # The CIFAR stem has no max-pool: with one, float noise of 1e-7 can flip which of two equal
@@ -28,8 +33,12 @@ def pretrain(*args, processes: int = 1) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, shared_image_folder):
-    pretrain(shared_image_folder, "--out", tmp_path / "single", *ARGS)
-    pretrain(shared_image_folder, "--out", tmp_path / "ddp", *ARGS, processes=2)
+    # The kNN monitor too: each rank embeds every second image, rank 0 scores the gathered rows.
+    # Its validation images are new ones (an odd count, so the ranks' shares differ in size).
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=13, seed=9)
+    monitor = ["--knn-train", shared_image_folder, "--knn-val", val, "--knn-k", "5"]
+    pretrain(shared_image_folder, "--out", tmp_path / "single", *ARGS, *monitor)
+    pretrain(shared_image_folder, "--out", tmp_path / "ddp", *ARGS, *monitor, processes=2)
     single = load_checkpoint(tmp_path / "single" / "last.pth.tar")
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pth.tar")
     assert ddp["global_step"] == single["global_step"] == 8
@@ -52,3 +61,12 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert worst < 5e-4, worst
     lines = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("single", "ddp")]
     assert len(lines[0]) == len(lines[1])
+
+    # The sharded monitor scores what one process scores on the same weights: the DDP run's last
+    # checkpoint, evaluated here by one process over all images.
+    epochs = [json.loads(line) for line in lines[1] if json.loads(line)["kind"] == "epoch"]
+    config = PretrainConfig.from_dict(ddp["config"])
+    model = build_model(config)
+    model.load_state_dict(from_official_layout(ddp["state_dict"]))
+    alone = KnnMonitor(config, start("cpu", "fp32"))(model.encoder)
+    assert epochs[-1]["knn_top1"] == alone
