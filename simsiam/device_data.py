@@ -111,20 +111,25 @@ class DecodedBatches(_TwoViewBatches):
 
     def __iter__(self):
         for step, batch in enumerate(self.loader, start=self.sampler.start_step):
-            decoded, failed = decode_batch(batch.payloads, _paths(self.images, batch.indices), self.device)
-            bad = batch.unreadable + list(failed.values())
-            good = [j for j, image in enumerate(decoded) if image is not None]
+            decoded, good, bad = _decode_readable(self.images, batch, self.device)
             if not good:
                 yield None, bad
                 continue
             kept = [batch.positions[j] for j in good]  # rows of this rank's slice of the global batch
             keep = torch.tensor(good)
-            views = self.two_views([decoded[j] for j in good], step, kept)
+            views = self.two_views(decoded, step, kept)
             yield (views, batch.labels[keep], batch.indices[keep]), bad
 
 
 def _paths(images: ImageList, indices: torch.Tensor) -> list[str]:
     return [str(images.root / images.paths[i]) for i in indices.tolist()]
+
+
+def _decode_readable(images: ImageList, batch, device: torch.device):
+    """Decode an encoded batch: ``(decoded images, their rows in the batch, unreadable samples)``."""
+    decoded, failed = decode_batch(batch.payloads, _paths(images, batch.indices), device)
+    good = [j for j, image in enumerate(decoded) if image is not None]
+    return [decoded[j] for j in good], good, batch.unreadable + list(failed.values())
 
 
 def load_to_device(images: ImageList, device: torch.device, workers: int = 0):
@@ -217,13 +222,11 @@ class EvalBatches:
 
     def __iter__(self):
         for batch in self.loader:
-            decoded, failed = decode_batch(batch.payloads, _paths(self.images, batch.indices), self.device)
-            bad = batch.unreadable + list(failed.values())
-            good = [j for j, image in enumerate(decoded) if image is not None]
+            decoded, good, bad = _decode_readable(self.images, batch, self.device)
             if not good:
                 yield None, bad
                 continue
-            crops = TF.to_dtype(torch.stack([self._crop(decoded[j]) for j in good]), torch.float32, scale=True)
+            crops = TF.to_dtype(torch.stack([self._crop(image) for image in decoded]), torch.float32, scale=True)
             keep = torch.tensor(good)
             yield (TF.normalize(crops, IMAGENET_MEAN, IMAGENET_STD), batch.labels[keep], batch.indices[keep]), bad
 

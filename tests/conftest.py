@@ -40,3 +40,27 @@ def image_folder(tmp_path) -> Path:
 def shared_image_folder(tmp_path_factory) -> Path:
     """A read-only folder of 64 labelled 16x16 images, made once per session."""
     return make_image_folder(tmp_path_factory.mktemp("shared") / "images", classes=2, per_class=32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one faiss thread while a module's tests run. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    The tests run tiny networks and searches; on the test machine's shared cores, threads waiting
+    for each other at every operation cost several times the work itself. One thread also makes a
+    run's float operations the same from run to run (the resume tests rely on it).
+    """
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    torch_threads = torch.get_num_threads()
+    faiss_threads = faiss.omp_get_max_threads() if faiss else 0
+    torch.set_num_threads(1)
+    if faiss:
+        faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(torch_threads)
+    if faiss:
+        faiss.omp_set_num_threads(faiss_threads)

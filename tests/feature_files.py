@@ -5,33 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from retrieval.features import FeatureSet, write_features
 from cli_runner import assert_user_error, run  # noqa: F401 (the tests import them from here)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch and one faiss thread while a module's tests run (autouse where imported).
-
-    These tests run tiny networks and searches; on the test machine's shared cores, threads
-    waiting for each other at every operation cost several times the work itself.
-    """
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    torch_threads = torch.get_num_threads()
-    faiss_threads = faiss.omp_get_max_threads() if faiss else 0
-    torch.set_num_threads(1)
-    if faiss:
-        faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_threads)
-    if faiss:
-        faiss.omp_set_num_threads(faiss_threads)
 
 
 def clustered(n: int, classes: int = 8, dim: int = 32, noise: float = 0.5, seed: int = 0,

@@ -31,13 +31,7 @@ from transfer.toy_voc import make_toy_voc  # noqa: E402
 VOC_TRAIN_SIZES = tuple(range(480, 801, 32))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on shared cores: one thread avoids OpenMP's spin-waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from simsiam.model import SimSiam
 
 from conftest import make_image_folder
 from feature_files import assert_user_error, run, save_resnet18_checkpoints
-from feature_files import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu", "--batch-size", "4"]

@@ -29,14 +29,7 @@ def jpeg_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("fast") / "images", classes=2, per_class=12, ext="jpg")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two busy ones; one thread also
-    makes a run's float operations the same from run to run (see the resume test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(data, out, **overrides):

@@ -15,7 +15,8 @@ from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
 from conftest import make_image_folder
-from feature_files import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = Runtime(torch.device("cpu"), "fp32")
 

@@ -28,15 +28,6 @@ def ks_p(sample: np.ndarray, reference: np.ndarray) -> float:
     return stats.ks_2samp(sample, reference, method="asymp").pvalue
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny per-image calls run several times faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def uniform_draws(n: int, seed: int = 0) -> G.ViewDraws:
     return G.BatchAugment(16).draw(n, torch.Generator().manual_seed(seed))
 

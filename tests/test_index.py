@@ -10,7 +10,8 @@ from retrieval.index import FLAT_MAX_ROWS, build_index, load_index, parse_memory
 from simsiam.errors import InputError
 
 from feature_files import assert_user_error, clustered, feature_file, run
-from feature_files import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import torch
 from retrieval.knn import weighted_knn
 from retrieval.neighbours import faiss_placement, resolve_search, search
 
-from feature_files import one_thread  # noqa: F401 (autouse)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 faiss = pytest.importorskip("faiss")
 
 

@@ -11,7 +11,8 @@ import torch
 
 from conftest import make_image_folder
 from feature_files import assert_user_error, clustered, feature_file, run, save_resnet18_checkpoints
-from feature_files import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from feature_files import assert_user_error, run
-from feature_files import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_metrics(run_dir, knn: bool = True):

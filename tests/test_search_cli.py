@@ -13,7 +13,8 @@ from simsiam.errors import InputError
 
 from conftest import make_image_folder
 from feature_files import assert_user_error, clustered, feature_file, run, save_resnet18_checkpoints
-from feature_files import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
 
