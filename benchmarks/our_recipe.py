@@ -125,6 +125,7 @@ def build_fast(config, device: torch.device, compile_model: bool = True, passes:
                    notes=lambda: f"{precision}, {trainer.compile_note}, batches already on the GPU")
 
     start = time.perf_counter()
+    config = dataclasses.replace(config, compile=compile_model)  # the augmentation compiles with the step
     images = scan_images(config.data)
     if not config.data_on_gpu:
         images = repeat_images(images, passes)

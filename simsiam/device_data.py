@@ -26,7 +26,7 @@ from .config import PretrainConfig
 from .data import GlobalBatchSampler, ImageList, Unreadable, decode_rgb, derived_seed
 from .device_decode import decode_batch, encoded_loader
 from .errors import InputError
-from .gpu_augment import BatchAugment, ViewDraws
+from .gpu_augment import BatchAugment, ViewDraws, to_device
 from .runtime import Runtime
 
 # --data-on-gpu's auto rule: on when the decoded dataset takes at most this share of the GPU's memory
@@ -67,8 +67,12 @@ class _TwoViewBatches:
         return first.rows(rows), second.rows(rows)
 
     def two_views(self, images, step: int, kept: list[int]):
+        """Both views of the kept images, augmented in one call: on a GPU each call launches hundreds
+        of small kernels, whatever the batch size, so one call of 2N images costs half of two of N."""
         first, second = self.draws(step)
-        return self.augment(images, first.rows(kept)), self.augment(images, second.rows(kept))
+        both = ViewDraws(torch.cat([first.rows(kept).uniform, second.rows(kept).uniform]))
+        pair = torch.cat([images, images]) if isinstance(images, torch.Tensor) else images + images
+        return self.augment(pair, both).chunk(2)
 
 
 class InMemoryBatches(_TwoViewBatches):
@@ -93,7 +97,7 @@ class InMemoryBatches(_TwoViewBatches):
                 yield None, bad
                 continue
             index = torch.tensor([indices[row] for row in kept])
-            images = self.data[index.to(self.device, non_blocking=True)]
+            images = self.data[to_device(index, self.device)]
             yield (self.two_views(images, step, kept), self.labels[index], index), bad
 
 
@@ -185,7 +189,7 @@ def pretrain_batches(config: PretrainConfig, images: ImageList, sampler: GlobalB
     sizes turn out mixed; False never. Otherwise ``config.gpu_decode`` gives
     :class:`DecodedBatches`.
     """
-    augment = BatchAugment(config.image_size, (config.crop_min_scale, 1.0), config.blur)
+    augment = BatchAugment(config.image_size, (config.crop_min_scale, 1.0), config.blur, compile=config.compile)
     sources = (images, sampler, augment, config.seed, runtime.device, config.workers)
     if config.data_on_gpu or (config.data_on_gpu is None and fits_on_device(images, runtime.device)):
         try:

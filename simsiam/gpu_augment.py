@@ -19,6 +19,7 @@ truncate, darkening by up to 1/255 a step).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +65,19 @@ class BatchAugment:
 
     ``augment(images, augment.draw(len(images), generator))`` gives the normalised float32 views
     ``[N, 3, image_size, image_size]`` on the images' device. ``images`` is a uint8 tensor
-    ``[N, 3, H, W]``, or a list of uint8 ``[3, H_i, W_i]`` tensors of any sizes.
+    ``[N, 3, H, W]``, or a list of uint8 ``[3, H_i, W_i]`` tensors of any sizes. With ``compile``,
+    the device's part runs through ``torch.compile`` (the same operations, fused).
     """
 
-    def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.2, 1.0), blur: bool = True):
+    def __init__(self, image_size: int, crop_scale: tuple[float, float] = (0.2, 1.0), blur: bool = True,
+                 compile: bool = False):
         self.image_size = image_size
         self.crop_scale = crop_scale
         self.blur = blur
+        # Eager, a call launches some 500 small kernels whatever the batch size, which on a GPU
+        # costs more host time than a CIFAR-sized training step; compiled, a few fused ones.
+        self._on_device = torch.compile(crop_and_photometric, dynamic=None) if compile else crop_and_photometric
+        self._photometric = torch.compile(photometric, dynamic=None) if compile else photometric
 
     def __repr__(self) -> str:
         return f"BatchAugment(image_size={self.image_size}, crop_scale={self.crop_scale}, blur={self.blur})"
@@ -88,14 +95,58 @@ class BatchAugment:
             widths = torch.tensor([image.shape[-1] for image in images])
             device = images[0].device
         boxes = crop_boxes(draws, heights, widths, self.crop_scale)
-        settings = per_image_settings(draws, self.blur).to(device, non_blocking=True)
-        views = resized_crops(images, boxes.to(device, non_blocking=True), self.image_size)
-        views = color_jitter(views, settings[:, _P_ORDER], settings[:, _P_FACTORS])
-        views = grayscale(views, settings[:, _P_GRAY] > 0)
-        if self.blur:
-            views = gaussian_blur(views, settings[:, _P_SIGMA], settings[:, _P_BLUR] > 0)
-        views = horizontal_flip(views, settings[:, _P_FLIP] > 0)
-        return normalize(views)
+        # one copy to the device for both (box sides are integers, exact in float32)
+        params = to_device(torch.cat([boxes.float(), per_image_settings(draws, self.blur)], dim=1), device)
+        boxes, settings = params[:, :4].long(), params[:, 4:]
+        try:
+            if isinstance(images, torch.Tensor):
+                return self._on_device(images, boxes, settings, self.image_size, self.blur)
+            # images of mixed sizes: one product per image, then the batched rest
+            return self._photometric(resized_crops(images, boxes, self.image_size), settings, self.blur)
+        except Exception as err:  # noqa: BLE001  whatever compiling raised, the eager functions are the answer
+            if self._on_device is crop_and_photometric:
+                raise
+            warnings.warn(f"torch.compile of the GPU augmentation failed ({type(err).__name__}: "
+                          f"{str(err).strip()[:200]}); it runs eager from now on", RuntimeWarning, stacklevel=2)
+            self._on_device, self._photometric = crop_and_photometric, photometric
+            return self(images, draws)
+
+
+def crop_and_photometric(images: torch.Tensor, boxes: torch.Tensor, settings: torch.Tensor, size: int,
+                         blur: bool) -> torch.Tensor:
+    """Everything that runs on the device, for images of one size (what ``compile`` compiles)."""
+    return photometric(resized_crops(images, boxes, size), settings, blur)
+
+
+def photometric(views: torch.Tensor, settings: torch.Tensor, blur: bool) -> torch.Tensor:
+    """Colour jitter, grayscale, blur, flip and normalisation of the resized crops ``[N, 3, S, S]``."""
+    views = color_jitter(views, settings[:, _P_ORDER], settings[:, _P_FACTORS])
+    views = grayscale(views, settings[:, _P_GRAY] > 0)
+    if blur:
+        views = gaussian_blur(views, settings[:, _P_SIGMA], settings[:, _P_BLUR] > 0)
+    views = horizontal_flip(views, settings[:, _P_FLIP] > 0)
+    return normalize(views)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor copied to ``device`` without making the host wait: a copy from pageable memory
+    waits for every kernel queued before it, which would stop the host from running ahead of the GPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small constant tensor, made once per device: each ``torch.tensor(..., device=cuda)`` is a
+    copy that waits for the GPU. (Compiled, it is a constant of the graph.)"""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    if (values, device) not in _CONSTANTS:
+        _CONSTANTS[values, device] = torch.tensor(values, device=device)
+    return _CONSTANTS[values, device]
 
 
 def crop_boxes(draws: ViewDraws, heights: torch.Tensor, widths: torch.Tensor,
@@ -212,7 +263,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(gray, 0, hue / 6)
     hue = (hue[:, None] + shift) % 1.0
     # back to RGB: channel n (5, 3, 1 for R, G, B) is v - v*s*clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue * 6) % 6
+    k = (_constant((5.0, 3.0, 1.0), x.device)[None, :, None, None] + hue * 6) % 6
     return value[:, None] - (value * saturation)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -264,6 +315,6 @@ def horizontal_flip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, device=x.device)[None, :, None, None]
+    mean = _constant(tuple(IMAGENET_MEAN), x.device)[None, :, None, None]
+    std = _constant(tuple(IMAGENET_STD), x.device)[None, :, None, None]
     return (x - mean) / std

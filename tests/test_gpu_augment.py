@@ -104,6 +104,33 @@ def test_output_shape_dtype_device_and_determinism():
     assert mixed.shape == (2, 3, 16, 16)
 
 
+def test_compiled_augmentation_computes_what_eager_computes():
+    """--compile fuses the device part (CPU inductor here; the GPU suite runs it on CUDA)."""
+    eager, compiled = G.BatchAugment(16, blur=True), G.BatchAugment(16, blur=True, compile=True)
+    images = textured_images(12, 20, 24)
+    draws = eager.draw(12, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiled(images, draws), eager(images, draws), atol=1e-4, rtol=0)
+    mixed = [images[0], textured_images(1, 33, 17)[0]]
+    draws = eager.draw(2, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(compiled(mixed, draws), eager(mixed, draws), atol=1e-4, rtol=0)
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken(function, **options):
+        def fails(*args):
+            raise RuntimeError("inductor could not build")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    augment, eager = G.BatchAugment(16, blur=True, compile=True), G.BatchAugment(16, blur=True)
+    images = textured_images(4, 20, 24)
+    draws = eager.draw(4, torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="inductor could not build.*runs eager from now on"):
+        views = augment(images, draws)
+    assert torch.equal(views, eager(images, draws))
+    assert torch.equal(augment([images[0]], draws.rows([0])), eager([images[0]], draws.rows([0])))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above cover the same code")
 def test_the_gpu_computes_what_the_cpu_computes():
     augment = G.BatchAugment(32, blur=True)
