@@ -45,7 +45,7 @@ def _from_preset(help_text: str) -> str:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
               help="auto: bf16 autocast and channels_last on CUDA, fp32 on CPU. [default: auto]")
 @click.option("--compile/--no-compile", default=None,
-              help="torch.compile the model and the loss (the first steps then take a minute or more). [default: off]")
+              help="torch.compile the model, the loss and the GPU augmentation (the first steps then take a minute or more). [default: off]")
 @click.option("--data-on-gpu/--no-data-on-gpu", default=None,  # 25%: simsiam.device_data.DATA_ON_GPU_MEMORY_FRACTION
               help="Decode the dataset once into GPU memory and augment both views there; images of one size. "
                    "[default: auto, on with a GPU when the decoded images take at most 25% of its memory]")
