@@ -23,6 +23,7 @@ class RunSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    ARGUMENTS: dict[str, str] = {"data": "DATA"}  # settings given as positional arguments, by their metavar
     # Settings a resumed run may be given anew: how it runs, what it logs and saves, and
     # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
     # decides what the saved weights and optimizer state are, so changing it is refused.
@@ -41,7 +42,8 @@ class RunSettings:
         """The saved settings of the run at ``where``, with the ``given`` ones a resumed run may change."""
         for name, value in given.items():
             if name not in cls.RESUME_MAY_CHANGE and name in saved and saved[name] != value:
-                raise InputError(f"--{name.replace('_', '-')} {value}: the run being resumed ({where}) used "
+                label = cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
+                raise InputError(f"{label} {value}: the run being resumed ({where}) used "
                                  f"{saved[name]}; a resumed run continues with its own settings")
         return cls.from_dict({**saved, **given})
 

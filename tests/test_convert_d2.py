@@ -20,7 +20,7 @@ from simsiam.backbones import build_resnet
 from simsiam.checkpoint import to_official_layout
 from simsiam.model import SimSiam
 from transfer import detectron2_weights
-from transfer.detectron2_weights import convert_checkpoint, detectron2_name
+from transfer.detectron2_weights import backbone_depth, convert_checkpoint, detectron2_name
 from cli_runner import assert_user_error, run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "detectron2-resnet-parameters.json"
@@ -127,6 +127,16 @@ def test_torchvision_r18_matches_detectron2_r18_fpn_and_says_to_use_fpn(tmp_path
         assert np.array_equal(array, state[source_name(name, state)].numpy()), name
     assert weights.settings["MODEL.RESNETS.DEPTH"] == 18 and weights.settings["MODEL.RESNETS.RES2_OUT_CHANNELS"] == 64
     assert any("FPN" in note for note in weights.notes)
+
+
+def test_backbone_depth_is_read_from_the_parameter_names():
+    """detect refuses weights of another depth than its config (test_detectron2 checks that part)."""
+    for model in ("R50-C4", "R50-FPN", "R101-C4", "R18-FPN"):
+        names = detectron2_reference(model)
+        expected = int(model[1:].split("-")[0])
+        assert backbone_depth(names) == expected, model
+        assert backbone_depth({name.removeprefix("backbone.").removeprefix("bottom_up."): 0 for name in names}) == expected
+    assert backbone_depth(["res2_0_branch2a_w", "conv1_w"]) is None  # a Caffe2 blobs pickle: not judged
 
 
 def test_moco_r101_matches_detectron2_r101_c4(tmp_path):

@@ -221,6 +221,20 @@ def test_unknown_override_key_is_a_one_line_error(tmp_path, r50, toy_root):
     assert result.exit_code == 2 and "Non-existent key: SOLVER.NO_SUCH_KEY" in result.output
 
 
+def test_weights_of_another_depth_than_the_config_are_refused(tmp_path, toy_root):
+    """Detectron2 itself would only warn shape by shape and train on a mostly random backbone."""
+    with torch.device("meta"):
+        resnet = build_resnet("resnet18")
+    torch.save({k: torch.zeros(v.shape) for k, v in resnet.state_dict().items()}, tmp_path / "r18.pth")
+    write_detectron2_pickle(convert_checkpoint(tmp_path / "r18.pth"), tmp_path / "r18.pkl")
+    with pytest.raises(InputError, match="a ResNet-18 backbone, but the config builds a ResNet-50.*FPN config"):
+        plan_detection("voc-r50-c4", str(tmp_path / "r18.pkl"), str(toy_root), str(tmp_path / "out"))
+    plan = plan_detection("voc-r50-fpn", str(tmp_path / "r18.pkl"), str(toy_root), str(tmp_path / "out"),
+                          opts=["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    assert "DEPTH: 18" in plan.run.config_yaml
+    assert not (tmp_path / "out").exists()
+
+
 # Tiny images, 2 iterations, few proposals: a CPU run of the whole path in about a minute.
 CPU_TOY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1",
            "INPUT.MIN_SIZE_TRAIN", "(48,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "48",

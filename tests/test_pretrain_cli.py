@@ -136,6 +136,8 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--batch-size", "4"),
                       "--batch-size 4: the run being resumed", "used 8")
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--lr", "0.1"), "--lr 0.1", "used 0.03")
+    assert_user_error(run("pretrain", tmp_path, "--resume", out, "--epochs", "3"),
+                      f"DATA {tmp_path}: the run being resumed", f"used {shared_image_folder}")
     assert (out / "last.pth.tar").stat().st_mtime_ns == before
     # a run resumed into another --out folder must not write over the run held there
     other = tmp_path / "other"

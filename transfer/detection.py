@@ -19,7 +19,7 @@ from simsiam.errors import InputError
 from .detection_datasets import check_data_root, locate_datasets
 from .detectron2_config import (REFERENCE_GPUS, load_config, require_detectron2, resolve_config, scale_schedule,
                                 use_plain_batchnorm)
-from .detectron2_weights import check_detectron2_weights
+from .detectron2_weights import check_detectron2_weights, weights_depth
 
 RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
 # Files by which Detectron2 marks an output folder as holding a training run.
@@ -73,6 +73,13 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     if not names:
         raise InputError(f"--config {config}: DATASETS.TEST and DATASETS.TRAIN name no dataset")
     datasets = locate_datasets(data_root, names)
+    depth = weights_depth(weights) if weights is not None else None
+    if depth is not None and depth != cfg.MODEL.RESNETS.DEPTH:
+        # Detectron2 would only warn, shape by shape, and train on a mostly random backbone
+        raise InputError(f"--weights {weights}: a ResNet-{depth} backbone, but the config builds a ResNet-"
+                         f"{cfg.MODEL.RESNETS.DEPTH}" + (" (ResNet-18/34: an FPN config with MODEL.RESNETS.DEPTH "
+                         f"{depth} MODEL.RESNETS.RES2_OUT_CHANNELS 64, as convert-d2 prints)" if depth < 50 else
+                         f"; add MODEL.RESNETS.DEPTH {depth}"))
 
     notes: list[str] = []
     world_size = num_gpus * num_machines

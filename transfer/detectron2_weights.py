@@ -172,6 +172,33 @@ def _read_arrays_pickle(path: Path) -> dict:
         raise InputError(f"--weights {path}: not a Detectron2 pickle ({str(err) or type(err).__name__})") from None
 
 
+# ResNet depth from (bottleneck blocks?, blocks in res4): torchvision's 18/34/50/101/152
+_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
+
+
+def backbone_depth(names) -> int | None:
+    """The ResNet depth of Detectron2 backbone parameter names as ``convert-d2`` writes them
+    (``res4.5.conv3.weight``, optionally under ``backbone.bottom_up.`` or ``backbone.``); None
+    when the names are not of that form (a Caffe2 ``blobs`` pickle, say)."""
+    blocks, bottleneck = set(), False
+    for name in names:
+        match = re.match(r"^(?:backbone\.(?:bottom_up\.)?)?res4\.(\d+)\.(conv\d)\.", name)
+        if match:
+            blocks.add(int(match.group(1)))
+            bottleneck |= match.group(2) == "conv3"
+    return _DEPTHS.get((bottleneck, len(blocks))) if blocks else None
+
+
+def weights_depth(weights: str) -> int | None:
+    """:func:`backbone_depth` of a ``.pkl`` given as ``--weights`` (None for anything else)."""
+    path = Path(weights)
+    if "://" in weights or path.suffix != ".pkl" or not path.is_file():
+        return None
+    data = _read_arrays_pickle(path)
+    state = data.get("model") if isinstance(data, dict) else None
+    return backbone_depth(state) if isinstance(state, dict) else None
+
+
 def check_detectron2_weights(weights: str) -> str:
     """Check that ``--weights`` is something Detectron2's checkpointer loads; return it unchanged.
 
