@@ -29,9 +29,10 @@ PathArg = click.Path(path_type=Path)
               help="torch backend: queries per matrix product (memory: chunk x train size x 4 bytes). [default: auto]")
 @click.option("--predictions", type=PathArg, default=None, help="Write one CSV row per image and k.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--overwrite", is_flag=True, help="Replace train.h5 and val.h5 in the --save-features folder.")
 @model_options
 def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features, ks, temperature, backend, device,
-            chunk_size, predictions, as_json, layer, image_size, resize, batch_size, workers, precision):
+            chunk_size, predictions, as_json, overwrite, layer, image_size, resize, batch_size, workers, precision):
     """Weighted kNN top-1/top-5 of --val against --train: L2-normalised features, cosine similarity,
     k nearest, votes exp(sim / T) (DINO's eval_knn.py; k = 20, T = 0.07).
 
@@ -60,7 +61,7 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
         with EmbeddingProgress("knn") as progress:
             report, val_set = evaluate_checkpoint(checkpoint, train_dir, val_dir, runtime, ks, temperature, backend,
                                                   chunk_size, layer, image_size, resize, batch_size,
-                                                  default_workers(workers), save_features, progress)
+                                                  default_workers(workers), save_features, progress, overwrite)
         sources = {"checkpoint": str(checkpoint), "train": str(train_dir), "val": str(val_dir)}
     if predictions is not None:
         write_predictions(predictions, val_set, report)

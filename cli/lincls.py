@@ -106,5 +106,5 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"top-1 {final['top1']:.2f}  top-{final['topk']} {final['top5']:.2f}  (best top-1 "
-                   f"{final['best_top1']:.2f}) after {final['epoch']} epochs; linear head in "
+                   f"{final['best_top1']:.2f}) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
                    f"{Path(config.out) / HEAD_FILE}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from simsiam.atomic import check_output
 from simsiam.data import scan_images
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
@@ -30,11 +31,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
                         chunk_size: int | None = None, layer: str = "backbone", image_size: int | None = None,
                         resize: int | None = None, batch_size: int = 256, workers: int = 0,
                         save_features: str | os.PathLike | None = None,
-                        on_event=None) -> tuple[KnnReport, FeatureSet]:
+                        on_event=None, overwrite: bool = False) -> tuple[KnnReport, FeatureSet]:
     """Embed two labelled image folders with ``checkpoint`` and evaluate, keeping the features in memory.
 
     Nothing is written unless ``save_features`` names a folder: then ``train.h5`` and ``val.h5``
-    (float32) go there.
+    (float32) go there; existing ones are replaced only with ``overwrite``, as by extract.
     """
     if runtime.distributed:
         raise InputError("knn CHECKPOINT runs in one process; under torchrun run simsiam extract for both folders, "
@@ -43,6 +44,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     if save_features is not None and not Path(save_features).is_dir():
         what = "a file, not a folder" if Path(save_features).exists() else "no such folder"
         raise InputError(f"--save-features {save_features}: {what}")
+    if save_features is not None:
+        for name in ("train.h5", "val.h5"):
+            check_output(Path(save_features) / name, "--save-features", overwrite)
     for name, folder in (("--train-dir", train_dir), ("--val-dir", val_dir)):
         images = scan_images(folder)
         if not images.labelled:

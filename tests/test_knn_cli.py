@@ -82,6 +82,11 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     before = set(tmp_path.rglob("*"))
     assert run(*args).exit_code == 0
     assert set(tmp_path.rglob("*")) == before  # nothing written without --save-features
+    written = (saved / "train.h5").stat().st_mtime_ns
+    assert_user_error(run(*args, "--save-features", saved), "train.h5: exists; pass --overwrite")
+    assert (saved / "train.h5").stat().st_mtime_ns == written
+    assert run(*args, "--save-features", saved, "--overwrite").exit_code == 0
+    assert (saved / "train.h5").stat().st_mtime_ns != written
 
 
 # ---- errors: exit 2, one line, nothing written --------------------------------------------------------------------
