@@ -19,7 +19,7 @@ from simsiam.errors import InputError
 from .detection_datasets import check_data_root, locate_datasets
 from .detectron2_config import (REFERENCE_GPUS, load_config, require_detectron2, resolve_config, scale_schedule,
                                 use_plain_batchnorm)
-from .detectron2_weights import check_detectron2_weights, weights_depth
+from .detectron2_weights import check_detectron2_weights
 
 RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
 # Files by which Detectron2 marks an output folder as holding a training run.
@@ -59,8 +59,9 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     if num_machines > 1 and dist_url == "auto":
         raise InputError("--dist-url: a multi-machine run needs the tcp://HOST:PORT of machine 0")
     config_file = resolve_config(config)
+    depth = None
     if weights is not None:
-        check_detectron2_weights(weights)
+        depth = check_detectron2_weights(weights)
     elif eval_only or not resume:
         raise InputError("--weights: needed (a convert-d2 .pkl to train from, a model_final.pth to evaluate)")
     check_data_root(data_root)
@@ -73,7 +74,6 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     if not names:
         raise InputError(f"--config {config}: DATASETS.TEST and DATASETS.TRAIN name no dataset")
     datasets = locate_datasets(data_root, names)
-    depth = weights_depth(weights) if weights is not None else None
     if depth is not None and depth != cfg.MODEL.RESNETS.DEPTH:
         # Detectron2 would only warn, shape by shape, and train on a mostly random backbone
         raise InputError(f"--weights {weights}: a ResNet-{depth} backbone, but the config builds a ResNet-"

@@ -189,25 +189,16 @@ def backbone_depth(names) -> int | None:
     return _DEPTHS.get((bottleneck, len(blocks))) if blocks else None
 
 
-def weights_depth(weights: str) -> int | None:
-    """:func:`backbone_depth` of a ``.pkl`` given as ``--weights`` (None for anything else)."""
-    path = Path(weights)
-    if "://" in weights or path.suffix != ".pkl" or not path.is_file():
-        return None
-    data = _read_arrays_pickle(path)
-    state = data.get("model") if isinstance(data, dict) else None
-    return backbone_depth(state) if isinstance(state, dict) else None
-
-
-def check_detectron2_weights(weights: str) -> str:
-    """Check that ``--weights`` is something Detectron2's checkpointer loads; return it unchanged.
+def check_detectron2_weights(weights: str) -> int | None:
+    """Check that ``--weights`` is something Detectron2's checkpointer loads; return the ResNet
+    depth of a ``.pkl`` in convert-d2's names (:func:`backbone_depth`), else None.
 
     Accepted: a ``.pkl`` in the Detectron2 format (``convert-d2``'s output, Detectron2's model zoo,
     or a Caffe2 ``blobs`` pickle), a Detectron2 ``.pth`` checkpoint (``model_final.pth``), or a URL
     (``detectron2://...``, ``https://...``) that Detectron2 downloads itself.
     """
     if "://" in weights:
-        return weights
+        return None
     path = Path(weights)
     if not path.is_file():
         raise InputError(f"--weights {path}: no such file")
@@ -217,14 +208,14 @@ def check_detectron2_weights(weights: str) -> str:
         if not isinstance(state, dict) or not state or not all(isinstance(v, np.ndarray) for v in state.values()):
             raise InputError(f"--weights {path}: not a Detectron2 pickle (expected a dict with a 'model' dict of "
                              "numpy arrays, as simsiam convert-d2 writes)")
-        return weights
+        return backbone_depth(state)
     if not zipfile.is_zipfile(path):  # torch.save's format since PyTorch 1.6
         raise InputError(f"--weights {path}: neither a Detectron2 .pkl nor a PyTorch checkpoint "
                          "(convert a SimSiam checkpoint with simsiam convert-d2 first)")
     checkpoint = load_checkpoint(path, mmap=True)
     model = checkpoint.get("model", checkpoint)  # Detectron2 also loads a bare state dict
     if isinstance(model, dict) and any(str(k).startswith(_DETECTRON2_PREFIXES) for k in model):
-        return weights
+        return None  # a whole detector (model_final.pth): its own config decided its backbone
     if "state_dict" in checkpoint or any(str(k).startswith(("module.", "encoder", "conv1.", "layer1.")) for k in model):
         raise InputError(f"--weights {path}: a SimSiam/MoCo/torchvision checkpoint, not Detectron2 weights; "
                          "convert it first: simsiam convert-d2 CHECKPOINT --out model.pkl")
