@@ -75,7 +75,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise InputError(f"{path}: not a PyTorch checkpoint ({reason[:120]})") from None
     except Exception as err:  # noqa: BLE001  any bytes at all: the legacy unpickler fails in many ways
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if zipfile.is_zipfile(path) or not _first_bytes(path, 2) == b"PK":
+        if zipfile.is_zipfile(path) or _first_bytes(path, 2) != b"PK":
             raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason[:120]})") from None
         raise InputError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)") from None
     if not isinstance(obj, dict):

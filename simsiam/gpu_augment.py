@@ -98,18 +98,23 @@ class BatchAugment:
         # one copy to the device for both (box sides are integers, exact in float32)
         params = to_device(torch.cat([boxes.float(), per_image_settings(draws, self.blur)], dim=1), device)
         boxes, settings = params[:, :4].long(), params[:, 4:]
+        if isinstance(images, torch.Tensor):
+            return self._run("_on_device", images, boxes, settings, self.image_size, self.blur)
+        # images of mixed sizes: padded to the largest for the crops (eager), then the batched rest
+        return self._run("_photometric", resized_crops(images, boxes, self.image_size), settings, self.blur)
+
+    def _run(self, part: str, *args) -> torch.Tensor:
+        """``part`` (``_on_device`` or ``_photometric``), compiled or eager; when the compiled one
+        fails, both go eager for good, with a warning, and this call is redone eager."""
         try:
-            if isinstance(images, torch.Tensor):
-                return self._on_device(images, boxes, settings, self.image_size, self.blur)
-            # images of mixed sizes: one product per image, then the batched rest
-            return self._photometric(resized_crops(images, boxes, self.image_size), settings, self.blur)
+            return getattr(self, part)(*args)
         except Exception as err:  # noqa: BLE001  whatever compiling raised, the eager functions are the answer
             if self._on_device is crop_and_photometric:
                 raise
             warnings.warn(f"torch.compile of the GPU augmentation failed ({type(err).__name__}: "
-                          f"{str(err).strip()[:200]}); it runs eager from now on", RuntimeWarning, stacklevel=2)
+                          f"{str(err).strip()[:200]}); it runs eager from now on", RuntimeWarning, stacklevel=3)
             self._on_device, self._photometric = crop_and_photometric, photometric
-            return self(images, draws)
+            return getattr(self, part)(*args)
 
 
 def crop_and_photometric(images: torch.Tensor, boxes: torch.Tensor, settings: torch.Tensor, size: int,

@@ -141,6 +141,11 @@ def test_the_legacy_torch_save_format_still_loads(tmp_path):
     torch.save({"epoch": 7, "w": torch.arange(3.0)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
     loaded = load_checkpoint(tmp_path / "old.pth")
     assert loaded["epoch"] == 7 and torch.equal(loaded["w"], torch.arange(3.0))
+    # pickle protocol 4 frames the legacy format, which the safe (weights_only) unpickler cannot read
+    torch.save({"epoch": 7}, tmp_path / "framed.pth", _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with pytest.raises(InputError, match="framed.pth: a legacy-format checkpoint the safe loader cannot read.*"
+                                         "torch.save it again"):
+        load_checkpoint(tmp_path / "framed.pth")
 
 
 def test_save_is_atomic_when_the_write_fails(tmp_path):

@@ -129,6 +129,10 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
         views = augment(images, draws)
     assert torch.equal(views, eager(images, draws))
     assert torch.equal(augment([images[0]], draws.rows([0])), eager([images[0]], draws.rows([0])))
+    mixed = G.BatchAugment(16, blur=True, compile=True)  # images of mixed sizes fail in the photometric part
+    with pytest.warns(RuntimeWarning, match="runs eager from now on"):
+        views = mixed([images[0], images[1]], draws.rows([0, 1]))
+    assert torch.equal(views, eager([images[0], images[1]], draws.rows([0, 1])))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above cover the same code")
