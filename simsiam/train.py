@@ -369,12 +369,12 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             mean_loss, bad_step, skipped = _reduce_interval(loss_sum, diverged_at, skipped, runtime)
             if bad_step >= 0:
                 raise TrainingDiverged(
-                    f"the loss became NaN or infinite at step {bad_step} (epoch {epoch}); "
+                    f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}); "
                     + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"))
             now = time.perf_counter()
             mean_loss /= interval_steps
             metrics = {
-                "kind": "step", "step": global_step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                "kind": "step", "step": global_step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr,
                 "collapse_std": collapse_std(z1).item() * math.sqrt(z1.shape[1]),
                 "images_per_s": interval_steps * config.batch_size / (now - interval_start),
             }

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` (written by :mod:`simsiam.train`) holds one JSON object per line: ``"kind":
 "step"`` lines (``step``, ``epoch``, ``loss``, ``lr``, ``collapse_std``, ``images_per_s``) and
 ``"kind": "epoch"`` lines (the epoch's mean ``loss``, ``lr``, ``collapse_std``, and ``knn_top1``
-when the kNN monitor ran). A line cut short by a kill is skipped.
+when the kNN monitor ran). Epochs count from 1 on both kinds: a step line names the epoch under
+way, an epoch line the epoch just finished. A line cut short by a kill is skipped.
 
 The collapse monitor is the std of the L2-normalised projector output times sqrt(d): about 1
 when healthy, 0 when the representation has collapsed (the paper's Fig. 2, middle).

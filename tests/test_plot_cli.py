@@ -17,7 +17,7 @@ def write_metrics(run_dir, knn: bool = True):
     for epoch in range(3):
         for step in range(1, 5):
             global_step = epoch * 4 + step
-            lines.append({"kind": "step", "step": global_step, "epoch": epoch, "loss": -0.5 - 0.1 * global_step,
+            lines.append({"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": -0.5 - 0.1 * global_step,
                           "lr": 0.05 / (1 + epoch), "collapse_std": 0.9, "images_per_s": 100.0})
         record = {"kind": "epoch", "step": (epoch + 1) * 4, "epoch": epoch + 1, "loss": -0.6 - 0.3 * epoch,
                   "lr": 0.05 / (1 + epoch), "collapse_std": 0.9, "skipped_images": 0}

@@ -35,6 +35,8 @@ def test_a_short_run_writes_checkpoints_config_and_metrics(tmp_path, shared_imag
     steps = [l for l in lines if l["kind"] == "step"]
     epochs = [l for l in lines if l["kind"] == "epoch"]
     assert [l["step"] for l in steps] == [2, 4, 6, 8, 10, 12, 14, 16] and len(epochs) == 2
+    # epochs count from 1 on both kinds of line: steps 2-8 are the first epoch, whose line says 1
+    assert [l["epoch"] for l in steps] == [1, 1, 1, 1, 2, 2, 2, 2] and [l["epoch"] for l in epochs] == [1, 2]
     for line in steps:
         assert {"loss", "lr", "collapse_std", "images_per_s"} <= line.keys()
     # cosine per epoch from lr x batch / 256
@@ -104,7 +106,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     monkeypatch.setattr(simsiam.train, "negative_cosine_similarity", loss_that_diverges_at_step_11)
     out = tmp_path / "run"
     result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "3")
-    assert_user_error(result, "NaN or infinite at step 11 (epoch 1)", "last good checkpoint is", "last.pth.tar",
+    assert_user_error(result, "NaN or infinite at step 11 (epoch 2)", "last good checkpoint is", "last.pth.tar",
                       only_line=False)
     checkpoint = load_checkpoint(out / "last.pth.tar")
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 8

@@ -238,7 +238,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
             if not math.isfinite(loss_sum):
                 raise SimSiamError(f"the loss became NaN or infinite at step {global_step}; lower --lr")
             now = time.perf_counter()
-            step_metrics = {"kind": "step", "step": global_step, "epoch": epoch, "loss": loss_sum / count,
+            step_metrics = {"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / count,
                             "train_top1": 100.0 * correct / count, "lr": lr,
                             "images_per_s": interval_steps * config.batch_size / (now - interval_start)}
             metrics_log.write(step_metrics)
