@@ -9,7 +9,7 @@ Schema (DESIGN.md, "Feature files"), one HDF5 file:
   ``checkpoint_sha256``, ``image_size``, ``normalized`` (bool), ``simsiam_version``; we add
   ``resize``, ``precision`` and ``skipped_images``.
 
-Files are written under a temporary name (``.NAME.PID.tmp``, hidden) and renamed when complete,
+Files are written under a temporary name (``.NAME.XXXX.tmp``, hidden) and renamed when complete,
 so an interrupted run leaves no file that looks finished. A file written by a ``torchrun``
 extraction holds virtual datasets over one shard file per rank (HDF5 virtual datasets, paths
 relative to the file); it reads like any other.
@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from simsiam import __version__
+from simsiam.atomic import new_temporary
 from simsiam.errors import InputError
 
 DATASETS = ("features", "labels", "paths")
@@ -65,11 +66,6 @@ class FeatureSet:
     @property
     def root(self) -> Path:
         return Path(self.attrs.get("root", "."))
-
-
-def temporary_name(path: Path) -> Path:
-    """Hidden, process-specific and ``.tmp``: never mistaken for a finished file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _chunk_rows(dim: int, itemsize: int) -> int:
@@ -111,15 +107,14 @@ class FeatureWriter:
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise InputError(f"{self.path}: the folder {self.path.parent} does not exist")
-        self.tmp = temporary_name(self.path)
         self.attrs = {**attrs, "simsiam_version": __version__}
         self.rows = 0
         storage = _compression_args(compression)
         chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
-        self.file = h5py.File(self.tmp, "w")
+        self.file = None
+        self.tmp = new_temporary(self.path)
         try:
+            self.file = h5py.File(self.tmp, "w")
             self.features = self.file.create_dataset("features", shape=(0, dim), maxshape=(None, dim), dtype=dtype,
                                                      chunks=(chunk, dim), **storage)
             self.labels = self.file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64,
@@ -151,7 +146,7 @@ class FeatureWriter:
         return self.path
 
     def abort(self) -> None:
-        if self.file.id.valid:
+        if self.file is not None and self.file.id.valid:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -199,7 +194,7 @@ def write_virtual(path: str | os.PathLike, shards: Sequence[str | os.PathLike], 
                 shape = (count, dim) if name == "features" else (count,)
                 layout[start:start + count] = h5py.VirtualSource(relative, name, shape=shape)
         start += count
-    tmp = temporary_name(path)
+    tmp = new_temporary(path)
     try:
         with h5py.File(tmp, "w") as f:
             for name, layout in layouts.items():

@@ -30,10 +30,10 @@ from typing import Callable
 
 import numpy as np
 
-from simsiam.atomic import atomic_write
+from simsiam.atomic import atomic_write, new_temporary
 from simsiam.errors import InputError
 
-from .features import FeatureSet, check_usable, read_features, rows_fingerprint, temporary_name
+from .features import FeatureSet, check_usable, read_features, rows_fingerprint
 from .neighbours import import_faiss, normalized_float32
 
 KINDS = ("auto", "flat", "hnsw", "ivf-pq")
@@ -199,8 +199,6 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     faiss = import_faiss()
     say = on_event or (lambda message: None)
     out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
     if not 0 < target_recall <= 1:
         raise InputError(f"--target-recall {target_recall}: must be in (0, 1]")
     start = time.perf_counter()
@@ -260,7 +258,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     del sidecar["path"]
     with atomic_write(sidecar_path(out), "w") as f:
         f.write(json.dumps(sidecar, indent=2) + "\n")
-    tmp = temporary_name(out)
+    tmp = new_temporary(out)
     try:
         faiss.write_index(index, str(tmp))
         os.replace(tmp, out)

@@ -20,19 +20,33 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
     when the block raises.
     """
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(21, "is a folder; give a file name", str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = new_temporary(path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
-        with os.fdopen(fd, mode, **open_options) as f:
+        with open(tmp, mode, **open_options) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def new_temporary(path: str | os.PathLike) -> Path:
+    """Create an empty, hidden ``.NAME.XXXX.tmp`` beside ``path`` (never mistaken for a finished
+    file), making ``path``'s missing folders. An error names ``path``: the user never chose the
+    temporary name."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a folder; give a file name", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
+        os.close(fd)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    return Path(tmp)
 
 
 def _umask() -> int:
@@ -55,14 +69,16 @@ def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
 
 def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()) -> Path:
     """Refuse, before any work, an output file that cannot or should not be written: a folder, a
-    missing parent folder, one of the ``inputs``, or an existing file without ``overwrite``."""
+    folder that cannot be made or written in, one of the ``inputs``, or an existing file without
+    ``overwrite``. Missing folders are made by the writer, once there is something to write."""
     out = Path(out)
     if out.is_dir():
         raise InputError(f"{option} {out}: is a folder; give a file name")
-    if not out.parent.is_dir():
-        raise InputError(f"{option} {out}: the folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"{option} {out}: no permission to write in {out.parent}")
+    existing = next(folder for folder in out.parents if folder.exists() or folder == folder.parent)
+    if not existing.is_dir():
+        raise InputError(f"{option} {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"{option} {out}: no permission to write in {existing}")
     if any(Path(p).exists() and out.exists() and out.samefile(p) for p in inputs):
         raise InputError(f"{option} {out}: is an input of this command; choose another name")
     if out.exists() and not overwrite:

@@ -198,7 +198,7 @@ def test_errors_on_missing_or_unreadable_checkpoints_and_bad_out_paths(tmp_path,
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     assert_user_error(run("convert-d2", tmp_path / "junk.pth", "--out", tmp_path / "a.pkl"), "junk.pth")
     assert_user_error(run("convert-d2", path, "--out", tmp_path / "a.pth"), "must end in .pkl")
-    assert_user_error(run("convert-d2", path, "--out", tmp_path / "missing" / "a.pkl"), "does not exist")
+    assert_user_error(run("convert-d2", path, "--out", tmp_path / "junk.pth" / "a.pkl"), "junk.pth is a file, not a folder")
     for text in ("hi", "hello world"):  # text files torch.load cannot make sense of
         (tmp_path / "junk.pth").write_text(text)
         assert_user_error(run("convert-d2", tmp_path / "junk.pth", "--out", tmp_path / "a.pkl"), "junk.pth")

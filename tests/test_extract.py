@@ -158,6 +158,16 @@ def test_existing_output_needs_overwrite(tmp_path, checkpoints, images):
     assert out.read_text() == "keep me"
 
 
+def test_missing_output_folders_are_made_a_file_in_the_way_is_refused(tmp_path, checkpoints, images):
+    out = tmp_path / "new" / "sub" / "feats.h5"
+    result = run("extract", checkpoints["torchvision"], images, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert len(read_features(out)) > 0 and [p.name for p in out.parent.iterdir()] == ["feats.h5"]
+    (tmp_path / "afile").write_text("keep me")
+    assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", tmp_path / "afile" / "f.h5", *FAST),
+                      "afile is a file, not a folder")
+
+
 def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path, checkpoints):
     data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
     (data / "class0" / "broken.png").write_bytes(b"not a png")

@@ -135,8 +135,6 @@ def check_pickle_path(out: str | os.PathLike) -> Path:
         raise InputError(f"--out {out}: must end in .pkl (Detectron2 picks its pickle reader by that suffix)")
     if out.is_dir():
         raise InputError(f"--out {out}: is a folder")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: the folder {out.parent} does not exist")
     return out
 
 

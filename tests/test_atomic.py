@@ -1,0 +1,38 @@
+"""simsiam.atomic: outputs appear complete or not at all, and errors name the file the user chose."""
+
+import errno
+import tempfile
+
+import pytest
+
+from simsiam.atomic import atomic_write, check_output, new_temporary
+from simsiam.errors import InputError
+
+
+def test_check_output_accepts_missing_folders_and_refuses_a_file_in_the_way(tmp_path):
+    assert check_output(tmp_path / "a" / "b" / "out.h5", "--out", False) == tmp_path / "a" / "b" / "out.h5"
+    assert not (tmp_path / "a").exists()  # made by the writer, once there is something to write
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="--out .*afile/b/out.h5: .*afile is a file, not a folder"):
+        check_output(tmp_path / "afile" / "b" / "out.h5", "--out", False)
+
+
+def test_atomic_write_makes_missing_folders_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a" / "b" / "out.txt"
+    with atomic_write(path, "w") as f:
+        f.write("done")
+    assert path.read_text() == "done" and [p.name for p in path.parent.iterdir()] == ["out.txt"]
+    with pytest.raises(ValueError), atomic_write(path, "w") as f:
+        f.write("half")
+        raise ValueError("interrupted")
+    assert path.read_text() == "done" and [p.name for p in path.parent.iterdir()] == ["out.txt"]
+
+
+def test_an_error_making_the_temporary_names_the_output_not_the_temporary(tmp_path, monkeypatch):
+    def refused(prefix, suffix, dir):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}abc{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as caught:
+        new_temporary(tmp_path / "feats.h5")
+    assert caught.value.filename == str(tmp_path / "feats.h5") and caught.value.errno == errno.EACCES
