@@ -85,25 +85,34 @@ def _written_by_a_run(config_file: Path) -> bool:
     return isinstance(values, dict) and {"preset", "batch_size", "epochs"} <= values.keys()
 
 
-def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
+def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
     """Refuse a folder that holds another run unless resuming it (from a checkpoint inside it) or
-    told to overwrite it."""
+    told to overwrite it. Only reads: every process checks, before any slow work."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    resuming = resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
-    if holds_run(out) and not resuming and not overwrite:
+    if _resuming_in(out, resume_from) or overwrite:
+        return
+    if holds_run(out):
         raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
                          "or --overwrite to start over")
     strays = [n for n in RUN_FILES if (out / n).exists()]
-    if strays and not resuming and not overwrite and not _written_by_a_run(out / CONFIG_FILE):
+    if strays and not _written_by_a_run(out / CONFIG_FILE):
         raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
                          "or pass --overwrite")
-    if not resuming:
+
+
+def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None) -> None:
+    """Make the run folder; a fresh run first removes the files of the run it replaces."""
+    if not _resuming_in(out, resume_from):
         for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
             path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
+
+
+def _resuming_in(out: Path, resume_from: str | os.PathLike | None) -> bool:
+    return resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
 
 
 def _step_of(line: str) -> float:
@@ -272,6 +281,7 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
 def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Event) -> dict:
     emit = on_event if runtime.is_main else (lambda event: None)
     out = Path(config.out)
+    check_run_dir(out, resume_from, overwrite)
     images = scan_images(config.data)
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
@@ -280,7 +290,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         raise InputError(f"--resume {resume_from}: the run has finished its {checkpoint['epoch']} epochs; "
                          f"pass --epochs N with N > {checkpoint['epoch']} to train on")
     if runtime.is_main:
-        prepare_run_dir(out, resume_from, overwrite)
+        prepare_run_dir(out, resume_from)
     runtime.barrier()
 
     torch.manual_seed(config.seed)

@@ -120,6 +120,10 @@ def test_out_folder_holding_another_run_is_refused_unless_overwrite(tmp_path, sh
     before = (out / "last.pth.tar").stat().st_mtime_ns
     assert_user_error(run("pretrain", shared_image_folder, "--out", out, *TINY, "--seed", "5"),
                       "already holds a run", "--resume", "--overwrite")
+    # the first thing checked, before the data: not a complaint about the batch or the images
+    assert_user_error(run("pretrain", shared_image_folder, "--out", out, *TINY, "--batch-size", "100000"),
+                      "already holds a run")
+    assert_user_error(run("pretrain", tmp_path / "nowhere", "--out", out, *TINY), "already holds a run")
     assert (out / "last.pth.tar").stat().st_mtime_ns == before
     result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--seed", "5", "--overwrite")
     assert result.exit_code == 0, result.output

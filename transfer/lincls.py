@@ -32,7 +32,7 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_check
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, prepare_run_dir
+from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, prepare_run_dir
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -155,6 +155,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     emit = on_event if runtime.is_main else (lambda event: None)
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
+    check_run_dir(out, resume_from, overwrite)
     weights = read_backbone(config.checkpoint)
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
@@ -162,7 +163,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     if runtime.is_main:
-        prepare_run_dir(out, resume_from, overwrite)
+        prepare_run_dir(out, resume_from)
         if checkpoint is None:
             (out / HEAD_FILE).unlink(missing_ok=True)  # the head of a run being started over
     runtime.barrier()
