@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from simsiam.atomic import check_output
+from simsiam.checkpoint import is_torch_save_file
 from simsiam.data import scan_images
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
@@ -22,6 +23,10 @@ def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), t
                    chunk_size: int | None = None) -> tuple[KnnReport, FeatureSet]:
     """Weighted kNN of the feature file ``val`` against ``train``; returns the report and ``val``."""
     resolve_search(backend, device)  # refuse a backend or device we cannot use before reading gigabytes
+    for option, path in (("--train", train), ("--val", val)):
+        if is_torch_save_file(path):
+            raise InputError(f"{option} {path}: a checkpoint, not a feature file; to embed and evaluate in one go: "
+                             f"simsiam knn {path} --train-dir DIR --val-dir DIR")
     train_set, val_set = read_features(train), read_features(val)
     return evaluate_knn(train_set, val_set, ks, temperature, backend, device, chunk_size), val_set
 

@@ -245,6 +245,11 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     if not h5py.is_hdf5(path):
+        from simsiam.checkpoint import is_torch_save_file
+
+        if is_torch_save_file(path):
+            raise InputError(f"{path}: a checkpoint, not a feature file; simsiam extract CHECKPOINT DATA --out FILE "
+                             "writes one")
         raise InputError(f"{path}: not an HDF5 file (expected a feature file written by simsiam extract)")
     try:
         with h5py.File(path, "r") as f:

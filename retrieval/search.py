@@ -15,6 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from simsiam.checkpoint import is_torch_save_file
 from simsiam.data import ImageList, scan_images
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
@@ -22,7 +23,7 @@ from simsiam.runtime import Runtime
 from .extract import extract_features
 from .feature_model import load_feature_model
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, file_rows_fingerprint, read_features
-from .index import LoadedIndex, load_index
+from .index import LoadedIndex, load_index, sidecar_path
 from .metrics import retrieval_metrics
 from .neighbours import normalized_float32, search
 
@@ -51,6 +52,12 @@ def open_database(path: str | os.PathLike) -> Database:
         features = read_features(path)
         check_usable(features, "DATABASE")
         return Database(features, None, path)
+    if path.is_file() and not sidecar_path(path).is_file():  # no index of ours: a checkpoint, a CSV, ...
+        if is_torch_save_file(path):
+            raise InputError(f"{path}: a checkpoint, not a feature file or an index; simsiam extract CHECKPOINT "
+                             "DATA --out FILE writes a feature file to search")
+        raise InputError(f"{path}: neither a feature file (HDF5) nor an index from simsiam index (no "
+                         f"{sidecar_path(path).name} beside it)")
     loaded = load_index(path)
     if not loaded.features_path.is_file():
         raise InputError(f"{path}: its feature file {loaded.meta['features']} is missing (the index holds vectors, "

@@ -52,7 +52,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise InputError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
-    problem = _not_a_torch_save_file(path)
+    problem = why_not_a_torch_save_file(path)
     if problem:
         raise InputError(f"{path}: {problem}")
     if mmap and not zipfile.is_zipfile(path):
@@ -88,7 +88,7 @@ def _first_bytes(path: Path, count: int) -> bytes:
         return f.read(count)
 
 
-def _not_a_torch_save_file(path: Path) -> str | None:
+def why_not_a_torch_save_file(path: Path) -> str | None:
     """Why ``path`` cannot be a ``torch.save`` file, judged from its first bytes; None if it may be one.
 
     torch.save writes a zip archive (``PK``), or in its legacy format a pickle whose first object is
@@ -105,6 +105,11 @@ def _not_a_torch_save_file(path: Path) -> str | None:
         if body.startswith(b"\x8a\n"):
             return None
     return "not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle format)"
+
+
+def is_torch_save_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that starts as torch.save files do (for hints; not a full check)."""
+    return Path(path).is_file() and why_not_a_torch_save_file(Path(path)) is None
 
 
 def to_official_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

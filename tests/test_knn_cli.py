@@ -104,6 +104,13 @@ def test_missing_and_non_hdf5_files(files, tmp_path):
     text = tmp_path / "notes.h5"
     text.write_text("hello")
     assert_user_error(knn_error(tmp_path, files["train"], text), "notes.h5: not an HDF5 file")
+    checkpoint = tmp_path / "ckpt.pth.tar"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, checkpoint)
+    assert_user_error(knn_error(tmp_path, checkpoint, files["val"]),
+                      f"--train {checkpoint}: a checkpoint, not a feature file", f"simsiam knn {checkpoint} --train-dir")
+    # the other commands that read feature files say how to make one
+    assert_user_error(run("index", checkpoint, "--out", tmp_path / "x.index"),
+                      "ckpt.pth.tar: a checkpoint, not a feature file; simsiam extract CHECKPOINT DATA --out FILE")
 
 
 def test_hdf5_without_the_schema(files, tmp_path):

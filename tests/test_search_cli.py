@@ -108,6 +108,12 @@ def test_other_errors(gallery, tmp_path):
     stray = tmp_path / "stray.index"
     stray.write_bytes((gallery["index"]).read_bytes())
     assert_user_error(run("search", stray, "--query-h5", gallery["h5"]), "no stray.index.json beside it")
+    table = tmp_path / "table.csv"
+    table.write_text("path,label\na.jpg,0\n")
+    assert_user_error(run("search", table, "--query-h5", gallery["h5"]),
+                      "table.csv: neither a feature file (HDF5) nor an index from simsiam index")
+    assert_user_error(run("search", gallery["checkpoint"], "--query-h5", gallery["h5"]),
+                      "a checkpoint, not a feature file or an index; simsiam extract")
     assert read_features(gallery["h5"]).dim == 512
 
 
