@@ -7,11 +7,14 @@ from pathlib import Path
 
 import click
 
+from transfer.lincls_config import PRESETS
+
+from .presets import preset_help
 from .progress import TrainingProgress
 
 
-def _from_preset(help_text: str) -> str:
-    return f"{help_text} [default: from --preset]"
+def _from_preset(key: str, help_text: str) -> str:
+    return preset_help(PRESETS, key, help_text)
 
 
 class LinearEvalProgress(TrainingProgress):
@@ -40,17 +43,17 @@ class LinearEvalProgress(TrainingProgress):
 @click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None,
               help="imagenet: the official recipe at 224; cifar: the same at 32x32, batch 512, 100 epochs, lr 1.0 "
                    "[default: imagenet]")
-@click.option("--epochs", type=int, default=None, help=_from_preset("Epochs."))
-@click.option("--batch-size", type=int, default=None, help=_from_preset("Global batch size over all processes."))
-@click.option("--lr", type=float, default=None, help=_from_preset("Base lr; the optimizer uses lr x batch / 256."))
+@click.option("--epochs", type=int, default=None, help=_from_preset("epochs", "Epochs."))
+@click.option("--batch-size", type=int, default=None, help=_from_preset("batch_size", "Global batch size over all processes."))
+@click.option("--lr", type=float, default=None, help=_from_preset("lr", "Base lr; the optimizer uses lr x batch / 256."))
 @click.option("--momentum", type=float, default=None, help="SGD momentum. [default: 0.9]")
 @click.option("--wd", type=float, default=None, help="Weight decay. [default: 0]")
-@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default=None, help=_from_preset("Optimizer."))
+@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default=None, help=_from_preset("optimizer", "Optimizer."))
 @click.option("--trust-coefficient", type=float, default=None, help="LARS trust coefficient. [default: 0.001]")
-@click.option("--image-size", type=int, default=None, help=_from_preset("Crop size."))
+@click.option("--image-size", type=int, default=None, help=_from_preset("image_size", "Crop size."))
 @click.option("--eval-resize", type=int, default=None,
-              help=_from_preset("Resize of the short side before the validation center crop; 0: none."))
-@click.option("--crop-min-scale", type=float, default=None, help=_from_preset("RandomResizedCrop's smallest scale."))
+              help=_from_preset("eval_resize", "Resize of the short side before the validation center crop; 0: none."))
+@click.option("--crop-min-scale", type=float, default=None, help=_from_preset("crop_min_scale", "RandomResizedCrop's smallest scale."))
 @click.option("--eval-every", type=int, default=None, help="Epochs between validations. [default: 1]")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: min(8, CPUs)]")
 @click.option("--seed", type=int, default=None, help="Random seed. [default: 0]")
@@ -108,3 +111,4 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         click.echo(f"top-1 {final['top1']:.2f}  top-{final['topk']} {final['top5']:.2f}  (best top-1 "
                    f"{final['best_top1']:.2f}) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
                    f"{Path(config.out) / HEAD_FILE}")
+        click.echo("checked: the backbone's weights are those of the checkpoint, unchanged by training")

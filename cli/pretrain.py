@@ -7,35 +7,39 @@ from pathlib import Path
 
 import click
 
+from simsiam.config import PRESETS
+
+from .presets import preset_help
+
 PRESET_HELP = "imagenet: ResNet-50, the official recipe; cifar: ResNet-18 with 3x3 stem, paper App. D"
 
 
-def _from_preset(help_text: str) -> str:
-    return f"{help_text} [default: from --preset]"
+def _from_preset(key: str, help_text: str) -> str:
+    return preset_help(PRESETS, key, help_text)
 
 
 @click.command("pretrain")
 @click.argument("data", required=False, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder for checkpoints, config.json and metrics.jsonl.")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None, help=f"{PRESET_HELP} [default: imagenet]")
-@click.option("--arch", default=None, help=_from_preset("Any torchvision ResNet."))
-@click.option("--cifar-stem/--no-cifar-stem", default=None, help=_from_preset("3x3 stem conv, no max-pool."))
-@click.option("--epochs", type=int, default=None, help=_from_preset("Epochs."))
-@click.option("--batch-size", type=int, default=None, help=_from_preset("Global batch size over all processes."))
-@click.option("--lr", type=float, default=None, help=_from_preset("Base lr; the optimizer uses lr x batch / 256."))
-@click.option("--wd", type=float, default=None, help=_from_preset("Weight decay."))
-@click.option("--image-size", type=int, default=None, help=_from_preset("Crop size."))
-@click.option("--dim", type=int, default=None, help=_from_preset("Projector output dimension."))
-@click.option("--pred-dim", type=int, default=None, help=_from_preset("Predictor hidden dimension."))
-@click.option("--proj-layers", type=click.IntRange(2, 3), default=None, help=_from_preset("Projector fc layers."))
+@click.option("--arch", default=None, help=_from_preset("arch", "Any torchvision ResNet."))
+@click.option("--cifar-stem/--no-cifar-stem", default=None, help=_from_preset("cifar_stem", "3x3 stem conv, no max-pool."))
+@click.option("--epochs", type=int, default=None, help=_from_preset("epochs", "Epochs."))
+@click.option("--batch-size", type=int, default=None, help=_from_preset("batch_size", "Global batch size over all processes."))
+@click.option("--lr", type=float, default=None, help=_from_preset("lr", "Base lr; the optimizer uses lr x batch / 256."))
+@click.option("--wd", type=float, default=None, help=_from_preset("wd", "Weight decay."))
+@click.option("--image-size", type=int, default=None, help=_from_preset("image_size", "Crop size."))
+@click.option("--dim", type=int, default=None, help=_from_preset("dim", "Projector output dimension."))
+@click.option("--pred-dim", type=int, default=None, help=_from_preset("pred_dim", "Predictor hidden dimension."))
+@click.option("--proj-layers", type=click.IntRange(2, 3), default=None, help=_from_preset("proj_layers", "Projector fc layers."))
 @click.option("--proj-hidden-dim", type=int, default=None,
-              help=_from_preset("Projector hidden width; 0: the backbone's width, as official."))
+              help=_from_preset("proj_hidden_dim", "Projector hidden width; 0: the backbone's width, as official."))
 @click.option("--momentum", type=float, default=None, help="SGD momentum. [default: 0.9]")
 @click.option("--crop-min-scale", type=float, default=None, help="Smallest RandomResizedCrop area. [default: 0.2]")
-@click.option("--blur/--no-blur", default=None, help=_from_preset("Gaussian blur augmentation (p=0.5)."))
+@click.option("--blur/--no-blur", default=None, help=_from_preset("blur", "Gaussian blur augmentation (p=0.5)."))
 @click.option("--eval-resize", type=int, default=None,
-              help=_from_preset("Short side before the center crop of the kNN monitor; 0: none."))
-@click.option("--fix-pred-lr/--no-fix-pred-lr", default=None, help=_from_preset("Keep the predictor's lr constant."))
+              help=_from_preset("eval_resize", "Short side before the center crop of the kNN monitor; 0: none."))
+@click.option("--fix-pred-lr/--no-fix-pred-lr", default=None, help=_from_preset("fix_pred_lr", "Keep the predictor's lr constant."))
 @click.option("--warmup-epochs", type=int, default=None, help="Linear lr warmup epochs before the cosine. [default: 0]")
 @click.option("--no-stop-grad", "stop_grad", flag_value=False, default=None,
               help="Remove the stop-gradient: the paper's collapse ablation (Sec. 4.1).")
@@ -54,7 +58,7 @@ def _from_preset(help_text: str) -> str:
                    "augmented on the GPU in batches. [default: off]")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
-@click.option("--save-every-epochs", type=int, default=None, help=_from_preset("Epochs between numbered checkpoints."))
+@click.option("--save-every-epochs", type=int, default=None, help=_from_preset("save_every_epochs", "Epochs between numbered checkpoints."))
 @click.option("--save-every-steps", type=int, default=None,
               help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
 @click.option("--knn-train", type=click.Path(), default=None, help="Labelled images for the kNN monitor's memory bank.")

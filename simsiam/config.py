@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass, field
 
 from .atomic import atomic_write
-from .backbones import RESNET_ARCHS
 from .errors import InputError
 
 
@@ -105,6 +104,8 @@ class PretrainConfig(RunSettings):
             raise InputError(f"--batch-size {self.batch_size}: BatchNorm needs at least 2 images a batch")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs:
             raise InputError(f"--warmup-epochs {self.warmup_epochs}: must be fewer than --epochs {self.epochs}")
+        from .backbones import RESNET_ARCHS  # here: the CLI reads the presets for --help without importing torch
+
         if self.arch not in RESNET_ARCHS:
             raise InputError(f"--arch {self.arch}: not a torchvision ResNet; choose one of {', '.join(RESNET_ARCHS)}")
         if self.proj_layers not in (2, 3):

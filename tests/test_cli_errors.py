@@ -39,3 +39,17 @@ def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
     monkeypatch.setattr(retrieval.evaluate, "evaluate_files", bug)
     with pytest.raises(RuntimeError, match="a programming error"):
         run("knn", "--train", tmp_path / "a.h5", "--val", tmp_path / "b.h5")
+
+
+def test_help_shows_each_presets_default_from_the_preset_tables():
+    from simsiam.config import PRESETS
+    from transfer.lincls_config import PRESETS as LINEAR_PRESETS
+
+    pretrain = " ".join(run("pretrain", "--help").output.split())  # help lines are wrapped
+    assert (f"Epochs. [default: imagenet {PRESETS['imagenet']['epochs']}, cifar {PRESETS['cifar']['epochs']}]"
+            in pretrain)
+    assert "Gaussian blur augmentation (p=0.5). [default: imagenet on, cifar off]" in pretrain
+    assert f"[default: {PRESETS['cifar']['batch_size']}]" in pretrain  # both presets agree
+    lincls = " ".join(run("lincls", "--help").output.split())
+    assert f"Epochs. [default: imagenet {LINEAR_PRESETS['imagenet']['epochs']}, cifar 100]" in lincls
+    assert "from --preset" not in pretrain + lincls
