@@ -30,8 +30,8 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
             precision, dtype, compression, normalize, device, gpu_decode, strict, overwrite):
     """Embed the images of DATA (an ImageFolder class/*.jpg, or a flat folder) into --out.
 
-    CHECKPOINT: ours, an official SimSiam checkpoint or a torchvision ResNet state dict; or
-    --random-init --arch ARCH instead. Rows follow the images' sorted order; unreadable images are
+    CHECKPOINT: ours, an official SimSiam or MoCo checkpoint, or a torchvision ResNet state dict;
+    or --random-init --arch ARCH instead. Rows follow the images' sorted order; unreadable images are
     skipped and counted.
 
     \b

@@ -27,7 +27,7 @@ PathArg = click.Path(path_type=Path)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="torch backend: queries per matrix product (memory: chunk x train size x 4 bytes). [default: auto]")
-@click.option("--predictions", type=PathArg, default=None, help="Write one CSV row per image and k.")
+@click.option("--predictions", type=PathArg, default=None, help="Write one CSV row per image and k (an existing file is replaced; never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--overwrite", is_flag=True, help="Replace train.h5 and val.h5 in the --save-features folder.")
 @model_options

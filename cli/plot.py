@@ -9,7 +9,8 @@ import click
 
 @click.command("plot")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write. [default: RUN_DIR/curves.png]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write; an existing one is replaced, so re-plotting a run under way is one command. "
+                   "[default: RUN_DIR/curves.png]")
 def command(run_dir, out):
     """Draw loss, collapse monitor, kNN top-1 and lr of RUN_DIR/metrics.jsonl into a PNG."""
     from simsiam.training_curves import plot_training_curves

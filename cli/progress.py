@@ -41,6 +41,8 @@ class TrainingProgress:
             self.say(
                 f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
                 f"{event['world_size']} process(es) on {event['device']} ({event['precision']})")
+            if event.get("resumed_from"):
+                self.say(_resuming(event))
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=event["total_steps"],
                                                completed=event["global_step"], loss="-", lr="-", speed="-")
@@ -56,3 +58,11 @@ class TrainingProgress:
             self.unreadable += 1
             if self.unreadable <= MAX_UNREADABLE_SHOWN:
                 self.say(f"warning: skipped unreadable image {event['path']} ({event['reason']})")
+
+
+def _resuming(event: dict) -> str:
+    epochs = event["total_steps"] // event["steps_per_epoch"]
+    if event["global_step"] >= event["total_steps"]:  # lincls only: pretrain refuses a finished run
+        return f"resuming {event['resumed_from']}: its {epochs} epochs are done; evaluating it again"
+    return (f"resuming {event['resumed_from']}: epoch {event['epoch'] + 1} of {epochs}, "
+            f"step {event['global_step']:,} of {event['total_steps']:,}")

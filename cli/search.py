@@ -39,13 +39,14 @@ def _as_dict(result) -> dict:
 @click.option("--query-h5", type=PathArg, default=None, help="Query features from a feature file instead.")
 @click.option("-k", "k", type=int, default=10, help="Neighbours per query.")
 @click.option("--eval", "evaluate", is_flag=True, help="Also recall@1/5/10 and mAP@k, from the labels.")
-@click.option("--grid", type=PathArg, default=None, help="Draw a PNG contact sheet: each query beside its k nearest.")
+@click.option("--grid", type=PathArg, default=None, help="Draw a PNG contact sheet: each query beside its k nearest (an existing file is replaced).")
 @click.option("--grid-rows", type=click.IntRange(min=1), default=16, help="Queries drawn on the --grid sheet.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every query) instead of a table.")
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",
               help="Exact search of a feature file (an index searches itself).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="Of embedding the --query images; auto: bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Query images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes for the query images.")
 def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows, as_json, backend, device, precision,

@@ -334,7 +334,8 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
                 "batch_source": getattr(loader, "name", "dataloader")}
     if runtime.is_main:  # the settings as given, and what "auto" and the scaling rules made of them
         write_json_atomic({**config.to_dict(), "resolved": resolved}, out / CONFIG_FILE)
-    emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch})
+    emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch,
+          "resumed_from": str(resume_from) if checkpoint is not None else None})
 
     last_good = str(resume_from) if checkpoint is not None else None  # named when the loss diverges
     # an epoch's running totals; a mid-epoch checkpoint carries them so that a resumed epoch's

@@ -57,6 +57,7 @@ def test_linear_head_learns_a_separable_task_and_the_backbone_stays_frozen(tmp_p
     assert metrics["top1"] >= least_top1, metrics  # chance is 33.3
     assert metrics["top5"] == 100.0 and metrics["topk"] == 3  # top-k with k = min(5, classes)
     assert metrics["backbone_unchanged"] is True
+    assert "checked: the backbone's weights are those of the checkpoint" in result.output
     assert set(head["state_dict"]) == {"fc.weight", "fc.bias"} and head["state_dict"]["fc.weight"].shape == (3, 512)
     assert head["classes"] == ["class0", "class1", "class2"]
     # the head plugs into the torchvision ResNet of the checkpoint (official names)
@@ -174,6 +175,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     # ... and, resumed from its folder, ends where the uninterrupted run ends
     resumed = run("lincls", "--resume", tmp_path / "killed")
     assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output and "epoch 2 of 3" in resumed.output
     a = load_checkpoint(tmp_path / "straight" / HEAD_FILE)
     b = load_checkpoint(tmp_path / "killed" / HEAD_FILE)
     for name in a["state_dict"]:
@@ -181,6 +183,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     assert a["metrics"]["top1"] == b["metrics"]["top1"]
     lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines if line["kind"] == "epoch"] == [1, 2, 3]
+    # a finished run resumed again is evaluated again, and says so
+    again = run("lincls", "--resume", tmp_path / "killed")
+    assert again.exit_code == 0 and "its 3 epochs are done" in again.output, again.output
+    assert load_checkpoint(tmp_path / "killed" / HEAD_FILE)["metrics"]["top1"] == a["metrics"]["top1"]
 
 
 def test_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, data):

@@ -135,6 +135,7 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
     result = run("pretrain", "--resume", out, "--epochs", "2")
     assert result.exit_code == 0, result.output
+    assert f"resuming {out / 'last.pth.tar'}: epoch 2 of 2, step 8 of 16" in result.output  # 8 steps an epoch
     assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
     # what decides the saved weights and optimizer cannot change under a resumed run

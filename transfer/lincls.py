@@ -197,7 +197,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
           "classes": len(train_images.classes), "steps_per_epoch": sampler.steps_per_epoch,
           "total_steps": config.epochs * sampler.steps_per_epoch, "global_step": global_step, "epoch": start_epoch,
           "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision,
-          "arch": weights.arch})
+          "arch": weights.arch, "resumed_from": str(resume_from) if checkpoint is not None else None})
     del checkpoint
 
     metrics: dict = {}
