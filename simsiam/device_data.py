@@ -26,7 +26,8 @@ from .config import PretrainConfig
 from .data import GlobalBatchSampler, ImageList, Unreadable, decode_rgb, derived_seed
 from .device_decode import decode_batch, encoded_loader
 from .errors import InputError
-from .gpu_augment import BatchAugment, ViewDraws, to_device
+from .gpu_augment import BatchAugment, ViewDraws
+from .runtime import to_device
 from .runtime import Runtime
 
 # --data-on-gpu's auto rule: on when the decoded dataset takes at most this share of the GPU's memory

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import BLUR_KERNEL, BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD
+from .runtime import to_device
 
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
 CROP_TRIES = 10  # RandomResizedCrop tries 10 boxes before falling back to a centre crop
@@ -131,14 +132,6 @@ def photometric(views: torch.Tensor, settings: torch.Tensor, blur: bool) -> torc
         views = gaussian_blur(views, settings[:, _P_SIGMA], settings[:, _P_BLUR] > 0)
     views = horizontal_flip(views, settings[:, _P_FLIP] > 0)
     return normalize(views)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor copied to ``device`` without making the host wait: a copy from pageable memory
-    waits for every kernel queued before it, which would stop the host from running ahead of the GPU."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 _CONSTANTS: dict = {}
