@@ -25,10 +25,10 @@ class LinearEvalProgress(TrainingProgress):
             self.console.print(f"{event['arch']} backbone frozen; {event['classes']} classes, "
                                f"{event['val_images']} validation images")
         if event["event"] == "epoch":
-            accuracy = (f"  val top-1 {event['top1']:.2f}  top-{event['topk']} {event['top5']:.2f}"
+            accuracy = (f"  val top-1 {event['top1']:.2f}%  top-{event['topk']} {event['top5']:.2f}%"
                         if "top1" in event else "")
             self.console.print(f"epoch {event['epoch']}: loss {event['loss']:.4f}  train top-1 "
-                               f"{event['train_top1']:.2f}{accuracy}")
+                               f"{event['train_top1']:.2f}%{accuracy}")
             return
         super().__call__(event)
 
@@ -108,7 +108,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     with LinearEvalProgress(description="lincls") as progress:
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
-        click.echo(f"top-1 {final['top1']:.2f}  top-{final['topk']} {final['top5']:.2f}  (best top-1 "
-                   f"{final['best_top1']:.2f}) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
+        click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "
+                   f"{final['best_top1']:.2f}%) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
                    f"{Path(config.out) / HEAD_FILE}")
         click.echo("checked: the backbone's weights are those of the checkpoint, unchanged by training")

@@ -50,7 +50,7 @@ class TrainingProgress:
             self.progress.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}",
                                  lr=f"{event['lr']:.4g}", speed=f"{event['images_per_s']:.0f}")
         elif kind == "epoch":
-            knn = f"  knn top-1 {event['knn_top1']:.4f}" if "knn_top1" in event else ""
+            knn = f"  knn top-1 {100 * event['knn_top1']:.2f}%" if "knn_top1" in event else ""
             self.say(
                 f"epoch {event['epoch']}: loss {event['loss']:.4f}  collapse std x sqrt(d) "
                 f"{event['collapse_std']:.3f}  {event['images_per_s']:.0f} img/s{knn}")

@@ -32,9 +32,9 @@ def command(out, epochs):
     table = Table(title=f"weighted kNN (k=20, T=0.07): {result.test_images} held-out digits, "
                         f"{result.train_images} in the memory bank")
     table.add_column("encoder")
-    table.add_column("top-1", justify="right")
-    table.add_row("random initialisation (where pretraining starts)", f"{result.random_init_top1:.3f}")
-    table.add_row("SimSiam pretrained", f"{result.trained_top1:.3f}")
+    table.add_column("top-1 %", justify="right")
+    table.add_row("random initialisation (where pretraining starts)", f"{100 * result.random_init_top1:.1f}")
+    table.add_row("SimSiam pretrained", f"{100 * result.trained_top1:.1f}")
     Console().print(table)
     click.echo(f"run folder:         {result.checkpoint.parent}  (training curves: {result.curves.name})")
     click.echo(f"features (HDF5):    {result.train_features}, {result.test_features}")
