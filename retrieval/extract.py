@@ -178,8 +178,6 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     out = check_output(out, "--out", overwrite)
     job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     target = shard_path(out, runtime.rank, runtime.world_size) if runtime.distributed else out
-    if runtime.distributed:
-        target.parent.mkdir(parents=True, exist_ok=True)
     with FeatureWriter(target, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
         for features, labels, paths in job.batches(batch_size, workers, on_event):
             writer.append(features, labels, paths)
