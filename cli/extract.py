@@ -40,6 +40,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
     """
     from retrieval.extract import extract_to_file
     from retrieval.feature_model import load_feature_model
+    from simsiam.atomic import check_output
     from simsiam.runtime import start, stop
 
     expected = 1 if random_init else 2
@@ -47,6 +48,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
         raise click.UsageError("expected DATA with --random-init" if random_init else "expected CHECKPOINT DATA "
                                "(or --random-init --arch ARCH DATA)")
     checkpoint = None if random_init else inputs[0]
+    check_output(out, "--out", overwrite, inputs=inputs)  # before loading a model: never over an input
     runtime = start(device, precision)
     model = load_feature_model(checkpoint, layer, random_init, arch, cifar_stem, seed)
     with EmbeddingProgress("extract") as progress:

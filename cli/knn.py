@@ -46,7 +46,8 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
     if predictions is not None:  # before any work, and never over an input
         from simsiam.atomic import check_output
 
-        check_output(predictions, "--predictions", True, inputs=[p for p in (train_file, val_file) if p])
+        check_output(predictions, "--predictions", True,
+                     inputs=[p for p in (checkpoint, train_file, val_file, train_dir, val_dir) if p])
     if checkpoint is None:
         if not (train_file and val_file) or train_dir or val_dir or save_features:
             raise click.UsageError("give --train FILE --val FILE, or CHECKPOINT --train-dir DIR --val-dir DIR")

@@ -59,6 +59,10 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
     """
     from retrieval.search import find_neighbours
 
+    if grid is not None:  # before any work, and never over an input (a query image, say)
+        from simsiam.atomic import check_output
+
+        check_output(grid, "--grid", True, inputs=[p for p in (database, query, checkpoint, query_h5) if p])
     with EmbeddingProgress("queries") as progress:
         result = find_neighbours(database, k, query, checkpoint, query_h5, evaluate, backend, device, precision,
                                  batch_size, workers, progress)

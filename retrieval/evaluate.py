@@ -47,9 +47,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
                          "then simsiam knn --train --val")
     resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu")
     if save_features is not None:
-        if not Path(save_features).is_dir():
-            what = "a file, not a folder" if Path(save_features).exists() else "no such folder"
-            raise InputError(f"--save-features {save_features}: {what}")
+        if Path(save_features).exists() and not Path(save_features).is_dir():
+            raise InputError(f"--save-features {save_features}: a file, not a folder")
         for name in ("train.h5", "val.h5"):
             check_output(Path(save_features) / name, "--save-features", overwrite)
     for name, folder in (("--train-dir", train_dir), ("--val-dir", val_dir)):

@@ -70,7 +70,8 @@ def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
 def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()) -> Path:
     """Refuse, before any work, an output file that cannot or should not be written: a folder, a
     folder that cannot be made or written in, one of the ``inputs``, or an existing file without
-    ``overwrite``. Missing folders are made by the writer, once there is something to write."""
+    ``overwrite``. An input folder counts with the images under it.
+    Missing folders are made by the writer, once there is something to write."""
     out = Path(out)
     if out.is_dir():
         raise InputError(f"{option} {out}: is a folder; give a file name")
@@ -79,8 +80,19 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
         raise InputError(f"{option} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise InputError(f"{option} {out}: no permission to write in {existing}")
-    if any(Path(p).exists() and out.exists() and out.samefile(p) for p in inputs):
+    if out.exists() and any(_is_or_holds(Path(p), out) for p in inputs):
         raise InputError(f"{option} {out}: is an input of this command; choose another name")
     if out.exists() and not overwrite:
         raise InputError(f"{option} {out}: exists; pass --overwrite to replace it")
     return out
+
+
+def _is_or_holds(given: Path, existing: Path) -> bool:
+    """Whether ``existing`` is the file ``given``, or an image the folder ``given`` holds."""
+    if not given.exists():
+        return False
+    if given.is_dir():
+        from .data import is_image_name  # here: it brings torch, which this module otherwise does not need
+
+        return is_image_name(existing.name) and existing.resolve().is_relative_to(given.resolve())
+    return existing.samefile(given)

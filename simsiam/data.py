@@ -45,7 +45,7 @@ class ImageList:
         return bool(self.classes)
 
 
-def _is_image(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
@@ -53,7 +53,7 @@ def _images_below(folder: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
     return found
 
 
@@ -79,7 +79,7 @@ def scan_images(root: str | os.PathLike) -> ImageList:
             labels += [len(classes)] * len(files)
             classes.append(name)
     if not paths:
-        paths = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+        paths = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name))
         labels = [-1] * len(paths)
     if not paths:
         raise InputError(f"{root}: no images found (expected class/*.jpg folders or image files)")

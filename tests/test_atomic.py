@@ -36,3 +36,16 @@ def test_an_error_making_the_temporary_names_the_output_not_the_temporary(tmp_pa
     with pytest.raises(PermissionError) as caught:
         new_temporary(tmp_path / "feats.h5")
     assert caught.value.filename == str(tmp_path / "feats.h5") and caught.value.errno == errno.EACCES
+
+
+def test_an_input_file_or_an_image_of_an_input_folder_is_never_an_output(tmp_path):
+    checkpoint, images = tmp_path / "ckpt.pth", tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    (images / "cat" / "1.png").write_bytes(b"png")
+    (images / "notes.csv").write_text("mine")
+    for target in (checkpoint, images / "cat" / "1.png"):
+        with pytest.raises(InputError, match="is an input of this command"):
+            check_output(target, "--out", True, inputs=[checkpoint, images])
+    # a file in an input folder that the command does not read may be replaced
+    assert check_output(images / "notes.csv", "--out", True, inputs=[checkpoint, images]) == images / "notes.csv"

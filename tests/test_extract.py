@@ -156,6 +156,10 @@ def test_existing_output_needs_overwrite(tmp_path, checkpoints, images):
     out.write_text("keep me")
     assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST), "--overwrite")
     assert out.read_text() == "keep me"
+    size = checkpoints["torchvision"].stat().st_size
+    assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", checkpoints["torchvision"],
+                          "--overwrite", *FAST), "is an input of this command")
+    assert checkpoints["torchvision"].stat().st_size == size
 
 
 def test_missing_output_folders_are_made_a_file_in_the_way_is_refused(tmp_path, checkpoints, images):

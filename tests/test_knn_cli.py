@@ -70,8 +70,7 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     val = make_image_folder(tmp_path / "val", classes=2, per_class=2, seed=1)
     args = ["knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "3", "--image-size", "16",
             "--resize", "0", "--workers", "0", "--device", "cpu", "--json"]
-    saved = tmp_path / "saved"
-    saved.mkdir()
+    saved = tmp_path / "saved" / "new"  # made, as every output folder
     result = run(*args, "--save-features", saved)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
@@ -87,6 +86,11 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     assert (saved / "train.h5").stat().st_mtime_ns == written
     assert run(*args, "--save-features", saved, "--overwrite").exit_code == 0
     assert (saved / "train.h5").stat().st_mtime_ns != written
+    # --predictions never replaces an input, the CHECKPOINT or an image included
+    for target in (checkpoint, next(train.rglob("*.png"))):
+        size = target.stat().st_size
+        assert_user_error(run(*args, "--predictions", target), "is an input of this command")
+        assert target.stat().st_size == size
 
 
 # ---- errors: exit 2, one line, nothing written --------------------------------------------------------------------

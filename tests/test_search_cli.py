@@ -59,6 +59,13 @@ def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
         pixels = np.asarray(image.convert("RGB"))
     # the query's frame is black and a correct neighbour's green: the sheet holds more than a background
     assert (pixels == 0).all(axis=2).any() and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    # never drawn over an input: the query image itself, or an image of the query folder
+    query = gallery["images"] / "class1" / "c1_002.png"
+    before = query.read_bytes()
+    for images in (query, gallery["images"]):
+        assert_user_error(run("search", gallery["h5"], "--query", images, "--checkpoint", gallery["checkpoint"],
+                              "--grid", query), "--grid", "is an input of this command")
+    assert query.read_bytes() == before
 
 
 def test_eval_reports_recall_and_map_leaving_each_query_out(gallery):
