@@ -89,8 +89,10 @@ def command(data, out, preset, resume, overwrite, **options):
     if resume is not None:
         checkpoint_path = find_resume_checkpoint(resume)
         saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
-        if not isinstance(saved, dict):
-            raise UserError(f"--resume {resume}: the checkpoint has no run config to continue from")
+        if not isinstance(saved, dict) or "data" not in saved:
+            raise UserError(f"--resume {resume}: not a checkpoint of simsiam pretrain (no run config to continue from)")
+        if overwrite:
+            raise click.UsageError("--resume continues a run and --overwrite starts one over; give one of them")
         if preset is not None and preset != saved.get("preset"):
             raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
         config = PretrainConfig.for_resume(saved, explicit, str(checkpoint_path))

@@ -23,6 +23,8 @@ class RunSettings:
         return dataclasses.asdict(self)
 
     ARGUMENTS: dict[str, str] = {"data": "DATA"}  # settings given as positional arguments, by their metavar
+    # Settings that name files or folders: saved absolute, so that a run resumes from any folder.
+    PATHS: tuple[str, ...] = ("data", "knn_train", "knn_val")
     # Settings a resumed run may be given anew: how it runs, what it logs and saves, and
     # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
     # decides what the saved weights and optimizer state are, so changing it is refused.
@@ -39,12 +41,22 @@ class RunSettings:
     @classmethod
     def for_resume(cls, saved: dict, given: dict, where: str):
         """The saved settings of the run at ``where``, with the ``given`` ones a resumed run may change."""
-        for name, value in given.items():
-            if name not in cls.RESUME_MAY_CHANGE and name in saved and saved[name] != value:
+        absolute = {**given, **{k: os.path.abspath(v) for k, v in given.items() if k in cls.PATHS and v}}
+        for name, value in absolute.items():
+            before = saved.get(name)
+            if name in cls.PATHS and before:
+                before = os.path.abspath(before)  # relative in config.json files of older versions
+            if name not in cls.RESUME_MAY_CHANGE and name in saved and before != value:
                 label = cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
-                raise InputError(f"{label} {value}: the run being resumed ({where}) used "
+                raise InputError(f"{label} {given[name]}: the run being resumed ({where}) used "
                                  f"{saved[name]}; a resumed run continues with its own settings")
-        return cls.from_dict({**saved, **given})
+        return cls.from_dict({**saved, **absolute}).with_absolute_paths()
+
+    def with_absolute_paths(self):
+        for name in self.PATHS:
+            if getattr(self, name):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+        return self
 
 
 @dataclass
@@ -140,7 +152,7 @@ def preset_config(name: str, **overrides) -> PretrainConfig:
     if name not in PRESETS:
         raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return PretrainConfig(preset=name, **values)
+    return PretrainConfig(preset=name, **values).with_absolute_paths()
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:

@@ -70,6 +70,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
     return lr
 
 
+def reached_epoch(checkpoint: dict) -> int:
+    """The last epoch a checkpoint has trained in, counted from 1: its epochs completed, plus the
+    one under way when it was saved mid-epoch."""
+    return checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0)
+
+
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
     before its first checkpoint leaves only its config and log; the next start replaces them.)"""
@@ -289,6 +295,9 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     if checkpoint is not None and checkpoint["epoch"] >= config.epochs and not checkpoint.get("step_in_epoch"):
         raise InputError(f"--resume {resume_from}: the run has finished its {checkpoint['epoch']} epochs; "
                          f"pass --epochs N with N > {checkpoint['epoch']} to train on")
+    if checkpoint is not None and reached_epoch(checkpoint) > config.epochs:
+        raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch "
+                         f"{reached_epoch(checkpoint)}; pass --epochs N with N >= {reached_epoch(checkpoint)}")
     if runtime.is_main:
         prepare_run_dir(out, resume_from)
     runtime.barrier()

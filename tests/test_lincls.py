@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +185,16 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     assert a["metrics"]["top1"] == b["metrics"]["top1"]
     lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines if line["kind"] == "epoch"] == [1, 2, 3]
+    # the same folders in another spelling are the run's own; other ones are refused
+    same = run("lincls", Path(os.path.relpath(checkpoint)), train, val, "--resume", tmp_path / "killed")
+    assert same.exit_code == 0 and "epochs are done" in same.output, same.output
+    assert_user_error(run("lincls", checkpoint, val, val, "--resume", tmp_path / "killed"),
+                      f"TRAIN_DIR {val}: the run being resumed", f"used {train}")
+    # the final head is not a checkpoint to resume; fewer epochs than trained are refused
+    assert_user_error(run("lincls", "--resume", tmp_path / "killed" / HEAD_FILE),
+                      "the finished linear head, not a checkpoint to resume", "last.pth.tar")
+    assert_user_error(run("lincls", "--resume", tmp_path / "killed", "--epochs", "2"),
+                      "--epochs 2: the run being resumed has reached epoch 3")
     # a finished run resumed again is evaluated again, and says so
     again = run("lincls", "--resume", tmp_path / "killed")
     assert again.exit_code == 0 and "its 3 epochs are done" in again.output, again.output

@@ -1,6 +1,7 @@
 """``simsiam pretrain`` end to end through click's CliRunner: a short run and every error case."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,23 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert_user_error(run("pretrain", "--resume", out, "--out", other, "--epochs", "3"),
                       f"--out {other}: already holds a run")
     assert json.loads((other / "config.json").read_text())["seed"] == 3
+
+
+def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, shared_image_folder, monkeypatch):
+    import shutil
+
+    shutil.copytree(shared_image_folder, tmp_path / "project" / "data")
+    monkeypatch.chdir(tmp_path / "project")
+    assert run("pretrain", "data", "--out", "runs/a", *TINY).exit_code == 0
+    assert json.loads(Path("runs/a/config.json").read_text())["data"] == str(tmp_path / "project" / "data")
+    assert_user_error(run("pretrain", "--resume", "runs/a", "--epochs", "2", "--overwrite"),
+                      "--resume continues a run and --overwrite starts one over")
+    monkeypatch.chdir(tmp_path)
+    # DATA in another spelling of the same folder is the same DATA
+    result = run("pretrain", "project/data", "--resume", "project/runs/a", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "project" / "runs" / "a" / "last.pth.tar")["epoch"] == 2
+    assert_user_error(run("pretrain", "--resume", "project/runs/a", "--epochs", "1"), "the run has finished its 2 epochs")
 
 
 def test_resume_of_a_folder_without_checkpoints(tmp_path):

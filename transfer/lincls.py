@@ -32,7 +32,7 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_check
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, prepare_run_dir
+from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, prepare_run_dir, reached_epoch
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -160,6 +160,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None and reached_epoch(checkpoint) > config.epochs:  # equal: a finished run, evaluated again
+        raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch "
+                         f"{reached_epoch(checkpoint)}; pass --epochs N with N >= {reached_epoch(checkpoint)}")
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     if runtime.is_main:

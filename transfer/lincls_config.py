@@ -45,6 +45,9 @@ class LinearEvalConfig(RunSettings):
     log_every: int = 10  # steps
     save_every_steps: int = 0  # also refresh last.pth.tar every N steps (0: at epoch ends only)
 
+    ARGUMENTS = {"checkpoint": "CHECKPOINT", "train_dir": "TRAIN_DIR", "val_dir": "VAL_DIR"}
+    PATHS = ("checkpoint", "train_dir", "val_dir")
+
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "image_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
@@ -78,4 +81,4 @@ def preset_linear_config(name: str, **overrides) -> LinearEvalConfig:
     if name not in PRESETS:
         raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return LinearEvalConfig(preset=name, **values)
+    return LinearEvalConfig(preset=name, **values).with_absolute_paths()
