@@ -14,12 +14,27 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping its workers), raised like Ctrl-C:
+    the temporary files of unfinished outputs are removed on the way out. A KeyboardInterrupt, so
+    that DataLoader workers, which inherit the handler, end quietly as they do on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 class SimSiamGroup(click.Group):
     """Every user mistake ends as one ``Error:`` line and exit status 2, never a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as err:  # click would print "Aborted!" and exit 1
+            terminated = isinstance(err, Terminated)
+            click.echo(f"{'terminated' if terminated else 'interrupted'} (a pretrain or lincls run continues with "
+                       "--resume)", err=True)
+            ctx.exit(143 if terminated else 130)  # the shells' 128 + signal number
         except SimSiamError as err:
             raise UserError(str(err)) from None
         except click.UsageError as err:  # click's own would print the usage and a hint: 4 lines
@@ -83,4 +98,7 @@ _register()
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     simsiam(prog_name="simsiam")

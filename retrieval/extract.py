@@ -164,6 +164,17 @@ def shard_path(out: Path, rank: int, world_size: int) -> Path:
     return out.with_name(f"{out.name}.shards") / f"rank{rank:05d}-of-{world_size:05d}.h5"
 
 
+def _remove_shards(out: Path, keep: list[Path]) -> None:
+    folder = shard_path(out, 0, 1).parent
+    if not folder.is_dir():
+        return
+    for stale in folder.glob("rank*-of-*.h5"):
+        if stale not in keep:
+            stale.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.PathLike, runtime: Runtime,
                     image_size: int | None = None, resize: int | None = None, dtype: str = "float16",
                     compression: str = "none", batch_size: int = 256, workers: int = 0, normalize: bool = False,
@@ -186,6 +197,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         writer.attrs["skipped_images"] = job.skipped
         writer.commit()
     if not runtime.distributed:
+        _remove_shards(out, keep=[])  # of the multi-process file this one replaced
         return ExtractSummary(out, writer.rows, job.skipped, model.dim, [])
 
     shards = [shard_path(out, rank, runtime.world_size) for rank in range(runtime.world_size)]
@@ -196,9 +208,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     if not rows:  # every rank sees it, so none is left waiting at the barrier below
         raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
     if runtime.is_main:
-        for stale in target.parent.glob("rank*-of-*.h5"):  # from an earlier run with another world size
-            if stale not in shards:
-                stale.unlink(missing_ok=True)
+        _remove_shards(out, keep=shards)  # from an earlier run with another world size
         write_virtual(out, shards, {**job.attrs, "skipped_images": skipped})
     runtime.barrier()  # ``out`` is in place for every rank
     return ExtractSummary(out, rows, skipped, model.dim, shards)

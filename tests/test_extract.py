@@ -1,8 +1,10 @@
 """``simsiam extract``: features equal those of the torchvision ResNet run directly, whatever the layout."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -191,7 +193,7 @@ def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_pat
     single = tmp_path / "single.h5"
     assert run("extract", checkpoints["torchvision"], images, "--out", single, "--dtype", "float32",
                *FAST).exit_code == 0
-    out = tmp_path / "ddp.h5"
+    out = tmp_path / "new" / "ddp.h5"  # its folder made by the ranks
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli",
                "extract", str(checkpoints["torchvision"]), str(images), "--out", str(out), "--dtype", "float32",
@@ -199,7 +201,7 @@ def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_pat
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("wrote") == 1  # rank 0 reports
-    shards = sorted((tmp_path / "ddp.h5.shards").iterdir())
+    shards = sorted((tmp_path / "new" / "ddp.h5.shards").iterdir())
     assert [s.name for s in shards] == ["rank00000-of-00002.h5", "rank00001-of-00002.h5"]
     with h5py.File(out) as f:
         assert all(f[name].is_virtual for name in ("features", "labels", "paths"))
@@ -209,6 +211,11 @@ def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_pat
     assert b.paths == a.paths and b.labels.tolist() == a.labels.tolist()
     np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
     assert b.attrs["skipped_images"] == 0 and b.attrs["layer"] == "backbone"
+    # replaced by a one-process file: the shards of the old one go with it
+    assert run("extract", checkpoints["torchvision"], images, "--out", out, "--overwrite", *FAST).exit_code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.h5"]
+    with h5py.File(out) as f:
+        assert not f["features"].is_virtual
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above check the same "
@@ -223,3 +230,27 @@ def test_cuda_extraction_runs_in_bf16_and_stays_close_to_fp32(tmp_path, checkpoi
     assert b.attrs["precision"] == "bf16" and a.attrs["precision"] == "fp32"
     cosine = (a.features * b.features).sum(1) / np.linalg.norm(a.features, axis=1) / np.linalg.norm(b.features, axis=1)
     assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_write_leaves_no_temporary_file(tmp_path, checkpoints, sent, status, word):
+    """``kill`` (SIGTERM) or Ctrl-C while the feature file is being written: a one-line message, the
+    shells' exit status, and neither the output nor its temporary file (a worker process running)."""
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=150, size=64)
+    out = tmp_path / "out" / "feats.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "cli", "extract", str(checkpoints["torchvision"]), str(data),
+                                "--out", str(out), "--image-size", "64", "--resize", "0", "--batch-size", "1",
+                                "--workers", "1", "--device", "cpu"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.parent.is_dir() and list(out.parent.glob(".feats.h5.*.tmp"))):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    time.sleep(0.5)  # some batches written
+    process.send_signal(sent)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert stderr.strip().splitlines()[-1].startswith(word) and "Traceback" not in stderr, stderr
+    assert list(out.parent.iterdir()) == []
