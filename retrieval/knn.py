@@ -133,6 +133,9 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[
                         "labels matched by class name")
     check_usable(train, "--train")
     check_usable(val, "--val")
+    if train.paths == val.paths and train.attrs.get("root") == val.attrs.get("root"):
+        warnings.append("--train and --val hold the same images: each is its own nearest neighbour, so the "
+                        "accuracy is inflated; evaluate on held-out images")
     num_classes = max(len(train.classes), len(val.classes),
                       int(max(train.labels.max(), val_labels.max())) + 1)
     return num_classes, warnings, val_labels

@@ -189,6 +189,13 @@ def test_predictions_never_replace_an_input(files, tmp_path):
     assert val.read_bytes() == before
 
 
+def test_the_same_images_as_train_and_val_warn(files):
+    result = run("knn", "--train", files["train"], "--val", files["train"], "--json")
+    assert result.exit_code == 0, result.output
+    assert any("hold the same images" in w for w in json.loads(result.output.splitlines()[-1])["warnings"])
+    assert "hold the same images" not in run("knn", "--train", files["train"], "--val", files["val"]).output
+
+
 def test_val_without_labels(files, tmp_path):
     unlabeled = feature_file(tmp_path / "u.h5", clustered(10)[0])
     assert_user_error(knn_error(tmp_path, files["train"], unlabeled), "--val", "10 image(s) without a label")
