@@ -87,6 +87,9 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     if not query.exists():
         raise InputError(f"--query {query}: no such image or folder")
     model = load_feature_model(checkpoint, layer=database.attrs.get("layer", "backbone"))
+    if model.dim != database.dim:  # before embedding: another network than the database's
+        raise InputError(f"--checkpoint {checkpoint}: {model.arch} gives {model.dim}-d features, but the database "
+                         f"{database.source} has {database.dim}-d (embedded with {database.attrs.get('checkpoint')})")
     images = scan_images(query) if query.is_dir() else single_image_list(query)
 
     def refuse_unreadable(event: dict) -> None:
@@ -134,12 +137,13 @@ def _drop_self(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndar
 
 
 def search_database(database: Database, queries: FeatureSet, k: int = 10, evaluate: bool = False,
-                    backend: str = "auto", device: str = "auto") -> SearchResult:
-    """The k nearest database images of every query, and with ``evaluate`` recall@1/5/10 and mAP@k."""
+                    backend: str = "auto", device: str = "auto", query_option: str = "--query") -> SearchResult:
+    """The k nearest database images of every query, and with ``evaluate`` recall@1/5/10 and mAP@k.
+    ``query_option`` names the queries in messages."""
     if k < 1:
         raise InputError(f"-k {k}: must be at least 1")
-    warnings = check_compatible(database.features, "the database", queries, "the queries")
-    check_usable(queries, "--query")
+    warnings = check_compatible(database.features, "the database", queries, query_option)
+    check_usable(queries, query_option)
     same = queries.source != "<memory>" and Path(queries.source).resolve() == database.file.resolve()
     depth = max(k, EVAL_DEPTH) if evaluate else k
     rows = len(database.features)
@@ -172,11 +176,16 @@ def find_neighbours(database_path: str | os.PathLike, k: int = 10, query: str | 
         raise InputError("give --query IMAGE_OR_DIR (with --checkpoint) or --query-h5 FILE, one of them")
     if query is not None and checkpoint is None:
         raise InputError(f"--query {query}: needs --checkpoint to embed the query images")
+    if query_h5 is not None and checkpoint is not None:
+        raise InputError(f"--checkpoint {checkpoint}: embeds --query images; --query-h5 holds features already")
     database = open_database(database_path)
+    if database.index is not None and backend != "auto":
+        raise InputError(f"--backend {backend}: an index searches itself; --backend is for a feature file")
     if query_h5 is not None:
         queries = read_features(query_h5)
     else:
         dev = resolve_device(device)
         runtime = Runtime(dev, resolve_precision(precision, dev))
         queries = embed_query_images(query, checkpoint, database.features, runtime, batch_size, workers, on_event)
-    return search_database(database, queries, k, evaluate, backend, device)
+    return search_database(database, queries, k, evaluate, backend, device,
+                           "--query-h5" if query_h5 is not None else "--query")

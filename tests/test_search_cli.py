@@ -124,6 +124,21 @@ def test_other_errors(gallery, tmp_path):
     assert read_features(gallery["h5"]).dim == 512
 
 
+def test_conflicting_options_and_another_network_are_refused_before_any_work(gallery, tmp_path):
+    from feature_files import clustered, feature_file
+
+    query = gallery["images"] / "class1" / "c1_002.png"
+    assert_user_error(run("search", gallery["h5"], "--query-h5", gallery["h5"], "--checkpoint", gallery["checkpoint"]),
+                      "--query-h5 holds features already")
+    assert_user_error(run("search", gallery["index"], "--query-h5", gallery["h5"], "--backend", "torch"),
+                      "--backend torch: an index searches itself")
+    small = feature_file(tmp_path / "small.h5", *clustered(20, classes=2, dim=64))
+    assert_user_error(run("search", small, "--query", query, "--checkpoint", gallery["checkpoint"]),
+                      "resnet18 gives 512-d features, but the database", "has 64-d")
+    nan = feature_file(tmp_path / "nan.h5", np.full((3, 512), np.nan, np.float32))
+    assert_user_error(run("search", gallery["h5"], "--query-h5", nan), f"--query-h5 {nan}")
+
+
 def test_an_index_used_with_another_feature_file_of_the_same_length_is_refused(gallery, tmp_path):
     import shutil
 
