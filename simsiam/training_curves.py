@@ -26,16 +26,29 @@ PANELS = (
     ("knn_top1", "kNN top-1"),
     ("lr", "learning rate"),
 )
+LINEAR_EVAL_PANELS = (  # a simsiam lincls folder: its metrics.jsonl has train and validation accuracy (%)
+    ("loss", "loss (cross-entropy)"),
+    ("train_top1", "train top-1 %"),
+    ("top1", "validation top-1 %"),
+    ("lr", "learning rate"),
+)
+
+
+def panels_for(steps: list[dict], epochs: list[dict]) -> tuple:
+    """The panels of a pretraining run, or of a linear evaluation (which logs ``train_top1``)."""
+    return LINEAR_EVAL_PANELS if any("train_top1" in r for r in steps + epochs) else PANELS
 
 
 def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """``(step records, epoch records)`` of a run folder's ``metrics.jsonl``."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise InputError(f"{run_dir}: a file; give the run folder that holds {METRICS_FILE}")
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run folder")
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        raise InputError(f"{run_dir}: no {METRICS_FILE} (not a folder written by simsiam pretrain)")
+        raise InputError(f"{run_dir}: no {METRICS_FILE} (not a folder written by simsiam pretrain or lincls)")
     steps, epochs = [], []
     # a line that is not JSON (the last one, cut by a kill) is skipped, as are bytes that are not text
     for line in path.read_text(errors="replace").splitlines():
@@ -56,7 +69,8 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw the four curves against the global step into a PNG (default ``RUN_DIR/curves.png``); atomic."""
+    """Draw the four curves of a pretraining or linear-evaluation folder against the global step into
+    a PNG (default ``RUN_DIR/curves.png``); atomic."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -68,7 +82,7 @@ def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | No
     figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2, sharex=True).ravel()
-    for ax, (key, title) in zip(axes, PANELS):
+    for ax, (key, title) in zip(axes, panels_for(steps, epochs)):
         x, y = _series(steps, key)
         if x:
             ax.plot(x, y, lw=1, alpha=0.6, label="logging steps")

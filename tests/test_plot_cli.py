@@ -47,8 +47,26 @@ def test_plot_without_knn_monitor_and_to_another_file(tmp_path):
     assert not list(tmp_path.glob(".c.png*"))
 
 
+def test_a_linear_evaluation_folder_gets_its_own_panels_each_with_data(tmp_path):
+    from simsiam.training_curves import LINEAR_EVAL_PANELS, _series, panels_for, read_metrics
+
+    run_dir = tmp_path / "lincls"
+    run_dir.mkdir()
+    lines = [{"kind": "step", "step": s, "epoch": 1, "loss": 1.0 / s, "train_top1": 10.0 * s, "lr": 0.1}
+             for s in (1, 2)]
+    lines.append({"kind": "epoch", "step": 2, "epoch": 1, "loss": 0.7, "train_top1": 15.0, "lr": 0.1, "top1": 12.5,
+                  "top5": 50.0, "topk": 5})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    steps, epochs = read_metrics(run_dir)
+    assert panels_for(steps, epochs) == LINEAR_EVAL_PANELS
+    assert all(_series(steps + epochs, key)[0] for key, _ in LINEAR_EVAL_PANELS)  # no "not recorded" panel
+    assert run("plot", run_dir).exit_code == 0 and (run_dir / "curves.png").stat().st_size > 0
+
+
 def test_plot_errors(tmp_path):
     assert_user_error(run("plot", tmp_path / "nope"), "no such run folder")
+    (tmp_path / "file").write_text("x")
+    assert_user_error(run("plot", tmp_path / "file"), "a file; give the run folder")
     (tmp_path / "empty").mkdir()
     assert_user_error(run("plot", tmp_path / "empty"), "no metrics.jsonl")
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
