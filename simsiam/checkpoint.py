@@ -174,6 +174,10 @@ def read_backbone(path: str | os.PathLike) -> BackboneWeights:
     if state is None:
         found = ", ".join(map(str, list(checkpoint)[:5]))
         raise InputError(f"{path}: unknown checkpoint layout (top-level entries: {found}); no state dict of tensors")
+    config = checkpoint.get("config")
+    if isinstance(config, dict) and "train_dir" in config and all(k.startswith("fc.") for k in state):
+        raise InputError(f"{path}: a simsiam lincls checkpoint, which holds only the linear head; give the "
+                         f"checkpoint it evaluated ({config.get('checkpoint')})")
     layout, backbone, projector = split_backbone(state, str(path))
     try:
         arch, cifar_stem = infer_resnet_arch(backbone)

@@ -190,6 +190,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     assert same.exit_code == 0 and "epochs are done" in same.output, same.output
     assert_user_error(run("lincls", checkpoint, val, val, "--resume", tmp_path / "killed"),
                       f"TRAIN_DIR {val}: the run being resumed", f"used {train}")
+    # neither file of a lincls folder is a backbone: the commands that read one say where it is
+    for name in (HEAD_FILE, "last.pth.tar"):
+        assert_user_error(run("convert-d2", tmp_path / "killed" / name, "--out", tmp_path / "x.pkl"),
+                          "a simsiam lincls checkpoint, which holds only the linear head", str(checkpoint))
     # the final head is not a checkpoint to resume; fewer epochs than trained are refused
     assert_user_error(run("lincls", "--resume", tmp_path / "killed" / HEAD_FILE),
                       "the finished linear head, not a checkpoint to resume", "last.pth.tar")
