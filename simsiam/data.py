@@ -237,6 +237,21 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield batch[begin : begin + self.local_batch_size].tolist()
 
 
+def _quiet_when_the_main_process_stops(worker_id: int) -> None:
+    """In a worker: a thread that finds its pipe to the main process broken (the main process
+    stopped on Ctrl-C or SIGTERM while fetching a batch) ends without printing a traceback after
+    the main process's own one-line message."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
+            default(args)
+
+    threading.excepthook = hook
+
+
 def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,
                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader that drops undecodable images (see :func:`collate_readable`).
@@ -244,7 +259,8 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_si
     Without a ``batch_sampler`` the images come in order, ``batch_size`` at a time.
     """
     common = dict(num_workers=workers, collate_fn=collate_readable, pin_memory=pin_memory,
-                  persistent_workers=False)  # new workers each epoch see the dataset's new epoch
+                  persistent_workers=False,  # new workers each epoch see the dataset's new epoch
+                  worker_init_fn=_quiet_when_the_main_process_stops if workers else None)
     if workers:
         common["prefetch_factor"] = 4
     if batch_sampler is not None:
