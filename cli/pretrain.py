@@ -51,7 +51,8 @@ def _from_preset(key: str, help_text: str) -> str:
 @click.option("--compile/--no-compile", default=None,
               help="torch.compile the model, the loss and the GPU augmentation (the first steps then take a minute or more). [default: off]")
 @click.option("--data-on-gpu/--no-data-on-gpu", default=None,  # 25%: simsiam.device_data.DATA_ON_GPU_MEMORY_FRACTION
-              help="Decode the dataset once into GPU memory and augment both views there; images of one size. "
+              help="Decode the dataset once into GPU memory and augment both views there; images of one size "
+                   "(on a CPU run: held in memory, augmented in batches by the same code). "
                    "[default: auto, on with a GPU when the decoded images take at most 25% of its memory]")
 @click.option("--gpu-decode/--no-gpu-decode", default=None,
               help="When the dataset is not held on the GPU: workers only read files, JPEGs are decoded and "
