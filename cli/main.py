@@ -21,6 +21,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()
 
 
@@ -31,9 +34,12 @@ class SimSiamGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as err:  # click would print "Aborted!" and exit 1
+            import os
+
             terminated = isinstance(err, Terminated)
-            click.echo(f"{'terminated' if terminated else 'interrupted'} (a pretrain or lincls run continues with "
-                       "--resume)", err=True)
+            if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
+                resume = (" (continue with --resume)" if ctx.invoked_subcommand in ("pretrain", "lincls") else "")
+                click.echo(f"{'terminated' if terminated else 'interrupted'}{resume}", err=True)
             ctx.exit(143 if terminated else 130)  # the shells' 128 + signal number
         except SimSiamError as err:
             raise UserError(str(err)) from None

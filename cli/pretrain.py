@@ -92,8 +92,6 @@ def command(data, out, preset, resume, overwrite, **options):
         saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
         if not isinstance(saved, dict) or "data" not in saved:
             raise UserError(f"--resume {resume}: not a checkpoint of simsiam pretrain (no run config to continue from)")
-        if overwrite:
-            raise click.UsageError("--resume continues a run and --overwrite starts one over; give one of them")
         if preset is not None and preset != saved.get("preset"):
             raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
         config = PretrainConfig.for_resume(saved, explicit, str(checkpoint_path))

@@ -94,5 +94,8 @@ def _is_or_holds(given: Path, existing: Path) -> bool:
     if given.is_dir():
         from .data import is_image_name  # here: it brings torch, which this module otherwise does not need
 
-        return is_image_name(existing.name) and existing.resolve().is_relative_to(given.resolve())
+        # both spellings: the folder's listing follows symbolic links below it, resolve() does not keep them
+        inside = (existing.resolve().is_relative_to(given.resolve())
+                  or Path(os.path.abspath(existing)).is_relative_to(os.path.abspath(given)))
+        return is_image_name(existing.name) and inside
     return existing.samefile(given)

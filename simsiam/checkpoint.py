@@ -108,8 +108,15 @@ def why_not_a_torch_save_file(path: Path) -> str | None:
 
 
 def is_torch_save_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a file that starts as torch.save files do (for hints; not a full check)."""
-    return Path(path).is_file() and why_not_a_torch_save_file(Path(path)) is None
+    """Whether ``path`` looks like a torch.save file (for hints; not a full check): its legacy
+    pickle, or a zip archive holding the ``data.pkl`` that torch.save writes (not any zip: .npz)."""
+    path = Path(path)
+    if not path.is_file() or why_not_a_torch_save_file(path) is not None:
+        return False
+    if not zipfile.is_zipfile(path):
+        return True
+    with zipfile.ZipFile(path) as archive:
+        return any(name == "data.pkl" or name.endswith("/data.pkl") for name in archive.namelist())
 
 
 def to_official_layout(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

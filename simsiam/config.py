@@ -40,16 +40,31 @@ class RunSettings:
 
     @classmethod
     def for_resume(cls, saved: dict, given: dict, where: str):
-        """The saved settings of the run at ``where``, with the ``given`` ones a resumed run may change."""
+        """The saved settings of the run at ``where``, with the ``given`` ones a resumed run may change.
+
+        A path is the same when it names the same file or folder (relative or absolute, through a
+        symbolic link or not). A relative one in the config.json of an older version names a place
+        relative to a folder no longer known: the user's spelling is taken; none given, it is
+        looked up from here as before, and refused by name when it is not there.
+        """
         absolute = {**given, **{k: os.path.abspath(v) for k, v in given.items() if k in cls.PATHS and v}}
         for name, value in absolute.items():
-            before = saved.get(name)
-            if name in cls.PATHS and before:
-                before = os.path.abspath(before)  # relative in config.json files of older versions
-            if name not in cls.RESUME_MAY_CHANGE and name in saved and before != value:
+            if name in cls.RESUME_MAY_CHANGE or name not in saved:
+                continue
+            if name in cls.PATHS and saved[name]:
+                same = not os.path.isabs(saved[name]) or os.path.realpath(saved[name]) == os.path.realpath(value)
+            else:
+                same = saved[name] == value
+            if not same:
                 label = cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
                 raise InputError(f"{label} {given[name]}: the run being resumed ({where}) used "
                                  f"{saved[name]}; a resumed run continues with its own settings")
+        for name in cls.PATHS:
+            old = saved.get(name)
+            if old and name not in given and not os.path.isabs(old) and not os.path.exists(old):
+                label = cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
+                raise InputError(f"--resume {where}: its run names {label} as {old!r}, relative to the folder it was "
+                                 f"started from; give {label} again")
         return cls.from_dict({**saved, **absolute}).with_absolute_paths()
 
     def with_absolute_paths(self):

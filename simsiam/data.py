@@ -238,18 +238,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 def _quiet_when_the_main_process_stops(worker_id: int) -> None:
-    """In a worker: a thread that finds its pipe to the main process broken (the main process
-    stopped on Ctrl-C or SIGTERM while fetching a batch) ends without printing a traceback after
-    the main process's own one-line message."""
-    import threading
+    """In a worker: when the main process stops on Ctrl-C or SIGTERM while fetching a batch, the
+    worker's threads find their pipes to it broken and would print tracebacks after its one-line
+    message. multiprocessing reports them through Queue._on_queue_feeder_error (the queue's feeder
+    thread) and sys.excepthook (resource_sharer's thread): both drop just these two errors here.
+    SIGTERM gets its default action back: the main process's handler is for the main process."""
+    import multiprocessing.queues
+    import signal
+    import sys
 
-    default = threading.excepthook
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
-    def hook(args) -> None:
-        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
-            default(args)
+    def broken(error_type) -> bool:
+        return issubclass(error_type, (BrokenPipeError, ConnectionResetError))
 
-    threading.excepthook = hook
+    feeder_error, excepthook = multiprocessing.queues.Queue._on_queue_feeder_error, sys.excepthook
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(
+        lambda error, obj: None if broken(type(error)) else feeder_error(error, obj))
+    sys.excepthook = lambda kind, value, tb: None if broken(kind) else excepthook(kind, value, tb)
 
 
 def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,

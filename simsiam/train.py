@@ -70,12 +70,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
     return lr
 
 
-def reached_epoch(checkpoint: dict) -> int:
-    """The last epoch a checkpoint has trained in, counted from 1: its epochs completed, plus the
-    one under way when it was saved mid-epoch."""
-    return checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0)
-
-
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
     before its first checkpoint leaves only its config and log; the next start replaces them.)"""
@@ -96,6 +90,9 @@ def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: b
     told to overwrite it. Only reads: every process checks, before any slow work."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    if _resuming_in(out, resume_from) and overwrite:
+        raise InputError(f"--overwrite: --resume continues the run in {out} and --overwrite would start it over; "
+                         "give one of them (or --out another folder)")
     if _resuming_in(out, resume_from) or overwrite:
         return
     if holds_run(out):
@@ -292,12 +289,12 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
     checkpoint = load_checkpoint(resume_from) if resume_from else None
-    if checkpoint is not None and checkpoint["epoch"] >= config.epochs and not checkpoint.get("step_in_epoch"):
-        raise InputError(f"--resume {resume_from}: the run has finished its {checkpoint['epoch']} epochs; "
+    if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch, counted from 1, is past the end
+        where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
+                 else f"has finished its {checkpoint['epoch']} epochs")
+        raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
                          f"pass --epochs N with N > {checkpoint['epoch']} to train on")
-    if checkpoint is not None and reached_epoch(checkpoint) > config.epochs:
-        raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch "
-                         f"{reached_epoch(checkpoint)}; pass --epochs N with N >= {reached_epoch(checkpoint)}")
+    runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
         prepare_run_dir(out, resume_from)
     runtime.barrier()

@@ -49,3 +49,12 @@ def test_an_input_file_or_an_image_of_an_input_folder_is_never_an_output(tmp_pat
             check_output(target, "--out", True, inputs=[checkpoint, images])
     # a file in an input folder that the command does not read may be replaced
     assert check_output(images / "notes.csv", "--out", True, inputs=[checkpoint, images]) == images / "notes.csv"
+
+
+def test_an_image_reached_through_a_symbolic_link_in_an_input_folder_is_an_input(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "a.png").write_bytes(b"png")
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "cls").symlink_to(tmp_path / "elsewhere")  # listed by scan_images as cls/a.png
+    with pytest.raises(InputError, match="is an input of this command"):
+        check_output(tmp_path / "queries" / "cls" / "a.png", "--grid", True, inputs=[tmp_path / "queries"])

@@ -112,6 +112,9 @@ def test_missing_and_non_hdf5_files(files, tmp_path):
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, checkpoint)
     assert_user_error(knn_error(tmp_path, checkpoint, files["val"]),
                       f"--train {checkpoint}: a checkpoint, not a feature file", f"simsiam knn {checkpoint} --train-dir")
+    arrays = tmp_path / "feats.npz"  # a zip archive too, but not torch.save's
+    np.savez(arrays, features=np.zeros((2, 2)))
+    assert_user_error(knn_error(tmp_path, arrays, files["val"]), "feats.npz: not an HDF5 file")
     # the other commands that read feature files say how to make one
     assert_user_error(run("index", checkpoint, "--out", tmp_path / "x.index"),
                       "ckpt.pth.tar: a checkpoint, not a feature file; simsiam extract CHECKPOINT DATA --out FILE")

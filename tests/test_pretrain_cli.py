@@ -153,6 +153,11 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert_user_error(run("pretrain", "--resume", out, "--out", other, "--epochs", "3"),
                       f"--out {other}: already holds a run")
     assert json.loads((other / "config.json").read_text())["seed"] == 3
+    # ... unless told to: the resumed run then replaces it
+    result = run("pretrain", "--resume", out, "--out", other, "--epochs", "3", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((other / "config.json").read_text())["seed"] != 3
+    assert load_checkpoint(other / "last.pth.tar")["epoch"] == 3
 
 
 def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, shared_image_folder, monkeypatch):
@@ -163,13 +168,33 @@ def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, sha
     assert run("pretrain", "data", "--out", "runs/a", *TINY).exit_code == 0
     assert json.loads(Path("runs/a/config.json").read_text())["data"] == str(tmp_path / "project" / "data")
     assert_user_error(run("pretrain", "--resume", "runs/a", "--epochs", "2", "--overwrite"),
-                      "--resume continues a run and --overwrite starts one over")
+                      "--overwrite: --resume continues the run in runs/a and --overwrite would start it over")
     monkeypatch.chdir(tmp_path)
     # DATA in another spelling of the same folder is the same DATA
     result = run("pretrain", "project/data", "--resume", "project/runs/a", "--epochs", "2")
     assert result.exit_code == 0, result.output
     assert load_checkpoint(tmp_path / "project" / "runs" / "a" / "last.pth.tar")["epoch"] == 2
     assert_user_error(run("pretrain", "--resume", "project/runs/a", "--epochs", "1"), "the run has finished its 2 epochs")
+
+
+def test_resumed_paths_match_by_the_folder_they_name_and_old_relative_ones_are_asked_for(tmp_path, monkeypatch):
+    from simsiam.config import PretrainConfig, preset_config
+    from simsiam.errors import InputError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    saved = preset_config("cifar", data=str(tmp_path / "data")).to_dict()
+    assert PretrainConfig.for_resume(saved, {"data": str(tmp_path / "link")}, "ckpt").data == str(tmp_path / "link")
+    with pytest.raises(InputError, match="DATA .*: the run being resumed"):
+        PretrainConfig.for_resume(saved, {"data": str(tmp_path)}, "ckpt")
+    # config.json of an older version: "data" as typed, relative to a folder no longer known
+    old = {**saved, "data": "data"}
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(InputError, match="its run names DATA as 'data', relative to the folder it was started from"):
+        PretrainConfig.for_resume(old, {}, "ckpt")
+    assert PretrainConfig.for_resume(old, {"data": "."}, "ckpt").data == str(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert PretrainConfig.for_resume(old, {}, "ckpt").data == str(tmp_path / "data")  # found from here, as before
 
 
 def test_resume_of_a_folder_without_checkpoints(tmp_path):

@@ -32,7 +32,7 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_check
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, prepare_run_dir, reached_epoch
+from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, prepare_run_dir
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -160,11 +160,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
-    if checkpoint is not None and reached_epoch(checkpoint) > config.epochs:  # equal: a finished run, evaluated again
-        raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch "
-                         f"{reached_epoch(checkpoint)}; pass --epochs N with N >= {reached_epoch(checkpoint)}")
+    # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
+    reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
+    if reached > config.epochs:
+        raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch {reached}; "
+                         f"pass --epochs N with N >= {reached}")
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
+    runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
         prepare_run_dir(out, resume_from)
         if checkpoint is None:
