@@ -194,6 +194,8 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     for name in (HEAD_FILE, "last.pth.tar"):
         assert_user_error(run("convert-d2", tmp_path / "killed" / name, "--out", tmp_path / "x.pkl"),
                           "a simsiam lincls checkpoint, which holds only the linear head", str(checkpoint))
+    assert_user_error(run("lincls", "--resume", tmp_path / "killed", "--overwrite"),
+                      "--resume continues the run in", "--overwrite would start it over")
     # the final head is not a checkpoint to resume; fewer epochs than trained are refused
     assert_user_error(run("lincls", "--resume", tmp_path / "killed" / HEAD_FILE),
                       "the finished linear head, not a checkpoint to resume", "last.pth.tar")
