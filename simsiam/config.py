@@ -56,16 +56,19 @@ class RunSettings:
             else:
                 same = saved[name] == value
             if not same:
-                label = cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
-                raise InputError(f"{label} {given[name]}: the run being resumed ({where}) used "
+                raise InputError(f"{cls.label(name)} {given[name]}: the run being resumed ({where}) used "
                                  f"{saved[name]}; a resumed run continues with its own settings")
         for name in cls.PATHS:
             old = saved.get(name)
             if old and name not in given and not os.path.isabs(old) and not os.path.exists(old):
-                label = cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
-                raise InputError(f"--resume {where}: its run names {label} as {old!r}, relative to the folder it was "
-                                 f"started from; give {label} again")
+                raise InputError(f"--resume {where}: its run names {cls.label(name)} as {old!r}, relative to the "
+                                 f"folder it was started from; give {cls.label(name)} again")
         return cls.from_dict({**saved, **absolute}).with_absolute_paths()
+
+    @classmethod
+    def label(cls, name: str) -> str:
+        """How the command line spells a setting: DATA, or --batch-size."""
+        return cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
 
     def with_absolute_paths(self):
         for name in self.PATHS:
