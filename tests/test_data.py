@@ -1,5 +1,7 @@
 """The data pipeline: folder scanning, decoding, unreadable images, deterministic batches."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -97,3 +99,30 @@ def test_loader_with_workers_gives_the_same_batches_as_without(shared_image_fold
         runs.append(batches)
     for (v0, y0, i0), (v1, y1, i1) in zip(*runs):
         assert torch.equal(i0, i1) and torch.equal(v0[0], v1[0]) and torch.equal(v0[1], v1[1])
+
+
+def test_a_worker_stays_quiet_about_a_broken_pipe_to_the_main_process_only():
+    """What the DataLoader workers run first (in a fresh process: it changes process-wide hooks)."""
+    import subprocess
+    import sys
+
+    script = """
+import multiprocessing.queues, signal, sys
+from simsiam.data import _quiet_when_the_main_process_stops
+signal.signal(signal.SIGTERM, lambda *a: None)
+_quiet_when_the_main_process_stops(0)
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+for error in (BrokenPipeError(), ConnectionResetError()):
+    multiprocessing.queues.Queue._on_queue_feeder_error(error, None)
+    sys.excepthook(type(error), error, None)
+try:
+    raise ValueError("a real error")
+except ValueError as error:
+    multiprocessing.queues.Queue._on_queue_feeder_error(error, None)
+    sys.excepthook(type(error), error, error.__traceback__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("ValueError: a real error") == 2 and "BrokenPipe" not in done.stderr
+    assert "ConnectionReset" not in done.stderr
