@@ -27,8 +27,7 @@ from .data import GlobalBatchSampler, ImageList, Unreadable, decode_rgb, derived
 from .device_decode import decode_batch, encoded_loader
 from .errors import InputError
 from .gpu_augment import BatchAugment, ViewDraws
-from .runtime import to_device
-from .runtime import Runtime
+from .runtime import Runtime, to_device
 
 # --data-on-gpu's auto rule: on when the decoded dataset takes at most this share of the GPU's memory
 DATA_ON_GPU_MEMORY_FRACTION = 0.25

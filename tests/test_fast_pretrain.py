@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from cli.main import simsiam
 from simsiam.checkpoint import load_checkpoint
 from simsiam.config import preset_config
+from simsiam.errors import InputError
 from simsiam.train import pretrain
 
 from conftest import make_image_folder
@@ -75,6 +76,8 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_as_the_uninterrupted_one(tmp_p
         pretrain(tiny_config(jpeg_folder, tmp_path / "victim"), on_event=kill_at_step_5)
     partial = load_checkpoint(tmp_path / "victim" / "last.pth.tar")
     assert (partial["epoch"], partial["step_in_epoch"]) == (1, 1)
+    with pytest.raises(InputError, match=r"the run is in epoch 2 \(--epochs 1\); pass --epochs N with N > 1"):
+        pretrain(tiny_config(jpeg_folder, tmp_path / "victim", epochs=1), resume_from=tmp_path / "victim" / "last.pth.tar")
     pretrain(tiny_config(jpeg_folder, tmp_path / "victim"), resume_from=tmp_path / "victim" / "last.pth.tar")
     expected = load_checkpoint(tmp_path / "reference" / "last.pth.tar")
     got = load_checkpoint(tmp_path / "victim" / "last.pth.tar")
