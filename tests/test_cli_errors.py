@@ -53,3 +53,38 @@ def test_help_shows_each_presets_default_from_the_preset_tables():
     lincls = " ".join(run("lincls", "--help").output.split())
     assert f"Epochs. [default: imagenet {LINEAR_PRESETS['imagenet']['epochs']}, cifar 100]" in lincls
     assert "from --preset" not in pretrain + lincls
+
+
+@pytest.mark.parametrize("rank,shown", [("0", True), ("1", False)])
+def test_ctrl_c_and_sigterm_end_with_one_line_from_rank_0_and_the_shells_status(tmp_path, monkeypatch, rank, shown):
+    import signal
+
+    import retrieval.evaluate
+    from cli.main import Terminated, _terminate
+
+    monkeypatch.setenv("RANK", rank)
+    for error, status, line in ((KeyboardInterrupt(), 130, "interrupted"), (Terminated(), 143, "terminated")):
+        def stop(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(retrieval.evaluate, "evaluate_files", stop)
+        result = run("knn", "--train", tmp_path / "a.h5", "--val", tmp_path / "b.h5")
+        assert result.exit_code == status
+        assert result.output.strip() == (line if shown else "")  # knn has nothing to resume: no hint
+    import simsiam.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simsiam.train, "pretrain", interrupted)
+    result = run("pretrain", tmp_path, "--out", tmp_path / "run")
+    assert result.exit_code == 130
+    assert result.output.strip() == ("interrupted (continue with --resume)" if shown else "")
+    # the handler raises once; a second SIGTERM finds the default action back
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with pytest.raises(Terminated):
+            _terminate(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
