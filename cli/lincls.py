@@ -78,7 +78,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     8 GPUs:    torchrun --nproc_per_node=8 -m cli lincls CHECKPOINT TRAIN_DIR VAL_DIR --out runs/r50/lincls
     Resume:    simsiam lincls --resume runs/r50/lincls
     """
-    from simsiam.checkpoint import LAST, find_resume_checkpoint, load_checkpoint
+    from simsiam.checkpoint import find_resume_checkpoint, load_checkpoint
     from transfer.lincls import HEAD_FILE, linear_eval
     from transfer.lincls_config import LinearEvalConfig, preset_linear_config
 
@@ -87,13 +87,9 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     explicit = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
         checkpoint_path = find_resume_checkpoint(resume)
-        state = load_checkpoint(checkpoint_path, mmap=True)
-        saved = state.get("config")
+        saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
         if not isinstance(saved, dict) or "train_dir" not in saved:
             raise UserError(f"--resume {resume}: not a checkpoint of simsiam lincls")
-        if "optimizer" not in state:
-            raise UserError(f"--resume {resume}: the finished linear head, not a checkpoint to resume; give the run "
-                            f"folder or its {LAST}")
         if preset is not None and preset != saved.get("preset"):
             raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
         arguments = {"checkpoint": checkpoint, "train_dir": train_dir, "val_dir": val_dir}

@@ -160,6 +160,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
+        raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
+                         f"run folder or its {LAST}")
     # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
     reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
     if reached > config.epochs:
