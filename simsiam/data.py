@@ -259,12 +259,12 @@ def _quiet_when_the_main_process_stops(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_size: int = 256,
-                workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader that drops undecodable images (see :func:`collate_readable`).
+                workers: int = 0, pin_memory: bool = False, collate_fn=collate_readable) -> DataLoader:
+    """A DataLoader that drops undecodable images (see :func:`collate_readable`, the default ``collate_fn``).
 
     Without a ``batch_sampler`` the images come in order, ``batch_size`` at a time.
     """
-    common = dict(num_workers=workers, collate_fn=collate_readable, pin_memory=pin_memory,
+    common = dict(num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
                   persistent_workers=False,  # new workers each epoch see the dataset's new epoch
                   worker_init_fn=_quiet_when_the_main_process_stops if workers else None)
     if workers:

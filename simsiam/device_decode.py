@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .data import ImageList, Unreadable, decode_rgb
+from .data import ImageList, Unreadable, decode_rgb, make_loader
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
@@ -96,12 +96,7 @@ def encoded_loader(images: ImageList, batch_sampler: Sampler | None = None, batc
                    workers: int = 0) -> DataLoader:
     """A DataLoader of :class:`EncodedBatch` es whose workers only read files (and decode the
     non-JPEG ones); in order, ``batch_size`` at a time, without a ``batch_sampler``."""
-    common = dict(num_workers=workers, collate_fn=collate_encoded, persistent_workers=False)
-    if workers:
-        common["prefetch_factor"] = 4
-    if batch_sampler is not None:
-        return DataLoader(EncodedImages(images), batch_sampler=batch_sampler, **common)
-    return DataLoader(EncodedImages(images), batch_size=batch_size, shuffle=False, **common)
+    return make_loader(EncodedImages(images), batch_sampler, batch_size, workers, collate_fn=collate_encoded)
 
 
 def _decode_on_cpu(payload: torch.Tensor) -> torch.Tensor:
