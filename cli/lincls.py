@@ -78,20 +78,14 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     8 GPUs:    torchrun --nproc_per_node=8 -m cli lincls CHECKPOINT TRAIN_DIR VAL_DIR --out runs/r50/lincls
     Resume:    simsiam lincls --resume runs/r50/lincls
     """
-    from simsiam.checkpoint import find_resume_checkpoint, load_checkpoint
     from transfer.lincls import HEAD_FILE, linear_eval
     from transfer.lincls_config import LinearEvalConfig, preset_linear_config
 
-    from .main import UserError
+    from .resume import saved_run
 
     explicit = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
-        checkpoint_path = find_resume_checkpoint(resume)
-        saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
-        if not isinstance(saved, dict) or "train_dir" not in saved:
-            raise UserError(f"--resume {resume}: not a checkpoint of simsiam lincls")
-        if preset is not None and preset != saved.get("preset"):
-            raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
+        checkpoint_path, saved = saved_run(resume, preset, "lincls", required="train_dir")
         arguments = {"checkpoint": checkpoint, "train_dir": train_dir, "val_dir": val_dir}
         explicit.update({name: str(value) for name, value in arguments.items() if value is not None})
         config = LinearEvalConfig.for_resume(saved, explicit, str(checkpoint_path))

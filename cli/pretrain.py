@@ -77,23 +77,17 @@ def command(data, out, preset, resume, overwrite, **options):
     Eight GPUs:      torchrun --nproc_per_node=8 -m cli pretrain /data/imagenet/train --out runs/r50
     Resume:          simsiam pretrain --resume runs/r50
     """
-    from simsiam.checkpoint import find_resume_checkpoint, load_checkpoint
     from simsiam.config import PretrainConfig, preset_config
     from simsiam.train import pretrain
 
-    from .main import UserError
     from .progress import TrainingProgress
+    from .resume import saved_run
 
     explicit = {k: v for k, v in options.items() if v is not None}
     if data is not None:
         explicit["data"] = str(data)
     if resume is not None:
-        checkpoint_path = find_resume_checkpoint(resume)
-        saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
-        if not isinstance(saved, dict) or "data" not in saved:
-            raise UserError(f"--resume {resume}: not a checkpoint of simsiam pretrain (no run config to continue from)")
-        if preset is not None and preset != saved.get("preset"):
-            raise UserError(f"--preset {preset}: the run being resumed used --preset {saved.get('preset')}")
+        checkpoint_path, saved = saved_run(resume, preset, "pretrain", required="data")
         config = PretrainConfig.for_resume(saved, explicit, str(checkpoint_path))
         config.out = str(out or checkpoint_path.parent)
     else:

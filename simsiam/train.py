@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import Subset
 
 from . import __version__, runtime as rt
+from .atomic import atomic_write, link_atomic
 from .augment import TwoViews, eval_transform, pretrain_transform
 from .backbones import build_resnet, pooled_backbone
-from .atomic import link_atomic
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
@@ -135,9 +135,8 @@ class MetricsLog:
         if enabled and resume_step is not None and path.exists():
             # a resumed run repeats the steps after its checkpoint: drop their old lines
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            with atomic_write(path, "w") as f:
+                f.writelines(line + "\n" for line in kept)
         elif enabled and resume_step is None:
             path.write_text("")
 

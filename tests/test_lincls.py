@@ -201,6 +201,11 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
                       "the finished linear head, not a checkpoint to resume", "last.pth.tar")
     assert_user_error(run("lincls", "--resume", tmp_path / "killed", "--epochs", "2"),
                       "--epochs 2: the run being resumed has reached epoch 3")
+    # each command resumes only its own runs, under the preset they started with
+    assert_user_error(run("pretrain", "--resume", tmp_path / "killed"), "not a checkpoint of simsiam pretrain")
+    assert_user_error(run("lincls", "--resume", checkpoint), "not a checkpoint of simsiam lincls")
+    assert_user_error(run("lincls", "--resume", tmp_path / "killed", "--preset", "cifar"),
+                      "--preset cifar: the run being resumed used --preset imagenet")
     # a finished run resumed again is evaluated again, and says so
     again = run("lincls", "--resume", tmp_path / "killed")
     assert again.exit_code == 0 and "its 3 epochs are done" in again.output, again.output
