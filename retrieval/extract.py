@@ -186,7 +186,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     writes its shard (``OUT.shards/rankRRRRR-of-WWWWW.h5``) and rank 0 then writes ``out`` as
     virtual datasets over them; every rank returns once ``out`` is in place.
     """
-    out = check_output(out, "--out", overwrite)
+    out = check_output(out, "--out", overwrite, inputs=[data])  # never over one of the images it reads
     job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     target = shard_path(out, runtime.rank, runtime.world_size) if runtime.distributed else out
     with FeatureWriter(target, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:

@@ -75,6 +75,15 @@ def test_extraction_rows_follow_the_images_and_record_the_transform(tmp_path):
         np.testing.assert_allclose(feats.features[row], alone.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_extraction_never_writes_over_an_image_it_reads(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
+    image = next((data / "class0").iterdir())
+    before = image.read_bytes()
+    with pytest.raises(InputError, match="is an input of this command"):
+        extract_to_file(identity_model(), data, image, CPU, overwrite=True)
+    assert image.read_bytes() == before
+
+
 def test_normalize_stores_unit_rows(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
     extract_to_file(identity_model(), data, tmp_path / "n.h5", CPU, dtype="float32", normalize=True)
