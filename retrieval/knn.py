@@ -31,7 +31,7 @@ class KnnResult:
     k: int
     top1: float
     top5: float
-    predictions: np.ndarray  # [N, min(5, classes)] class indices, best first
+    predictions: np.ndarray  # [N, min(5, k, classes)] class indices, best first
 
 
 @dataclass
@@ -63,9 +63,13 @@ def ranked_classes(scores: torch.Tensor, top: int = 5) -> torch.Tensor:
     return scores.sort(dim=1, descending=True, stable=True).indices[:, :min(top, scores.shape[1])]
 
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """``(top-5 predictions, top-1 accuracy, top-5 accuracy)`` of class scores."""
-    predictions = ranked_classes(scores)
+def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, float, float]:
+    """``(top-5 predictions, top-1 accuracy, top-5 accuracy)`` of the class scores of k neighbours.
+
+    As DINO's ``eval_knn.py``: only the first min(5, k) classes count, since k neighbours vote for
+    at most k classes and the rest would be filled with classes no neighbour voted for.
+    """
+    predictions = ranked_classes(scores, min(5, k))
     hits = predictions == labels[:, None]
     return predictions, hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()
 
@@ -100,7 +104,7 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
         for start in range(0, len(val_labels), VOTE_CHUNK):
             part = slice(start, start + VOTE_CHUNK)
             scores = vote(sims[part], labels[part], k, temperature, num_classes)
-            chunk_predictions, top1, top5 = accuracy(scores, val_labels[part])
+            chunk_predictions, top1, top5 = accuracy(scores, val_labels[part], k)
             predictions.append(chunk_predictions)
             top1_hits += top1 * len(chunk_predictions)
             top5_hits += top5 * len(chunk_predictions)
