@@ -139,6 +139,10 @@ class _Extraction:
                                   batch_size, workers, indices=self.mine)
         for features, labels, indices in embed_batches(module, self.dataset, self.runtime, batch_size, workers,
                                                         on_batch, batches):
+            if not np.isfinite(features).all():  # broken weights: no feature file of NaNs that only fails later
+                row = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
+                raise InputError(f"{self.model.checkpoint}: the network gives NaN or infinite features "
+                                 f"(first for {self.images.paths[indices[row]]}); its weights are broken")
             if self.normalize:
                 features /= np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
             yield features, labels, [self.images.paths[i] for i in indices]

@@ -129,6 +129,11 @@ class FeatureWriter:
         n = len(features)
         if not n:
             return
+        features = np.asarray(features)
+        largest = np.finfo(self.features.dtype).max
+        if np.abs(features).max() > largest:  # would be stored as infinity
+            raise InputError(f"--dtype {self.features.dtype}: feature values up to {np.abs(features).max():.3g} "
+                             f"exceed its range ({largest:.0f}); use --dtype float32 or --normalize")
         end = self.rows + n
         for dataset in (self.features, self.labels, self.paths):
             dataset.resize(end, axis=0)

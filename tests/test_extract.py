@@ -127,6 +127,23 @@ def test_random_init_baseline_is_seeded(tmp_path, images):
     assert a.features.dtype == np.float16  # the default --dtype
 
 
+def test_broken_weights_are_refused_not_written_as_nan_or_infinite_features(tmp_path, checkpoints, images):
+    state = torch.load(checkpoints["torchvision"], weights_only=True)
+    nan = tmp_path / "nan.pth"
+    torch.save({**state, "bn1.running_var": torch.full_like(state["bn1.running_var"], float("nan"))}, nan)
+    assert_user_error(run("extract", nan, images, "--out", tmp_path / "f.h5", *FAST),
+                      f"{nan}: the network gives NaN or infinite features", "class0/", only_line=False)
+    huge = tmp_path / "huge.pth"
+    torch.save({**state, "layer4.1.bn2.weight": state["layer4.1.bn2.weight"] * 1e7}, huge)
+    assert_user_error(run("extract", huge, images, "--out", tmp_path / "f.h5", *FAST),
+                      "--dtype float16: feature values up to", "use --dtype float32", only_line=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.pth", "nan.pth"]  # no feature file, no temporary
+    # float32 holds them, and --normalize brings them into float16's range
+    assert run("extract", huge, images, "--out", tmp_path / "f32.h5", "--dtype", "float32", *FAST).exit_code == 0
+    assert run("extract", huge, images, "--out", tmp_path / "n.h5", "--normalize", *FAST).exit_code == 0
+    assert np.isfinite(read_features(tmp_path / "n.h5").features).all()
+
+
 def test_random_init_needs_an_arch(tmp_path, images):
     assert_user_error(run("extract", "--random-init", images, "--out", tmp_path / "a.h5", *FAST), "--arch")
 
