@@ -55,8 +55,8 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
         summary = extract_to_file(model, inputs[-1], out, runtime, image_size, resize, dtype, compression, batch_size,
                                   default_workers(workers), normalize, strict, overwrite, progress, gpu_decode)
     if runtime.is_main:
-        shards = f" over {len(summary.shards)} shards in {summary.shards[0].parent}" if summary.shards else ""
+        processes = f" by {summary.processes} processes" if summary.processes > 1 else ""
         skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
         click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "
-                   f"({model.arch} {layer}){shards}{skipped}")
+                   f"({model.arch} {layer}){processes}{skipped}")
     stop(runtime)

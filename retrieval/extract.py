@@ -1,8 +1,8 @@
 """Embedding images: batches through a network, into memory or into a feature file.
 
 Multi-GPU and multi-node (``torchrun``): rank r embeds the r-th contiguous slice of the images
-into its own shard file, and rank 0 writes the requested file as HDF5 virtual datasets over the
-shards in rank order, which is dataset order. No features travel between processes.
+into its own shard file, and rank 0 merges the shards in rank order, which is dataset order,
+into the requested file. No features travel between processes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
 from .feature_model import FeatureModel
-from .features import FeatureSet, FeatureWriter, read_header, write_virtual
+from .features import FeatureSet, FeatureWriter, merge_shards, read_header
 
 EventHandler = Callable[[dict], None]
 
@@ -83,7 +83,7 @@ class ExtractSummary:
     images: int  # rows written
     skipped: int  # unreadable images left out
     dim: int
-    shards: list[Path]  # the per-rank files of a torchrun extraction, else empty
+    processes: int  # that embedded the images: torchrun's world size, else 1
 
 
 def _notify(on_event: EventHandler | None, event: dict) -> None:
@@ -168,13 +168,13 @@ def shard_path(out: Path, rank: int, world_size: int) -> Path:
     return out.with_name(f"{out.name}.shards") / f"rank{rank:05d}-of-{world_size:05d}.h5"
 
 
-def _remove_shards(out: Path, keep: list[Path]) -> None:
+def _remove_shards(out: Path) -> None:
+    """The shards of ``out``: merged, or left by an interrupted multi-process extraction."""
     folder = shard_path(out, 0, 1).parent
     if not folder.is_dir():
         return
-    for stale in folder.glob("rank*-of-*.h5"):
-        if stale not in keep:
-            stale.unlink(missing_ok=True)
+    for shard in folder.glob("rank*-of-*.h5"):
+        shard.unlink(missing_ok=True)
     if not any(folder.iterdir()):
         folder.rmdir()
 
@@ -187,8 +187,8 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     """Embed the images of ``data`` into the feature file ``out`` (schema: :mod:`retrieval.features`).
 
     Written under a temporary name and renamed when complete. Under ``torchrun`` every rank
-    writes its shard (``OUT.shards/rankRRRRR-of-WWWWW.h5``) and rank 0 then writes ``out`` as
-    virtual datasets over them; every rank returns once ``out`` is in place.
+    writes its shard (``OUT.shards/rankRRRRR-of-WWWWW.h5``), then rank 0 merges them into ``out``
+    and removes them; every rank returns once ``out`` is in place.
     """
     out = check_output(out, "--out", overwrite, inputs=[data])  # never over one of the images it reads
     job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
@@ -201,8 +201,8 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         writer.attrs["skipped_images"] = job.skipped
         writer.commit()
     if not runtime.distributed:
-        _remove_shards(out, keep=[])  # of the multi-process file this one replaced
-        return ExtractSummary(out, writer.rows, job.skipped, model.dim, [])
+        _remove_shards(out)  # left by an interrupted multi-process extraction
+        return ExtractSummary(out, writer.rows, job.skipped, model.dim, 1)
 
     shards = [shard_path(out, rank, runtime.world_size) for rank in range(runtime.world_size)]
     runtime.barrier()  # every shard is complete
@@ -212,7 +212,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     if not rows:  # every rank sees it, so none is left waiting at the barrier below
         raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
     if runtime.is_main:
-        _remove_shards(out, keep=shards)  # from an earlier run with another world size
-        write_virtual(out, shards, {**job.attrs, "skipped_images": skipped})
+        merge_shards(out, shards, {**job.attrs, "skipped_images": skipped}, dtype, compression)
+        _remove_shards(out)
     runtime.barrier()  # ``out`` is in place for every rank
-    return ExtractSummary(out, rows, skipped, model.dim, shards)
+    return ExtractSummary(out, rows, skipped, model.dim, runtime.world_size)

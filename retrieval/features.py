@@ -10,9 +10,8 @@ Schema (DESIGN.md, "Feature files"), one HDF5 file:
   ``resize``, ``precision`` and ``skipped_images``.
 
 Files are written under a temporary name (``.NAME.XXXX.tmp``, hidden) and renamed when complete,
-so an interrupted run leaves no file that looks finished. A file written by a ``torchrun``
-extraction holds virtual datasets over one shard file per rank (HDF5 virtual datasets, paths
-relative to the file); it reads like any other.
+so an interrupted run leaves no file that looks finished. A ``torchrun`` extraction writes one
+shard per rank and merges them into one such file.
 """
 
 from __future__ import annotations
@@ -171,46 +170,28 @@ def write_features(path: str | os.PathLike, feature_set: FeatureSet, dtype: str 
         return writer.commit()
 
 
-def write_virtual(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict) -> Path:
-    """A feature file whose datasets are HDF5 virtual datasets over ``shards``, concatenated in order.
+MERGE_ROWS = 16384  # rows copied at a time when shards are merged: bounds the memory of the merge
+
+
+def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict, dtype: str = "float16",
+                 compression: str = "none") -> Path:
+    """One feature file holding the rows of ``shards`` in order (written atomically, as
+    :class:`FeatureWriter`).
 
     Used by multi-process extraction: each rank writes the rows of its contiguous slice of the
-    dataset into its own shard, so the shards in rank order are the rows in dataset order, and
-    no process ever holds all the features. Shard paths are stored relative to ``path``'s folder
-    (HDF5 looks there), so the file and its shard folder can be moved together.
+    dataset into its own shard, so the shards in rank order are the rows in dataset order. The
+    rows are copied in blocks, so no process ever holds all the features, and the result is a
+    plain file that any HDF5 reader takes on its own (not virtual datasets that need the shards).
     """
-    path = Path(path)
-    counts, dim, dtype = [], None, None
-    for shard in shards:
-        with h5py.File(shard, "r") as f:
-            counts.append(f["labels"].shape[0])
-            dim, dtype = f["features"].shape[1], f["features"].dtype
-    total = sum(counts)
-    layouts = {
-        "features": h5py.VirtualLayout(shape=(total, dim), dtype=dtype),
-        "labels": h5py.VirtualLayout(shape=(total,), dtype=np.int64),
-        "paths": h5py.VirtualLayout(shape=(total,), dtype=_STRINGS),
-    }
-    start = 0
-    for shard, count in zip(shards, counts):
-        relative = os.path.relpath(Path(shard).resolve(), path.resolve().parent)
-        if count:
-            for name, layout in layouts.items():
-                shape = (count, dim) if name == "features" else (count,)
-                layout[start:start + count] = h5py.VirtualSource(relative, name, shape=shape)
-        start += count
-    tmp = new_temporary(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, layout in layouts.items():
-                f.create_virtual_dataset(name, layout, fillvalue=None)
-            for name, value in {**attrs, "simsiam_version": __version__}.items():
-                f.attrs[name] = _encode_attr(name, value)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    headers = [read_header(shard) for shard in shards]
+    total, dim = sum(rows for rows, _, _ in headers), headers[0][1]
+    with FeatureWriter(path, dim, attrs, dtype, compression, total) as writer:
+        for shard in shards:
+            with h5py.File(shard, "r") as f:
+                for start in range(0, f["labels"].shape[0], MERGE_ROWS):
+                    block = slice(start, start + MERGE_ROWS)
+                    writer.append(f["features"][block], f["labels"][block], f["paths"].asstr()[block])
+        return writer.commit()
 
 
 def _decode_attrs(raw: h5py.AttributeManager, where: str) -> dict:
@@ -226,20 +207,6 @@ def _decode_attrs(raw: h5py.AttributeManager, where: str) -> dict:
     except (TypeError, ValueError):
         raise InputError(f"{where}: its 'classes' attribute is not a JSON list") from None
     return attrs
-
-
-def _check_shards(f: h5py.File, where: Path) -> None:
-    """A virtual dataset with a missing shard would silently read as zeros: refuse it instead."""
-    for name in DATASETS:
-        dataset = f[name]
-        if dataset.is_virtual:
-            for source in dataset.virtual_sources():
-                shard = Path(source.file_name)
-                if not shard.is_absolute():
-                    shard = where.parent / shard
-                if not shard.is_file():
-                    raise InputError(f"{where}: its shard {source.file_name} is missing (keep the shard folder "
-                                     "beside the file)")
 
 
 def read_features(path: str | os.PathLike, with_features: bool = True) -> FeatureSet:
@@ -261,7 +228,6 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
             missing = [name for name in DATASETS if name not in f]
             if missing:
                 raise InputError(f"{path}: not a simsiam feature file: no dataset {', '.join(repr(m) for m in missing)}")
-            _check_shards(f, path)
             shape = f["features"].shape
             if len(shape) != 2 or f["labels"].shape != (shape[0],) or f["paths"].shape != (shape[0],):
                 raise InputError(f"{path}: features {shape}, labels {f['labels'].shape} and paths "

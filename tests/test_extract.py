@@ -206,7 +206,7 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_path, checkpoints, images):
+def test_torchrun_ranks_write_shards_merged_into_one_file_in_dataset_order(tmp_path, checkpoints, images):
     single = tmp_path / "single.h5"
     assert run("extract", checkpoints["torchvision"], images, "--out", single, "--dtype", "float32",
                *FAST).exit_code == 0
@@ -217,22 +217,20 @@ def test_torchrun_ranks_write_shards_and_a_virtual_file_in_dataset_order(tmp_pat
                *FAST]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("wrote") == 1  # rank 0 reports
-    shards = sorted((tmp_path / "new" / "ddp.h5.shards").iterdir())
-    assert [s.name for s in shards] == ["rank00000-of-00002.h5", "rank00001-of-00002.h5"]
+    assert done.stdout.count("wrote") == 1 and "by 2 processes" in done.stdout  # rank 0 reports
+    # one plain file, the shards merged and gone: it needs nothing beside it
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.h5"]
     with h5py.File(out) as f:
-        assert all(f[name].is_virtual for name in ("features", "labels", "paths"))
-    with h5py.File(shards[0]) as f:
-        assert f["features"].shape[0] == 4  # rank 0: the first half of the images
+        assert not any(f[name].is_virtual for name in ("features", "labels", "paths"))
     a, b = read_features(single), read_features(out)
     assert b.paths == a.paths and b.labels.tolist() == a.labels.tolist()
     np.testing.assert_allclose(b.features, a.features, rtol=1e-5, atol=1e-6)
     assert b.attrs["skipped_images"] == 0 and b.attrs["layer"] == "backbone"
-    # replaced by a one-process file: the shards of the old one go with it
+    # the shards an interrupted multi-process run left go when the file is written again
+    (tmp_path / "new" / "ddp.h5.shards").mkdir()
+    (tmp_path / "new" / "ddp.h5.shards" / "rank00001-of-00002.h5").write_bytes(b"stale")
     assert run("extract", checkpoints["torchvision"], images, "--out", out, "--overwrite", *FAST).exit_code == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.h5"]
-    with h5py.File(out) as f:
-        assert not f["features"].is_virtual
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above check the same "

@@ -1,4 +1,4 @@
-"""The HDF5 feature file: schema, dtypes, attributes, row order, atomic writes, virtual shards."""
+"""The HDF5 feature file: schema, dtypes, attributes, row order, atomic writes, merged shards."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import torch
 
 from retrieval.extract import extract_to_file
 from retrieval.feature_model import FeatureModel
-from retrieval.features import FeatureSet, FeatureWriter, read_features, write_features, write_virtual
+from retrieval.features import FeatureSet, FeatureWriter, merge_shards, read_features, write_features
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
@@ -124,7 +124,10 @@ def test_writer_removes_its_temporary_file_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_virtual_file_over_shards_reads_as_one_file_and_moves_with_them(tmp_path):
+def test_merged_shards_are_one_plain_file_in_rank_order(tmp_path, monkeypatch):
+    import retrieval.features
+
+    monkeypatch.setattr(retrieval.features, "MERGE_ROWS", 2)  # blocks that split the shards
     attrs = {"root": "/r", "classes": ["a"], "arch": "resnet18", "layer": "backbone", "checkpoint": "c",
              "checkpoint_sha256": "", "image_size": 16, "normalized": False}
     shards_dir = tmp_path / "run" / "feats.h5.shards"
@@ -134,12 +137,13 @@ def test_virtual_file_over_shards_reads_as_one_file_and_moves_with_them(tmp_path
     for i, part in enumerate(parts):
         shards.append(write_features(shards_dir / f"rank{i:05d}-of-00003.h5",
                                      FeatureSet(part, np.zeros(len(part), np.int64),
-                                                [f"{i}-{j}" for j in range(len(part))], attrs), dtype="float32"))
-    write_virtual(tmp_path / "run" / "feats.h5", shards, attrs)
-    shutil.move(tmp_path / "run", tmp_path / "moved")  # relative sources: the pair moves together
-    feats = read_features(tmp_path / "moved" / "feats.h5")
-    assert feats.paths == ["0-0", "0-1", "0-2", "2-0", "2-1"]
+                                                [f"{i}-é{j}" for j in range(len(part))], attrs), dtype="float32"))
+    merge_shards(tmp_path / "run" / "feats.h5", shards, {**attrs, "skipped_images": 1}, "float16", "gzip")
+    shutil.rmtree(shards_dir)  # the merged file needs nothing beside it
+    with h5py.File(tmp_path / "run" / "feats.h5") as f:
+        assert not any(f[name].is_virtual for name in ("features", "labels", "paths"))
+        assert f["features"].dtype == np.float16 and f["features"].compression == "gzip"
+    feats = read_features(tmp_path / "run" / "feats.h5")
+    assert feats.paths == ["0-é0", "0-é1", "0-é2", "2-é0", "2-é1"]
     np.testing.assert_array_equal(feats.features[:, 0], [0, 0, 0, 2, 2])
-    (tmp_path / "moved" / "feats.h5.shards" / "rank00002-of-00003.h5").unlink()
-    with pytest.raises(InputError, match="shard .*rank00002-of-00003.h5 is missing"):
-        read_features(tmp_path / "moved" / "feats.h5")
+    assert feats.attrs["skipped_images"] == 1 and feats.attrs["layer"] == "backbone"
