@@ -17,6 +17,7 @@ from torch import nn
 
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import BackboneWeights, build_backbone, read_backbone
+from simsiam.config import check_seed
 from simsiam.errors import InputError
 from simsiam.model import SimSiam
 
@@ -105,6 +106,7 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
         if not arch:
             raise InputError("--random-init: needs --arch (e.g. --arch resnet50)")
         seed = 0 if seed is None else seed
+        check_seed(seed)
         torch.manual_seed(seed)
         resnet = build_resnet(arch, num_classes=2048, cifar_stem=cifar_stem, zero_init_residual=True)
         if layer == "projector":

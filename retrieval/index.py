@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from simsiam.atomic import atomic_write, new_temporary
+from simsiam.config import check_seed
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_usable, read_features, rows_fingerprint
@@ -201,6 +202,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     out = Path(out)
     if not 0 < target_recall <= 1:
         raise InputError(f"--target-recall {target_recall}: must be in (0, 1]")
+    check_seed(seed)
     start = time.perf_counter()
     feature_set: FeatureSet = read_features(features_path)
     check_usable(feature_set, "FEATURES")

@@ -11,6 +11,14 @@ from .atomic import atomic_write
 from .errors import InputError
 
 
+SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer, numpy's generators none below 0
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise InputError(f"--seed {seed}: must be from 0 to {SEED_LIMIT - 1}")
+
+
 class RunSettings:
     """What the settings dataclasses of runs share: a JSON round trip and the lr scaling rule."""
 
@@ -146,8 +154,9 @@ class PretrainConfig(RunSettings):
             raise InputError("--knn-train and --knn-val: give both or neither")
         if self.data_on_gpu not in (None, True, False):
             raise InputError(f"--data-on-gpu {self.data_on_gpu!r}: must be on, off or auto (unset)")
-        if self.knn_temperature <= 0:
-            raise InputError(f"--knn-temperature {self.knn_temperature}: must be positive")
+        if not 0 < self.knn_temperature < float("inf"):  # NaN compares false
+            raise InputError(f"--knn-temperature {self.knn_temperature}: must be a positive finite number")
+        check_seed(self.seed)
 
 
 # The paper's recipes. "imagenet": Sec. 4 and the official main_simsiam.py; "cifar": App. D.

@@ -144,8 +144,11 @@ def test_broken_weights_are_refused_not_written_as_nan_or_infinite_features(tmp_
     assert np.isfinite(read_features(tmp_path / "n.h5").features).all()
 
 
-def test_random_init_needs_an_arch(tmp_path, images):
+def test_random_init_needs_an_arch_and_a_seed_torch_takes(tmp_path, images):
     assert_user_error(run("extract", "--random-init", images, "--out", tmp_path / "a.h5", *FAST), "--arch")
+    assert_user_error(run("extract", "--random-init", "--arch", "resnet18", "--seed", str(2**64), images,
+                          "--out", tmp_path / "a.h5", *FAST), f"--seed {2**64}: must be from 0 to")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_checkpoint_layout_writes_nothing(tmp_path, images):

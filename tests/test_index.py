@@ -102,6 +102,7 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
 def test_cli_errors(clustered_file, tmp_path):
     assert_user_error(run("index", tmp_path / "none.h5", "--out", tmp_path / "x.index"), "no such feature file")
     assert_user_error(run("index", clustered_file, "--out", tmp_path / "x.index", "--max-memory", "1K"), "too small")
+    assert_user_error(run("index", clustered_file, "--out", tmp_path / "x.index", "--seed", "-1"), "--seed -1: must be")
     few = feature_file(tmp_path / "few.h5", *clustered(100))
     assert_user_error(run("index", few, "--out", tmp_path / "x.index", "--kind", "ivf-pq"), "too few", "--kind flat")
     assert not list(tmp_path.glob("x.index*")) and not list(tmp_path.glob(".x.index*"))

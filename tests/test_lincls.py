@@ -249,6 +249,8 @@ def test_errors(tmp_path, data):
                       "--epochs 0")
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4096"),
                       "--batch-size 4096", "larger than the dataset")
+    assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, "--seed", "-1"),
+                      "--seed -1: must be from 0 to")
     assert_user_error(run("lincls", "--resume", tmp_path / "nothing"), "--resume")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pth*"))
 

@@ -213,7 +213,9 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
                                    ("--momentum", "-1", "--momentum -1.0: must be in [0, 1)"),
                                    ("--proj-hidden-dim", "-1", "--proj-hidden-dim -1: must be a finite number"),
                                    ("--eval-resize", "-3", "--eval-resize -3: must be a finite number"),
-                                   ("--batch-size", "1", "--batch-size 1: BatchNorm needs at least 2")):
+                                   ("--batch-size", "1", "--batch-size 1: BatchNorm needs at least 2"),
+                                   ("--seed", "-1", "--seed -1: must be from 0 to"),
+                                   ("--seed", str(2**64), f"--seed {2**64}: must be from 0 to")):
         assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, option, value), message)
     assert not (tmp_path / "r").exists()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from simsiam.config import RunSettings
+from simsiam.config import RunSettings, check_seed
 from simsiam.errors import InputError
 
 OPTIMIZERS = ("lars", "sgd")
@@ -62,6 +62,7 @@ class LinearEvalConfig(RunSettings):
             raise InputError(f"--crop-min-scale {self.crop_min_scale}: must be in (0, 1]")
         if self.eval_resize and self.eval_resize < self.image_size:
             raise InputError(f"--eval-resize {self.eval_resize}: smaller than --image-size {self.image_size}")
+        check_seed(self.seed)
 
 
 # "imagenet": the official main_lincls.py. "cifar": the same protocol on 32x32 images (the
