@@ -52,8 +52,13 @@ class KnnReport:
 
 def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, k: int, temperature: float,
          num_classes: int) -> torch.Tensor:
-    """Class scores [B, C]: each of the k most similar neighbours (columns best first) adds exp(sim / T)."""
-    weights = (neighbour_sims[:, :k].float() / temperature).exp()
+    """Class scores [B, C]: each of the k most similar neighbours (columns best first) adds exp(sim / T).
+
+    Computed as exp((sim - best sim) / T): the same ranking (every score of a row is scaled by
+    exp(-best / T)), but no vote overflows to infinity when T is small.
+    """
+    sims = neighbour_sims[:, :k].float()
+    weights = ((sims - sims[:, :1]) / temperature).exp()
     scores = torch.zeros(neighbour_sims.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
     return scores.scatter_add_(1, neighbour_labels[:, :k], weights)
 

@@ -53,6 +53,17 @@ def test_every_backend_matches_the_numpy_protocol(data, backend):
     assert results[0].predictions.shape == (len(val), 1) and results[0].top5 == results[0].top1 < results[1].top5
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_a_small_temperature_votes_like_the_nearest_neighbour_without_overflow(data, backend):
+    # exp(sim / T) is infinite in float32 for T below ~0.012: every vote would tie at inf
+    train, train_labels, val, val_labels = data
+    nearest = numpy_knn(train, train_labels, val, 1, 1.0, 10)[:, 0]
+    for temperature in (1e-3, 1e-6):
+        [result] = weighted_knn(train, train_labels, val, val_labels, ks=(20,), temperature=temperature,
+                                num_classes=10, backend=backend)
+        np.testing.assert_array_equal(result.predictions[:, 0], nearest)
+
+
 def test_tensors_are_taken_as_they_are(data):
     train, train_labels, val, val_labels = data
     arrays = weighted_knn(train, train_labels, val, val_labels, ks=(10,), backend="torch")
