@@ -81,7 +81,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     from transfer.lincls import HEAD_FILE, linear_eval
     from transfer.lincls_config import LinearEvalConfig, preset_linear_config
 
-    from .resume import saved_run
+    from .resume import resume_hint, saved_run
 
     explicit = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
@@ -98,7 +98,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         config.out = str(out or Path(checkpoint).parent / "lincls")
         checkpoint_path = None
 
-    with LinearEvalProgress(description="lincls") as progress:
+    with LinearEvalProgress(description="lincls") as progress, resume_hint("lincls", config.out):
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "

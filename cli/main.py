@@ -38,8 +38,9 @@ class SimSiamGroup(click.Group):
 
             terminated = isinstance(err, Terminated)
             if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
-                resume = (" (continue with --resume)" if ctx.invoked_subcommand in ("pretrain", "lincls") else "")
-                click.echo(f"{'terminated' if terminated else 'interrupted'}{resume}", err=True)
+                resume = getattr(err, "resume_command", None)  # set by pretrain and lincls once a checkpoint exists
+                hint = f" (continue: {resume})" if resume else ""
+                click.echo(f"{'terminated' if terminated else 'interrupted'}{hint}", err=True)
             ctx.exit(143 if terminated else 130)  # the shells' 128 + signal number
         except SimSiamError as err:
             raise UserError(str(err)) from None

@@ -81,7 +81,7 @@ def command(data, out, preset, resume, overwrite, **options):
     from simsiam.train import pretrain
 
     from .progress import TrainingProgress
-    from .resume import saved_run
+    from .resume import resume_hint, saved_run
 
     explicit = {k: v for k, v in options.items() if v is not None}
     if data is not None:
@@ -99,7 +99,7 @@ def command(data, out, preset, resume, overwrite, **options):
         config.out = str(out)
         checkpoint_path = None
 
-    with TrainingProgress() as progress:
+    with TrainingProgress() as progress, resume_hint("pretrain", config.out):
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")

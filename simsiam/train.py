@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -18,7 +17,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from . import __version__, runtime as rt
-from .atomic import atomic_write, link_atomic
+from .atomic import link_atomic
 from .augment import TwoViews, eval_transform, pretrain_transform
 from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
@@ -29,11 +28,7 @@ from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-# Files that mark a folder as holding a run, and that --overwrite removes.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, LAST)
+from .run_dir import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir
 
 Event = Callable[[dict], None]
 
@@ -68,82 +63,6 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
     for group in optimizer.param_groups:
         group["lr"] = config.init_lr if group.get("fix_lr") else lr
     return lr
-
-
-def holds_run(folder: Path) -> bool:
-    """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
-    before its first checkpoint leaves only its config and log; the next start replaces them.)"""
-    return folder.is_dir() and ((folder / LAST).exists() or any(folder.glob("checkpoint_*.pth.tar")))
-
-
-def _written_by_a_run(config_file: Path) -> bool:
-    """Whether ``config_file`` is the config.json of a simsiam run (pretrain or lincls)."""
-    try:
-        values = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"preset", "batch_size", "epochs"} <= values.keys()
-
-
-def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
-    """Refuse a folder that holds another run unless resuming it (from a checkpoint inside it) or
-    told to overwrite it. Only reads: every process checks, before any slow work."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if _resuming_in(out, resume_from) and overwrite:
-        raise InputError(f"--overwrite: --resume continues the run in {out} and --overwrite would start it over; "
-                         "give one of them (or --out another folder)")
-    if _resuming_in(out, resume_from) or overwrite:
-        return
-    if holds_run(out):
-        raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
-                         "or --overwrite to start over")
-    strays = [n for n in RUN_FILES if (out / n).exists()]
-    if strays and not _written_by_a_run(out / CONFIG_FILE):
-        raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
-                         "or pass --overwrite")
-
-
-def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None) -> None:
-    """Make the run folder; a fresh run first removes the files of the run it replaces."""
-    if not _resuming_in(out, resume_from):
-        for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
-            path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
-
-
-def _resuming_in(out: Path, resume_from: str | os.PathLike | None) -> bool:
-    return resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; infinite for a line cut short by a kill, so that it is dropped."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per logging step and per epoch (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.path = path
-        self.enabled = enabled
-        if enabled and resume_step is not None and path.exists():
-            # a resumed run repeats the steps after its checkpoint: drop their old lines
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            with atomic_write(path, "w") as f:
-                f.writelines(line + "\n" for line in kept)
-        elif enabled and resume_step is None:
-            path.write_text("")
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 class KnnMonitor:
@@ -275,7 +194,8 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
     config.validate()
     runtime = rt.start(config.device, config.precision)
     try:
-        return _pretrain(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
+        with locked_run_dir(Path(config.out), runtime.is_main):
+            return _pretrain(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
     finally:
         rt.stop(runtime)
 

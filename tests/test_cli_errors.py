@@ -79,7 +79,13 @@ def test_ctrl_c_and_sigterm_end_with_one_line_from_rank_0_and_the_shells_status(
     monkeypatch.setattr(simsiam.train, "pretrain", interrupted)
     result = run("pretrain", tmp_path, "--out", tmp_path / "run")
     assert result.exit_code == 130
-    assert result.output.strip() == ("interrupted (continue with --resume)" if shown else "")
+    assert result.output.strip() == ("interrupted" if shown else "")  # no checkpoint yet: nothing to resume
+    (tmp_path / "my run").mkdir()
+    (tmp_path / "my run" / "last.pth.tar").write_bytes(b"")
+    result = run("pretrain", tmp_path, "--out", tmp_path / "my run")
+    assert result.exit_code == 130
+    hint = f"interrupted (continue: simsiam pretrain --resume '{tmp_path / 'my run'}')"
+    assert result.output.strip() == (hint if shown else "")
     # the handler raises once; a second SIGTERM finds the default action back
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -1,6 +1,7 @@
 """``simsiam pretrain`` end to end through click's CliRunner: a short run and every error case."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,21 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
                                    ("--seed", str(2**64), f"--seed {2**64}: must be from 0 to")):
         assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, option, value), message)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, shared_image_folder):
+    from simsiam.run_dir import locked_run_dir
+
+    out = tmp_path / "run"
+    with locked_run_dir(out):  # as a first run holds it while it trains
+        assert_user_error(run("pretrain", shared_image_folder, "--out", out, *TINY),
+                          f"--out {out}: another simsiam run is writing in this folder")
+        assert os.listdir(out) == [".lock"]  # the first run's folder, untouched
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    # a run that fails before writing anything leaves no folder behind
+    assert_user_error(run("pretrain", tmp_path / "missing", "--out", tmp_path / "new", *TINY), "no such folder")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_path, shared_image_folder):

@@ -32,7 +32,7 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_check
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.train import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, prepare_run_dir
+from simsiam.run_dir import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -146,7 +146,8 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
     config.validate()
     runtime = rt.start(config.device, config.precision)
     try:
-        return _linear_eval(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
+        with locked_run_dir(Path(config.out), runtime.is_main):
+            return _linear_eval(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
     finally:
         rt.stop(runtime)
 

@@ -1,0 +1,132 @@
+"""The run folder of ``pretrain`` and ``lincls``: what marks it as holding a run, the checks
+before a run starts in it, the lock of the run writing it, and its ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from .atomic import atomic_write
+from .checkpoint import LAST
+from .errors import InputError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+# Files that mark a folder as holding a run, and that --overwrite removes.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, LAST)
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def locked_run_dir(out: Path, enabled: bool = True):
+    """Hold ``out``'s lock for the block (making ``out``): a second run started into the same
+    folder is refused at once, instead of interleaving its files with those of the first.
+
+    An ``flock``: the kernel releases it however the process ends (a ``kill -9`` leaves the empty
+    lock file, harmless: the next run takes it). The lock file goes when the block ends, and so
+    does a folder made here that the block left empty. ``enabled``: False on the processes of a
+    parallel run other than the main one.
+    """
+    if not enabled:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a")
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot write in this folder ({err.strerror})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"--out {out}: another simsiam run is writing in this folder; wait for it to end "
+                             "or choose another --out") from None
+        try:
+            yield
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # while still held, so no other run holds this file
+            if made and not os.listdir(out):  # a run that failed before writing anything leaves no folder
+                out.rmdir()
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
+    before its first checkpoint leaves only its config and log; the next start replaces them.)"""
+    return folder.is_dir() and ((folder / LAST).exists() or any(folder.glob("checkpoint_*.pth.tar")))
+
+
+def _written_by_a_run(config_file: Path) -> bool:
+    """Whether ``config_file`` is the config.json of a simsiam run (pretrain or lincls)."""
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"preset", "batch_size", "epochs"} <= values.keys()
+
+
+def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
+    """Refuse a folder that holds another run unless resuming it (from a checkpoint inside it) or
+    told to overwrite it. Only reads: every process checks, before any slow work."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if _resuming_in(out, resume_from) and overwrite:
+        raise InputError(f"--overwrite: --resume continues the run in {out} and --overwrite would start it over; "
+                         "give one of them (or --out another folder)")
+    if _resuming_in(out, resume_from) or overwrite:
+        return
+    if holds_run(out):
+        raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
+                         "or --overwrite to start over")
+    strays = [n for n in RUN_FILES if (out / n).exists()]
+    if strays and not _written_by_a_run(out / CONFIG_FILE):
+        raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
+                         "or pass --overwrite")
+
+
+def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None) -> None:
+    """Make the run folder; a fresh run first removes the files of the run it replaces."""
+    if not _resuming_in(out, resume_from):
+        for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
+            path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
+
+
+def _resuming_in(out: Path, resume_from: str | os.PathLike | None) -> bool:
+    return resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinite for a line cut short by a kill, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logging step and per epoch (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path = path
+        self.enabled = enabled
+        if enabled and resume_step is not None and path.exists():
+            # a resumed run repeats the steps after its checkpoint: drop their old lines
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+            with atomic_write(path, "w") as f:
+                f.writelines(line + "\n" for line in kept)
+        elif enabled and resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
