@@ -97,7 +97,7 @@ class _Extraction:
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
                  normalize: bool, strict: bool, gpu_decode: bool = False):
         self.images = data if isinstance(data, ImageList) else scan_images(data)
-        self.image_size = image_size or model.image_size
+        self.image_size = model.image_size if image_size is None else image_size
         self.resize = model.resize if resize is None else resize
         if self.image_size <= 0 or self.resize < 0:
             raise InputError(f"--image-size {self.image_size} / --resize {self.resize}: sizes must be positive")

@@ -107,8 +107,9 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
             raise InputError("--random-init: needs --arch (e.g. --arch resnet50)")
         seed = 0 if seed is None else seed
         check_seed(seed)
-        torch.manual_seed(seed)
-        resnet = build_resnet(arch, num_classes=2048, cifar_stem=cifar_stem, zero_init_residual=True)
+        with torch.random.fork_rng(devices=[]):  # seeded here without resetting the caller's generator
+            torch.manual_seed(seed)
+            resnet = build_resnet(arch, num_classes=2048, cifar_stem=cifar_stem, zero_init_residual=True)
         if layer == "projector":
             module = SimSiam(resnet, dim=2048, proj_layers=2 if cifar_stem else 3).encoder
         else:

@@ -30,8 +30,6 @@ from simsiam.atomic import new_temporary
 from simsiam.errors import InputError
 
 DATASETS = ("features", "labels", "paths")
-REQUIRED_ATTRS = ("root", "classes", "arch", "layer", "checkpoint", "checkpoint_sha256", "image_size",
-                  "normalized", "simsiam_version")
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "gzip", "lzf")
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: HDF5's recommended range, and whole rows per chunk

@@ -79,17 +79,24 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
     return predictions, hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()
 
 
+def check_ks(ks) -> list[int]:
+    """The distinct k of ``ks`` (one k or several), in increasing order; each at least 1."""
+    ks = sorted({int(k) for k in ([ks] if isinstance(ks, (int, np.integer)) else ks)})
+    if not ks or ks[0] < 1:
+        raise InputError(f"-k {ks[0] if ks else '(none)'}: k must be at least 1")
+    return ks
+
+
 def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,), temperature: float = 0.07,
                  num_classes: int | None = None, device: str | torch.device = "cpu", chunk_size: int | None = None,
                  backend: str = "auto") -> list[KnnResult]:
-    """Weighted kNN top-1/top-5 of ``val`` against ``train``, for each k in ``ks``.
+    """Weighted kNN top-1/top-5 of ``val`` against ``train``: one result per distinct k of ``ks``, in
+    increasing k.
 
     The neighbours are searched once for the largest k (``backend``: see
     :mod:`retrieval.neighbours`; ``device`` "cuda:1" etc. pins the torch backend to a GPU).
     """
-    ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 1:
-        raise InputError(f"-k {ks[0] if ks else ''}: k must be at least 1")
+    ks = check_ks(ks)
     if not 0 < temperature < float("inf"):  # NaN compares false
         raise InputError(f"--temperature {temperature}: must be a positive finite number")
     # voting runs on the CPU: [queries, k] neighbours are small next to the search
@@ -157,6 +164,7 @@ def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: floa
 
     from .neighbours import resolve_search
 
+    ks = check_ks(ks)
     num_classes, warnings, val_labels = check_knn_inputs(train, val, ks)
     chosen, chosen_device = resolve_search(backend, device)
     start = time.perf_counter()

@@ -116,9 +116,6 @@ class SearchResult:
     metrics: dict | None = None
     warnings: list[str] = field(default_factory=list)
 
-    def neighbour_labels(self) -> np.ndarray:
-        return np.where(self.indices >= 0, self.database.labels[self.indices.clip(min=0)], -1)
-
 
 def _search_rows(database: Database, queries: np.ndarray, k: int, backend: str, device: str) -> tuple:
     if database.index is None:

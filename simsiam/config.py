@@ -33,6 +33,7 @@ class RunSettings:
     ARGUMENTS: dict[str, str] = {"data": "DATA"}  # settings given as positional arguments, by their metavar
     # Settings that name files or folders: saved absolute, so that a run resumes from any folder.
     PATHS: tuple[str, ...] = ("data", "knn_train", "knn_val")
+    REQUIRED: tuple[str, ...] = ("data", "out")  # no default: "" would quietly mean the current folder
     # Settings a resumed run may be given anew: how it runs, what it logs and saves, and
     # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
     # decides what the saved weights and optimizer state are, so changing it is refused.
@@ -77,6 +78,12 @@ class RunSettings:
     def label(cls, name: str) -> str:
         """How the command line spells a setting: DATA, or --batch-size."""
         return cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
+
+    def check_required(self) -> None:
+        missing = [name for name in self.REQUIRED if not getattr(self, name)]
+        if missing:
+            raise InputError(f"{', '.join(missing)}: not set; {'they name' if len(missing) > 1 else 'it names'} "
+                             "a folder or file the run needs")
 
     def with_absolute_paths(self):
         for name in self.PATHS:
@@ -128,6 +135,7 @@ class PretrainConfig(RunSettings):
     knn_temperature: float = 0.07
 
     def validate(self) -> None:
+        self.check_required()
         positive = ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "save_every_epochs", "knn_every", "knn_k")
         for name in positive:
             if getattr(self, name) < 1:

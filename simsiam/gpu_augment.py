@@ -35,10 +35,10 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 6
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's fn_idx numbering
 
 # Columns of the uniform numbers a view draws per image (one [N, DRAWN] matrix, one draw call).
-_SCALE = slice(0, 10)
-_LOG_RATIO = slice(10, 20)
-_TOP = slice(20, 30)
-_LEFT = slice(30, 40)
+_SCALE = slice(0, CROP_TRIES)
+_LOG_RATIO = slice(CROP_TRIES, 2 * CROP_TRIES)
+_TOP = slice(2 * CROP_TRIES, 3 * CROP_TRIES)
+_LEFT = slice(3 * CROP_TRIES, 4 * CROP_TRIES)
 _JITTER, _ORDER, _FACTORS = 40, slice(41, 45), slice(45, 49)
 _GRAY, _BLUR, _SIGMA, _FLIP = 49, 50, 51, 52
 DRAWN = 53

@@ -273,3 +273,13 @@ def test_a_signal_mid_write_leaves_no_temporary_file(tmp_path, checkpoints, sent
     assert process.returncode == status, stderr
     assert stderr.strip().splitlines()[-1] == word and "Traceback" not in stderr, stderr
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_random_init_baseline_leaves_the_callers_random_generator_alone():
+    from retrieval.feature_model import load_feature_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_feature_model(random_init=True, arch="resnet18", seed=7)
+    assert torch.equal(torch.rand(3), expected)

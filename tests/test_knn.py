@@ -117,3 +117,15 @@ def test_faiss_gpu_matches_the_cpu_backends(data):
     gpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="faiss", device="cuda")
     np.testing.assert_array_equal(gpu[0].predictions, cpu[0].predictions)
     assert search(train, val, 5, "faiss", "cuda").backend.startswith("faiss-gpu")
+
+
+def test_ks_are_one_k_or_several_distinct_and_increasing(data):
+    from retrieval.knn import check_ks
+    from simsiam.errors import InputError
+
+    assert check_ks(5) == [5] and check_ks((20, 1, 20)) == [1, 20]
+    for bad in ((), (0, 5), -1):
+        with pytest.raises(InputError, match="-k .*: k must be at least 1"):
+            check_ks(bad)
+    train, train_labels, val, val_labels = data
+    assert [r.k for r in weighted_knn(train, train_labels, val, val_labels, ks=(20, 1, 20))] == [1, 20]

@@ -317,3 +317,20 @@ def test_every_preset_value_can_be_overridden(tmp_path, shared_image_folder):
     assert checkpoint["state_dict"]["module.encoder.fc.6.weight"].shape == (64, 32)
     [group] = checkpoint["optimizer"]["param_groups"]  # one group: the predictor's lr is not fixed
     assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-3 and group["lr"] == pytest.approx(0.1 * 8 / 256)
+
+
+def test_library_runs_need_their_paths_set_not_the_current_folder(tmp_path, monkeypatch):
+    from simsiam.config import preset_config
+    from simsiam.errors import InputError
+    from simsiam.train import pretrain
+    from transfer.lincls import linear_eval
+    from transfer.lincls_config import preset_linear_config
+
+    monkeypatch.chdir(tmp_path)  # where "" would have trained and written
+    with pytest.raises(InputError, match="data, out: not set"):
+        pretrain(preset_config("cifar", device="cpu"))
+    with pytest.raises(InputError, match="out: not set"):
+        pretrain(preset_config("cifar", data=str(tmp_path), device="cpu"))
+    with pytest.raises(InputError, match="checkpoint, train_dir, val_dir, out: not set"):
+        linear_eval(preset_linear_config("cifar", device="cpu"))
+    assert os.listdir(tmp_path) == []

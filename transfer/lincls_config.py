@@ -47,8 +47,10 @@ class LinearEvalConfig(RunSettings):
 
     ARGUMENTS = {"checkpoint": "CHECKPOINT", "train_dir": "TRAIN_DIR", "val_dir": "VAL_DIR"}
     PATHS = ("checkpoint", "train_dir", "val_dir")
+    REQUIRED = ("checkpoint", "train_dir", "val_dir", "out")
 
     def validate(self) -> None:
+        self.check_required()
         for name in ("epochs", "batch_size", "image_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
