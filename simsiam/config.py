@@ -57,7 +57,24 @@ class RunSettings:
         looked up from here as before, and refused by name when it is not there.
         """
         absolute = {**given, **{k: os.path.abspath(v) for k, v in given.items() if k in cls.PATHS and v}}
-        for name, value in absolute.items():
+        cls._check_unchanged(saved, absolute, given, where)
+        for name in cls.PATHS:
+            old = saved.get(name)
+            if old and name not in given and not os.path.isabs(old) and not os.path.exists(old):
+                raise InputError(f"--resume {where}: its run names {cls.label(name)} as {old!r}, relative to the "
+                                 f"folder it was started from; give {cls.label(name)} again")
+        return cls.from_dict({**saved, **absolute}).with_absolute_paths()
+
+    def check_resumes(self, saved: dict, where: str) -> None:
+        """Refuse settings of this config that a resume of the run saved with ``saved`` may not
+        change (:data:`RESUME_MAY_CHANGE` may; the output folder and the preset's name may too).
+        The CLI makes its config with :meth:`for_resume`; this guards library callers alike."""
+        mine = {k: v for k, v in self.to_dict().items() if k not in ("out", "preset")}
+        self._check_unchanged(saved, mine, mine, where)
+
+    @classmethod
+    def _check_unchanged(cls, saved: dict, values: dict, shown: dict, where: str) -> None:
+        for name, value in values.items():
             if name in cls.RESUME_MAY_CHANGE or name not in saved:
                 continue
             if name in cls.PATHS and saved[name]:
@@ -65,14 +82,8 @@ class RunSettings:
             else:
                 same = saved[name] == value
             if not same:
-                raise InputError(f"{cls.label(name)} {given[name]}: the run being resumed ({where}) used "
+                raise InputError(f"{cls.label(name)} {shown[name]}: the run being resumed ({where}) used "
                                  f"{saved[name]}; a resumed run continues with its own settings")
-        for name in cls.PATHS:
-            old = saved.get(name)
-            if old and name not in given and not os.path.isabs(old) and not os.path.exists(old):
-                raise InputError(f"--resume {where}: its run names {cls.label(name)} as {old!r}, relative to the "
-                                 f"folder it was started from; give {cls.label(name)} again")
-        return cls.from_dict({**saved, **absolute}).with_absolute_paths()
 
     @classmethod
     def label(cls, name: str) -> str:

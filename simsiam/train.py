@@ -208,6 +208,8 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
     checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
+        config.check_resumes(checkpoint["config"], str(resume_from))
     if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch, counted from 1, is past the end
         where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
                  else f"has finished its {checkpoint['epoch']} epochs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import load_checkpoint, to_official_layout
+from simsiam.errors import InputError
 from simsiam.model import SimSiam
 from transfer.lars import LARS
 from transfer.lincls import HEAD_FILE
@@ -227,6 +229,8 @@ def test_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, data):
         linear_eval(interrupted, on_event=stop_at("log", "step", 5))
     saved = load_checkpoint(tmp_path / "b" / "last.pth.tar")
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 1)  # 3 steps per epoch: step 4, saved before step 5, is epoch 2's first
+    with pytest.raises(InputError, match="--batch-size 8: the run being resumed .* used 16"):  # as the CLI refuses it
+        linear_eval(dataclasses.replace(interrupted, batch_size=8), resume_from=tmp_path / "b" / "last.pth.tar")
     linear_eval(interrupted, resume_from=tmp_path / "b" / "last.pth.tar")
     a = load_checkpoint(tmp_path / "a" / HEAD_FILE)["state_dict"]
     b = load_checkpoint(tmp_path / "b" / HEAD_FILE)["state_dict"]

@@ -164,6 +164,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
         raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
                          f"run folder or its {LAST}")
+    if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
+        config.check_resumes(checkpoint["config"], str(resume_from))
     # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
     reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
     if reached > config.epochs:
