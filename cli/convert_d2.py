@@ -22,10 +22,10 @@ def command(checkpoint: Path, out: Path, overwrite: bool) -> None:
     from simsiam.atomic import check_output
     from transfer.detectron2_weights import check_pickle_path, convert_checkpoint, write_detectron2_pickle
 
-    check_pickle_path(out)  # before the (slow) read of a large checkpoint
+    check_pickle_path(out)  # before the (slow) read of a large checkpoint; the writer checks again
     check_output(out, "--out", overwrite, inputs=[checkpoint])
     weights = convert_checkpoint(checkpoint)
-    write_detectron2_pickle(weights, out)
+    write_detectron2_pickle(weights, out, overwrite, inputs=[checkpoint])
     click.echo(f"wrote {len(weights.model)} tensors of the {weights.arch} backbone to {out} "
                "(projector, predictor and fc left out)")
     click.echo("Detectron2 settings these weights need (the shipped configs set them; KEY VALUE form):")

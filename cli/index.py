@@ -31,15 +31,11 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     """
     from dataclasses import asdict
 
-    from retrieval.index import build_index, human_bytes, parse_memory, sidecar_path
-    from simsiam.atomic import check_output
-
-    check_output(out, "--out", overwrite, inputs=[features])
-    check_output(sidecar_path(out), "--out", overwrite, inputs=[features])
+    from retrieval.index import build_index, human_bytes, parse_memory
 
     budget = parse_memory(max_memory) if max_memory is not None else None
     say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
-    report = build_index(features, out, kind, budget, target_recall, recall_sample, seed, say)
+    report = build_index(features, out, kind, budget, target_recall, recall_sample, seed, say, overwrite)
     if as_json:
         click.echo(json.dumps(asdict(report)))
         return

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from simsiam.atomic import atomic_write, new_temporary
+from simsiam.atomic import atomic_write, check_output, new_temporary
 from simsiam.config import check_seed
 from simsiam.errors import InputError
 
@@ -191,11 +191,14 @@ def sidecar_path(index_path: Path) -> Path:
 
 def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
                 max_memory: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000,
-                seed: int = 0, on_event: Callable[[str], None] | None = None) -> IndexReport:
+                seed: int = 0, on_event: Callable[[str], None] | None = None, overwrite: bool = False) -> IndexReport:
     """Build, tune and write an index over the feature file ``features_path`` (see the module docstring).
 
     Written atomically: ``OUT.json`` first, then the index file, each under a temporary name.
+    Existing ones are replaced only with ``overwrite``, and never the feature file itself.
     """
+    for path in (out, sidecar_path(Path(out))):  # before any work
+        check_output(path, "--out", overwrite, inputs=[features_path])
     faiss = import_faiss()
     say = on_event or (lambda message: None)
     out = Path(out)

@@ -174,13 +174,14 @@ def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: floa
                      time.perf_counter() - start, warnings, list(train.classes or val.classes), val_labels)
 
 
-def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnReport) -> Path:
+def write_predictions(path: str | os.PathLike, val: FeatureSet, report: KnnReport, inputs=()) -> Path:
     """One CSV row per validation image and k: ``path,label,class,k,prediction,predicted_class,top5,correct``.
 
-    Written under a temporary name and renamed when complete.
+    Written under a temporary name and renamed when complete; an existing file is replaced, but
+    never the validation feature file or one of ``inputs``.
     """
     path = Path(path)
-    check_output(path, "--predictions", overwrite=True)
+    check_output(path, "--predictions", overwrite=True, inputs=[p for p in (val.source, *inputs) if p])
     classes = report.classes
     labels = report.val_labels if report.val_labels is not None else val.labels
 

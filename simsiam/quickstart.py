@@ -119,6 +119,7 @@ def run_quickstart(out: str | os.PathLike, on_event=None, **overrides) -> Quicks
     [trained_result] = evaluate_knn(*(read_features(f) for f in files), ks=(20,), device=device.type).results
 
     curves = plot_training_curves(config.out)
-    detectron2_weights = write_detectron2_pickle(convert_checkpoint(checkpoint), out / f"{config.arch}-detectron2.pkl")
+    detectron2_weights = write_detectron2_pickle(convert_checkpoint(checkpoint), out / f"{config.arch}-detectron2.pkl",
+                                                 overwrite=True)
     return QuickstartResult(random_result.top1, trained_result.top1, checkpoint, files[0], files[1],
                             detectron2_weights, curves, len(random_sets[0]), len(random_sets[1]))

@@ -218,6 +218,11 @@ def test_an_existing_out_is_replaced_only_with_overwrite_and_never_the_input(tmp
     assert run("convert-d2", path, "--out", out, "--overwrite").exit_code == 0
     assert pickle.loads(out.read_bytes())["matching_heuristics"] is True
     assert_user_error(run("convert-d2", out, "--out", out, "--overwrite"), "is an input of this command")
+    # the library's writer asks for overwrite too
+    from simsiam.errors import InputError
+
+    with pytest.raises(InputError, match="r50.pkl: exists; pass --overwrite"):
+        detectron2_weights.write_detectron2_pickle(convert_checkpoint(path), out)
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, official_r50, monkeypatch):
@@ -231,6 +236,6 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, off
 
     monkeypatch.setattr(detectron2_weights.pickle, "dump", dump_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        detectron2_weights.write_detectron2_pickle(convert_checkpoint(path), out)
+        detectron2_weights.write_detectron2_pickle(convert_checkpoint(path), out, overwrite=True)
     assert out.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["r50.pkl"]

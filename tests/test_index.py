@@ -30,6 +30,10 @@ def exact_top10(path):
 
 def test_flat_is_exact(clustered_file, tmp_path):
     report = build_index(clustered_file, tmp_path / "flat.index", kind="flat", recall_sample=300)
+    with pytest.raises(InputError, match="flat.index: exists; pass --overwrite"):
+        build_index(clustered_file, tmp_path / "flat.index", kind="flat", recall_sample=300)
+    with pytest.raises(InputError, match="is an input of this command"):
+        build_index(clustered_file, clustered_file, kind="flat", overwrite=True)
     assert report.kind == "flat" and report.recall_at_10 == 1.0
     vectors, exact = exact_top10(clustered_file)
     found = load_index(tmp_path / "flat.index").index.search(vectors, 11)[1]

@@ -190,6 +190,15 @@ def test_predictions_never_replace_an_input(files, tmp_path):
     assert_user_error(run("knn", "--train", files["train"], "--val", val, "--predictions", val),
                       "--predictions", "is an input of this command")
     assert val.read_bytes() == before
+    # the library's writer refuses it too
+    from retrieval.features import read_features
+    from retrieval.knn import evaluate_knn, write_predictions
+    from simsiam.errors import InputError
+
+    val_set = read_features(val)
+    with pytest.raises(InputError, match="is an input of this command"):
+        write_predictions(val, val_set, evaluate_knn(read_features(files["train"]), val_set, ks=(5,)))
+    assert val.read_bytes() == before
 
 
 def test_the_same_images_as_train_and_val_warn(files):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from simsiam import __version__
-from simsiam.atomic import atomic_write
+from simsiam.atomic import atomic_write, check_output
 from simsiam.checkpoint import BackboneWeights, load_checkpoint, read_backbone
 from simsiam.errors import InputError
 
@@ -138,9 +138,12 @@ def check_pickle_path(out: str | os.PathLike) -> Path:
     return out
 
 
-def write_detectron2_pickle(weights: Detectron2Weights, out: str | os.PathLike) -> Path:
-    """Pickle ``weights`` to ``out`` atomically: a temporary file in the same folder, then a rename."""
-    out = check_pickle_path(out)
+def write_detectron2_pickle(weights: Detectron2Weights, out: str | os.PathLike, overwrite: bool = False,
+                            inputs=()) -> Path:
+    """Pickle ``weights`` to ``out`` atomically: a temporary file in the same folder, then a rename.
+    An existing ``out`` is replaced only with ``overwrite``, and never when it is one of ``inputs``
+    (the checkpoint converted, say)."""
+    out = check_output(check_pickle_path(out), "--out", overwrite, inputs)
     with atomic_write(out) as f:
         pickle.dump(weights.to_pickle_dict(), f, protocol=4)
     return out
