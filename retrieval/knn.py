@@ -102,9 +102,19 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     # voting runs on the CPU: [queries, k] neighbours are small next to the search
     train_labels = as_tensor(train_labels).cpu().long()
     val_labels = as_tensor(val_labels).cpu().long()
+    for name, labels, features in (("train", train_labels, train_features), ("val", val_labels, val_features)):
+        if labels.shape != (len(features),) or not len(labels):
+            raise InputError(f"{name}: {len(features)} feature rows and labels of shape {tuple(labels.shape)}; "
+                             "expected one label per row, and at least one row")
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
-    device = torch.device(device)
+    if train_labels.min() < 0 or train_labels.max() >= num_classes or val_labels.min() < 0:
+        raise InputError(f"labels from {min(train_labels.min(), val_labels.min())} to {train_labels.max()}: "
+                         f"expected class indices from 0 to {num_classes - 1} (every image labelled)")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
     # a device with an index (the training loop's cuda:N) is torch's: faiss picks its GPUs itself
     backend = "torch" if device.index is not None else backend
     neighbours = search(train_features, val_features, ks[-1], backend, device.type, chunk_size)

@@ -153,8 +153,11 @@ def faiss_search(database, queries, k: int, device: str = "auto") -> Neighbours:
 def search(database, queries, k: int, backend: str = "auto", device: str = "auto",
            chunk_size: int | None = None) -> Neighbours:
     """The k most cosine-similar database rows of every query, best first."""
-    if k > len(database):
-        raise InputError(f"-k {k}: larger than the {len(database)} database rows")
+    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
+        raise InputError(f"features of shapes {tuple(database.shape)} and {tuple(queries.shape)}: expected "
+                         "[rows, dim] matrices of the same dim")
+    if not 1 <= k <= len(database):
+        raise InputError(f"-k {k}: must be from 1 to the {len(database)} database rows")
     backend, device = resolve_search(backend, device)
     if backend == "faiss":
         return faiss_search(database, queries, k, device)

@@ -129,3 +129,20 @@ def test_ks_are_one_k_or_several_distinct_and_increasing(data):
             check_ks(bad)
     train, train_labels, val, val_labels = data
     assert [r.k for r in weighted_knn(train, train_labels, val, val_labels, ks=(20, 1, 20))] == [1, 20]
+
+
+def test_array_inputs_that_cannot_be_voted_on_are_named_errors(data):
+    from simsiam.errors import InputError
+
+    train, train_labels, val, val_labels = data
+    cases = [((train, train_labels, val[:, :5], val_labels), "expected .rows, dim. matrices of the same dim"),
+             ((train, train_labels[:-1], val, val_labels), "train: 1500 feature rows and labels of shape .1499,."),
+             ((train, train_labels, val[:0], val_labels[:0]), "at least one row"),
+             ((train, np.where(train_labels == 3, -1, train_labels), val, val_labels), "every image labelled")]
+    for args, message in cases:
+        with pytest.raises(InputError, match=message):
+            weighted_knn(*args, ks=(5,), backend="torch")
+    with pytest.raises(InputError, match="--device gpu: not a torch device"):
+        weighted_knn(train, train_labels, val, val_labels, device="gpu")
+    with pytest.raises(InputError, match="-k 0: must be from 1"):
+        search(train, val, 0, "torch", "cpu")
