@@ -54,6 +54,8 @@ class TrainingProgress:
             self.say(
                 f"epoch {event['epoch']}: loss {event['loss']:.4f}  collapse std x sqrt(d) "
                 f"{event['collapse_std']:.3f}  {event['images_per_s']:.0f} img/s{knn}")
+        elif kind == "warning":
+            self.say(f"warning: {event['message']}")
         elif kind == "unreadable":
             self.unreadable += 1
             if self.unreadable <= MAX_UNREADABLE_SHOWN:

@@ -80,6 +80,10 @@ class KnnMonitor:
             raise InputError(f"--knn-k {config.knn_k}: larger than the {len(self.train)} images of --knn-train")
         self.config = config
         self.runtime = runtime
+        self.warnings = []
+        if train.root.resolve() == val.root.resolve() and train.paths == val.paths:
+            self.warnings.append("--knn-train and --knn-val hold the same images: each is its own nearest "
+                                 "neighbour, so the kNN top-1 is inflated; give held-out images as --knn-val")
 
     def __call__(self, encoder: nn.Module) -> float | None:
         """The top-1 on rank 0; None on the other ranks. Every rank must call it."""
@@ -263,6 +267,8 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         write_json_atomic({**config.to_dict(), "resolved": resolved}, out / CONFIG_FILE)
     emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch,
           "resumed_from": str(resume_from) if checkpoint is not None else None})
+    for warning in knn.warnings if knn is not None else []:
+        emit({"event": "warning", "message": warning})
 
     last_good = str(resume_from) if checkpoint is not None else None  # named when the loss diverges
     # an epoch's running totals; a mid-epoch checkpoint carries them so that a resumed epoch's

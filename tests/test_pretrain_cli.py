@@ -270,6 +270,7 @@ def test_knn_monitor_matches_validation_classes_by_name(tmp_path, shared_image_f
     assert result.exit_code == 0, result.output
     epoch = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert epoch["knn_top1"] == 1.0  # the val images are training images: their nearest neighbour is themselves
+    assert "hold the same images" not in result.output  # some of them, in another folder: not the same set
     other = make_image_folder(tmp_path / "other", classes=1, per_class=2)
     (other / "class0").rename(other / "zebra")
     assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "run2", *TINY, "--knn-train",
@@ -286,6 +287,8 @@ def test_knn_monitor_logs_top1_each_epoch(tmp_path, shared_image_folder):
     assert len(epochs) == 2 and all(0.0 <= e["knn_top1"] <= 1.0 for e in epochs)
     # metrics.jsonl holds a fraction (as knn --json); the console shows it in percent (as the knn table)
     assert f"knn top-1 {100 * epochs[-1]['knn_top1']:.2f}%" in result.output
+    # the same folder as both: said once, as simsiam knn says it
+    assert result.output.count("warning: --knn-train and --knn-val hold the same images") == 1
 
 
 def test_knn_monitor_needs_labelled_folders(tmp_path, shared_image_folder):
