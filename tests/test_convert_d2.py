@@ -218,6 +218,14 @@ def test_an_existing_out_is_replaced_only_with_overwrite_and_never_the_input(tmp
     assert run("convert-d2", path, "--out", out, "--overwrite").exit_code == 0
     assert pickle.loads(out.read_bytes())["matching_heuristics"] is True
     assert_user_error(run("convert-d2", out, "--out", out, "--overwrite"), "is an input of this command")
+    # broken weights are refused, not converted into a pickle of NaNs
+    state = torch.load(path, weights_only=True)
+    name = next(k for k in state["state_dict"] if k.endswith("layer2.0.conv1.weight"))
+    state["state_dict"][name] = torch.full_like(state["state_dict"][name], float("nan"))
+    torch.save(state, tmp_path / "nan.pth.tar")
+    assert_user_error(run("convert-d2", tmp_path / "nan.pth.tar", "--out", tmp_path / "nan.pkl"),
+                      "nan.pth.tar: 1 tensor(s) hold NaN or infinite values (res3.0.conv1.weight, ...)")
+    assert not (tmp_path / "nan.pkl").exists()
     # the library's writer asks for overwrite too
     from simsiam.errors import InputError
 
