@@ -9,6 +9,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch.distributed as dist
+
 from .atomic import atomic_write
 from .checkpoint import LAST
 from .errors import InputError
@@ -22,38 +24,65 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def locked_run_dir(out: Path, enabled: bool = True):
+def locked_run_dir(out: Path, runtime=None):
     """Hold ``out``'s lock for the block (making ``out``): a second run started into the same
     folder is refused at once, instead of interleaving its files with those of the first.
 
-    An ``flock``: the kernel releases it however the process ends (a ``kill -9`` leaves the empty
-    lock file, harmless: the next run takes it). The lock file goes when the block ends, and so
-    does a folder made here that the block left empty. ``enabled``: False on the processes of a
-    parallel run other than the main one.
+    An ``flock`` taken by the main process: the kernel releases it however the process ends (a
+    ``kill -9`` leaves the empty lock file, harmless: the next run takes it). Under ``torchrun``
+    (``runtime`` distributed) every rank learns the outcome, so none goes on alone. The lock file
+    goes when the block ends, and so do the folders made here when the block left them empty.
     """
-    if not enabled:
+    refusal, lock, made = None, None, []
+    if runtime is None or runtime.is_main:
+        try:
+            made = [folder for folder in (out, *out.parents) if not folder.exists()]
+            lock = _lock(out)
+        except InputError as err:
+            refusal = str(err)
+    if runtime is not None and runtime.distributed:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise InputError(refusal)
+    try:
         yield
-        return
+    finally:
+        if lock is not None:
+            (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
+            lock.close()
+            for folder in made:  # innermost first: a run that failed before writing leaves no folder
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): the run's own error is the one to report
+                    break
+
+
+def _lock(out: Path):
+    """The open, locked ``out/.lock``. Its holder deletes it before releasing it, so a lock taken
+    on a file no longer at that name (opened just before the deletion) is dropped and retaken."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
-    made = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK_FILE, "a")
-    except OSError as err:
-        raise InputError(f"--out {out}: cannot write in this folder ({err.strerror})") from None
-    with lock:
+    while True:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / LOCK_FILE, "a")
+        except OSError as err:
+            raise InputError(f"--out {out}: cannot write in this folder ({err.strerror})") from None
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise InputError(f"--out {out}: another simsiam run is writing in this folder; wait for it to end "
                              "or choose another --out") from None
         try:
-            yield
-        finally:
-            (out / LOCK_FILE).unlink(missing_ok=True)  # while still held, so no other run holds this file
-            if made and not os.listdir(out):  # a run that failed before writing anything leaves no folder
-                out.rmdir()
+            current = os.stat(out / LOCK_FILE).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return lock
+        lock.close()
 
 
 def holds_run(folder: Path) -> bool:

@@ -198,7 +198,7 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
     config.validate()
     runtime = rt.start(config.device, config.precision)
     try:
-        with locked_run_dir(Path(config.out), runtime.is_main):
+        with locked_run_dir(Path(config.out), runtime):
             return _pretrain(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
     finally:
         rt.stop(runtime)

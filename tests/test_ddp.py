@@ -70,3 +70,18 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     model.load_state_dict(from_official_layout(ddp["state_dict"]))
     alone = KnnMonitor(config, start("cpu", "fp32"))(model.encoder)
     assert epochs[-1]["knn_top1"] == alone
+
+
+@pytest.mark.slow
+def test_every_rank_stops_when_the_run_folder_is_locked_by_another_run(tmp_path, shared_image_folder):
+    from simsiam.run_dir import locked_run_dir
+
+    out = tmp_path / "busy"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with locked_run_dir(out):  # another run writing there
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "cli", "pretrain", str(shared_image_folder), "--out", str(out), *ARGS],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    # each rank says it and stops (none waits for the others in a barrier until the launcher kills it)
+    assert result.stderr.count("another simsiam run is writing in this folder") == 2, result.stdout + result.stderr

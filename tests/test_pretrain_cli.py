@@ -236,6 +236,36 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, shared_im
     assert not (tmp_path / "new").exists()
 
 
+def test_the_run_folder_lock_is_on_the_file_at_its_name_and_failed_runs_leave_no_folders(tmp_path, monkeypatch):
+    import fcntl
+
+    from simsiam import run_dir
+    from simsiam.errors import InputError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real_flock, calls = fcntl.flock, []
+
+    def previous_holder_ends_meanwhile(file, operation):  # opened .lock, then its holder deleted it and left
+        calls.append(operation)
+        if len(calls) == 1:
+            (out / ".lock").unlink()
+        return real_flock(file, operation)
+
+    monkeypatch.setattr(run_dir.fcntl, "flock", previous_holder_ends_meanwhile)
+    with run_dir.locked_run_dir(out):
+        monkeypatch.setattr(run_dir.fcntl, "flock", real_flock)
+        with pytest.raises(InputError, match="another simsiam run is writing"):  # held: the lock at the name
+            with run_dir.locked_run_dir(out):
+                pass
+    assert len(calls) == 2 and os.listdir(out) == []
+    # missing parent folders are made, and removed again when the run fails before writing
+    with pytest.raises(RuntimeError):
+        with run_dir.locked_run_dir(tmp_path / "a" / "b" / "c"):
+            raise RuntimeError("failed at once")
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_path, shared_image_folder):
     out = tmp_path / "run"
     out.mkdir()

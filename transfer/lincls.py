@@ -146,7 +146,7 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
     config.validate()
     runtime = rt.start(config.device, config.precision)
     try:
-        with locked_run_dir(Path(config.out), runtime.is_main):
+        with locked_run_dir(Path(config.out), runtime):
             return _linear_eval(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
     finally:
         rt.stop(runtime)
