@@ -51,19 +51,25 @@ def is_image_name(name: str) -> bool:
 
 def _images_below(folder: Path) -> list[str]:
     """The images under ``folder``, following links to folders (as torchvision's ImageFolder) but
-    not a link back to a folder it is already inside, which would loop for ever."""
+    not a link to a folder it is already inside, which would loop for ever. Only links can loop,
+    so only they are resolved."""
     def unreadable(err: OSError):  # os.walk would skip the folder, and its images, silently
         raise InputError(f"{err.filename}: cannot list this folder ({err.strerror})")
 
     found = []
-    # walked folder -> the real folders on the way to it, itself included, from the scanned root on
-    inside = {str(folder.parent): frozenset({os.path.realpath(folder.parent)})}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
-        parent = inside.get(os.path.dirname(dirpath), frozenset())
-        inside[dirpath] = ancestors = parent | {os.path.realpath(dirpath)}
-        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in ancestors)
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        if links:
+            here = os.path.realpath(dirpath)
+            loops = {d for d in links if _is_within(here, os.path.realpath(os.path.join(dirpath, d)))}
+            dirnames[:] = [d for d in dirnames if d not in loops]
+        dirnames.sort()
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
     return found
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def scan_images(root: str | os.PathLike) -> ImageList:

@@ -35,14 +35,16 @@ def test_missing_empty_and_not_a_folder_are_clear_errors(tmp_path):
         scan_images(tmp_path / "file.jpg")
 
 
-def test_links_to_folders_are_followed_but_never_round_a_loop(tmp_path):
+def test_links_to_folders_are_followed_but_never_round_a_loop(tmp_path, monkeypatch):
     root = make_image_folder(tmp_path / "a", classes=2, per_class=2)
     (root / "class0" / "up").symlink_to("..")  # would walk a, a/class0, a/class0/up/class0, ... for ever
     (root / "class0" / "self").symlink_to(".")  # would list class0's images again and again
     (root / "class1" / "sibling").symlink_to("../class0")  # a real second view of class0's images
-    images = scan_images(root)
-    assert images.paths == ["class0/c0_000.png", "class0/c0_001.png", "class1/c1_000.png", "class1/c1_001.png",
-                            "class1/sibling/c0_000.png", "class1/sibling/c0_001.png"]
+    expected = ["class0/c0_000.png", "class0/c0_001.png", "class1/c1_000.png", "class1/c1_001.png",
+                "class1/sibling/c0_000.png", "class1/sibling/c0_001.png"]
+    assert scan_images(root).paths == expected
+    monkeypatch.chdir(root)  # the same folder spelled "."
+    assert scan_images(".").paths == expected
 
 
 def test_a_folder_that_cannot_be_listed_is_an_error_not_skipped(tmp_path, monkeypatch):
