@@ -212,7 +212,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     if not rows:  # every rank sees it, so none is left waiting at the barrier below
         raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
     if runtime.is_main:
-        merge_shards(out, shards, {**job.attrs, "skipped_images": skipped}, dtype, compression)
+        merge_shards(out, shards, {**job.attrs, "skipped_images": skipped})
         _remove_shards(out)
     runtime.barrier()  # ``out`` is in place for every rank
     return ExtractSummary(out, rows, skipped, model.dim, runtime.world_size)

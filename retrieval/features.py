@@ -126,15 +126,14 @@ class FeatureWriter:
         n = len(features)
         if not n:
             return
-        features = np.asarray(features)
-        largest = np.finfo(self.features.dtype).max
-        if np.abs(features).max() > largest:  # would be stored as infinity
+        stored = np.asarray(features, dtype=self.features.dtype)
+        if not np.isfinite(stored).all() and np.isfinite(features).all():  # finite values made infinite
             raise InputError(f"--dtype {self.features.dtype}: feature values up to {np.abs(features).max():.3g} "
-                             f"exceed its range ({largest:.0f}); use --dtype float32 or --normalize")
+                             f"exceed its range ({np.finfo(stored.dtype).max:.0f}); use --dtype float32 or --normalize")
         end = self.rows + n
         for dataset in (self.features, self.labels, self.paths):
             dataset.resize(end, axis=0)
-        self.features[self.rows:end] = np.asarray(features, dtype=self.features.dtype)
+        self.features[self.rows:end] = stored
         self.labels[self.rows:end] = np.asarray(labels, dtype=np.int64)
         self.paths[self.rows:end] = list(paths)
         self.rows = end
@@ -171,8 +170,7 @@ def write_features(path: str | os.PathLike, feature_set: FeatureSet, dtype: str 
 MERGE_ROWS = 16384  # rows copied at a time when shards are merged: bounds the memory of the merge
 
 
-def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict, dtype: str = "float16",
-                 compression: str = "none") -> Path:
+def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict) -> Path:
     """One feature file holding the rows of ``shards`` in order (written atomically, as
     :class:`FeatureWriter`).
 
@@ -180,9 +178,12 @@ def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], a
     dataset into its own shard, so the shards in rank order are the rows in dataset order. The
     rows are copied in blocks, so no process ever holds all the features, and the result is a
     plain file that any HDF5 reader takes on its own (not virtual datasets that need the shards).
+    It is stored as the shards are: the same dtype and compression.
     """
     headers = [read_header(shard) for shard in shards]
     total, dim = sum(rows for rows, _, _ in headers), headers[0][1]
+    with h5py.File(shards[0], "r") as f:
+        dtype, compression = str(f["features"].dtype), f["features"].compression or "none"
     with FeatureWriter(path, dim, attrs, dtype, compression, total) as writer:
         for shard in shards:
             with h5py.File(shard, "r") as f:
@@ -207,6 +208,17 @@ def _decode_attrs(raw: h5py.AttributeManager, where: str) -> dict:
     return attrs
 
 
+def _check_shards(f: h5py.File, where: Path) -> None:
+    """Files of earlier versions hold virtual datasets over shard files (a torchrun extraction);
+    one with a shard missing would silently read as zeros: refuse it instead."""
+    for name in DATASETS:
+        for source in f[name].virtual_sources() if f[name].is_virtual else ():
+            shard = Path(source.file_name)
+            if not (shard if shard.is_absolute() else where.parent / shard).is_file():
+                raise InputError(f"{where}: its shard {source.file_name} is missing (written by an earlier version "
+                                 "over a shard folder; keep that folder beside it, or extract again)")
+
+
 def read_features(path: str | os.PathLike, with_features: bool = True) -> FeatureSet:
     """Read and check a feature file; ``with_features=False`` reads labels, paths and attributes only."""
     path = Path(path)
@@ -226,6 +238,7 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
             missing = [name for name in DATASETS if name not in f]
             if missing:
                 raise InputError(f"{path}: not a simsiam feature file: no dataset {', '.join(repr(m) for m in missing)}")
+            _check_shards(f, path)
             shape = f["features"].shape
             if len(shape) != 2 or f["labels"].shape != (shape[0],) or f["paths"].shape != (shape[0],):
                 raise InputError(f"{path}: features {shape}, labels {f['labels'].shape} and paths "

@@ -137,13 +137,34 @@ def test_merged_shards_are_one_plain_file_in_rank_order(tmp_path, monkeypatch):
     for i, part in enumerate(parts):
         shards.append(write_features(shards_dir / f"rank{i:05d}-of-00003.h5",
                                      FeatureSet(part, np.zeros(len(part), np.int64),
-                                                [f"{i}-é{j}" for j in range(len(part))], attrs), dtype="float32"))
-    merge_shards(tmp_path / "run" / "feats.h5", shards, {**attrs, "skipped_images": 1}, "float16", "gzip")
+                                                [f"{i}-é{j}" for j in range(len(part))], attrs),
+                                     dtype="float16", compression="gzip"))
+    merge_shards(tmp_path / "run" / "feats.h5", shards, {**attrs, "skipped_images": 1})
     shutil.rmtree(shards_dir)  # the merged file needs nothing beside it
     with h5py.File(tmp_path / "run" / "feats.h5") as f:
         assert not any(f[name].is_virtual for name in ("features", "labels", "paths"))
-        assert f["features"].dtype == np.float16 and f["features"].compression == "gzip"
+        assert f["features"].dtype == np.float16 and f["features"].compression == "gzip"  # as the shards
     feats = read_features(tmp_path / "run" / "feats.h5")
     assert feats.paths == ["0-é0", "0-é1", "0-é2", "2-é0", "2-é1"]
     np.testing.assert_array_equal(feats.features[:, 0], [0, 0, 0, 2, 2])
     assert feats.attrs["skipped_images"] == 1 and feats.attrs["layer"] == "backbone"
+
+
+def test_a_virtual_file_of_an_earlier_version_without_its_shard_is_refused_not_read_as_zeros(tmp_path):
+    attrs = {"root": "/r", "classes": ["a"], "arch": "resnet18", "layer": "backbone", "checkpoint": "c",
+             "checkpoint_sha256": "", "image_size": 16, "normalized": False}
+    shard = write_features(tmp_path / "feats.h5.shards" / "rank00000-of-00001.h5",
+                           FeatureSet(np.ones((3, 4), np.float32), np.zeros(3, np.int64), ["x", "y", "z"], attrs),
+                           dtype="float32")
+    with h5py.File(tmp_path / "feats.h5", "w") as f:  # as earlier versions wrote a torchrun extraction
+        for name, shape, dtype in (("features", (3, 4), np.float32), ("labels", (3,), np.int64),
+                                   ("paths", (3,), h5py.string_dtype())):
+            layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+            layout[:] = h5py.VirtualSource("feats.h5.shards/rank00000-of-00001.h5", name, shape=shape)
+            f.create_virtual_dataset(name, layout)
+        for name, value in attrs.items():
+            f.attrs[name] = json.dumps(value) if name == "classes" else value
+    assert read_features(tmp_path / "feats.h5").features.sum() == 12  # with its shard: readable
+    shard.unlink()
+    with pytest.raises(InputError, match="its shard feats.h5.shards/rank00000-of-00001.h5 is missing"):
+        read_features(tmp_path / "feats.h5")
