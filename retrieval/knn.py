@@ -10,6 +10,7 @@ by class index (a stable sort), so every backend reports the same top-5.
 from __future__ import annotations
 
 import csv
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from simsiam.atomic import atomic_write, check_output
+from simsiam.data import same_images
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of
@@ -81,7 +83,11 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
 
 def check_ks(ks) -> list[int]:
     """The distinct k of ``ks`` (one k or several), in increasing order; each at least 1."""
-    ks = sorted({int(k) for k in ([ks] if isinstance(ks, (int, np.integer)) else ks)})
+    ks = [ks] if isinstance(ks, numbers.Number) else list(ks)
+    wrong = [k for k in ks if not isinstance(k, numbers.Integral)]
+    if wrong:
+        raise InputError(f"-k {wrong[0]}: k must be a whole number")
+    ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise InputError(f"-k {ks[0] if ks else '(none)'}: k must be at least 1")
     return ks
@@ -159,7 +165,7 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[
                         "labels matched by class name")
     check_usable(train, "--train")
     check_usable(val, "--val")
-    if train.paths == val.paths and train.attrs.get("root") == val.attrs.get("root"):
+    if same_images(train.attrs.get("root", ""), train.paths, val.attrs.get("root", ""), val.paths):
         warnings.append("--train and --val hold the same images: each is its own nearest neighbour, so the "
                         "accuracy is inflated; evaluate on held-out images")
     num_classes = max(len(train.classes), len(val.classes),

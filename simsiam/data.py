@@ -72,6 +72,11 @@ def _is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def same_images(root_a: str | os.PathLike, paths_a, root_b: str | os.PathLike, paths_b) -> bool:
+    """Whether two lists are the same images: the same paths under the same folder, however spelled."""
+    return list(paths_a) == list(paths_b) and os.path.realpath(root_a) == os.path.realpath(root_b)
+
+
 def scan_images(root: str | os.PathLike) -> ImageList:
     """List the images of ``root``: an ImageFolder (``class/**/*.jpg``) or a flat folder of images.
 

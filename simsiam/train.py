@@ -23,7 +23,8 @@ from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, scan_images
+from .data import (GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, same_images,
+                   scan_images)
 from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
@@ -81,7 +82,7 @@ class KnnMonitor:
         self.config = config
         self.runtime = runtime
         self.warnings = []
-        if train.root.resolve() == val.root.resolve() and train.paths == val.paths:
+        if same_images(train.root, train.paths, val.root, val.paths):
             self.warnings.append("--knn-train and --knn-val hold the same images: each is its own nearest "
                                  "neighbour, so the kNN top-1 is inflated; give held-out images as --knn-val")
 

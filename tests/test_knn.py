@@ -127,6 +127,10 @@ def test_ks_are_one_k_or_several_distinct_and_increasing(data):
     for bad in ((), (0, 5), -1):
         with pytest.raises(InputError, match="-k .*: k must be at least 1"):
             check_ks(bad)
+    for bad in (2.7, (5, 20.0)):
+        with pytest.raises(InputError, match="k must be a whole number"):
+            check_ks(bad)
+    assert check_ks(np.int64(3)) == [3]
     train, train_labels, val, val_labels = data
     assert [r.k for r in weighted_knn(train, train_labels, val, val_labels, ks=(20, 1, 20))] == [1, 20]
 
