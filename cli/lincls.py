@@ -98,7 +98,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         config.out = str(out or Path(checkpoint).parent / "lincls")
         checkpoint_path = None
 
-    with LinearEvalProgress(description="lincls") as progress, resume_hint("lincls", config.out):
+    with LinearEvalProgress(description="lincls") as progress, resume_hint("lincls", config.out, checkpoint_path):
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "

@@ -99,7 +99,7 @@ def command(data, out, preset, resume, overwrite, **options):
         config.out = str(out)
         checkpoint_path = None
 
-    with TrainingProgress() as progress, resume_hint("pretrain", config.out):
+    with TrainingProgress() as progress, resume_hint("pretrain", config.out, checkpoint_path):
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")

@@ -3,7 +3,9 @@ and the command that continues a run stopped by Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,14 +28,19 @@ def saved_run(resume: Path, preset: str | None, command: str, required: str) -> 
 
 
 @contextmanager
-def resume_hint(command: str, out: str):
+def resume_hint(command: str, out: str, resume_from: Path | None):
     """A Ctrl-C or SIGTERM in the block carries the command that continues the run, for the one
-    line the CLI prints; only once the run folder holds a checkpoint to continue from."""
-    from simsiam.run_dir import holds_run
+    line the CLI prints; only once ``out`` holds a checkpoint of this run: one saved since the
+    block began, or any when resuming from a checkpoint in ``out``. An older run that
+    ``--overwrite`` is replacing must not be offered."""
+    from simsiam.run_dir import checkpoint_files
 
+    continuing = resume_from is not None and Path(resume_from).resolve().parent == Path(out).resolve()
+    since = 0 if continuing else time.time() - 1  # the margin: file times may lag the clock a little
     try:
         yield
     except KeyboardInterrupt as err:
-        if holds_run(Path(out)):
-            err.resume_command = f"simsiam {command} --resume {shlex.quote(out)}"
+        if any(path.stat().st_mtime >= since for path in checkpoint_files(Path(out))):
+            launcher = "simsiam" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun ... -m cli"
+            err.resume_command = f"{launcher} {command} --resume {shlex.quote(out)}"
         raise

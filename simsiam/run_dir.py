@@ -88,7 +88,14 @@ def _lock(out: Path):
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
     before its first checkpoint leaves only its config and log; the next start replaces them.)"""
-    return folder.is_dir() and ((folder / LAST).exists() or any(folder.glob("checkpoint_*.pth.tar")))
+    return bool(checkpoint_files(folder))
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoints of the run in ``folder``: ``last.pth.tar`` and the numbered ones."""
+    if not folder.is_dir():
+        return []
+    return [p for p in (folder / LAST, *folder.glob("checkpoint_*.pth.tar")) if p.exists()]
 
 
 def _written_by_a_run(config_file: Path) -> bool:

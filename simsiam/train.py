@@ -209,10 +209,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     emit = on_event if runtime.is_main else (lambda event: None)
     out = Path(config.out)
     check_run_dir(out, resume_from, overwrite)
-    images = scan_images(config.data)
-    sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
-    knn = KnnMonitor(config, runtime) if config.knn_train else None
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    checkpoint = load_checkpoint(resume_from) if resume_from else None  # checked before the slow scans
     if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
         config.check_resumes(checkpoint["config"], str(resume_from))
     if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch, counted from 1, is past the end
@@ -220,6 +217,9 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
                  else f"has finished its {checkpoint['epoch']} epochs")
         raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
                          f"pass --epochs N with N > {checkpoint['epoch']} to train on")
+    images = scan_images(config.data)
+    sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
+    knn = KnnMonitor(config, runtime) if config.knn_train else None
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
         prepare_run_dir(out, resume_from)

@@ -1,5 +1,8 @@
 """The one place where errors become exit codes (cli/main.py): usage, OS and out-of-memory errors."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from cli_runner import assert_user_error, run
@@ -80,9 +83,19 @@ def test_ctrl_c_and_sigterm_end_with_one_line_from_rank_0_and_the_shells_status(
     result = run("pretrain", tmp_path, "--out", tmp_path / "run")
     assert result.exit_code == 130
     assert result.output.strip() == ("interrupted" if shown else "")  # no checkpoint yet: nothing to resume
+    # an older run being replaced (--overwrite) has a checkpoint, but not of this run: no hint
     (tmp_path / "my run").mkdir()
     (tmp_path / "my run" / "last.pth.tar").write_bytes(b"")
-    result = run("pretrain", tmp_path, "--out", tmp_path / "my run")
+    os.utime(tmp_path / "my run" / "last.pth.tar", (1e9, 1e9))
+    result = run("pretrain", tmp_path, "--out", tmp_path / "my run", "--overwrite")
+    assert result.exit_code == 130 and result.output.strip() == ("interrupted" if shown else "")
+
+    def interrupted_after_a_checkpoint(config, **kwargs):
+        (Path(config.out) / "last.pth.tar").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simsiam.train, "pretrain", interrupted_after_a_checkpoint)
+    result = run("pretrain", tmp_path, "--out", tmp_path / "my run", "--overwrite")
     assert result.exit_code == 130
     hint = f"interrupted (continue: simsiam pretrain --resume '{tmp_path / 'my run'}')"
     assert result.output.strip() == (hint if shown else "")

@@ -157,10 +157,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
     check_run_dir(out, resume_from, overwrite)
-    weights = read_backbone(config.checkpoint)
-    train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
-    sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    checkpoint = load_checkpoint(resume_from) if resume_from else None  # checked before the slow reads
     if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
         raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
                          f"run folder or its {LAST}")
@@ -171,6 +168,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     if reached > config.epochs:
         raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch {reached}; "
                          f"pass --epochs N with N >= {reached}")
+    weights = read_backbone(config.checkpoint)
+    train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
+    sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
