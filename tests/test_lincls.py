@@ -256,5 +256,10 @@ def test_errors(tmp_path, data):
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, "--seed", "-1"),
                       "--seed -1: must be from 0 to")
     assert_user_error(run("lincls", "--resume", tmp_path / "nothing"), "--resume")
+    from simsiam.run_dir import locked_run_dir
+
+    with locked_run_dir(tmp_path / "busy"):  # another run writing there
+        assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "busy", *args),
+                          "another simsiam run is writing in this folder")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pth*"))
 
