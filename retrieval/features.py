@@ -126,7 +126,8 @@ class FeatureWriter:
         n = len(features)
         if not n:
             return
-        stored = np.asarray(features, dtype=self.features.dtype)
+        with np.errstate(over="ignore"):  # an overflow is found just below, and said as a one-line error
+            stored = np.asarray(features, dtype=self.features.dtype)
         if not np.isfinite(stored).all() and np.isfinite(features).all():  # finite values made infinite
             raise InputError(f"--dtype {self.features.dtype}: feature values up to {np.abs(features).max():.3g} "
                              f"exceed its range ({np.finfo(stored.dtype).max:.0f}); use --dtype float32 or --normalize")
