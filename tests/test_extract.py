@@ -127,6 +127,7 @@ def test_random_init_baseline_is_seeded(tmp_path, images):
     assert a.features.dtype == np.float16  # the default --dtype
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warning would print before the error
 def test_broken_weights_are_refused_not_written_as_nan_or_infinite_features(tmp_path, checkpoints, images):
     state = torch.load(checkpoints["torchvision"], weights_only=True)
     nan = tmp_path / "nan.pth"
