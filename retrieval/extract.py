@@ -24,7 +24,7 @@ from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
 from .feature_model import FeatureModel
-from .features import FeatureSet, FeatureWriter, merge_shards, read_header
+from .features import FeatureSet, FeatureWriter, first_non_finite_row, merge_shards, read_header
 
 EventHandler = Callable[[dict], None]
 
@@ -139,8 +139,8 @@ class _Extraction:
                                   batch_size, workers, indices=self.mine)
         for features, labels, indices in embed_batches(module, self.dataset, self.runtime, batch_size, workers,
                                                         on_batch, batches):
-            if not np.isfinite(features).all():  # broken weights: no feature file of NaNs that only fails later
-                row = int(np.flatnonzero(~np.isfinite(features).all(axis=1))[0])
+            row = first_non_finite_row(features)
+            if row is not None:  # broken weights: no feature file of NaNs that only fails later
                 raise InputError(f"{self.model.checkpoint}: the network gives NaN or infinite features "
                                  f"(first for {self.images.paths[indices[row]]}); its weights are broken")
             if self.normalize:

@@ -295,6 +295,12 @@ def file_rows_fingerprint(path: str | os.PathLike, paths: Sequence[str]) -> str:
         return rows_fingerprint(paths, lambda i: f["features"][i])
 
 
+def first_non_finite_row(block: np.ndarray) -> int | None:
+    """The index of the first row of ``block`` holding NaN or infinity; None when every value is finite."""
+    finite = np.isfinite(block).all(axis=1)
+    return None if finite.all() else int(np.argmin(finite))
+
+
 def check_usable(feature_set: FeatureSet, name: str) -> None:
     """Refuse features cosine similarity cannot use: NaN/inf, or all-zero rows (no direction)."""
     features = feature_set.features
@@ -303,9 +309,9 @@ def check_usable(feature_set: FeatureSet, name: str) -> None:
     step = max(1, (1 << 26) // max(1, features.shape[1]))  # bounded temporary memory
     for start in range(0, len(features), step):
         block = np.asarray(features[start:start + step], dtype=np.float32)
-        finite = np.isfinite(block).all(axis=1)
-        if not finite.all():
-            row = start + int(np.argmin(finite))
+        bad = first_non_finite_row(block)
+        if bad is not None:
+            row = start + bad
             raise InputError(f"{name} {feature_set.source}: NaN or infinite features (row {row}, "
                              f"{feature_set.paths[row] if row < len(feature_set.paths) else '?'})")
         zero = ~block.any(axis=1)
