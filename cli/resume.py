@@ -33,14 +33,14 @@ def resume_hint(command: str, out: str, resume_from: Path | None):
     line the CLI prints; only once ``out`` holds a checkpoint of this run: one saved since the
     block began, or any when resuming from a checkpoint in ``out``. An older run that
     ``--overwrite`` is replacing must not be offered."""
-    from simsiam.run_dir import checkpoint_files
+    from simsiam.run_dir import saved_since
 
     continuing = resume_from is not None and Path(resume_from).resolve().parent == Path(out).resolve()
     since = 0 if continuing else time.time() - 1  # the margin: file times may lag the clock a little
     try:
         yield
     except KeyboardInterrupt as err:
-        if any(path.stat().st_mtime >= since for path in checkpoint_files(Path(out))):
+        if saved_since(Path(out), since):  # never raises: it runs while the interrupt is handled
             launcher = "simsiam" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun ... -m cli"
             err.resume_command = f"{launcher} {command} --resume {shlex.quote(out)}"
         raise

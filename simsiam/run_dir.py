@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .atomic import atomic_write
-from .checkpoint import LAST
+from .checkpoint import LAST, load_checkpoint
 from .errors import InputError
 
 CONFIG_FILE = "config.json"
@@ -85,6 +85,17 @@ def _lock(out: Path):
         lock.close()
 
 
+def resume_checkpoint(config, resume_from: str | os.PathLike | None) -> dict | None:
+    """The checkpoint ``resume_from`` names (None without one), refused when ``config`` changes a
+    setting its run may not (``RunSettings.check_resumes``). Read before any slow work."""
+    if resume_from is None:
+        return None
+    checkpoint = load_checkpoint(resume_from)
+    if isinstance(checkpoint.get("config"), dict):
+        config.check_resumes(checkpoint["config"], str(resume_from))
+    return checkpoint
+
+
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
     before its first checkpoint leaves only its config and log; the next start replaces them.)"""
@@ -96,6 +107,17 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return [p for p in (folder / LAST, *folder.glob("checkpoint_*.pth.tar")) if p.exists()]
+
+
+def saved_since(folder: Path, since: float) -> bool:
+    """Whether a checkpoint in ``folder`` was written at ``since`` (a ``time.time()``) or later."""
+    for path in checkpoint_files(folder):
+        try:
+            if path.stat().st_mtime >= since:
+                return True
+        except OSError:  # replaced or removed meanwhile
+            continue
+    return False
 
 
 def _written_by_a_run(config_file: Path) -> bool:

@@ -20,7 +20,7 @@ from . import __version__, runtime as rt
 from .atomic import link_atomic
 from .augment import TwoViews, eval_transform, pretrain_transform
 from .backbones import build_resnet, pooled_backbone
-from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, load_checkpoint, save_atomic,
+from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
 from .data import (GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, same_images,
@@ -29,7 +29,8 @@ from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-from .run_dir import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir
+from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir,
+                      resume_checkpoint)
 
 Event = Callable[[dict], None]
 
@@ -209,9 +210,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     emit = on_event if runtime.is_main else (lambda event: None)
     out = Path(config.out)
     check_run_dir(out, resume_from, overwrite)
-    checkpoint = load_checkpoint(resume_from) if resume_from else None  # checked before the slow scans
-    if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
-        config.check_resumes(checkpoint["config"], str(resume_from))
+    checkpoint = resume_checkpoint(config, resume_from)
     if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch, counted from 1, is past the end
         where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
                  else f"has finished its {checkpoint['epoch']} epochs")

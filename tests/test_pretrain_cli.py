@@ -367,3 +367,15 @@ def test_library_runs_need_their_paths_set_not_the_current_folder(tmp_path, monk
     with pytest.raises(InputError, match="checkpoint, train_dir, val_dir, out: not set"):
         linear_eval(preset_linear_config("cifar", device="cpu"))
     assert os.listdir(tmp_path) == []
+
+
+def test_whether_a_checkpoint_was_saved_since_never_raises_for_one_replaced_meanwhile(tmp_path, monkeypatch):
+    from simsiam import run_dir
+
+    (tmp_path / "last.pth.tar").write_bytes(b"")
+    assert run_dir.saved_since(tmp_path, 0) and not run_dir.saved_since(tmp_path, 4e9)
+    # listed, then gone before its time is read (an atomic replace, a start over)
+    monkeypatch.setattr(run_dir, "checkpoint_files", lambda folder: [folder / "gone.pth.tar", folder / "last.pth.tar"])
+    assert run_dir.saved_since(tmp_path, 0)
+    monkeypatch.setattr(run_dir, "checkpoint_files", lambda folder: [folder / "gone.pth.tar"])
+    assert not run_dir.saved_since(tmp_path, 0)

@@ -28,11 +28,12 @@ from torch.utils.data import Subset
 from simsiam import __version__, runtime as rt
 from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
-from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, load_checkpoint, read_backbone, save_atomic
+from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.run_dir import CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir
+from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir,
+                             resume_checkpoint)
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -157,12 +158,10 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
     check_run_dir(out, resume_from, overwrite)
-    checkpoint = load_checkpoint(resume_from) if resume_from else None  # checked before the slow reads
+    checkpoint = resume_checkpoint(config, resume_from)
     if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
         raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
                          f"run folder or its {LAST}")
-    if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
-        config.check_resumes(checkpoint["config"], str(resume_from))
     # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
     reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
     if reached > config.epochs:
