@@ -10,6 +10,10 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# MoCo v2's recipe, which SimSiam uses; the batched fast path (gpu_augment.py) reads the same values
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
+JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
 # PIL's GaussianBlur(radius=sigma) in the official recipe has no kernel size; 2*ceil(3*sigma)+1
 # covers +-3 sigma of the widest blur, so nothing is cut off.
@@ -27,13 +31,13 @@ def pretrain_transform(image_size: int, crop_scale: tuple[float, float] = (0.2, 
     p=0.2, Gaussian blur sigma 0.1-2 with p=0.5 (left out for CIFAR, App. D), horizontal flip.
     """
     steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
+        v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=CROP_RATIO, antialias=True),
+        v2.RandomApply([v2.ColorJitter(*JITTER_STRENGTH)], p=JITTER_P),
+        v2.RandomGrayscale(p=GRAYSCALE_P),
     ]
     if blur:
-        steps.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=BLUR_SIGMA)], p=0.5))
-    steps.append(v2.RandomHorizontalFlip())
+        steps.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=BLUR_SIGMA)], p=BLUR_P))
+    steps.append(v2.RandomHorizontalFlip(p=FLIP_P))
     return v2.Compose(steps + _to_normalized_float())
 
 

@@ -24,13 +24,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .augment import BLUR_KERNEL, BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD
+from .augment import (BLUR_KERNEL, BLUR_P, BLUR_SIGMA, CROP_RATIO, FLIP_P, GRAYSCALE_P, IMAGENET_MEAN, IMAGENET_STD,
+                      JITTER_P, JITTER_STRENGTH)
 from .runtime import to_device
 
-CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
 CROP_TRIES = 10  # RandomResizedCrop tries 10 boxes before falling back to a centre crop
-JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's fn_idx numbering
 

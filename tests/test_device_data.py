@@ -14,6 +14,7 @@ from simsiam.data import GlobalBatchSampler, ImageDataset, make_loader, scan_ima
 from simsiam.device_data import (DecodedBatches, EvalBatches, InMemoryBatches, MixedImageSizes, fits_on_device,
                                  pretrain_batches)
 from simsiam.device_decode import decode_batch, encoded_loader
+from simsiam import gpu_augment as G
 from simsiam.gpu_augment import BatchAugment
 from simsiam.runtime import Runtime
 
@@ -54,6 +55,23 @@ def test_in_memory_batches_are_the_samplers_batches_with_two_views(jpeg_folder):
             assert v1.shape == v2.shape == (8, 3, 16, 16) and not torch.equal(v1, v2)
             assert labels.tolist() == [source.images.labels[i] for i in indices.tolist()]
     assert not torch.equal(collect(source, 0)[0][0][0], collect(source, 1)[0][0][0])
+
+
+def test_every_image_view_step_and_epoch_draws_its_own_parameters(jpeg_folder):
+    source, _ = sources(jpeg_folder, batch=8)
+    seen = []
+    for epoch in (0, 1):
+        source.set_epoch(epoch)
+        for step in (0, 1):
+            first, second = source.draws(step)
+            seen += [first.uniform, second.uniform]
+    rows = torch.cat(seen)
+    assert rows.shape == (2 * 2 * 2 * 8, G.DRAWN)
+    assert len({tuple(row.tolist()) for row in rows}) == len(rows)  # no two images, views, steps or epochs share a row
+    source.set_epoch(0)
+    assert all(torch.equal(a.uniform, b.uniform) for a, b in zip(source.draws(1), source.draws(1)))  # reproducible
+    other_seed, _ = sources(jpeg_folder, batch=8, seed=4)
+    assert not torch.equal(other_seed.draws(0)[0].uniform, seen[0])
 
 
 def test_two_ranks_see_the_halves_of_the_single_process_batches(jpeg_folder):

@@ -42,6 +42,15 @@ def textured_images(n: int, height: int, width: int, seed: int = 0) -> torch.Ten
     return ((0.7 * base + 0.3 * noise).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def cpu_recipe(blur: bool, crop_scale=(0.2, 1.0)) -> dict[str, v2.Transform]:
+    """The steps of the CPU recipe by name: the references below are its own transform objects,
+    so that a change to either path's probabilities or strengths shows."""
+    steps = pretrain_transform(16, crop_scale, blur).transforms
+    names = ["crop", "jitter", "gray"] + (["blur"] if blur else []) + ["flip", "to_float", "normalize"]
+    assert len(steps) == len(names)
+    return dict(zip(names, steps))
+
+
 # ---- each step, image by image, against torchvision's functions --------------------------------
 
 def test_resized_crops_are_torchvisions_antialiased_resized_crop():
@@ -89,6 +98,46 @@ def test_grayscale_blur_and_flip_match_torchvision_where_applied():
             assert torch.equal(flipped[i], TF.horizontal_flip(x[i]))
         else:
             assert torch.equal(gray[i], x[i]) and torch.equal(blurred[i], x[i]) and torch.equal(flipped[i], x[i])
+
+
+@pytest.mark.parametrize("blur", [True, False])
+def test_the_cpu_recipes_own_parameters_give_its_views(blur, monkeypatch, one_thread):
+    """End to end, order of the steps included: the parameters torchvision draws inside
+    pretrain_transform, fed to the batched code, give the view the CPU recipe made with them."""
+    drawn = {}
+    for cls, name in [(v2.RandomResizedCrop, "crop"), (v2.ColorJitter, "jitter"), (v2.RandomGrayscale, "gray"),
+                      (v2.GaussianBlur, "blur"), (v2.RandomHorizontalFlip, "flip")]:
+        def recording(self, inpt, params, name=name, transform=cls.transform):
+            drawn[name] = params
+            return transform(self, inpt, params)
+        monkeypatch.setattr(cls, "transform", recording)  # a random step calls it only when it applies
+    recipe = pretrain_transform(16, blur=blur)
+    images = textured_images(150, 30, 26, seed=7)
+    seen = set()
+    for i, image in enumerate(images):
+        drawn.clear()
+        torch.manual_seed(i)
+        # float input: the batched path leaves out the uint8 rounding between steps on purpose
+        expected = recipe(image.float() / 255)
+        crop = drawn["crop"]
+        box = torch.tensor([[crop["top"], crop["left"], crop["height"], crop["width"]]])
+        settings = torch.zeros(1, 12)
+        if "jitter" in drawn:
+            jitter = drawn["jitter"]
+            settings[0, G._P_ORDER] = jitter["fn_idx"].float()
+            settings[0, G._P_FACTORS] = torch.tensor([jitter["brightness_factor"], jitter["contrast_factor"],
+                                                      jitter["saturation_factor"], jitter["hue_factor"]])
+        else:
+            settings[0, G._P_ORDER] = torch.arange(4.0)
+            settings[0, G._P_FACTORS] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+        settings[0, G._P_GRAY] = "gray" in drawn
+        settings[0, G._P_BLUR] = "blur" in drawn
+        settings[0, G._P_SIGMA] = drawn["blur"]["sigma"][0] if "blur" in drawn else 1.0
+        settings[0, G._P_FLIP] = "flip" in drawn
+        seen.update(drawn)
+        got = G.crop_and_photometric(image[None], box, settings, 16, blur)[0]
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=lambda m: f"image {i}, {drawn}: {m}")
+    assert seen == {"crop", "jitter", "gray", "flip"} | ({"blur"} if blur else set())  # every step was exercised
 
 
 def test_output_shape_dtype_device_and_determinism():
@@ -146,7 +195,7 @@ def test_the_gpu_computes_what_the_cpu_computes():
 # ---- the random parameters, against the CPU transforms' own draws ---------------------------------
 
 def torchvision_boxes(height: int, width: int, n: int, scale=(0.2, 1.0)) -> np.ndarray:
-    crop = v2.RandomResizedCrop(16, scale=scale)
+    crop = cpu_recipe(blur=True, crop_scale=scale)["crop"]
     image = torch.zeros(3, height, width, dtype=torch.uint8)
     torch.manual_seed(0)
     return np.array([list(crop.make_params([image]).values()) for _ in range(n)], dtype=float)
@@ -180,10 +229,10 @@ def test_crop_falls_back_to_torchvisions_centre_crop_when_ten_tries_fail():
 
 
 def torchvision_photometric_draws(n: int) -> dict[str, np.ndarray]:
-    """The CPU recipe's own draws: ColorJitter's factors and order, and the coin flips."""
+    """The CPU recipe's own draws: ColorJitter's factors and order, and blur's sigma."""
     torch.manual_seed(0)
-    jitter = v2.ColorJitter(*G.JITTER_STRENGTH)
-    blur = v2.GaussianBlur(BLUR_KERNEL, sigma=(0.1, 2.0))
+    recipe = cpu_recipe(blur=True)
+    jitter, blur = recipe["jitter"].transforms[0], recipe["blur"].transforms[0]
     params = [jitter.make_params([]) for _ in range(n)]
     return {
         "brightness": np.array([p["brightness_factor"] for p in params]),
@@ -199,7 +248,8 @@ def test_jitter_factors_order_and_coin_flips_follow_the_cpu_recipe(one_thread):
     n = 4000
     draws = uniform_draws(n, seed=2)
     settings = G.per_image_settings(draws, blur=True).double().numpy()
-    jittered = draws.uniform[:, G._JITTER].numpy() < G.JITTER_P
+    recipe = cpu_recipe(blur=True)
+    jittered = draws.uniform[:, G._JITTER].numpy() < recipe["jitter"].p
     reference = torchvision_photometric_draws(n)
     for column, name in enumerate(["brightness", "contrast", "saturation", "hue"]):
         ours = settings[jittered, G._P_FACTORS][:, column]
@@ -217,9 +267,11 @@ def test_jitter_factors_order_and_coin_flips_follow_the_cpu_recipe(one_thread):
     assert len(np.unique(code(reference["order"]))) == 24
 
     # RandomApply(p=0.8), RandomGrayscale(p=0.2), blur p=0.5, flip p=0.5: binomial tests
-    for name, hits, p in [("jitter", jittered, G.JITTER_P), ("gray", settings[:, G._P_GRAY] > 0, G.GRAYSCALE_P),
-                          ("blur", settings[:, G._P_BLUR] > 0, G.BLUR_P), ("flip", settings[:, G._P_FLIP] > 0, G.FLIP_P)]:
-        assert stats.binomtest(int(hits.sum()), n, p).pvalue > ALPHA, name
+    for name, hits in [("jitter", jittered), ("gray", settings[:, G._P_GRAY] > 0),
+                       ("blur", settings[:, G._P_BLUR] > 0), ("flip", settings[:, G._P_FLIP] > 0)]:
+        assert stats.binomtest(int(hits.sum()), n, recipe[name].p).pvalue > ALPHA, name
+    # the probabilities are the official recipe's, whatever both paths read them from
+    assert [recipe[name].p for name in ("jitter", "gray", "blur", "flip")] == [0.8, 0.2, 0.5, 0.5]
     assert (G.per_image_settings(draws, blur=False)[:, G._P_BLUR] == 0).all()
 
 
@@ -261,4 +313,4 @@ def test_views_have_the_distribution_of_the_cpu_recipe(one_thread):
     # a fifth of the views are gray: equal channels once the normalisation is undone
     pixels = ours * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
     gray_share = float((pixels.std(dim=1).amax(dim=(1, 2)) < 1e-5).float().mean())
-    assert math.isclose(gray_share, G.GRAYSCALE_P, abs_tol=0.04)
+    assert math.isclose(gray_share, cpu_recipe(blur=True)["gray"].p, abs_tol=0.04)
