@@ -4,7 +4,8 @@ centre crop 224) over a JPEG folder, three ways, timed by :mod:`benchmarks.harne
 - ``official-style``: the official evaluation loop's pipeline, PIL decoding and torchvision's PIL
   transforms in DataLoader workers, fp32 forward (as ``main_lincls.py`` validates);
 - ``ours-plain``: :func:`retrieval.extract.embed_batches` over the plain loader (transforms v2 in
-  workers), bf16 autocast and channels_last on CUDA;
+  workers), bf16 autocast and channels_last on CUDA as ``simsiam extract`` (``--precision fp32``
+  times ours at the official row's precision, so that a ratio can be told apart from bf16's share);
 - ``ours-gpu-decode``: the same function over :class:`simsiam.device_data.EvalBatches` (workers
   only read files; decoding, resizing and cropping on the GPU).
 
@@ -94,13 +95,16 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--methods", default="official-style,ours-plain,ours-gpu-decode")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="of our rows (auto: bf16 and channels_last on CUDA, as simsiam extract); "
+                             "the official-style row is always fp32")
     parser.add_argument("--deadline", type=float, default=0,
                         help="a time.time() after which no method is started (it is listed as not run)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--results-md", default=None)
     args = parser.parse_args(argv)
 
-    runtime = rt.start(args.device)
+    runtime = rt.start(args.device, args.precision)
     passes = passes_needed(len(scan_images(args.data)), args.batch_size, args.steps, args.workers)
     builders = {
         "official-style": lambda: official_style(args.data, runtime.device, args.batch_size, args.workers, passes),

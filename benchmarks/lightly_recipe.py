@@ -4,10 +4,12 @@ its ``SimSiamTransform``, on the same torchvision ResNet backbone and batch as o
 As lightly's own CIFAR-10 benchmark: a 2-layer projection head (512 -> 2048 -> 2048, BN on both)
 and ``SimSiamPredictionHead(2048, 512, 2048)`` for ResNet-18, ``SimSiamTransform`` without blur
 at 32x32; for ResNet-50, ``SimSiamProjectionHead(2048, 2048, 2048)`` and the default transform
-at 224. The loss is ``0.5 * (D(z0, p1) + D(z1, p0))`` with lightly's ``NegativeCosineSimilarity``;
-fp32; PIL images from an ``ImageFolder`` through a ``DataLoader`` with workers. The step is a
-plain PyTorch step (lightly's benchmark drives it with a Lightning ``Trainer``, whose overhead
-is left out here, to lightly's advantage).
+at 224; no zero-initialised residual BN; SGD at lr 0.06 (not scaled with the batch), momentum 0.9,
+weight decay 5e-4 (1e-4 at 224). The loss is ``0.5 * (D(z0, p1) + D(z1, p0))`` with lightly's
+``NegativeCosineSimilarity``; fp32 and no ``cudnn.benchmark`` (Lightning's defaults); PIL images
+from an ``ImageFolder`` through a ``DataLoader`` with workers and pinned memory (lightly's example
+pins none; pinning favours lightly). The step is a plain PyTorch step (lightly's benchmark drives
+it with a Lightning ``Trainer``, whose overhead is left out here, to lightly's advantage).
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ def build(config, device: torch.device, passes: int = 1) -> Method:
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    resnet = build_resnet(config.arch, cifar_stem=config.cifar_stem, zero_init_residual=True)
+    # lightly's benchmarks build the ResNet without zero-initialised residual BN
+    resnet = build_resnet(config.arch, cifar_stem=config.cifar_stem, zero_init_residual=False)
     features = resnet.fc.in_features
     backbone = nn.Sequential(*list(resnet.children())[:-1])
     cifar = config.cifar_stem
     model = LightlySimSiam(backbone, features, cifar).to(device)
     criterion = NegativeCosineSimilarity()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * config.batch_size / 128, momentum=0.9,
-                                weight_decay=5e-4 if cifar else 1e-4)
+    # lightly's CIFAR-10 benchmark: lr 0.06 whatever the batch ("no lr-scaling, results in better
+    # training stability"), weight decay 5e-4; the rate does not change a step's speed
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4 if cifar else 1e-4)
     transform = SimSiamTransform(input_size=config.image_size, gaussian_blur=0.0 if cifar else 0.5)
     dataset = torchvision.datasets.ImageFolder(config.data, transform)
     if passes > 1:
@@ -80,6 +84,8 @@ def build(config, device: torch.device, passes: int = 1) -> Method:
 
     workers, queue = loader_queue(loader)
     method = Method("lightly", lambda: loader, step, config.batch_size, setup_s=time.perf_counter() - start,
-                    notes=f"lightly {lightly.__version__}, fp32, PIL transforms", workers=workers, queue=queue)
+                    notes=f"lightly {lightly.__version__}, fp32, PIL transforms"
+                          + (", no cudnn.benchmark (as Lightning), pinned memory" if device.type == "cuda" else ""),
+                    workers=workers, queue=queue)
     method.model, method.optimizer = model, optimizer  # for a run of whole epochs (time to accuracy)
     return method
