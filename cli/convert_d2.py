@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from .paths import PATH
+
 
 @click.command("convert-d2")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.argument("checkpoint", type=PATH)
+@click.option("--out", required=True, type=PATH,
               help="The Detectron2 pickle to write; must end in .pkl.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def command(checkpoint: Path, out: Path, overwrite: bool) -> None:

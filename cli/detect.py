@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+
+from .paths import PATH, NonEmptyPath
 
 if TYPE_CHECKING:
     from transfer.detection import DetectionPlan
@@ -25,10 +26,10 @@ def _run_options(function):
     """Options shared by train and eval."""
     for option in reversed([
         click.option("--config", "config", required=True, help=CONFIG_HELP),
-        click.option("--data-root", required=True, type=click.Path(path_type=Path),
+        click.option("--data-root", required=True, type=PATH,
                      help="Folder holding VOCdevkit/VOC2007, VOCdevkit/VOC2012 and/or COCO's annotations/, "
                           "train2017/, val2017/."),
-        click.option("--output", type=click.Path(path_type=Path), default=None,
+        click.option("--output", type=PATH, default=None,
                      help="Output folder (checkpoints, logs, config.yaml). [default: output/CONFIG]"),
         click.option("--num-gpus", type=int, default=1, help="GPUs (processes) on this machine."),
         click.option("--num-machines", type=int, default=1, help="Machines taking part."),
@@ -54,7 +55,7 @@ def command() -> None:
 
 @command.command("train")
 @_run_options
-@click.option("--weights", default=None, help="Backbone weights from simsiam convert-d2 (.pkl).")
+@click.option("--weights", type=NonEmptyPath(), default=None, help="Backbone weights from simsiam convert-d2 (.pkl).")
 @click.option("--scale-schedule", is_flag=True,
               help="With fewer (or more) than 8 GPUs, apply the linear scaling rule to batch, lr, warmup, "
                    "steps and iterations.")
@@ -77,7 +78,7 @@ def train(config, weights, data_root, output, num_gpus, num_machines, machine_ra
 
 @command.command("eval")
 @_run_options
-@click.option("--weights", required=True, help="A trained detector (model_final.pth) or Detectron2 weights.")
+@click.option("--weights", type=NonEmptyPath(), required=True, help="A trained detector (model_final.pth) or Detectron2 weights.")
 def evaluate(config, weights, data_root, output, num_gpus, num_machines, machine_rank, dist_url, opts) -> None:
     """Evaluate --weights on the config's test set(s) and print AP numbers."""
     from transfer.detection import plan_detection, run_detection
@@ -89,7 +90,7 @@ def evaluate(config, weights, data_root, output, num_gpus, num_machines, machine
 
 
 @command.command("make-toy-voc")
-@click.argument("root", type=click.Path(path_type=Path))
+@click.argument("root", type=PATH)
 @click.option("--train-images", type=int, default=40, help="Images of VOC2007 trainval (VOC2012 gets half).")
 @click.option("--test-images", type=int, default=20, help="Images of VOC2007 test (at least 20, one per class).")
 @click.option("--size", type=(int, int), default=(160, 120), help="Width and height of the images.")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from .embedding import EmbeddingProgress, default_workers, model_options
+from .paths import PATH
 
 
 @click.command("extract")
-@click.argument("inputs", nargs=-1, required=True, metavar="[CHECKPOINT] DATA")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The feature file to write (.h5).")
+@click.argument("inputs", nargs=-1, required=True, type=PATH, metavar="[CHECKPOINT] DATA")
+@click.option("--out", type=PATH, required=True, help="The feature file to write (.h5).")
 @click.option("--random-init", is_flag=True, help="No checkpoint: a randomly initialised encoder (a baseline).")
 @click.option("--arch", default=None, help="The ResNet of --random-init (e.g. resnet50).")
 @click.option("--cifar-stem", is_flag=True, help="With --random-init: the 3x3 stem without max-pool of the CIFAR recipe.")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
+from .paths import PATH
+
 
 @click.command("index")
-@click.argument("features", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.argument("features", type=PATH)
+@click.option("--out", type=PATH, required=True,
               help="The index file; OUT.json beside it records its feature file and settings.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-pq"]), default="auto",
               help="auto: Flat (exact) up to 100,000 vectors, HNSW up to 1,000,000, else IVF-PQ, within --max-memory.")

@@ -9,6 +9,7 @@ import click
 
 from transfer.lincls_config import PRESETS
 
+from .paths import PATH
 from .presets import preset_help
 from .progress import TrainingProgress
 
@@ -34,10 +35,10 @@ class LinearEvalProgress(TrainingProgress):
 
 
 @click.command("lincls")
-@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
-@click.argument("train_dir", required=False, type=click.Path(path_type=Path))
-@click.argument("val_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.argument("checkpoint", required=False, type=PATH)
+@click.argument("train_dir", required=False, type=PATH)
+@click.argument("val_dir", required=False, type=PATH)
+@click.option("--out", type=PATH, default=None,
               help="Output folder (last.pth.tar, linear_head.pth, metrics.jsonl, config.json). [default: CHECKPOINT's "
                    "folder/lincls]")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None,
@@ -65,7 +66,7 @@ class LinearEvalProgress(TrainingProgress):
 @click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
 @click.option("--save-every-steps", type=int, default=None,
               help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
-@click.option("--resume", type=click.Path(path_type=Path), default=None,
+@click.option("--resume", type=PATH, default=None,
               help="Continue a linear evaluation: its output folder or its last.pth.tar.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
 def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **options):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
+
+from .paths import PATH
 
 
 @click.command("plot")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="PNG to write; an existing one is replaced, so re-plotting a run under way is one command. "
+@click.argument("run_dir", type=PATH)
+@click.option("--out", type=PATH, default=None, help="PNG to write; an existing one is replaced, so re-plotting a run under way is one command. "
                    "[default: RUN_DIR/curves.png]")
 def command(run_dir, out):
     """Draw the training curves of RUN_DIR/metrics.jsonl into a PNG: loss, collapse monitor, kNN top-1 and

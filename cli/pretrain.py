@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import click
 
 from simsiam.config import PRESETS
 
+from .paths import PATH, NonEmptyPath
 from .presets import preset_help
 
 PRESET_HELP = "imagenet: ResNet-50, the official recipe; cifar: ResNet-18 with 3x3 stem, paper App. D"
@@ -19,8 +19,8 @@ def _from_preset(key: str, help_text: str) -> str:
 
 
 @click.command("pretrain")
-@click.argument("data", required=False, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder for checkpoints, config.json and metrics.jsonl.")
+@click.argument("data", required=False, type=PATH)
+@click.option("--out", type=PATH, help="Run folder for checkpoints, config.json and metrics.jsonl.")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None, help=f"{PRESET_HELP} [default: imagenet]")
 @click.option("--arch", default=None, help=_from_preset("arch", "Any torchvision ResNet."))
 @click.option("--cifar-stem/--no-cifar-stem", default=None, help=_from_preset("cifar_stem", "3x3 stem conv, no max-pool."))
@@ -62,11 +62,11 @@ def _from_preset(key: str, help_text: str) -> str:
 @click.option("--save-every-epochs", type=int, default=None, help=_from_preset("save_every_epochs", "Epochs between numbered checkpoints."))
 @click.option("--save-every-steps", type=int, default=None,
               help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
-@click.option("--knn-train", type=click.Path(), default=None, help="Labelled images for the kNN monitor's memory bank.")
-@click.option("--knn-val", type=click.Path(), default=None, help="Labelled images the kNN monitor classifies.")
+@click.option("--knn-train", type=NonEmptyPath(), default=None, help="Labelled images for the kNN monitor's memory bank.")
+@click.option("--knn-val", type=NonEmptyPath(), default=None, help="Labelled images the kNN monitor classifies.")
 @click.option("--knn-every", type=int, default=None, help="Epochs between kNN evaluations. [default: 1]")
 @click.option("--knn-k", type=int, default=None, help="k of the kNN monitor. [default: 20]")
-@click.option("--resume", type=click.Path(path_type=Path), default=None,
+@click.option("--resume", type=PATH, default=None,
               help="Continue a run exactly: its run folder or one of its checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
 def command(data, out, preset, resume, overwrite, **options):

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from .paths import PATH
+
 
 @click.command("quickstart")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("simsiam-quickstart"),
+@click.option("--out", type=PATH, default=Path("simsiam-quickstart"),
               help="Folder for the digits images and the run.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Pretraining epochs. [default: the quickstart's]")
 def command(out, epochs):

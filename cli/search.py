@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from .embedding import EmbeddingProgress
+from .paths import PATH
 
-PathArg = click.Path(path_type=Path)
 SHOWN_QUERIES = 20  # the table; with --eval a few, as examples: the metrics are the point
 
 
@@ -32,14 +31,14 @@ def _as_dict(result) -> dict:
 
 
 @click.command("search")
-@click.argument("database", type=PathArg)
-@click.option("--query", type=PathArg, default=None, help="An image, or a folder of images, to search with.")
-@click.option("--checkpoint", type=PathArg, default=None,
+@click.argument("database", type=PATH)
+@click.option("--query", type=PATH, default=None, help="An image, or a folder of images, to search with.")
+@click.option("--checkpoint", type=PATH, default=None,
               help="Embeds --query the way DATABASE was embedded (its layer and transform).")
-@click.option("--query-h5", type=PathArg, default=None, help="Query features from a feature file instead.")
+@click.option("--query-h5", type=PATH, default=None, help="Query features from a feature file instead.")
 @click.option("-k", "k", type=int, default=10, help="Neighbours per query.")
 @click.option("--eval", "evaluate", is_flag=True, help="Also recall@1/5/10 and mAP@k, from the labels.")
-@click.option("--grid", type=PathArg, default=None, help="Draw a PNG contact sheet: each query beside its k nearest (an existing file is replaced).")
+@click.option("--grid", type=PATH, default=None, help="Draw a PNG contact sheet: each query beside its k nearest (an existing file is replaced).")
 @click.option("--grid-rows", type=click.IntRange(min=1), default=16, help="Queries drawn on the --grid sheet.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every query) instead of a table.")
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",

@@ -107,3 +107,43 @@ def test_ctrl_c_and_sigterm_end_with_one_line_from_rank_0_and_the_shells_status(
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _parameters(command, name="simsiam"):
+    import click
+
+    for param in command.params:
+        yield f"{name} {param.opts[0] if isinstance(param, click.Option) else param.human_readable_name}", param
+    if isinstance(command, click.Group):
+        for sub_name, sub in command.commands.items():
+            yield from _parameters(sub, f"{name} {sub_name}")
+
+
+def test_every_path_a_command_takes_refuses_the_empty_string():
+    """Path("") is the current folder: an empty value (a quoted, unset shell variable) must not
+    extract, train into or overwrite it."""
+    import click
+
+    from cli.main import simsiam
+    from cli.paths import NonEmptyPath
+
+    paths = [(where, p) for where, p in _parameters(simsiam) if isinstance(p.type, click.Path)]
+    assert len(paths) > 20  # every command's files and folders
+    assert [where for where, p in paths if not isinstance(p.type, NonEmptyPath)] == []
+    names = {where for where, _ in paths}
+    assert {"simsiam extract [CHECKPOINT] DATA", "simsiam index --out", "simsiam pretrain --out"} <= names
+
+
+@pytest.mark.parametrize("args,name", [
+    (["extract", "--random-init", "--arch", "resnet18", "", "--out", "f.h5"], "'[CHECKPOINT] DATA'"),
+    (["index", "f.h5", "--out", ""], "'--out'"),  # was a ValueError traceback
+    (["pretrain", "images", "--out", ""], "'--out'"),  # was a run in the current folder
+])
+def test_an_empty_path_is_one_line_and_touches_nothing(tmp_path, monkeypatch, args, name):
+    from conftest import make_image_folder
+
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images", classes=2, per_class=2, ext="jpg")
+    before = sorted(tmp_path.rglob("*"))
+    assert_user_error(run(*args), f"Invalid value for {name}: an empty path", f"simsiam {args[0]} --help")
+    assert sorted(tmp_path.rglob("*")) == before
