@@ -119,6 +119,24 @@ def sync_batchnorm(model: nn.Module, runtime: Runtime) -> nn.Module:
     return model
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks (all-reduce), with its gradient: each rank's output
+    depends on every rank's input, so an input's gradient is the sum over ranks of the output's.
+    (What torch.distributed.nn.functional.all_reduce does; that module is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Synchronised batch norm for CPU tensors under the gloo backend.
 
@@ -136,8 +154,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _SumOverRanks.apply
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
         local_count = torch.tensor([input.numel() // input.shape[1]], dtype=input.dtype)
