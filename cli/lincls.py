@@ -82,7 +82,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     from transfer.lincls import HEAD_FILE, linear_eval
     from transfer.lincls_config import LinearEvalConfig, preset_linear_config
 
-    from .resume import resume_hint, saved_run
+    from .resume import epochs_option, resume_hint, saved_run
 
     explicit = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
@@ -97,9 +97,10 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         config = preset_linear_config(preset or "imagenet", checkpoint=str(checkpoint), train_dir=str(train_dir),
                                       val_dir=str(val_dir), **explicit)
         config.out = str(out or Path(checkpoint).parent / "lincls")
-        checkpoint_path = None
+        checkpoint_path, saved = None, None
 
-    with LinearEvalProgress(description="lincls") as progress, resume_hint("lincls", config.out, checkpoint_path):
+    hint = resume_hint("lincls", config.out, checkpoint_path, epochs_option(config, saved))
+    with LinearEvalProgress(description="lincls") as progress, hint:
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "

@@ -81,7 +81,7 @@ def command(data, out, preset, resume, overwrite, **options):
     from simsiam.train import pretrain
 
     from .progress import TrainingProgress
-    from .resume import resume_hint, saved_run
+    from .resume import epochs_option, resume_hint, saved_run
 
     explicit = {k: v for k, v in options.items() if v is not None}
     if data is not None:
@@ -97,9 +97,10 @@ def command(data, out, preset, resume, overwrite, **options):
             raise click.UsageError("Missing option '--out'.")
         config = preset_config(preset or "imagenet", **explicit)
         config.out = str(out)
-        checkpoint_path = None
+        checkpoint_path, saved = None, None
 
-    with TrainingProgress() as progress, resume_hint("pretrain", config.out, checkpoint_path):
+    hint = resume_hint("pretrain", config.out, checkpoint_path, epochs_option(config, saved))
+    with TrainingProgress() as progress, hint:
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")

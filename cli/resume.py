@@ -27,12 +27,18 @@ def saved_run(resume: Path, preset: str | None, command: str, required: str) -> 
     return checkpoint_path, saved
 
 
+def epochs_option(config, saved: dict | None) -> list[str]:
+    """``--epochs N`` when a resume grew the run's epochs: the checkpoint it resumed from still says
+    the old number, so continuing from that one again needs it said."""
+    return ["--epochs", str(config.epochs)] if saved is not None and saved.get("epochs") != config.epochs else []
+
+
 @contextmanager
-def resume_hint(command: str, out: str, resume_from: Path | None):
-    """A Ctrl-C or SIGTERM in the block carries the command that continues the run, for the one
-    line the CLI prints; only once ``out`` holds a checkpoint of this run: one saved since the
-    block began, or any when resuming from a checkpoint in ``out``. An older run that
-    ``--overwrite`` is replacing must not be offered."""
+def resume_hint(command: str, out: str, resume_from: Path | None, options: list[str] = ()):
+    """A Ctrl-C or SIGTERM in the block carries the command that continues the run (with
+    ``options``), for the one line the CLI prints; only once ``out`` holds a checkpoint of this
+    run: one saved since the block began, or any when resuming from a checkpoint in ``out``. An
+    older run that ``--overwrite`` is replacing must not be offered."""
     from simsiam.run_dir import saved_since
 
     continuing = resume_from is not None and Path(resume_from).resolve().parent == Path(out).resolve()
@@ -42,5 +48,5 @@ def resume_hint(command: str, out: str, resume_from: Path | None):
     except KeyboardInterrupt as err:
         if saved_since(Path(out), since):  # never raises: it runs while the interrupt is handled
             launcher = "simsiam" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else "torchrun ... -m cli"
-            err.resume_command = f"{launcher} {command} --resume {shlex.quote(out)}"
+            err.resume_command = " ".join([launcher, command, "--resume", shlex.quote(out), *options])
         raise

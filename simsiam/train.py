@@ -219,6 +219,14 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     images = scan_images(config.data)
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
+    # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
+    # for it or auto picks it, else DataLoader workers; both yield the same batches for the sampler.
+    # Made before the folder changes: the fast path refuses images of mixed sizes.
+    dataset = loader = pretrain_batches(config, images, sampler, runtime)
+    if loader is None:
+        transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
+        dataset = ImageDataset(images, transform, seed=config.seed)
+        loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
         prepare_run_dir(out, resume_from)
@@ -245,15 +253,6 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
     # raw: the model whose state dict is saved; model: what the step runs (DDP-wrapped in parallel runs)
     raw, model = model, rt.data_parallel(model, runtime)
 
-    metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
-
-    # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
-    # for it or auto picks it, else DataLoader workers; both yield the same batches for the sampler
-    dataset = loader = pretrain_batches(config, images, sampler, runtime)
-    if loader is None:
-        transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
-        dataset = ImageDataset(images, transform, seed=config.seed)
-        loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
     loss_fn = negative_cosine_similarity
     if config.compile:  # raw stays uncompiled: its state dict keys are the official ones
         model, loss_fn = torch.compile(model), torch.compile(loss_fn)
@@ -265,6 +264,8 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
                 "batch_source": getattr(loader, "name", "dataloader")}
     if runtime.is_main:  # the settings as given, and what "auto" and the scaling rules made of them
         write_json_atomic({**config.to_dict(), "resolved": resolved}, out / CONFIG_FILE)
+    # after config.json, which marks the folder's files as a simsiam run's (check_run_dir)
+    metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
     emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch,
           "resumed_from": str(resume_from) if checkpoint is not None else None})
     for warning in knn.warnings if knn is not None else []:

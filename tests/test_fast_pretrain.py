@@ -53,6 +53,19 @@ def test_the_cli_trains_on_device_held_data_and_writes_official_checkpoints(tmp_
     assert "module.encoder.fc.0.weight" in state and "module.predictor.3.weight" in state
 
 
+def test_images_of_mixed_sizes_are_refused_before_the_run_folder_is_made(tmp_path):
+    from PIL import Image
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=8, ext="jpg")
+    Image.new("RGB", (20, 24)).save(images / "class1" / "odd.jpg")
+    args = ["pretrain", str(images), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    refused = CliRunner().invoke(simsiam, [*args, "--data-on-gpu"], catch_exceptions=False)
+    assert refused.exit_code == 2 and "--data-on-gpu needs images of one size" in refused.output, refused.output
+    assert not (tmp_path / "run").exists()  # so the same command on the plain path is not refused
+    plain = CliRunner().invoke(simsiam, args, catch_exceptions=False)
+    assert plain.exit_code == 0, plain.output
+
+
 def test_the_start_event_names_the_batch_source(tmp_path, jpeg_folder):
     events = []
     pretrain(tiny_config(jpeg_folder, tmp_path / "run", epochs=1, data_on_gpu=False, gpu_decode=True),

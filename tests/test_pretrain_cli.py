@@ -161,6 +161,31 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert load_checkpoint(other / "last.pth.tar")["epoch"] == 3
 
 
+def test_the_ctrl_c_hint_of_a_resume_that_grew_the_epochs_continues_it(tmp_path, shared_image_folder, monkeypatch):
+    import shlex
+
+    import simsiam.train
+
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    set_learning_rate = simsiam.train.set_learning_rate
+
+    def interrupted_in_epoch_2(optimizer, config, epoch):
+        if epoch == 1:  # before any checkpoint of the resumed run: the newest still says --epochs 1
+            raise KeyboardInterrupt
+        return set_learning_rate(optimizer, config, epoch)
+
+    monkeypatch.setattr(simsiam.train, "set_learning_rate", interrupted_in_epoch_2)
+    result = run("pretrain", "--resume", out, "--epochs", "3")
+    assert result.exit_code == 130
+    hint = result.output.strip().splitlines()[-1]
+    assert hint == f"interrupted (continue: simsiam pretrain --resume {out} --epochs 3)", result.output
+    monkeypatch.setattr(simsiam.train, "set_learning_rate", set_learning_rate)
+    continued = run(*shlex.split(hint.removeprefix("interrupted (continue: simsiam ").removesuffix(")")))
+    assert continued.exit_code == 0, continued.output
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 3
+
+
 def test_a_run_started_with_relative_paths_resumes_from_any_folder(tmp_path, shared_image_folder, monkeypatch):
     import shutil
 
