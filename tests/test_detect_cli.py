@@ -203,3 +203,20 @@ def test_make_toy_voc_errors(tmp_path):
     assert_user_error(run("detect", "make-toy-voc", tmp_path), "already holds a VOCdevkit")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "b", "--test-images", "5"), "--test-images 5")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "at least 32x32")
+
+
+def test_a_resume_may_change_the_length_saving_and_device_of_a_run_and_nothing_else():
+    from transfer.detection import changed_settings
+
+    saved = {"MODEL": {"WEIGHTS": "r50.pkl", "DEVICE": "cuda", "RESNETS": {"NORM": "SyncBN", "DEPTH": 50}},
+             "SOLVER": {"IMS_PER_BATCH": 16, "MAX_ITER": 24000, "STEPS": [18000, 22000]}, "OUTPUT_DIR": "runs/voc"}
+    resumed = {"MODEL": {"WEIGHTS": "", "DEVICE": "cpu", "RESNETS": {"NORM": "SyncBN", "DEPTH": 50}},
+               "SOLVER": {"IMS_PER_BATCH": 16, "MAX_ITER": 30000, "STEPS": [18000, 22000]}, "OUTPUT_DIR": "runs/voc"}
+    assert changed_settings(saved, resumed) == []
+    resumed["MODEL"]["RESNETS"]["NORM"] = "BN"  # one GPU instead of eight
+    resumed["SOLVER"]["IMS_PER_BATCH"] = 2
+    resumed["SOLVER"]["STEPS"] = [144000, 176000]
+    resumed["TEST"] = {"AUG": {"ENABLED": True}}  # a key the saved run did not have
+    assert changed_settings(saved, resumed) == ["MODEL.RESNETS.NORM: SyncBN -> BN", "SOLVER.IMS_PER_BATCH: 16 -> 2",
+                                                "SOLVER.STEPS: [18000, 22000] -> [144000, 176000]",
+                                                "TEST: None -> {'AUG': {'ENABLED': True}}"]

@@ -262,6 +262,18 @@ def test_detect_train_then_eval_on_the_toy_voc_set_on_cpu(tmp_path, r50, toy_roo
                                     "--data-root", str(toy_root), "--output", str(out), *CPU_TOY])
     assert again.exit_code == 2 and "already holds a training run" in again.output
 
+    # a resume keeps the run's settings: the shipped defaults instead of its overrides are refused
+    assert (out / "train_config.yaml").is_file()
+    changed = runner.invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--data-root", str(toy_root),
+                                      "--output", str(out), "--resume", *CPU_TOY[:-4]])
+    assert changed.exit_code == 2, changed.output[-3000:]
+    assert f"--resume: the run in {out} was started with other settings" in changed.output
+    assert "DATALOADER.NUM_WORKERS: 0 -> 4" in changed.output and "train_config.yaml" in changed.output
+    # the same settings, trained longer: accepted
+    longer = [*CPU_TOY[:3], "4", *CPU_TOY[4:]]
+    plan = plan_detection("voc-r50-c4", None, str(toy_root), str(out), opts=longer, resume=True)
+    assert plan.run.resume and "MAX_ITER: 4" in plan.run.config_yaml
+
     evaluated = runner.invoke(simsiam, ["detect", "eval", "--config", "voc-r50-c4", "--weights",
                                         str(out / "model_final.pth"), "--data-root", str(toy_root),
                                         "--output", str(tmp_path / "eval"), *CPU_TOY], catch_exceptions=False)

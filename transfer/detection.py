@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from simsiam.atomic import atomic_write
 from simsiam.errors import InputError
 
 from .detection_datasets import check_data_root, locate_datasets
@@ -24,6 +25,13 @@ from .detectron2_weights import check_detectron2_weights
 RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
 # Files by which Detectron2 marks an output folder as holding a training run.
 RUN_MARKERS = ("last_checkpoint", "model_final.pth")
+# The settled config of a training run (Detectron2's config.yaml is rewritten by any run, an
+# evaluation too), against which a resume is checked.
+TRAIN_CONFIG_FILE = "train_config.yaml"
+# What a resumed training run may change: where its weights come from (the checkpoint decides),
+# its length, how often it saves and evaluates, and the device.
+RESUMABLE = ("MODEL.WEIGHTS", "OUTPUT_DIR", "MODEL.DEVICE", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD",
+             "TEST.EVAL_PERIOD")
 
 
 @dataclass
@@ -118,9 +126,37 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
                              "--overwrite to start over")
     cfg.MODEL.WEIGHTS = weights or ""
     cfg.OUTPUT_DIR = str(out)
+    if resume and not eval_only and (out / TRAIN_CONFIG_FILE).is_file():
+        _check_resume(out, cfg)
     cfg.freeze()
     run = DetectionRun(str(config_file), cfg.dump(), datasets, eval_only, resume)
     return DetectionPlan(run, out, world_size, num_gpus, num_machines, notes)
+
+
+def changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``KEY: old -> new`` for each setting of the config ``now`` (nested dicts, as its YAML loads)
+    that differs from ``saved``, those in :data:`RESUMABLE` aside."""
+    changes = []
+    for key in sorted(saved.keys() | now.keys()):
+        name, old, new = prefix + key, saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, name + ".")
+        elif old != new and name not in RESUMABLE:
+            changes.append(f"{name}: {old} -> {new}")
+    return changes
+
+
+def _check_resume(out: Path, cfg) -> None:
+    """Refuse a resume whose settled config is not the run's: Detectron2 would go on with the new
+    settings (another batch, schedule or norm) from the old run's checkpoint, and say nothing."""
+    import yaml
+
+    changes = changed_settings(yaml.safe_load((out / TRAIN_CONFIG_FILE).read_text()), yaml.safe_load(cfg.dump()))
+    if changes:
+        more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise InputError(f"--resume: the run in {out} was started with other settings ({'; '.join(changes[:3])}{more}); "
+                         "give the --config, --num-gpus, --num-machines, --scale-schedule and KEY VALUE pairs it was "
+                         f"started with (they are in {out / TRAIN_CONFIG_FILE})")
 
 
 def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "auto") -> dict | None:
@@ -137,6 +173,9 @@ def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "a
     if machine_rank == 0:
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         results_path.unlink(missing_ok=True)  # never report the numbers of an earlier run
+        if not plan.run.eval_only:
+            with atomic_write(plan.output_dir / TRAIN_CONFIG_FILE, "w") as f:
+                f.write(plan.run.config_yaml)
     launch(detection_worker, plan.num_gpus, num_machines=plan.num_machines, machine_rank=machine_rank,
            dist_url=dist_url, args=(plan.run,))
     if machine_rank != 0 or not results_path.exists():
