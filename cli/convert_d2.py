@@ -30,7 +30,7 @@ def command(checkpoint: Path, out: Path, overwrite: bool) -> None:
     write_detectron2_pickle(weights, out, overwrite, inputs=[checkpoint])
     click.echo(f"wrote {len(weights.model)} tensors of the {weights.arch} backbone to {out} "
                "(projector, predictor and fc left out)")
-    click.echo("Detectron2 settings these weights need (the shipped configs set them; KEY VALUE form):")
+    click.echo("Detectron2 settings these weights need (KEY VALUE form; the shipped configs set those of a ResNet-50):")
     for key, value in weights.settings.items():
         click.echo(f"  {key} {_yacs(value)}")
     for note in weights.notes:

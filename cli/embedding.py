@@ -17,9 +17,10 @@ def model_options(command):
         click.option("--layer", type=click.Choice(["backbone", "projector"]), default="backbone",
                      help="backbone: pooled ResNet features (2048-d for ResNet-50); projector: SimSiam's z."),
         click.option("--image-size", type=click.IntRange(min=1, max=4096), default=None,
-                     help="Center crop. [default: the checkpoint's: 224, or 32 for the CIFAR stem]"),
+                     help="Center crop. [default: the checkpoint's run's image size; else 224, or 32 for the CIFAR stem]"),
         click.option("--resize", type=click.IntRange(min=0), default=None,
-                     help="Short side before the crop, 0 for none. [default: 256, or none for the CIFAR stem]"),
+                     help="Short side before the crop, 0 for none. [default: the checkpoint's run's eval resize; else 256, "
+                          "or none for the CIFAR stem]"),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass."),
         click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader worker processes. [default: min(8, CPUs)]"),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
