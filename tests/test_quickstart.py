@@ -1,7 +1,7 @@
 """``simsiam quickstart`` writes the digits, pretrains, and reports kNN before and after.
 
-The full default run (about 3 minutes on 2 CPU cores) is a benchmark (benchmarks/quickstart.py,
-results in benchmarks/RESULTS.md); here one epoch checks the whole path.
+The full default run (about 3 minutes on 2 CPU cores; `simsiam quickstart`, its numbers in
+benchmarks/RESULTS.md) is too long for a test; here one epoch checks the whole path.
 """
 
 import pickle
