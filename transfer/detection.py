@@ -29,9 +29,9 @@ RUN_MARKERS = ("last_checkpoint", "model_final.pth")
 # evaluation too), against which a resume is checked.
 TRAIN_CONFIG_FILE = "train_config.yaml"
 # What a resumed training run may change: where its weights come from (the checkpoint decides),
-# its length, how often it saves and evaluates, and the device.
+# its length, how often it saves and evaluates, the device and the loader's worker count.
 RESUMABLE = ("MODEL.WEIGHTS", "OUTPUT_DIR", "MODEL.DEVICE", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD",
-             "TEST.EVAL_PERIOD")
+             "TEST.EVAL_PERIOD", "DATALOADER.NUM_WORKERS")
 
 
 @dataclass
