@@ -216,10 +216,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     The permutation of epoch e comes from (seed, e), so rank r of a W-process run sees rows
     [r*B/W, (r+1)*B/W) of the very batches a single process with batch B sees. The last
-    incomplete batch is dropped, as the official script's ``drop_last=True``.
+    incomplete batch is dropped, as ``main_simsiam.py``'s ``drop_last=True``; with ``drop_last``
+    False it is kept, as ``main_lincls.py`` keeps it: each rank takes an equal share of it, made
+    up, when the ranks do not divide it, with the epoch's first images (as DistributedSampler pads).
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
         if global_batch_size % world_size:
             raise InputError(
                 f"--batch-size {global_batch_size}: not divisible by the {world_size} processes"
@@ -233,12 +236,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.local_batch_size = global_batch_size // world_size
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_step = 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch_size
+        if self.drop_last:
+            return self.num_samples // self.global_batch_size
+        return -(-self.num_samples // self.global_batch_size)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Move to ``epoch``, skipping its first ``start_step`` batches (a mid-epoch resume)."""
@@ -251,10 +258,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, 0, _SHUFFLE))
         order = torch.randperm(self.num_samples, generator=generator)
-        begin = self.rank * self.local_batch_size
         for step in range(self.start_step, self.steps_per_epoch):
             batch = order[step * self.global_batch_size :][: self.global_batch_size]
-            yield batch[begin : begin + self.local_batch_size].tolist()
+            share = self.local_batch_size
+            if len(batch) < self.global_batch_size:  # the last, kept (drop_last False)
+                share = -(-len(batch) // self.world_size)
+                batch = torch.cat([batch, order[: share * self.world_size - len(batch)]])
+            yield batch[self.rank * share :][:share].tolist()
 
 
 def _quiet_when_the_main_process_stops(worker_id: int) -> None:

@@ -110,6 +110,27 @@ def test_global_batches_split_across_ranks_as_one_process_sees_them():
     assert list(full) != list(single)
 
 
+def test_without_drop_last_the_last_batch_is_kept_and_shared_equally_by_the_ranks():
+    single = GlobalBatchSampler(42, 8, seed=3, drop_last=False)
+    single.set_epoch(1)
+    batches = list(single)
+    assert len(batches) == single.steps_per_epoch == 6 and [len(b) for b in batches] == [8] * 5 + [2]
+    assert sorted(sum(batches, [])) == list(range(42))  # every image once, as main_lincls.py's loader
+    ranks = [GlobalBatchSampler(42, 8, seed=3, rank=r, world_size=4, drop_last=False) for r in range(4)]
+    parts = []
+    for sampler in ranks:
+        sampler.set_epoch(1)
+        parts.append(list(sampler))
+    for step in range(5):  # the full batches: the single process's, a quarter each
+        assert sum((part[step] for part in parts), []) == batches[step]
+    # the last: one image each, its 2 images and 2 more from the start of the epoch's order
+    assert [len(part[-1]) for part in parts] == [1, 1, 1, 1]
+    assert sum((part[-1] for part in parts), []) == batches[-1] + batches[0][:2]
+    resumed = GlobalBatchSampler(42, 8, seed=3, drop_last=False)
+    resumed.set_epoch(1, start_step=5)
+    assert list(resumed) == batches[5:]
+
+
 def test_batch_sampler_refuses_impossible_sizes():
     with pytest.raises(InputError, match="--batch-size 64: larger than the dataset \\(10 images\\)"):
         GlobalBatchSampler(10, 64, seed=0)

@@ -263,3 +263,29 @@ def test_errors(tmp_path, data):
                           "another simsiam run is writing in this folder")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pth*"))
 
+
+
+def test_every_training_image_is_seen_every_epoch_the_last_batch_included(tmp_path, data, monkeypatch):
+    """As main_lincls.py's loader (no drop_last): 48 images at batch 20 are 3 steps, the last of 8."""
+    import torch.nn.functional as F
+
+    import transfer.lincls
+    from transfer.lincls import linear_eval
+
+    checkpoint, train, val = data
+    seen, cross_entropy = [], F.cross_entropy
+
+    def counting(logits, labels, **kwargs):
+        if logits.requires_grad:  # a training step, not the evaluation
+            seen.append(len(labels))
+        return cross_entropy(logits, labels, **kwargs)
+
+    monkeypatch.setattr(transfer.lincls.F, "cross_entropy", counting)
+    events = []
+    config = preset_linear_config("imagenet", checkpoint=str(checkpoint), train_dir=str(train), val_dir=str(val),
+                                  out=str(tmp_path / "run"), image_size=16, eval_resize=0, batch_size=20, epochs=2,
+                                  workers=0, device="cpu", log_every=1)
+    linear_eval(config, on_event=events.append)
+    assert events[0]["steps_per_epoch"] == 3 and seen == [20, 20, 8] * 2
+    steps = [e for e in events if e["event"] == "log"]
+    assert len(steps) == 6 and all(e["images_per_s"] > 0 for e in steps)

@@ -169,7 +169,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
                          f"pass --epochs N with N >= {reached}")
     weights = read_backbone(config.checkpoint)
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
-    sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
+    # every training image every epoch: main_lincls.py's loader keeps the last, incomplete batch
+    sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size,
+                                 drop_last=False)
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
@@ -252,7 +254,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
             now = time.perf_counter()
             step_metrics = {"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / count,
                             "train_top1": 100.0 * correct / count, "lr": lr,
-                            "images_per_s": interval_steps * config.batch_size / (now - interval_start)}
+                            "images_per_s": count / (now - interval_start)}
             metrics_log.write(step_metrics)
             emit({"event": "log", **step_metrics})
             sums.zero_()
