@@ -222,7 +222,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         dataset.set_epoch(epoch)
         skipped = 0
         sums = torch.zeros(3, device=runtime.device)  # loss, correct, images since the last log line
-        interval_steps, interval_start = 0, time.perf_counter()
+        interval_start = time.perf_counter()
         epoch_sums = torch.zeros(3, device=runtime.device)
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
             skipped += count_unreadable(unreadable, config.strict, announce)
@@ -237,7 +237,6 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
             optimizer.step()
 
             global_step += 1
-            interval_steps += 1
             batch_sums = torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
                                       torch.tensor(len(labels), device=runtime.device)]).float()
             sums += batch_sums
@@ -258,7 +257,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
             metrics_log.write(step_metrics)
             emit({"event": "log", **step_metrics})
             sums.zero_()
-            interval_steps, interval_start = 0, now
+            interval_start = now
             if save_now and runtime.is_main:
                 save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch, step + 1,
                                         global_step, step_metrics, best), out / LAST)
