@@ -44,6 +44,8 @@ class _TwoViewBatches:
     name = ""
 
     def __init__(self, sampler: GlobalBatchSampler, augment: BatchAugment, seed: int, device: torch.device):
+        if not sampler.drop_last:  # draws() slices full global batches
+            raise ValueError("the fast path's batch sources take a sampler that drops the last, incomplete batch")
         self.sampler = sampler
         self.augment = augment
         self.seed = seed

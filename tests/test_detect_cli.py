@@ -220,3 +220,26 @@ def test_a_resume_may_change_the_length_saving_and_device_of_a_run_and_nothing_e
     assert changed_settings(saved, resumed) == ["MODEL.RESNETS.NORM: SyncBN -> BN", "SOLVER.IMS_PER_BATCH: 16 -> 2",
                                                 "SOLVER.STEPS: [18000, 22000] -> [144000, 176000]",
                                                 "TEST: None -> {'AUG': {'ENABLED': True}}"]
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_first_changes(tmp_path):
+    import types
+
+    import yaml
+
+    from simsiam.errors import InputError
+    from transfer.detection import TRAIN_CONFIG_FILE, _check_resume
+
+    saved = {"MODEL": {"WEIGHTS": "r50.pkl", "RESNETS": {"NORM": "SyncBN"}}, "SEED": 1,
+             "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "MAX_ITER": 24000}}
+    (tmp_path / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(saved))
+    longer = {**saved, "SOLVER": {**saved["SOLVER"], "MAX_ITER": 30000}}
+    _check_resume(tmp_path, types.SimpleNamespace(dump=lambda: yaml.safe_dump(longer)))  # accepted
+    other = {"MODEL": {"WEIGHTS": "", "RESNETS": {"NORM": "BN"}}, "SEED": 2,
+             "SOLVER": {"IMS_PER_BATCH": 2, "BASE_LR": 0.0025, "MAX_ITER": 24000}}
+    with pytest.raises(InputError) as refused:
+        _check_resume(tmp_path, types.SimpleNamespace(dump=lambda: yaml.safe_dump(other)))
+    assert str(refused.value) == (
+        f"--resume: the run in {tmp_path} was started with other settings (MODEL.RESNETS.NORM: SyncBN -> BN; "
+        "SEED: 1 -> 2; SOLVER.BASE_LR: 0.02 -> 0.0025 and 1 more); give the --config, --num-gpus, --num-machines, "
+        f"--scale-schedule and KEY VALUE pairs it was started with (they are in {tmp_path / TRAIN_CONFIG_FILE})")

@@ -57,6 +57,13 @@ def test_in_memory_batches_are_the_samplers_batches_with_two_views(jpeg_folder):
     assert not torch.equal(collect(source, 0)[0][0][0], collect(source, 1)[0][0][0])
 
 
+def test_the_batch_sources_take_only_samplers_that_drop_the_last_batch(jpeg_folder):
+    images = scan_images(jpeg_folder)
+    keeping = GlobalBatchSampler(len(images), 8, 3, drop_last=False)
+    with pytest.raises(ValueError, match="drops the last, incomplete batch"):
+        InMemoryBatches(images, keeping, BatchAugment(16, blur=True), 3, CPU)
+
+
 def test_every_image_view_step_and_epoch_draws_its_own_parameters(jpeg_folder):
     source, _ = sources(jpeg_folder, batch=8)
     seen = []

@@ -126,8 +126,12 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
                              "--overwrite to start over")
     cfg.MODEL.WEIGHTS = weights or ""
     cfg.OUTPUT_DIR = str(out)
-    if resume and not eval_only and (out / TRAIN_CONFIG_FILE).is_file():
-        _check_resume(out, cfg)
+    if resume and not eval_only:
+        if (out / TRAIN_CONFIG_FILE).is_file():
+            _check_resume(out, cfg)
+        else:  # a run started by an earlier version
+            notes.append(f"--resume: {out} holds no {TRAIN_CONFIG_FILE}, so the settings were not checked against "
+                         "the run's start")
     cfg.freeze()
     run = DetectionRun(str(config_file), cfg.dump(), datasets, eval_only, resume)
     return DetectionPlan(run, out, world_size, num_gpus, num_machines, notes)
