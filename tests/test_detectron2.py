@@ -274,6 +274,10 @@ def test_detect_train_then_eval_on_the_toy_voc_set_on_cpu(tmp_path, r50, toy_roo
     longer = [*CPU_TOY[:3], "4", *CPU_TOY[4:-1], "2"]
     plan = plan_detection("voc-r50-c4", None, str(toy_root), str(out), opts=longer, resume=True)
     assert plan.run.resume and "MAX_ITER: 4" in plan.run.config_yaml
+    # a run of an earlier version (no train_config.yaml) resumes unchecked, and says so
+    (out / "train_config.yaml").unlink()
+    unchecked = plan_detection("voc-r50-c4", None, str(toy_root), str(out), opts=CPU_TOY[:-4], resume=True)
+    assert any("holds no train_config.yaml, so the settings were not checked" in n for n in unchecked.notes)
 
     evaluated = runner.invoke(simsiam, ["detect", "eval", "--config", "voc-r50-c4", "--weights",
                                         str(out / "model_final.pth"), "--data-root", str(toy_root),

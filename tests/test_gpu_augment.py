@@ -121,7 +121,7 @@ def test_the_cpu_recipes_own_parameters_give_its_views(blur, monkeypatch, one_th
         expected = recipe(image.float() / 255)
         crop = drawn["crop"]
         box = torch.tensor([[crop["top"], crop["left"], crop["height"], crop["width"]]])
-        settings = torch.zeros(1, 12)
+        settings = torch.zeros(1, G._P_FLIP + 1)  # flip is the layout's last column
         if "jitter" in drawn:
             jitter = drawn["jitter"]
             settings[0, G._P_ORDER] = jitter["fn_idx"].float()
