@@ -2,15 +2,15 @@
 its ``SimSiamTransform``, on the same torchvision ResNet backbone and batch as ours.
 
 As lightly's own CIFAR-10 benchmark: a 2-layer projection head (512 -> 2048 -> 2048, BN on both)
-and ``SimSiamPredictionHead(2048, 512, 2048)`` for ResNet-18, ``SimSiamTransform`` without blur
-at 32x32; for ResNet-50, ``SimSiamProjectionHead(2048, 2048, 2048)`` and the default transform
-at 224; no zero-initialised residual BN; SGD at lr 0.06 (not scaled with the batch; used at 224 too,
-where only throughput is measured), momentum 0.9,
-weight decay 5e-4 (1e-4 at 224). The loss is ``0.5 * (D(z0, p1) + D(z1, p0))`` with lightly's
-``NegativeCosineSimilarity``; fp32 and no ``cudnn.benchmark`` (Lightning's defaults); PIL images
-from an ``ImageFolder`` through a ``DataLoader`` with workers and pinned memory (lightly's example
-pins none; pinning favours lightly). The step is a plain PyTorch step (lightly's benchmark drives
-it with a Lightning ``Trainer``, whose overhead is left out here, to lightly's advantage).
+and ``SimSiamPredictionHead(2048, 512, 2048)`` for ResNet-18, ``SimSiamTransform`` without blur at
+32x32; for ResNet-50, ``SimSiamProjectionHead(2048, 2048, 2048)`` and the default transform at 224;
+no zero-initialised residual BN; SGD at lr 0.06 (not scaled with the batch; used at 224 too, where
+only throughput is measured), momentum 0.9, weight decay 5e-4 (1e-4 at 224). The loss is ``0.5 *
+(D(z0, p1) + D(z1, p0))`` with lightly's ``NegativeCosineSimilarity``; fp32 and no
+``cudnn.benchmark`` (Lightning's defaults); PIL images from an ``ImageFolder`` through a
+``DataLoader`` with workers and pinned memory (lightly's example pins none; pinning favours
+lightly). The step is a plain PyTorch step (lightly's benchmark drives it with a Lightning
+``Trainer``, whose overhead is left out here, to lightly's advantage).
 """
 
 from __future__ import annotations
