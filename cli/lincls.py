@@ -79,7 +79,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     8 GPUs:    torchrun --nproc_per_node=8 -m cli lincls CHECKPOINT TRAIN_DIR VAL_DIR --out runs/r50/lincls
     Resume:    simsiam lincls --resume runs/r50/lincls
     """
-    from transfer.lincls import HEAD_FILE, linear_eval
+    from transfer.lincls import BEST_HEAD_FILE, HEAD_FILE, linear_eval
     from transfer.lincls_config import LinearEvalConfig, preset_linear_config
 
     from .resume import epochs_option, resume_hint, saved_run
@@ -105,5 +105,5 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
         click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "
                    f"{final['best_top1']:.2f}%) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
-                   f"{Path(config.out) / HEAD_FILE}")
+                   f"{Path(config.out) / HEAD_FILE}, the best top-1's in {BEST_HEAD_FILE}")
         click.echo("checked: the backbone's weights are those of the checkpoint, unchanged by training")

@@ -292,3 +292,32 @@ def test_every_training_image_is_seen_every_epoch_the_last_batch_included(tmp_pa
     linear_eval(config, on_event=events.append)
     assert events[0]["steps_per_epoch"] == 3 and seen == [20, 20, 8] * 2
     assert [e["images_per_s"] for e in events if e["event"] == "log"] == [20, 20, 8] * 2
+
+
+def test_the_head_of_the_best_validation_top1_is_kept_apart(tmp_path, data, monkeypatch):
+    """As the official model_best.pth.tar: the first epoch of the highest top-1, not the last epoch."""
+    import transfer.lincls as lincls
+    from transfer.lincls import BEST_HEAD_FILE
+
+    checkpoint, train, val = data
+    scripted, heads, evaluate = iter([40.0, 90.0, 70.0, 90.0]), [], lincls.Evaluator.__call__
+
+    def scored(self, backbone, head):
+        heads.append({k: v.clone() for k, v in head.state_dict().items()})
+        return {**evaluate(self, backbone, head), "top1": next(scripted)}
+
+    monkeypatch.setattr(lincls.Evaluator, "__call__", scored)
+    config = preset_linear_config("imagenet", checkpoint=str(checkpoint), train_dir=str(train), val_dir=str(val),
+                                  out=str(tmp_path / "run"), image_size=16, eval_resize=0, batch_size=16, epochs=4,
+                                  lr=1000.0, workers=0, device="cpu", eval_every=1)
+    final = lincls.linear_eval(config)
+    best = load_checkpoint(tmp_path / "run" / BEST_HEAD_FILE)
+    assert final["top1"] == 90.0 and final["best_top1"] == 90.0 and best["metrics"]["epoch"] == 2
+    assert best["metrics"]["top1"] == 90.0 and best["classes"] == ["class0", "class1", "class2"]
+    for name, value in heads[1].items():  # the weights evaluated in epoch 2, not those of epoch 4
+        assert torch.equal(best["state_dict"][f"fc.{name}"], value), name
+        assert not torch.equal(value, heads[3][name]), name
+    # a run started over in the same folder does not keep the old run's best head
+    monkeypatch.setattr(lincls.Evaluator, "__call__", evaluate)
+    lincls.linear_eval(dataclasses.replace(config, epochs=1, eval_every=1), overwrite=True)
+    assert load_checkpoint(tmp_path / "run" / BEST_HEAD_FILE)["metrics"]["epoch"] == 1

@@ -39,6 +39,7 @@ from .lars import LARS
 from .lincls_config import LinearEvalConfig
 
 HEAD_FILE = "linear_head.pth"
+BEST_HEAD_FILE = "linear_head_best.pth"  # the head of the best validation top-1 (model_best.pth.tar there)
 Event = Callable[[dict], None]
 
 
@@ -136,6 +137,13 @@ def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch,
     }
 
 
+def _head_file(config, head, classes, weights, metrics) -> dict:
+    """A trained head alone: ``fc.*`` under torchvision's names, with what it classifies and how well."""
+    return {"state_dict": {f"fc.{k}": v.cpu() for k, v in head.state_dict().items()}, "classes": classes,
+            "arch": weights.arch, "cifar_stem": weights.cifar_stem, "checkpoint": str(config.checkpoint),
+            "metrics": metrics, "config": config.to_dict(), "simsiam_version": __version__}
+
+
 def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None = None, overwrite: bool = False,
                 on_event: Event | None = None) -> dict:
     """Train and evaluate the linear classifier as ``config`` says; returns the final metrics.
@@ -178,7 +186,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     if runtime.is_main:
         prepare_run_dir(out, resume_from)
         if checkpoint is None:
-            (out / HEAD_FILE).unlink(missing_ok=True)  # the head of a run being started over
+            for name in (HEAD_FILE, BEST_HEAD_FILE):  # the heads of a run being started over
+                (out / name).unlink(missing_ok=True)
     runtime.barrier()
 
     torch.manual_seed(config.seed)
@@ -272,8 +281,12 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
                    "train_top1": 100.0 * correct / max(count, 1), "lr": lr, "skipped_images": skipped}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             metrics.update(evaluate(backbone, head))
+            # a first evaluation at top-1 0 is still the best so far (the official script keeps none)
+            is_best = metrics["top1"] > best or (best == 0.0 and not (out / BEST_HEAD_FILE).exists())
             best = max(best, metrics["top1"])
             metrics["best_top1"] = best
+            if is_best and runtime.is_main:  # the official script's model_best; kept before the resume point
+                save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / BEST_HEAD_FILE)
         metrics_log.write(metrics)
         emit({"event": "epoch", **metrics})
         if runtime.is_main:
@@ -288,9 +301,6 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
     if not metrics["backbone_unchanged"]:
         raise SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation")
     if runtime.is_main:
-        save_atomic({"state_dict": {f"fc.{k}": v.cpu() for k, v in head.state_dict().items()},
-                     "classes": train_images.classes, "arch": weights.arch, "cifar_stem": weights.cifar_stem,
-                     "checkpoint": str(config.checkpoint), "metrics": metrics, "config": config.to_dict(),
-                     "simsiam_version": __version__}, out / HEAD_FILE)
+        save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / HEAD_FILE)
     emit({"event": "end", **metrics})
     return metrics
