@@ -26,7 +26,8 @@ def _as_dict(result) -> dict:
         label = int(result.query_labels[row])
         queries.append({"path": path, "label": label, "class": _class(result, label), "neighbours": neighbours})
     return {"database_root": str(result.database.root), "query_root": str(result.queries.root),
-            "backend": result.backend, "excluded_self": result.excluded_self, "queries": queries,
+            "backend": result.backend, "excluded_self": result.excluded_self > 0,
+            "queries_in_database": result.excluded_self, "queries": queries,
             "metrics": result.metrics, "warnings": result.warnings}
 
 
@@ -78,7 +79,8 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
     from rich.table import Table
 
     table = Table(title=f"{len(result.queries):,} queries, {k} nearest in {database} ({result.backend})"
-                        + (", each query's own row left out" if result.excluded_self else ""))
+                        + (f", {result.excluded_self:,} of them database images, left out of their own results"
+                           if result.excluded_self else ""))
     for column, justify in (("query", "left"), ("rank", "right"), ("score", "right"), ("neighbour", "left"),
                             ("class", "left")):
         table.add_column(column, justify=justify, overflow="fold")

@@ -17,11 +17,11 @@ from simsiam.errors import InputError
 
 
 def retrieval_metrics(query_labels: np.ndarray, neighbour_labels: np.ndarray, database_labels: np.ndarray,
-                      recall_ks=(1, 5, 10), map_k: int = 10, self_in_database: bool = False) -> dict:
+                      recall_ks=(1, 5, 10), map_k: int = 10, self_in_database=False) -> dict:
     """Recall@k for each k and mAP@``map_k``; ``neighbour_labels`` [Q, K] best first (-1: no result).
 
-    ``self_in_database``: each query is itself one of the database images (and was left out of
-    its results), so it does not count among its relevant images.
+    ``self_in_database`` (one bool, or one per query): the query is itself one of the database
+    images (and was left out of its results), so it does not count among its relevant images.
     """
     query_labels = np.asarray(query_labels)
     neighbour_labels = np.asarray(neighbour_labels)
@@ -30,7 +30,7 @@ def retrieval_metrics(query_labels: np.ndarray, neighbour_labels: np.ndarray, da
         raise InputError(f"-k {depth}: the metrics need at least {max(*recall_ks, map_k)} neighbours per query")
     counts = np.bincount(database_labels[database_labels >= 0], minlength=int(max(query_labels.max(initial=0),
                                                                                    database_labels.max(initial=0))) + 1)
-    relevant_total = np.where(query_labels >= 0, counts[query_labels.clip(min=0)], 0) - int(self_in_database)
+    relevant_total = np.where(query_labels >= 0, counts[query_labels.clip(min=0)], 0) - np.asarray(self_in_database, np.int64)
     evaluated = (query_labels >= 0) & (relevant_total > 0)
     if not evaluated.any():
         raise InputError("--eval: no query has a label that some database image shares; the metrics need labels")

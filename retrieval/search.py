@@ -2,8 +2,10 @@
 
 The database is a feature file (searched exactly) or an index built by ``simsiam index`` over
 one. Queries are images, embedded on the fly with a checkpoint through the same layer and
-evaluation transform as the database (read from its attributes), or a feature file. When the
-queries are the database itself, each query's own row is left out of its results.
+evaluation transform as the database (read from its attributes), or a feature file. A query
+that is one of the database's images (the same file under the same folder, whether the queries
+are the database file itself, a copy or another extraction of it, or the images it was extracted
+from) does not find itself: its own row is left out of its results and of its relevant images.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class SearchResult:
     scores: np.ndarray  # [Q, k] cosine similarities, best first
     indices: np.ndarray  # [Q, k] database rows; -1 where an approximate index found fewer than k
     query_labels: np.ndarray  # [Q] query labels in the database's class numbering, -1 where unknown
-    excluded_self: bool
+    excluded_self: int  # queries that are database images, left out of their own results
     backend: str
     metrics: dict | None = None
     warnings: list[str] = field(default_factory=list)
@@ -125,11 +127,31 @@ def _search_rows(database: Database, queries: np.ndarray, k: int, backend: str, 
     return scores, indices.astype(np.int64), f"faiss index {database.index.meta.get('factory')}"
 
 
-def _drop_self(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own row (query i is database row i) from k + 1 results."""
-    own = indices == np.arange(len(indices))[:, None]
-    keep = ~own
-    keep[~own.any(axis=1), -1] = False  # not found: drop the last instead
+def own_rows(queries: FeatureSet, database: FeatureSet) -> np.ndarray:
+    """The database row of each query's own image, -1 where the database does not hold it.
+
+    An image is its path under its folder's real path (symlinks resolved, as ``same_images``), so
+    a copy of the database file, another extraction of the same folder, and the image folder
+    itself all match; only what the two roots name is resolved, not every path.
+    """
+    own = np.full(len(queries), -1, np.int64)
+    roots = [features.attrs.get("root") for features in (queries, database)]
+    if not all(roots):
+        return own
+    query_root, database_root = (os.path.realpath(root) for root in roots)
+    relative = [os.path.relpath(os.path.join(query_root, p), database_root) for p in queries.paths]
+    if all(r.startswith(os.pardir + os.sep) for r in relative):  # no query lies under the database's folder
+        return own
+    row_of = {os.path.normpath(p): row for row, p in enumerate(database.paths)}
+    own[:] = [row_of.get(r, -1) for r in relative]
+    return own
+
+
+def _drop_self(scores: np.ndarray, indices: np.ndarray, k: int, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own database row (``own``, -1 for none) from its k + 1 results."""
+    found = (indices == own[:, None]) & (own[:, None] >= 0)
+    keep = ~found
+    keep[~found.any(axis=1), -1] = False  # not among them: drop the last instead
     return scores[keep].reshape(len(scores), k), indices[keep].reshape(len(indices), k)
 
 
@@ -141,7 +163,8 @@ def search_database(database: Database, queries: FeatureSet, k: int = 10, evalua
         raise InputError(f"-k {k}: must be at least 1")
     warnings = check_compatible(database.features, "the database", queries, query_option)
     check_usable(queries, query_option)
-    same = queries.source != "<memory>" and Path(queries.source).resolve() == database.file.resolve()
+    own = own_rows(queries, database.features)
+    same = bool((own >= 0).any())
     depth = max(k, EVAL_DEPTH) if evaluate else k
     rows = len(database.features)
     if depth + int(same) > rows:
@@ -149,16 +172,16 @@ def search_database(database: Database, queries: FeatureSet, k: int = 10, evalua
                          + (" (--eval needs 10 neighbours per query)" if evaluate and depth > k else ""))
     scores, indices, used = _search_rows(database, queries.features, depth + int(same), backend, device)
     if same:
-        scores, indices = _drop_self(scores, indices, depth)
+        scores, indices = _drop_self(scores, indices, depth, own)
     query_labels = labels_in_classes_of(queries, database.features)
     result = SearchResult(FeatureSet(queries.features[:0], queries.labels, queries.paths, queries.attrs,
                                      queries.source),
-                          database.features, scores[:, :k], indices[:, :k], query_labels, same, used,
-                          warnings=warnings)
+                          database.features, scores[:, :k], indices[:, :k], query_labels, int((own >= 0).sum()),
+                          used, warnings=warnings)
     if evaluate:
         neighbour_labels = np.where(indices >= 0, database.features.labels[indices.clip(min=0)], -1)
         result.metrics = retrieval_metrics(query_labels, neighbour_labels, database.features.labels,
-                                           map_k=k, self_in_database=same)
+                                           map_k=k, self_in_database=own >= 0)
     return result
 
 

@@ -31,21 +31,64 @@ def gallery(tmp_path_factory):
     return {"root": root, "checkpoint": checkpoint, "images": images, "h5": feats, "index": root / "gallery.index"}
 
 
-def test_query_image_finds_itself_first_and_prints_neighbours(gallery):
+def test_query_image_of_the_database_finds_its_neighbours_not_itself(gallery):
     query = gallery["images"] / "class1" / "c1_002.png"
     common = ["--query", query, "--checkpoint", gallery["checkpoint"], "-k", "4", "--workers", "0", "--device", "cpu"]
     result = run("search", gallery["h5"], *common, "--json")
     assert result.exit_code == 0, result.output
-    [q] = json.loads(result.output.strip().splitlines()[-1])["queries"]
+    found = json.loads(result.output.strip().splitlines()[-1])
+    [q] = found["queries"]
+    assert found["excluded_self"] is True and found["queries_in_database"] == 1
     assert q["path"] == "c1_002.png" and len(q["neighbours"]) == 4
-    assert q["neighbours"][0]["path"] == "class1/c1_002.png" and q["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
+    assert "class1/c1_002.png" not in [n["path"] for n in q["neighbours"]]
     scores = [n["score"] for n in q["neighbours"]]
-    assert scores == sorted(scores, reverse=True)
+    assert scores == sorted(scores, reverse=True) and scores[0] < 1 - 1e-4
+    # the same neighbours as the image's row of the feature file searched against the file itself
+    everyone = json.loads(run("search", gallery["h5"], "--query-h5", gallery["h5"], "-k", "4", "--json").output)
+    [row] = [r for r in everyone["queries"] if r["path"] == "class1/c1_002.png"]
+    assert [n["path"] for n in row["neighbours"]] == [n["path"] for n in q["neighbours"]]
     table = run("search", gallery["index"], *common)  # the index finds the same, as a table
     assert table.exit_code == 0, table.output
     rows = [line.split("│")[1:-1] for line in table.output.splitlines() if line.startswith("│")]
     assert [r[3].strip() for r in rows] == [n["path"] for n in q["neighbours"]]
-    assert rows[0][0].strip() == "c1_002.png" and rows[0][2].strip() == "1.0000"
+    assert rows[0][0].strip() == "c1_002.png" and "1 of them database images, left out" in table.output
+
+
+def test_the_database_images_reached_another_way_do_not_find_themselves(gallery, tmp_path):
+    """A copy of the database file, or its image folder embedded again: --eval is not inflated by self-matches."""
+    import shutil
+
+    copy = shutil.copy(gallery["h5"], tmp_path / "copy.h5")
+    reference = json.loads(run("search", gallery["h5"], "--query-h5", gallery["h5"], "--eval", "--json").output)
+    embed = ["--checkpoint", gallery["checkpoint"], "--workers", "0", "--device", "cpu"]
+    for queries in (["--query-h5", copy], ["--query", gallery["images"], *embed]):
+        result = run("search", gallery["h5"], *queries, "--eval", "--json")
+        assert result.exit_code == 0, result.output
+        found = json.loads(result.output.strip().splitlines()[-1])
+        assert found["queries_in_database"] == 15
+        for mine, theirs in zip(found["queries"], reference["queries"]):
+            assert [n["path"] for n in mine["neighbours"]] == [n["path"] for n in theirs["neighbours"]]
+        assert found["metrics"] == pytest.approx(reference["metrics"])
+    # a class folder of the database's images (paths relative to another root) is matched too
+    result = run("search", gallery["h5"], "--query", gallery["images"] / "class2", *embed, "--json")
+    found = json.loads(result.output.strip().splitlines()[-1])
+    assert found["queries_in_database"] == 5
+    assert all(f"class2/{q['path']}" not in [n["path"] for n in q["neighbours"]] for q in found["queries"])
+    # images added to the folder after the extraction are not in the database: they keep every row,
+    # and a copy of a database image (another file) finds the original
+    images = make_image_folder(tmp_path / "grown", classes=3, per_class=2)
+    assert run("extract", gallery["checkpoint"], images, "--out", tmp_path / "grown.h5", *FAST).exit_code == 0
+    for image in sorted(images.glob("*/*_000.png")):  # copies: other files, of the same pixels
+        shutil.copy(image, image.with_name(f"new_{image.name}"))
+    result = run("search", tmp_path / "grown.h5", "--query", images, *embed, "-k", "5", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output.strip().splitlines()[-1])
+    assert found["queries_in_database"] == 6 and len(found["queries"]) == 9
+    for q in found["queries"]:
+        paths = [n["path"] for n in q["neighbours"]]
+        assert q["path"] not in paths and len(paths) == 5  # the 5 other rows, or 5 of the 6 for a new image
+        if q["path"].split("/")[1].startswith("new_"):
+            assert q["neighbours"][0]["path"] == q["path"].replace("new_", "") and q["neighbours"][0]["score"] > 0.9999
 
 
 def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
