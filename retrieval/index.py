@@ -45,6 +45,7 @@ HNSW_EF_CONSTRUCTION = 80
 EF_SEARCH_LADDER = (16, 32, 64, 128, 256, 512)
 K_FACTOR_LADDER = (1, 2, 4, 8, 16)
 RECALL_AT = 10
+TRAIN_SAMPLE = 256 * 1024  # vectors k-means trains IVF-PQ on, at least
 SIDECAR_FORMAT = "simsiam-index/1"
 _MEMORY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -78,7 +79,9 @@ def _power_of_two_at_most(x: float) -> int:
 
 
 def _ivf_pq_plan(rows: int, dim: int, budget: int | None) -> IndexPlan | None:
-    """IVF-PQ sized for ``rows`` (k-means wants >= 39 training points per centroid) and the budget."""
+    """IVF-PQ sized for ``rows`` (k-means wants >= 39 training points per centroid) and the budget:
+    the most accurate layout that fits, else the smallest (which the caller refuses); None when
+    ``rows`` are too few to train one."""
     nlist = min(_power_of_two_at_most(4 * math.sqrt(rows)), _power_of_two_at_most(rows / 39))
     bits = min(8, int(math.floor(math.log2(rows / 39))) if rows >= 39 * 16 else 0)
     if bits < 4:
@@ -93,7 +96,9 @@ def _ivf_pq_plan(rows: int, dim: int, budget: int | None) -> IndexPlan | None:
                 factory = f"IVF{nlist},PQ{m}x{bits}np" + (",Refine(SQ8)" if refine else "")
                 how = "re-ranked with 8-bit vectors" if refine else "no re-ranking (memory)"
                 return IndexPlan("ivf-pq", factory, size, f"{m}-byte PQ codes in {nlist} lists, {how}")
-    return None
+    smallest = divisors[0]
+    return IndexPlan("ivf-pq", f"IVF{nlist},PQ{smallest}x{bits}np", fixed + rows * (math.ceil(smallest * bits / 8) + 8),
+                     "the smallest IVF-PQ layout")
 
 
 def plan_index(rows: int, dim: int, kind: str = "auto", max_memory: int | None = None) -> IndexPlan:
@@ -114,7 +119,7 @@ def plan_index(rows: int, dim: int, kind: str = "auto", max_memory: int | None =
             hnsw.reason = (f"{rows:,} vectors: more than {FLAT_MAX_ROWS:,}, so approximate; " if rows > FLAT_MAX_ROWS
                            else f"Flat ({human_bytes(flat.estimated_bytes)}) exceeds {limit}; ") + hnsw.reason
             return hnsw
-        if ivf_pq is not None:
+        if fits(ivf_pq):
             why = (f"{rows:,} vectors (HNSW up to {HNSW_MAX_ROWS:,})" if rows > HNSW_MAX_ROWS and fits(hnsw)
                    else f"HNSW ({human_bytes(hnsw.estimated_bytes)}) exceeds {limit}" if not fits(hnsw)
                    else f"{rows:,} vectors")
@@ -148,12 +153,27 @@ def recall_at(approximate: np.ndarray, exact: np.ndarray, k: int = RECALL_AT,
     return float(np.mean(found)) / k
 
 
-def _measured_recall(faiss, index, vectors: np.ndarray, query_ids: np.ndarray) -> float:
-    """recall@10 of ``index`` against exact search, for indexed rows used as queries."""
-    queries = vectors[query_ids]
-    _, exact = faiss.knn(queries, vectors, RECALL_AT + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    _, found = index.search(queries, RECALL_AT + 1)
-    return recall_at(found, exact, query_ids=query_ids)
+class _RecallSample:
+    """Indexed rows used as queries, with their exact neighbours (searched once, for every setting tried)."""
+
+    def __init__(self, faiss, vectors: np.ndarray, query_ids: np.ndarray):
+        self.query_ids = query_ids
+        self.queries = vectors[query_ids]
+        _, self.exact = faiss.knn(self.queries, vectors, RECALL_AT + 1, metric=faiss.METRIC_INNER_PRODUCT)
+
+    def recall(self, index) -> float:
+        """recall@10 of ``index`` against exact search."""
+        _, found = index.search(self.queries, RECALL_AT + 1)
+        return recall_at(found, self.exact, query_ids=self.query_ids)
+
+
+def _nlist(plan: IndexPlan) -> int:
+    return int(re.search(r"IVF(\d+)", plan.factory).group(1))
+
+
+def training_rows(plan: IndexPlan, rows: int) -> int:
+    """Vectors IVF-PQ's k-means trains on: the usual sample, or 39 a list where that is more (above ~4M rows)."""
+    return min(rows, max(TRAIN_SAMPLE, 39 * _nlist(plan)))
 
 
 def _parameter_ladder(plan: IndexPlan) -> list[str]:
@@ -161,7 +181,7 @@ def _parameter_ladder(plan: IndexPlan) -> list[str]:
     if plan.kind == "hnsw":
         return [f"efSearch={ef}" for ef in EF_SEARCH_LADDER]
     if plan.kind == "ivf-pq":
-        nlist = int(re.search(r"IVF(\d+)", plan.factory).group(1))
+        nlist = _nlist(plan)
         probes = [1 << i for i in range(int(math.log2(nlist)) + 1)]
         factors = K_FACTOR_LADDER if "Refine" in plan.factory else (None,)
         return [f"nprobe={p}" + (f",k_factor_rf={f}" if f else "") for p in probes for f in factors]
@@ -224,7 +244,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample = vectors[np.sort(rng.choice(rows, min(rows, 256 * 1024), replace=False))]
+        sample = vectors[np.sort(rng.choice(rows, training_rows(plan, rows), replace=False))]
         index.train(sample)
     index.add(vectors)
 
@@ -238,10 +258,11 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
         f"(each query's own row left out)")
     chosen, best = "", -1.0
     space = faiss.ParameterSpace()
+    tuning = _RecallSample(faiss, vectors, tune_ids)
     for parameters in _parameter_ladder(plan):
         if parameters:
             space.set_index_parameters(index, parameters)
-        measured = _measured_recall(faiss, index, vectors, tune_ids)
+        measured = tuning.recall(index)
         if measured > best:
             chosen, best = parameters, measured
         if measured >= target_recall:
@@ -249,7 +270,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
             break
     if chosen:
         space.set_index_parameters(index, chosen)
-    recall = _measured_recall(faiss, index, vectors, report_ids)
+    recall = _RecallSample(faiss, vectors, report_ids).recall(index)
 
     report = IndexReport(str(out), str(Path(features_path)), plan.kind, plan.factory, chosen, recall, per_sample,
                          target_recall, plan.estimated_bytes, plan.reason, rows, dim, time.perf_counter() - start)

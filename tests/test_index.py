@@ -6,7 +6,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval.index import FLAT_MAX_ROWS, build_index, load_index, parse_memory, plan_index, recall_at
+from retrieval.index import (FLAT_MAX_ROWS, TRAIN_SAMPLE, build_index, load_index, parse_memory, plan_index, recall_at,
+                             training_rows)
 from simsiam.errors import InputError
 
 from feature_files import assert_user_error, clustered, feature_file, run
@@ -56,6 +57,23 @@ def test_approximate_kinds_reach_recall_at_10_of_090(clustered_file, tmp_path, k
         assert "PQ" in report.factory and "Refine(SQ8)" in report.factory
 
 
+def test_tuning_searches_the_exact_neighbours_once_per_sample(clustered_file, tmp_path, monkeypatch):
+    """Every setting of the ladder is measured against the same two exact searches, not one each."""
+    queries = []
+    knn = faiss.knn
+    monkeypatch.setattr(faiss, "knn", lambda q, *args, **kwargs: queries.append(len(q)) or knn(q, *args, **kwargs))
+    report = build_index(clustered_file, tmp_path / "ivf.index", kind="ivf-pq", target_recall=0.999, recall_sample=300)
+    assert report.search_parameters.startswith("nprobe=") and queries == [300, 300]
+
+
+def test_ivf_pq_trains_on_39_vectors_a_list_at_least():
+    for rows in (1_281_167, 5_000_000, 20_000_000):
+        plan = plan_index(rows, 256, "ivf-pq")
+        lists = int(plan.factory.split(",")[0].removeprefix("IVF"))
+        assert training_rows(plan, rows) == max(TRAIN_SAMPLE, 39 * lists) >= 39 * lists
+    assert training_rows(plan_index(5_000_000, 256, "ivf-pq"), 5_000_000) > TRAIN_SAMPLE  # IVF8192: 319,488
+
+
 def test_recall_leaves_each_query_out_of_its_own_results():
     exact = np.array([[0, 1, 2]])
     approximate = np.array([[0, 1, 5]])  # found itself and neighbour 1, missed neighbour 2
@@ -75,6 +93,11 @@ def test_auto_chooses_by_size_and_memory():
         plan_index(50_000, 2048, "flat", parse_memory("100M"))
     with pytest.raises(InputError, match="too small"):
         plan_index(50_000, 2048, max_memory=1000)
+    # asked for IVF-PQ: the budget, not the number of vectors, is what is short
+    with pytest.raises(InputError, match=r"--kind ivf-pq: needs about .*KiB, more than --max-memory 97.7 KiB"):
+        plan_index(5000, 64, "ivf-pq", 100_000)
+    with pytest.raises(InputError, match="--kind ivf-pq: 600 vectors are too few"):
+        plan_index(600, 64, "ivf-pq")
     assert parse_memory("1.5GiB") == 3 * 2 ** 29 and parse_memory("512") == 512
     with pytest.raises(InputError, match="--max-memory lots: not a size"):
         parse_memory("lots")
