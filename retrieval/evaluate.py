@@ -14,7 +14,7 @@ from simsiam.runtime import Runtime
 from .extract import extract_features
 from .feature_model import load_feature_model
 from .features import FeatureSet, read_features, write_features
-from .knn import KnnReport, evaluate_knn
+from .knn import KnnReport, check_ks, evaluate_knn
 from .neighbours import resolve_search
 
 
@@ -22,7 +22,7 @@ def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), t
                    backend: str = "auto", device: str = "auto",
                    chunk_size: int | None = None) -> tuple[KnnReport, FeatureSet]:
     """Weighted kNN of the feature file ``val`` against ``train``; returns the report and ``val``."""
-    resolve_search(backend, device)  # refuse a backend or device we cannot use before reading gigabytes
+    resolve_search(backend, device, check_ks(ks)[-1])  # refuse what we cannot run before reading gigabytes
     for option, path in (("--train", train), ("--val", val)):
         if is_torch_save_file(path):
             raise InputError(f"{option} {path}: a checkpoint, not a feature file; to embed and evaluate in one go: "
@@ -45,7 +45,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     if runtime.distributed:
         raise InputError("knn CHECKPOINT runs in one process; under torchrun run simsiam extract for both folders, "
                          "then simsiam knn --train --val")
-    resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu")
+    resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu", check_ks(ks)[-1])
     if save_features is not None:
         if Path(save_features).exists() and not Path(save_features).is_dir():
             raise InputError(f"--save-features {save_features}: a file, not a folder")

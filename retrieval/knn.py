@@ -4,7 +4,8 @@
 k nearest neighbours; each votes for its label with weight exp(sim / T); the class with the most
 weight wins" (DINO, Caron et al. 2021, ``knn_classifier``; k = 20, T = 0.07 as there). Top-5 is
 whether the label is among the five classes of most weight. Classes of equal weight are ranked
-by class index (a stable sort), so every backend reports the same top-5.
+by class index (a stable sort). The backends agree up to neighbours of exactly equal similarity
+(duplicate training images): which of those make the k nearest is the backend's choice.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: floa
 
     ks = check_ks(ks)
     num_classes, warnings, val_labels = check_knn_inputs(train, val, ks)
-    chosen, chosen_device = resolve_search(backend, device)
+    chosen, chosen_device = resolve_search(backend, device, ks[-1])
     start = time.perf_counter()
     results = weighted_knn(train.features, train.labels, val.features, val_labels, ks, temperature, num_classes,
                            chosen_device, chunk_size, chosen)

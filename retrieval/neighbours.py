@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # similarities per chunk when --chunk-size is not given: small on CPU (cache, RAM), large enough
 # on a GPU for the matrix product to fill it (1.28M ImageNet rows: 400 queries a chunk)
 CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 31}
+FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection stops there (GPU_MAX_SELECTION_K); the CPU has no limit
 FAISS_MISSING = ("faiss is not installed: pip install 'simsiam[cpu]' (faiss-cpu) or 'simsiam[gpu]' (faiss-gpu), "
                  "or use --backend torch")
 
@@ -63,14 +64,15 @@ def faiss_placement(gpus: int, device: str) -> str:
     return "gpu" if gpus == 1 else "gpu-sharded"
 
 
-def resolve_search(backend: str, device: str) -> tuple[str, str]:
-    """``(backend, device)`` to run; ``auto`` picks the fastest available.
+def resolve_search(backend: str, device: str, k: int | None = None) -> tuple[str, str]:
+    """``(backend, device)`` to run ``k`` neighbours a query; ``auto`` picks the fastest available.
 
     On a GPU machine that is faiss on GPU when faiss has GPU support (its k-selection runs fused
     on the tiles of the product, nothing [chunk, N] is materialised), else torch on CUDA. On CPU
     it is faiss when installed: both are bound by the same float32 matrix product, and
     ``faiss.knn`` (BLAS blocks, a heap per query) beat torch's chunked ``topk`` by 3-13% in each
-    of three runs at 100,000 x 10,000 x 512 (benchmarks/RESULTS.md); torch otherwise.
+    of three runs at 100,000 x 10,000 x 512 (benchmarks/RESULTS.md); torch otherwise. faiss on GPU
+    finds at most 2048 neighbours: beyond that ``auto`` runs torch on the GPU.
     """
     if backend not in BACKENDS:
         raise InputError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
@@ -82,6 +84,9 @@ def resolve_search(backend: str, device: str) -> tuple[str, str]:
     if backend == "faiss":
         faiss = import_faiss()
         placement = faiss_placement(faiss_gpu_count(faiss), device)
+        if placement != "cpu" and k is not None and k > FAISS_GPU_MAX_K:
+            raise InputError(f"-k {k}: faiss on GPU finds at most {FAISS_GPU_MAX_K} neighbours; use --backend torch "
+                             "(or auto), or --device cpu")
         return "faiss", "cpu" if placement == "cpu" else "cuda"
     use_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "auto":
@@ -89,7 +94,7 @@ def resolve_search(backend: str, device: str) -> tuple[str, str]:
             faiss = import_faiss()
         except InputError:
             faiss = None
-        if faiss is not None and use_gpu and faiss_gpu_count(faiss) > 0:
+        if faiss is not None and use_gpu and faiss_gpu_count(faiss) > 0 and (k is None or k <= FAISS_GPU_MAX_K):
             return "faiss", "cuda"
         if faiss is not None and not use_gpu:
             return "faiss", "cpu"
@@ -158,7 +163,7 @@ def search(database, queries, k: int, backend: str = "auto", device: str = "auto
                          "[rows, dim] matrices of the same dim")
     if not 1 <= k <= len(database):
         raise InputError(f"-k {k}: must be from 1 to the {len(database)} database rows")
-    backend, device = resolve_search(backend, device)
+    backend, device = resolve_search(backend, device, k)
     if backend == "faiss":
         return faiss_search(database, queries, k, device)
     return torch_search(database, queries, k, device, chunk_size)

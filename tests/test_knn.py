@@ -6,6 +6,7 @@ import torch
 
 from retrieval.knn import weighted_knn
 from retrieval.neighbours import faiss_placement, resolve_search, search
+from simsiam.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 faiss = pytest.importorskip("faiss")
@@ -87,6 +88,19 @@ def test_auto_picks_faiss_on_cpu_and_torch_without_faiss(monkeypatch):
     assert resolve_search("faiss", "auto") == ("faiss", "cpu")  # faiss-cpu reports no GPU
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)
     assert resolve_search("auto", "cpu") == ("torch", "cpu")
+
+
+def test_more_neighbours_than_faiss_finds_on_gpu_go_to_torch_or_are_refused(monkeypatch):
+    """faiss-gpu's k-selection stops at 2048 (a RuntimeError traceback from inside faiss beyond)."""
+    import retrieval.neighbours as neighbours
+
+    monkeypatch.setattr(neighbours, "faiss_gpu_count", lambda faiss: 1)  # a GPU build on a GPU machine, as seen here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_search("auto", "auto", k=2048) == ("faiss", "cuda")
+    assert resolve_search("auto", "auto", k=2049) == ("torch", "cuda")
+    assert resolve_search("faiss", "cpu", k=4096) == ("faiss", "cpu")
+    with pytest.raises(InputError, match="-k 4096: faiss on GPU finds at most 2048 neighbours"):
+        resolve_search("faiss", "cuda", k=4096)
 
 
 def test_faiss_runs_on_gpu_only_when_it_reports_gpus():
