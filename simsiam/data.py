@@ -128,13 +128,19 @@ def _decoder_reason(message: str) -> str:
     return reason.split(". ")[0].rstrip(".")
 
 
+def first_frame(decoded: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] of what torchvision decoded: an animated GIF comes as [frames, 3, H, W]; its first
+    frame is the image, as PIL's ``Image.open`` sees it."""
+    return decoded[0] if decoded.ndim == 4 else decoded
+
+
 def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason."""
     path = str(path)
     if path.lower().endswith(_TORCHVISION_DECODES):
         try:
             data = torch.from_file(path, size=os.path.getsize(path), dtype=torch.uint8)
-            return decode_image(data, mode=ImageReadMode.RGB)
+            return first_frame(decode_image(data, mode=ImageReadMode.RGB))
         except RuntimeError as err:
             raise OSError(_decoder_reason(str(err))) from None
     try:

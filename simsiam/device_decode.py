@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .data import ImageList, Unreadable, decode_rgb, make_loader
+from .data import ImageList, Unreadable, decode_rgb, first_frame, make_loader
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
@@ -101,7 +101,7 @@ def encoded_loader(images: ImageList, batch_sampler: Sampler | None = None, batc
 
 def _decode_on_cpu(payload: torch.Tensor) -> torch.Tensor:
     try:
-        return decode_image(payload, mode=ImageReadMode.RGB)
+        return first_frame(decode_image(payload, mode=ImageReadMode.RGB))
     except RuntimeError as err:
         # torchvision prefixes its messages with the C++ source location; keep the reason
         raise OSError(str(err).rsplit(", ", 1)[-1].strip()) from None

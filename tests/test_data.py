@@ -81,6 +81,30 @@ def test_unreadable_and_truncated_images_are_reported_not_raised(tmp_path):
     assert images.shape == (3, 3, 16, 16)
 
 
+def animated_gif(path: Path) -> Path:
+    """Three frames of different colours; PIL (and every image viewer) shows the first."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (12, 10), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+def test_an_animated_gif_is_its_first_frame(tmp_path):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "imgs", classes=1, per_class=2, size=12)
+    gif = animated_gif(root / "class0" / "anim.gif")
+    with Image.open(gif) as image:
+        expected = torch.from_numpy(__import__("numpy").array(image.convert("RGB"))).permute(2, 0, 1)
+    decoded = decode_rgb(gif)
+    assert decoded.shape == (3, 10, 12) and torch.equal(decoded, expected) and decoded[0].float().mean() > 200
+    # and it batches with the other images (a [frames, 3, H, W] tensor made collation fail)
+    dataset = ImageDataset(scan_images(root), eval_transform(8, None))
+    batch, unreadable = collate_readable([dataset[i] for i in range(len(dataset))])
+    assert not unreadable and batch[0].shape == (3, 3, 8, 8)
+
+
 def test_augmentation_depends_only_on_seed_epoch_and_index(shared_image_folder):
     images = scan_images(shared_image_folder)
     dataset = ImageDataset(images, TwoViews(pretrain_transform(16)), seed=7)

@@ -142,13 +142,15 @@ def test_unreadable_images_are_dropped_from_their_batches_and_reported(tmp_path,
 def test_decode_batch_decodes_jpegs_together_and_hands_the_rest_to_the_cpu_decoder(tmp_path):
     folder = add_broken_files(make_image_folder(tmp_path / "imgs", classes=2, per_class=2, ext="jpg"))
     Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(folder / "class1" / "small.png")
+    frames = [Image.new("RGB", (7, 9), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(folder / "class1" / "anim.gif", save_all=True, append_images=frames[1:])  # its first frame
     # looks like a whole JPEG (start and end markers), so it reaches the batch decoder, which fails
     (folder / "class1" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff" + b"garbage" * 10 + b"\xff\xd9")
     images = scan_images(folder)
     [batch] = list(encoded_loader(images, batch_size=16))
     # not a JPEG, or one without its end marker: decoded by the worker, on the CPU
     assert sorted(u.path.rsplit("/", 1)[1] for u in batch.unreadable) == ["garbage.jpg", "truncated.jpg"]
-    assert [p.dim() for p in batch.payloads].count(3) == 1  # the PNG came decoded
+    assert [p.dim() for p in batch.payloads].count(3) == 2  # the PNG and the GIF came decoded
     paths = [str(images.root / images.paths[i]) for i in batch.indices.tolist()]
     decoded, failed = decode_batch(batch.payloads, paths, CPU)
     assert [u.path.rsplit("/", 1)[1] for u in failed.values()] == ["corrupt.jpg"]
