@@ -321,3 +321,21 @@ def test_the_head_of_the_best_validation_top1_is_kept_apart(tmp_path, data, monk
     monkeypatch.setattr(lincls.Evaluator, "__call__", evaluate)
     lincls.linear_eval(dataclasses.replace(config, epochs=1, eval_every=1), overwrite=True)
     assert load_checkpoint(tmp_path / "run" / BEST_HEAD_FILE)["metrics"]["epoch"] == 1
+
+
+def test_a_resume_refuses_a_checkpoint_whose_backbone_changed(tmp_path, data):
+    """Evaluating a last.pth.tar that pretraining has since rewritten: the head would mix two backbones."""
+    import shutil
+
+    checkpoint, train, val = data
+    mine = shutil.copy(checkpoint, tmp_path / "last.pth.tar")
+    args = [*TINY, "--batch-size", "16", "--lr", "1000"]
+    assert run("lincls", mine, train, val, "--out", tmp_path / "run", *args, "--epochs", "1").exit_code == 0
+    saved = torch.load(mine, weights_only=True)
+    torch.save({**saved, "note": "saved again, same weights"}, mine)  # another file, the same backbone: fine
+    again = run("lincls", "--resume", tmp_path / "run", "--epochs", "2")
+    assert again.exit_code == 0, again.output
+    saved["state_dict"]["module.encoder.layer1.0.bn1.running_mean"] += 0.5  # BN statistics count too
+    torch.save(saved, mine)
+    assert_user_error(run("lincls", "--resume", tmp_path / "run", "--epochs", "3"),
+                      f"CHECKPOINT {mine}: its backbone is not the one the run being resumed trained its head on")

@@ -13,6 +13,7 @@ batches it would have seen), the runtime, atomic checkpoints, the run folder and
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -120,7 +121,18 @@ def classify(backbone: nn.Module, head: nn.Module, images: torch.Tensor, runtime
     return head(features.float())
 
 
-def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch, global_step, metrics, best) -> dict:
+def backbone_fingerprint(weights: BackboneWeights) -> str:
+    """sha256 of the backbone's tensors (weights and BN statistics), by name: what the head is trained on."""
+    digest = hashlib.sha256()
+    for name in sorted(weights.backbone):
+        tensor = weights.backbone[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch, global_step, metrics, best,
+                fingerprint) -> dict:
     return {
         "epoch": epoch,  # epochs completed; the epoch under way when step_in_epoch > 0
         "step_in_epoch": step_in_epoch,
@@ -133,6 +145,7 @@ def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch,
         "rng": {"torch": torch.get_rng_state()},
         "metrics": metrics,
         "best_top1": best,
+        "backbone_sha256": fingerprint,  # a resume refuses another backbone
         "simsiam_version": __version__,
     }
 
@@ -176,6 +189,10 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch {reached}; "
                          f"pass --epochs N with N >= {reached}")
     weights = read_backbone(config.checkpoint)
+    fingerprint = backbone_fingerprint(weights)
+    if checkpoint is not None and checkpoint.get("backbone_sha256", fingerprint) != fingerprint:
+        raise InputError(f"CHECKPOINT {config.checkpoint}: its backbone is not the one the run being resumed "
+                         "trained its head on (the file changed since); start a new run (another --out, or --overwrite)")
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     # every training image every epoch: main_lincls.py's loader keeps the last, incomplete batch
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size,
@@ -269,7 +286,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
             interval_start = now
             if save_now and runtime.is_main:
                 save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch, step + 1,
-                                        global_step, step_metrics, best), out / LAST)
+                                        global_step, step_metrics, best, fingerprint), out / LAST)
 
         if runtime.distributed:
             dist.all_reduce(epoch_sums)
@@ -291,7 +308,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         emit({"event": "epoch", **metrics})
         if runtime.is_main:
             save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch + 1, 0,
-                                    global_step, metrics, best), out / LAST)
+                                    global_step, metrics, best, fingerprint), out / LAST)
         runtime.barrier()
 
     if not metrics:  # resumed a finished run: evaluate it again
