@@ -51,12 +51,18 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
             raise InputError(f"--save-features {save_features}: a file, not a folder")
         for name in ("train.h5", "val.h5"):
             check_output(Path(save_features) / name, "--save-features", overwrite)
+    scanned = {}
     for name, folder in (("--train-dir", train_dir), ("--val-dir", val_dir)):
-        images = scan_images(folder)
+        scanned[name] = images = scan_images(folder)
         if not images.labelled:
             raise InputError(f"{name} {folder}: needs class folders (class/*.jpg): kNN needs labels")
         if name == "--train-dir" and max(ks) > len(images):
             raise InputError(f"-k {max(ks)}: larger than the {len(images)} images of --train-dir {folder}")
+    # before extracting anything (evaluate_knn would say it too, but only after both passes)
+    unknown = [c for c in scanned["--val-dir"].classes if c not in scanned["--train-dir"].classes]
+    if unknown:
+        raise InputError(f"--val-dir {val_dir}: classes {', '.join(unknown[:3])}{'...' if len(unknown) > 3 else ''} "
+                         f"are not among the {len(scanned['--train-dir'].classes)} classes of --train-dir {train_dir}")
     model = load_feature_model(checkpoint, layer)
     common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
     train_set = extract_features(model, train_dir, runtime, **common)

@@ -86,6 +86,14 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     assert (saved / "train.h5").stat().st_mtime_ns == written
     assert run(*args, "--save-features", saved, "--overwrite").exit_code == 0
     assert (saved / "train.h5").stat().st_mtime_ns != written
+    # a class of the validation folder that training lacks: refused before any image is embedded
+    other = make_image_folder(tmp_path / "other", classes=3, per_class=1, seed=2)
+    import retrieval.evaluate
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval.evaluate, "extract_features", lambda *a, **k: pytest.fail("extracted first"))
+        assert_user_error(run(*args[:5], other, *args[6:]),
+                          f"--val-dir {other}: classes class2 are not among the 2 classes of --train-dir {train}")
     # --predictions never replaces an input, the CHECKPOINT or an image included
     for target in (checkpoint, next(train.rglob("*.png"))):
         size = target.stat().st_size
