@@ -253,6 +253,9 @@ def test_errors(tmp_path, data):
                       "--epochs 0")
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4096"),
                       "--batch-size 4096", "larger than the dataset")
+    for option, value, message in (("--momentum", "5", "--momentum 5.0: must be in [0, 1)"),
+                                   ("--lr", "nan", "--lr nan: must be a finite number, not negative")):
+        assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, option, value), message)
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, "--seed", "-1"),
                       "--seed -1: must be from 0 to")
     assert_user_error(run("lincls", "--resume", tmp_path / "nothing"), "--resume")

@@ -54,10 +54,13 @@ class LinearEvalConfig(RunSettings):
         for name in ("epochs", "batch_size", "image_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("lr", "momentum", "wd", "trust_coefficient", "eval_resize", "workers", "save_every_steps"):
+        for name in ("lr", "wd", "trust_coefficient", "eval_resize", "workers", "save_every_steps"):
             value = getattr(self, name)
             if not value >= 0 or value == float("inf"):  # NaN compares false
-                raise InputError(f"--{name.replace('_', '-')} {value}: must be a finite number, not negative")
+                raise InputError(f"--{name.replace('_', '-')} {value}: must be "
+                                 f"{'at least 0' if isinstance(value, int) else 'a finite number, not negative'}")
+        if not 0 <= self.momentum < 1:  # SGD's and LARS's momentum diverges from 1 on
+            raise InputError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if not 0 < self.crop_min_scale <= 1:
