@@ -253,6 +253,13 @@ def test_errors(tmp_path, data):
                       "--epochs 0")
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4096"),
                       "--batch-size 4096", "larger than the dataset")
+    broken = tmp_path / "broken"
+    for name in ("class0", "class1", "class2"):
+        (broken / name).mkdir(parents=True)
+        (broken / name / "x.jpg").write_bytes(b"not an image")
+    failed = run("lincls", checkpoint, train, broken, "--out", tmp_path / "b", *args)  # known at the first evaluation
+    assert failed.exit_code == 2 and "Traceback" not in failed.output
+    assert failed.output.strip().splitlines()[-1] == f"Error: VAL_DIR {broken}: none of its 3 images could be decoded"
     for option, value, message in (("--momentum", "5", "--momentum 5.0: must be in [0, 1)"),
                                    ("--lr", "nan", "--lr nan: must be a finite number, not negative")):
         assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, option, value), message)

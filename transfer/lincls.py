@@ -85,6 +85,7 @@ class Evaluator:
                                   pin_memory=runtime.device.type == "cuda")
         self.topk = min(5, len(images.classes))
         self.runtime = runtime
+        self.root, self.images = images.root, len(images)
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, head: nn.Module) -> dict:
@@ -107,7 +108,7 @@ class Evaluator:
             dist.all_reduce(totals)
         correct1, correctk, loss, count = totals.tolist()
         if count == 0:
-            raise InputError("VAL_DIR: no readable validation image")
+            raise InputError(f"VAL_DIR {self.root}: none of its {self.images} images could be decoded")
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correctk / count, "val_loss": loss / count,
                 "topk": self.topk, "val_images": int(count), "val_skipped": skipped}
 
