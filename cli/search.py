@@ -69,7 +69,11 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
     if grid is not None:
         from retrieval.contact_sheet import draw_contact_sheet
 
-        draw_contact_sheet(result, grid, grid_rows)
+        missing = draw_contact_sheet(result, grid, grid_rows)
+        if missing:  # the sheet is written, but shows less than it should
+            result.warnings.append(f"--grid: {len(missing)} image(s) could not be read and are drawn as 'missing', "
+                                   f"e.g. {missing[0]} (moved since extraction? the feature file's root is "
+                                   f"{result.database.root})")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:

@@ -55,8 +55,12 @@ def _cell(ax, image: np.ndarray | None, title: str, frame: str | None) -> None:
             spine.set_linewidth(3)
 
 
-def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: int = MAX_ROWS) -> Path:
-    """Write the PNG contact sheet of ``result`` (the first ``max_rows`` queries); atomic."""
+def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: int = MAX_ROWS) -> list[Path]:
+    """Write the PNG contact sheet of ``result`` (the first ``max_rows`` queries); atomic.
+
+    Returns the images that could not be read (drawn as "missing" cells): moved since extraction,
+    or a feature file made on another machine.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -71,10 +75,18 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
     axes = figure.subplots(rows, 1 + k, squeeze=False)
     figure.subplots_adjust(left=0.01, right=0.99, top=1 - 0.25 / rows, bottom=0.02 / rows, wspace=0.08, hspace=0.3)
     labelled = result.query_labels >= 0
+    missing: list[Path] = []
+
+    def thumbnail(path: Path) -> np.ndarray | None:
+        image = _thumbnail(path)
+        if image is None and path not in missing:
+            missing.append(path)
+        return image
+
     for row in range(rows):
         query_path = result.queries.root / result.queries.paths[row]
         name = result.queries.paths[row]
-        _cell(axes[row, 0], _thumbnail(query_path), name if len(name) <= 24 else "…" + name[-23:], "black")
+        _cell(axes[row, 0], thumbnail(query_path), name if len(name) <= 24 else "…" + name[-23:], "black")
         for col in range(k):
             index = int(result.indices[row, col])
             ax = axes[row, col + 1]
@@ -84,8 +96,8 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
             frame = None
             if labelled[row]:
                 frame = "tab:green" if result.database.labels[index] == result.query_labels[row] else "tab:red"
-            _cell(ax, _thumbnail(result.database.root / result.database.paths[index]),
+            _cell(ax, thumbnail(result.database.root / result.database.paths[index]),
                   f"{result.scores[row, col]:.3f}", frame)
     with atomic_write(out) as f:
         figure.savefig(f, format="png", dpi=DPI)
-    return out
+    return missing

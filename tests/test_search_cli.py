@@ -109,6 +109,26 @@ def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
         assert_user_error(run("search", gallery["h5"], "--query", images, "--checkpoint", gallery["checkpoint"],
                               "--grid", query), "--grid", "is an input of this command")
     assert query.read_bytes() == before
+    assert "could not be read" not in result.output
+
+
+def test_grid_says_when_the_database_images_are_not_where_the_file_says(gallery, tmp_path):
+    import shutil
+
+    import h5py
+
+    moved = shutil.copy(gallery["h5"], tmp_path / "moved.h5")
+    with h5py.File(moved, "r+") as f:
+        f.attrs["root"] = str(tmp_path / "elsewhere")  # extracted on another machine, say
+    result = run("search", moved, "--query", gallery["images"] / "class0", "--checkpoint", gallery["checkpoint"],
+                 "-k", "2", "--grid", tmp_path / "g.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    found = json.loads(run("search", moved, "--query", gallery["images"] / "class0", "--checkpoint",
+                           gallery["checkpoint"], "-k", "2", "--device", "cpu", "--json").output.splitlines()[-1])
+    neighbours = {n["path"] for q in found["queries"] for n in q["neighbours"]}  # every one of them is missing
+    assert (f"warning: --grid: {len(neighbours)} image(s) could not be read and are drawn as 'missing'"
+            in result.output)
+    assert str(tmp_path / "elsewhere") in result.output and (tmp_path / "g.png").is_file()
 
 
 def test_eval_reports_recall_and_map_leaving_each_query_out(gallery):
