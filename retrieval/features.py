@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -87,6 +88,19 @@ def _encode_attr(name: str, value):
     return value
 
 
+BYTES_PER_ROW = 8 + 8 + 64  # a label, a string reference, a path: with the features, what a row takes
+
+
+def _check_free_space(path: Path, needed: int) -> None:
+    """Refuse before writing when ``path``'s disk cannot hold ``needed`` bytes (and a MiB of headroom)."""
+    folder = path.parent if path.parent.exists() else Path(".")
+    free = shutil.disk_usage(folder).free
+    needed += 1 << 20  # the file's own structures
+    if needed > free:
+        raise InputError(f"--out {path}: needs about {needed / 2**20:,.1f} MiB, but its disk has "
+                         f"{free / 2**20:,.1f} MiB free")
+
+
 class FeatureWriter:
     """Streams rows into a new feature file; :meth:`commit` renames it into place.
 
@@ -108,6 +122,8 @@ class FeatureWriter:
         self.rows = 0
         storage = _compression_args(compression)
         chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
+        if compression == "none":  # a full disk found by HDF5 mid-write leaves it in a state that can crash at exit
+            _check_free_space(self.path, expected_rows * (dim * np.dtype(dtype).itemsize + BYTES_PER_ROW))
         self.file = None
         self.tmp = new_temporary(self.path)
         try:
@@ -148,9 +164,13 @@ class FeatureWriter:
         return self.path
 
     def abort(self) -> None:
-        if self.file is not None and self.file.id.valid:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if self.file is not None and self.file.id.valid:
+                self.file.close()
+        except (OSError, RuntimeError):  # a full disk fails the close too; the file goes all the same
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "FeatureWriter":
         return self

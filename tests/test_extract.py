@@ -160,6 +160,32 @@ def test_unknown_checkpoint_layout_writes_nothing(tmp_path, images):
     assert list(tmp_path.iterdir()) == [bad]
 
 
+def test_a_disk_too_small_for_the_file_is_refused_before_writing(tmp_path, checkpoints, images, monkeypatch):
+    """HDF5 finding the disk full mid-write fails its close too, and can crash the process at exit."""
+    import collections
+
+    import retrieval.features as features
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 100 << 10))
+    out = tmp_path / "feats.h5"
+    assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST),
+                      f"--out {out}: needs about", "MiB, but its disk has 0.1 MiB free")
+    assert not list(tmp_path.glob("*feats*")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_failing_close_still_removes_the_temporary_file(tmp_path, monkeypatch):
+    from retrieval.features import FeatureWriter
+
+    writer = FeatureWriter(tmp_path / "f.h5", 4, {"root": str(tmp_path)}, "float32", expected_rows=2)
+    writer.append(np.ones((2, 4), np.float32), [0, 1], ["a.jpg", "b.jpg"])
+    monkeypatch.setattr(writer.file, "close", lambda: (_ for _ in ()).throw(RuntimeError("file write failed")))
+    writer.abort()
+    assert not writer.tmp.exists() and not (tmp_path / "f.h5").exists()
+    monkeypatch.undo()
+    writer.file.close()
+
+
 def test_bad_option_values_are_refused_before_any_work(tmp_path, checkpoints, images):
     out = tmp_path / "feats.h5"
     for option, value, message in (("--image-size", "0", "--image-size"), ("--batch-size", "0", "--batch-size"),
