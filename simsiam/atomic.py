@@ -27,6 +27,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None or err.filename == str(tmp):  # a full disk, say: name the file the user chose
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -12,6 +12,7 @@ Read (:func:`read_backbone`): ours, the official SimSiam checkpoints, the same w
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -39,7 +40,11 @@ def epoch_checkpoint_name(epoch: int) -> str:
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (see :func:`simsiam.atomic.atomic_write`)."""
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch's zip writer says a failed write ("unexpected pos") this way
+            raise OSError(errno.EIO, f"cannot write the checkpoint ({str(err).strip().splitlines()[0]}); "
+                                     "is its disk full?") from None
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:

@@ -58,3 +58,26 @@ def test_an_image_reached_through_a_symbolic_link_in_an_input_folder_is_an_input
     (tmp_path / "queries" / "cls").symlink_to(tmp_path / "elsewhere")  # listed by scan_images as cls/a.png
     with pytest.raises(InputError, match="is an input of this command"):
         check_output(tmp_path / "queries" / "cls" / "a.png", "--grid", True, inputs=[tmp_path / "queries"])
+
+
+def test_a_full_disk_is_reported_under_the_name_the_user_chose(tmp_path, monkeypatch):
+    import torch
+
+    import simsiam.atomic
+    from simsiam.checkpoint import save_atomic
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(simsiam.atomic.os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        with atomic_write(tmp_path / "out.bin") as f:
+            f.write(b"data")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "out.bin")
+    monkeypatch.undo()
+    # torch's zip writer says a failed write as a RuntimeError: an OSError naming the checkpoint
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("unexpected pos 704 vs 598")))
+    with pytest.raises(OSError, match="cannot write the checkpoint .*unexpected pos.*is its disk full") as raised:
+        save_atomic({}, tmp_path / "c.pth")
+    assert raised.value.filename == str(tmp_path / "c.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
