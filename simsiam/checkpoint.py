@@ -37,14 +37,20 @@ def epoch_checkpoint_name(epoch: int) -> str:
     return f"checkpoint_{epoch:04d}.pth.tar"
 
 
+# how torch's zip writer reports a write that failed (a full disk), as a RuntimeError
+WRITE_FAILED = ("unexpected pos", "failed writing", "file write failed")
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (see :func:`simsiam.atomic.atomic_write`)."""
     with atomic_write(path) as f:
         try:
             torch.save(obj, f)
-        except RuntimeError as err:  # torch's zip writer says a failed write ("unexpected pos") this way
-            raise OSError(errno.EIO, f"cannot write the checkpoint ({str(err).strip().splitlines()[0]}); "
-                                     "is its disk full?") from None
+        except RuntimeError as err:
+            text = str(err).strip()
+            if not any(sign in text for sign in WRITE_FAILED):  # not a write: a bug, kept as it is
+                raise
+            raise OSError(errno.EIO, f"cannot write the checkpoint ({text.splitlines()[0]}); is its disk full?") from None
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
