@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -214,19 +215,67 @@ def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], a
         return writer.commit()
 
 
+NOT_OURS = "not a feature file written by simsiam extract"
+STRING_ATTRS = ("root", "arch", "layer", "checkpoint", "checkpoint_sha256")
+INT_ATTRS = ("image_size", "resize")
+
+
 def _decode_attrs(raw: h5py.AttributeManager, where: str) -> dict:
+    """The attributes as Python values, each one the rest of the toolkit relies on checked for its type:
+    a foreign or hand-edited file must fail here, in one line, not deep inside knn or search."""
     attrs = {}
     for name, value in raw.items():
         if isinstance(value, bytes):
-            value = value.decode("utf-8")
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{where}: its {name!r} attribute is not UTF-8 text; {NOT_OURS}") from None
         elif isinstance(value, np.generic):
             value = value.item()
         attrs[name] = value
     try:
-        attrs["classes"] = json.loads(attrs.get("classes") or "[]")
+        classes = json.loads(attrs.get("classes") or "[]")
     except (TypeError, ValueError):
-        raise InputError(f"{where}: its 'classes' attribute is not a JSON list") from None
+        classes = None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise InputError(f"{where}: its 'classes' attribute is not a JSON list of class names; {NOT_OURS}")
+    attrs["classes"] = classes
+    for names, kind, what in ((STRING_ATTRS, str, "a string"), (INT_ATTRS, int, "an integer")):
+        for name in names:
+            if name in attrs and (not isinstance(attrs[name], kind) or isinstance(attrs[name], bool)):
+                raise InputError(f"{where}: its {name!r} attribute is not {what}; {NOT_OURS}")
     return attrs
+
+
+def _check_datasets(f: h5py.File, where: Path) -> None:
+    """Each dataset of the schema present, a dataset (not a group), of its dtype and of one length."""
+    missing = [name for name in DATASETS if name not in f]
+    if missing:
+        raise InputError(f"{where}: not a simsiam feature file: no dataset {', '.join(repr(m) for m in missing)}")
+    for name in DATASETS:
+        if not isinstance(f[name], h5py.Dataset):
+            raise InputError(f"{where}: {name!r} is not a dataset; {NOT_OURS}")
+    _check_shards(f, where)
+    shape = f["features"].shape
+    if len(shape) != 2 or f["labels"].shape != (shape[0],) or f["paths"].shape != (shape[0],):
+        raise InputError(f"{where}: features {shape}, labels {f['labels'].shape} and paths "
+                         f"{f['paths'].shape} do not describe the same images")
+    if f["features"].dtype.kind != "f":
+        raise InputError(f"{where}: features are {f['features'].dtype}, expected float16 or float32")
+    if f["labels"].dtype.kind not in "iu":
+        raise InputError(f"{where}: labels are {f['labels'].dtype}, expected integers (class indices)")
+    if h5py.check_string_dtype(f["paths"].dtype) is None:
+        raise InputError(f"{where}: 'paths' is not a dataset of strings; {NOT_OURS}")
+
+
+def _decode_paths(raw: np.ndarray, where: Path) -> list[str]:
+    paths = []
+    for row, path in enumerate(raw):
+        try:
+            paths.append(path.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{where}: 'paths' row {row} is not UTF-8 text; {NOT_OURS}") from None
+    return paths
 
 
 def _check_shards(f: h5py.File, where: Path) -> None:
@@ -240,9 +289,10 @@ def _check_shards(f: h5py.File, where: Path) -> None:
                                  "over a shard folder; keep that folder beside it, or extract again)")
 
 
-def read_features(path: str | os.PathLike, with_features: bool = True) -> FeatureSet:
-    """Read and check a feature file; ``with_features=False`` reads labels, paths and attributes only."""
-    path = Path(path)
+@contextmanager
+def _open_checked(path: Path):
+    """The feature file ``path`` open for reading, its datasets checked (:func:`_check_datasets`);
+    whatever is wrong with it is an InputError naming it."""
     if not path.exists():
         raise InputError(f"{path}: no such feature file")
     if not path.is_file():
@@ -256,24 +306,21 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
         raise InputError(f"{path}: not an HDF5 file (expected a feature file written by simsiam extract)")
     try:
         with h5py.File(path, "r") as f:
-            missing = [name for name in DATASETS if name not in f]
-            if missing:
-                raise InputError(f"{path}: not a simsiam feature file: no dataset {', '.join(repr(m) for m in missing)}")
-            _check_shards(f, path)
-            shape = f["features"].shape
-            if len(shape) != 2 or f["labels"].shape != (shape[0],) or f["paths"].shape != (shape[0],):
-                raise InputError(f"{path}: features {shape}, labels {f['labels'].shape} and paths "
-                                 f"{f['paths'].shape} do not describe the same images")
-            if f["features"].dtype.kind != "f":
-                raise InputError(f"{path}: features are {f['features'].dtype}, expected float16 or float32")
-            if f["labels"].dtype.kind not in "iu":
-                raise InputError(f"{path}: labels are {f['labels'].dtype}, expected integers (class indices)")
-            attrs = _decode_attrs(f.attrs, str(path))
-            labels = f["labels"][:].astype(np.int64)
-            paths = [p.decode("utf-8") for p in f["paths"][:]]
-            features = f["features"][:] if with_features else np.empty((0, shape[1]), f["features"].dtype)
+            _check_datasets(f, path)
+            yield f
     except OSError as err:
         raise InputError(f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]})") from None
+
+
+def read_features(path: str | os.PathLike, with_features: bool = True) -> FeatureSet:
+    """Read and check a feature file; ``with_features=False`` reads labels, paths and attributes only."""
+    path = Path(path)
+    with _open_checked(path) as f:
+        attrs = _decode_attrs(f.attrs, str(path))
+        labels = f["labels"][:].astype(np.int64)
+        paths = _decode_paths(f["paths"][:], path)
+        dim = f["features"].shape[1]
+        features = f["features"][:] if with_features else np.empty((0, dim), f["features"].dtype)
     absent = [name for name in ("layer", "arch") if name not in attrs]
     if absent:
         raise InputError(f"{path}: not a simsiam feature file: no attribute {', '.join(absent)}")
@@ -286,7 +333,7 @@ def read_features(path: str | os.PathLike, with_features: bool = True) -> Featur
 
 def read_header(path: str | os.PathLike) -> tuple[int, int, dict]:
     """``(rows, dim, attributes)`` of a feature file, without reading its datasets."""
-    with h5py.File(path, "r") as f:
+    with _open_checked(Path(path)) as f:
         rows, dim = f["features"].shape
         return int(rows), int(dim), _decode_attrs(f.attrs, str(path))
 

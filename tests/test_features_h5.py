@@ -15,6 +15,7 @@ from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
 from conftest import make_image_folder
+from feature_files import assert_user_error, clustered, feature_file, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,3 +169,38 @@ def test_a_virtual_file_of_an_earlier_version_without_its_shard_is_refused_not_r
     shard.unlink()
     with pytest.raises(InputError, match="its shard feats.h5.shards/rank00000-of-00001.h5 is missing"):
         read_features(tmp_path / "feats.h5")
+
+
+def _replace(f: h5py.File, name: str, **dataset) -> None:
+    del f[name]
+    f.create_dataset(name, **dataset)
+
+
+# hand-made or foreign files: each breaks one thing the reader relies on
+FOREIGN_FILES = {
+    "features a group": (lambda f: (f.__delitem__("features"), f.create_group("features")),
+                         "'features' is not a dataset"),
+    "paths of integers": (lambda f: _replace(f, "paths", data=np.arange(len(f["labels"]))),
+                          "'paths' is not a dataset of strings"),
+    "paths not UTF-8": (lambda f: _replace(f, "paths", data=np.array([b"\xff\xfe"] * len(f["labels"]))),
+                        "'paths' row 0 is not UTF-8 text"),
+    "classes of numbers": (lambda f: f.attrs.__setitem__("classes", json.dumps([1, 2, 3, 4])),
+                           "its 'classes' attribute is not a JSON list of class names"),
+    "classes an object": (lambda f: f.attrs.__setitem__("classes", json.dumps({"a": 1})),
+                          "its 'classes' attribute is not a JSON list of class names"),
+    "root a number": (lambda f: f.attrs.__setitem__("root", 3), "its 'root' attribute is not a string"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_FILES)
+def test_a_foreign_feature_file_is_refused_in_one_line_by_every_command(tmp_path, case):
+    edit, message = FOREIGN_FILES[case]
+    good = feature_file(tmp_path / "good.h5", *clustered(40, classes=4, dim=8))
+    bad = tmp_path / "bad.h5"
+    shutil.copy(good, bad)
+    with h5py.File(bad, "r+") as f:
+        edit(f)
+    for command in (["knn", "--train", good, "--val", bad], ["knn", "--train", bad, "--val", good],
+                    ["index", bad, "--out", tmp_path / "bad.index"], ["search", bad, "--query-h5", good]):
+        assert_user_error(run(*command), f"bad.h5: {message}; not a feature file written by simsiam extract")
+    assert not list(tmp_path.glob("*.index*"))
