@@ -312,9 +312,13 @@ def load_index(path: str | os.PathLike) -> LoadedIndex:
                          "the index rows belong to)")
     try:
         meta = json.loads(sidecar.read_text())
-        if meta.get("format") != SIDECAR_FORMAT:
+        # a hand-edited or foreign sidecar: every field read below is checked for its type here
+        if (not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT
+                or not isinstance(meta.get("features"), str) or not isinstance(meta.get("rows"), int)
+                or not isinstance(meta.get("search_parameters", ""), str)
+                or not isinstance(meta.get("features_absolute", ""), str)):
             raise ValueError
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError among them
         raise InputError(f"{sidecar}: not an index description written by simsiam index") from None
     try:
         index = faiss.read_index(str(path))

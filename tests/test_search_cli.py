@@ -187,6 +187,15 @@ def test_other_errors(gallery, tmp_path):
     assert read_features(gallery["h5"]).dim == 512
 
 
+
+@pytest.mark.parametrize("sidecar", ["[1, 2]", '"flat"', '{"format": "simsiam-index/1", "features": 3, "rows": 14}'])
+def test_a_foreign_index_sidecar_is_refused_in_one_line(gallery, tmp_path, sidecar):
+    index = tmp_path / "x.index"
+    index.write_bytes(gallery["index"].read_bytes())
+    (tmp_path / "x.index.json").write_text(sidecar)
+    assert_user_error(run("search", index, "--query-h5", gallery["h5"]),
+                      "x.index.json: not an index description written by simsiam index")
+
 def test_conflicting_options_and_another_network_are_refused_before_any_work(gallery, tmp_path):
     from feature_files import clustered, feature_file
 
