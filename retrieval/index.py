@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from simsiam.atomic import atomic_write, check_output, new_temporary
+from simsiam.atomic import check_output, new_temporary
 from simsiam.config import check_seed
 from simsiam.errors import InputError
 
@@ -214,7 +214,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
                 seed: int = 0, on_event: Callable[[str], None] | None = None, overwrite: bool = False) -> IndexReport:
     """Build, tune and write an index over the feature file ``features_path`` (see the module docstring).
 
-    Written atomically: ``OUT.json`` first, then the index file, each under a temporary name.
+    Written atomically: both files under temporary names, then renamed, the sidecar last (:func:`_write_pair`).
     Existing ones are replaced only with ``overwrite``, and never the feature file itself.
     """
     for path in (out, sidecar_path(Path(out))):  # before any work
@@ -281,16 +281,48 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
                "checkpoint_sha256": attrs.get("checkpoint_sha256"), "rows_sha256": rows_digest,
                "metric": "cosine (inner product of L2-normalised vectors)"}
     del sidecar["path"]
-    with atomic_write(sidecar_path(out), "w") as f:
-        f.write(json.dumps(sidecar, indent=2) + "\n")
-    tmp = new_temporary(out)
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_pair(faiss, index, out, json.dumps(sidecar, indent=2) + "\n")
     return report
+
+
+def _write_pair(faiss, index, out: Path, description: str) -> None:
+    """Write the index and its sidecar (``description``) under temporary names, then rename both into place.
+
+    A failure while writing (a full disk) removes the temporaries and leaves an existing pair untouched.
+    The renames come last: the old sidecar is removed, the index renamed, the sidecar renamed. An
+    interruption between them leaves an index without a sidecar, which load_index refuses ("no OUT.json
+    beside it"); the other orders could leave an index beside the other one's sidecar, which its checks
+    miss when both hold as many rows.
+    """
+    sidecar = sidecar_path(out)
+    temporaries = []
+    try:
+        temporaries.append(new_temporary(out))
+        faiss.write_index(index, str(temporaries[0]))
+        temporaries.append(new_temporary(sidecar))
+        temporaries[1].write_text(description)
+        for tmp in temporaries:  # on disk before the renames: a crash after them leaves whole files
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        sidecar.unlink(missing_ok=True)
+        os.replace(temporaries[0], out)
+        os.replace(temporaries[1], sidecar)
+    except BaseException as err:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) else _faiss_os_reason(err)
+        if reason:
+            raise InputError(f"--out {out}: {reason}") from None
+        raise
+
+
+def _faiss_os_reason(err: BaseException) -> str | None:
+    """The operating system's reason in faiss's I/O errors, e.g. RuntimeError("... write error in X: 10 !=
+    20 (No space left on device)") or ("... could not open X for writing: Permission denied")."""
+    if not isinstance(err, RuntimeError):
+        return None
+    match = re.search(r"write error in .*\((.+)\)\s*$|for writing: (.+)$", str(err).strip())
+    return (match.group(1) or match.group(2)).strip() if match else None
 
 
 @dataclass

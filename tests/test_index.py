@@ -1,6 +1,7 @@
 """``simsiam index``: Flat is exact, the approximate kinds reach recall@10 >= 0.9, auto chooses by size and memory."""
 
 import json
+import os
 
 import faiss
 import numpy as np
@@ -133,3 +134,53 @@ def test_cli_errors(clustered_file, tmp_path):
     few = feature_file(tmp_path / "few.h5", *clustered(100))
     assert_user_error(run("index", few, "--out", tmp_path / "x.index", "--kind", "ivf-pq"), "too few", "--kind flat")
     assert not list(tmp_path.glob("x.index*")) and not list(tmp_path.glob(".x.index*"))
+
+
+FAILED_WRITES = {
+    "faiss: disk full": ("write_index", RuntimeError("Error in void faiss::write_index(...): write error in x: 10 != 20 "
+                                                     "(No space left on device)"), "No space left on device"),
+    "faiss: no permission": ("write_index", RuntimeError("Error in faiss::FileIOWriter::FileIOWriter(const char*): "
+                                                         "could not open x for writing: Permission denied"),
+                             "Permission denied"),
+    "OSError": ("write_index", OSError(28, "No space left on device"), "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("case", FAILED_WRITES)
+def test_a_failed_write_leaves_the_old_pair_usable_and_no_temporary_files(clustered_file, tmp_path, monkeypatch, case):
+    out = tmp_path / "x.index"
+    assert run("index", clustered_file, "--out", out, "--recall-sample", "50").exit_code == 0
+    before = out.read_bytes(), (tmp_path / "x.index.json").read_bytes()
+    name, error, reason = FAILED_WRITES[case]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(faiss, name, fail)
+    result = run("index", clustered_file, "--out", out, "--overwrite", "--kind", "hnsw", "--recall-sample", "50")
+    assert_user_error(result, f"--out {out}: {reason}", only_line=False)
+    monkeypatch.undo()
+    assert (out.read_bytes(), (tmp_path / "x.index.json").read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index", "x.index.json"]  # no temporaries
+    assert load_index(out).meta["kind"] == "flat"
+    assert run("search", out, "--query-h5", clustered_file, "-k", "5", "--json").exit_code == 0
+
+
+def test_an_interruption_between_the_renames_leaves_an_index_that_is_refused(clustered_file, tmp_path, monkeypatch):
+    out = tmp_path / "x.index"
+    assert run("index", clustered_file, "--out", out, "--recall-sample", "50").exit_code == 0
+    replace = os.replace
+
+    def fail_on_the_sidecar(source, target):
+        if str(target).endswith(".json"):
+            raise OSError(5, "Input/output error")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_sidecar)
+    result = run("index", clustered_file, "--out", out, "--overwrite", "--kind", "hnsw", "--recall-sample", "50")
+    assert_user_error(result, f"--out {out}: Input/output error", only_line=False)
+    monkeypatch.undo()
+    # never the new index described by the old sidecar (both have 3,000 rows: its checks would pass)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index"]
+    with pytest.raises(InputError, match="no x.index.json beside it"):
+        load_index(out)
