@@ -79,7 +79,8 @@ class KnnMonitor:
         train, val = labelled_images(config.knn_train, config.knn_val, "--knn-train", "--knn-val")
         self.train, self.val = ImageDataset(train, transform), ImageDataset(val, transform)
         if len(self.train) < config.knn_k:
-            raise InputError(f"--knn-k {config.knn_k}: larger than the {len(self.train)} images of --knn-train")
+            raise InputError(f"--knn-k {config.knn_k}: larger than the {len(self.train)} images of "
+                             f"--knn-train {config.knn_train}")
         self.config = config
         self.runtime = runtime
         self.warnings = []
@@ -96,6 +97,15 @@ class KnnMonitor:
         val_x, val_y = self._embed_share(backbone, self.val)
         if not self.runtime.is_main:
             return None
+        # how many images decode is known only now (checking before training would decode them twice)
+        config = self.config
+        for option, folder, dataset, labels in (("--knn-train", config.knn_train, self.train, train_y),
+                                                ("--knn-val", config.knn_val, self.val, val_y)):
+            if not len(labels):
+                raise InputError(f"{option} {folder}: none of its {len(dataset)} images could be decoded")
+        if len(train_y) < config.knn_k:
+            raise InputError(f"--knn-k {config.knn_k}: larger than the {len(train_y)} readable images "
+                             f"(of {len(self.train)}) of --knn-train {config.knn_train}")
         num_classes = len(self.train.images.classes)
         [result] = weighted_knn(train_x, train_y, val_x, val_y, (self.config.knn_k,), self.config.knn_temperature,
                                 num_classes=num_classes, device=self.runtime.device)
@@ -340,21 +350,32 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             "lr": lr, "collapse_std": metrics.get("collapse_std"), "skipped_images": totals.skipped,
             "images_per_s": timed_steps * config.batch_size / (time.perf_counter() - epoch_start),
         }
+        def end_epoch() -> None:
+            metrics_log.write(epoch_metrics)
+            emit({"event": "epoch", **epoch_metrics})
+            if runtime.is_main:
+                state = _checkpoint(config, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
+                if (epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs:
+                    numbered = out / epoch_checkpoint_name(epoch)
+                    save_atomic(state, numbered)
+                    link_atomic(numbered, out / LAST)
+                else:
+                    save_atomic(state, out / LAST)
+
         if knn is not None and ((epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs):
-            top1 = knn(raw.encoder)  # every rank embeds its share
+            try:
+                top1 = knn(raw.encoder)  # every rank embeds its share
+            except Exception as err:
+                # the epoch is trained: keep its line and checkpoint (without a kNN top-1), so that
+                # --resume continues once the monitor's images are fixed
+                end_epoch()
+                if isinstance(err, InputError):
+                    raise InputError(f"{err} (epoch {epoch + 1} is saved; --resume {out} continues)") from None
+                raise
             if runtime.is_main:
                 epoch_metrics["knn_top1"] = top1
-        metrics_log.write(epoch_metrics)
-        emit({"event": "epoch", **epoch_metrics})
-        if runtime.is_main:
-            state = _checkpoint(config, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
-            if (epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs:
-                numbered = out / epoch_checkpoint_name(epoch)
-                save_atomic(state, numbered)
-                link_atomic(numbered, out / LAST)
-            else:
-                save_atomic(state, out / LAST)
-            last_good = str(out / LAST)
+        end_epoch()
+        last_good = str(out / LAST)
         runtime.barrier()
         metrics = epoch_metrics
 

@@ -354,6 +354,45 @@ def test_knn_monitor_needs_labelled_folders(tmp_path, shared_image_folder):
     assert not (tmp_path / "run").exists()
 
 
+def test_knn_k_larger_than_knn_train_is_refused_before_training(tmp_path, shared_image_folder):
+    knn_train = make_image_folder(tmp_path / "knn_train", classes=2, per_class=3)
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY,
+                 "--knn-train", knn_train, "--knn-val", knn_train, "--knn-k", "7")
+    assert_user_error(result, "--knn-k 7: larger than the 6 images of --knn-train", str(knn_train))
+    assert not (tmp_path / "run").exists()
+
+
+def _unreadable_images(folder, count):
+    for i in range(count):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"class{i % 2}" / f"bad{i}.jpg").write_bytes(os.urandom(200))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["val", "k"])
+def test_knn_images_that_do_not_decode_fail_in_one_line_after_saving_the_epoch(tmp_path, case):
+    """How many kNN images decode is known only at the first evaluation: the error names the option
+    and folder, and the trained epoch is kept (its line, its checkpoint) for --resume."""
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)  # 8 images: one step an epoch
+    if case == "val":  # a --knn-val where nothing decodes
+        options = ["--knn-train", data, "--knn-val", _unreadable_images(tmp_path / "bad", 6), "--knn-k", "3"]
+        fragments = ["--knn-val", str(tmp_path / "bad"), "none of its 6 images could be decoded"]
+    else:  # 12 --knn-train images, of which 8 decode
+        knn_train = _unreadable_images(make_image_folder(tmp_path / "knn_train", classes=2, per_class=4), 4)
+        options = ["--knn-train", knn_train, "--knn-val", data, "--knn-k", "10"]
+        fragments = ["--knn-k 10: larger than the 8 readable images", f"--knn-train {knn_train}"]
+    out = tmp_path / "run"
+    result = run("pretrain", data, "--out", out, *TINY, *options)
+    assert_user_error(result, *fragments, "epoch 1 is saved", only_line=False)
+    assert (out / "checkpoint_0000.pth.tar").exists() and load_checkpoint(out / "last.pth.tar")["epoch"] == 1
+    [epoch] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l[:20]]
+    assert epoch["epoch"] == 1 and "knn_top1" not in epoch
+    if case == "val":  # the monitor's images fixed, the run goes on from its epoch
+        result = run("pretrain", "--resume", out, "--epochs", "2", "--knn-val", data)
+        assert result.exit_code == 0, result.output
+        assert "knn_top1" in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU; this one has one")
 def test_device_cuda_without_a_gpu(tmp_path, shared_image_folder):
     result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--device", "cuda")
