@@ -350,7 +350,8 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
             "lr": lr, "collapse_std": metrics.get("collapse_std"), "skipped_images": totals.skipped,
             "images_per_s": timed_steps * config.batch_size / (time.perf_counter() - epoch_start),
         }
-        def end_epoch() -> None:
+
+        def end_epoch() -> None:  # the epoch's metrics line and checkpoint
             metrics_log.write(epoch_metrics)
             emit({"event": "epoch", **epoch_metrics})
             if runtime.is_main:
