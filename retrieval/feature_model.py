@@ -56,9 +56,9 @@ def _projector_shape(projector: dict[str, torch.Tensor]) -> tuple[int, int, int]
     return len(linear), linear[0][1][0], linear[-1][1][0]
 
 
-def _with_projector(weights: BackboneWeights, where: str) -> nn.Module:
+def _with_projector(weights: BackboneWeights, where: str, hint: str) -> nn.Module:
     if not weights.projector:
-        raise InputError(f"{where}: has no SimSiam projector ({weights.layout} layout); use --layer backbone")
+        raise InputError(f"{where}: has no SimSiam projector ({weights.layout} layout); {hint}")
     layers, hidden, dim = _projector_shape(weights.projector)
     if layers not in (2, 3):
         raise InputError(f"{where}: a projector of {layers} linear layers; SimSiam's has 2 or 3")
@@ -91,12 +91,14 @@ def _output_dim(module: nn.Module, image_size: int) -> int:
 
 def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str = "backbone",
                        random_init: bool = False, arch: str | None = None, cifar_stem: bool = False,
-                       seed: int | None = None) -> FeatureModel:
+                       seed: int | None = None, projector_hint: str = "use --layer backbone") -> FeatureModel:
     """The encoder of ``checkpoint`` (any layout :func:`simsiam.checkpoint.read_backbone` reads) up to ``layer``.
 
     With ``random_init``: the encoder ``simsiam pretrain`` starts from (torchvision init,
     zero-initialised last BN of each residual block, as the official script), seeded by ``seed``:
     the baseline a pretrained encoder is compared against. ``seed`` (default 0) only with ``random_init``.
+    ``projector_hint``: what the user can do when ``layer`` is the projector and the checkpoint has
+    none, in the terms of the command that asked (search has no ``--layer``).
     """
     if layer not in LAYERS:
         raise InputError(f"--layer {layer}: choose one of {', '.join(LAYERS)}")
@@ -127,7 +129,7 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
     weights = read_backbone(checkpoint)
     if arch and arch != weights.arch:
         raise InputError(f"--arch {arch}: {checkpoint} holds a {weights.arch}")
-    module = _with_projector(weights, str(checkpoint)) if layer == "projector" else build_backbone(weights)
+    module = _with_projector(weights, str(checkpoint), projector_hint) if layer == "projector" else build_backbone(weights)
     image_size, resize = _eval_defaults(weights)
     return FeatureModel(module.eval(), weights.arch, layer, _output_dim(module, 32), str(Path(checkpoint)),
                         file_sha256(checkpoint), image_size, resize)

@@ -88,7 +88,11 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     query = Path(query)
     if not query.exists():
         raise InputError(f"--query {query}: no such image or folder")
-    model = load_feature_model(checkpoint, layer=database.attrs.get("layer", "backbone"))
+    # the layer is the database's: the user chooses the checkpoint, or another database
+    hint = (f"the database {database.source} holds projector features: give --checkpoint the checkpoint they "
+            f"were extracted from ({database.attrs.get('checkpoint')}), or search a feature file written by "
+            "simsiam extract --layer backbone")
+    model = load_feature_model(checkpoint, layer=database.attrs.get("layer", "backbone"), projector_hint=hint)
     if model.dim != database.dim:  # before embedding: another network than the database's
         raise InputError(f"--checkpoint {checkpoint}: {model.arch} gives {model.dim}-d features, but the database "
                          f"{database.source} has {database.dim}-d (embedded with {database.attrs.get('checkpoint')})")

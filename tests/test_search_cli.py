@@ -211,6 +211,17 @@ def test_conflicting_options_and_another_network_are_refused_before_any_work(gal
     assert_user_error(run("search", gallery["h5"], "--query-h5", nan), f"--query-h5 {nan}")
 
 
+def test_projector_features_with_a_checkpoint_without_projector_advise_what_search_can_do(gallery, tmp_path):
+    """search has no --layer: the database's layer is the one used, so the advice is another checkpoint or database."""
+    projector = feature_file(tmp_path / "proj.h5", *clustered(6, classes=2, dim=64), layer="projector",
+                             checkpoint="runs/official.pth.tar")
+    result = run("search", projector, "--query", gallery["images"] / "class1" / "c1_002.png",
+                 "--checkpoint", gallery["checkpoint"], "--workers", "0", "--device", "cpu")
+    assert_user_error(result, "has no SimSiam projector", f"the database {projector} holds projector features",
+                      "give --checkpoint the checkpoint they were extracted from (runs/official.pth.tar)",
+                      "simsiam extract --layer backbone")
+
+
 def test_an_index_used_with_another_feature_file_of_the_same_length_is_refused(gallery, tmp_path):
     import shutil
 
