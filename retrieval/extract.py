@@ -24,7 +24,7 @@ from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
 from .feature_model import FeatureModel
-from .features import FeatureSet, FeatureWriter, first_non_finite_row, merge_shards, read_header
+from .features import FeatureSet, FeatureWriter, check_utf8_names, first_non_finite_row, merge_shards, read_header
 
 EventHandler = Callable[[dict], None]
 
@@ -97,6 +97,7 @@ class _Extraction:
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
                  normalize: bool, strict: bool, gpu_decode: bool = False):
         self.images = data if isinstance(data, ImageList) else scan_images(data)
+        check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size
         self.resize = model.resize if resize is None else resize
         if self.image_size <= 0 or self.resize < 0:

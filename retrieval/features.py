@@ -89,6 +89,35 @@ def _encode_attr(name: str, value):
     return value
 
 
+def printable_name(path: str | os.PathLike) -> str:
+    """A file name as the shell spells it: bytes that are not UTF-8 as \\xNN, not a surrogate no terminal shows."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_names(root: str | os.PathLike, paths: Sequence[str]) -> None:
+    """Refuse, before any work, images whose path a feature file cannot hold.
+
+    Its paths are UTF-8 strings, which its readers rely on; a Linux file name is any bytes, and
+    Python holds those that are not UTF-8 surrogate-escaped, which HDF5 cannot encode.
+    """
+    def is_utf8(name: str) -> bool:
+        try:
+            name.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    root = Path(root)
+    if not is_utf8(str(root.resolve())):
+        raise InputError(f"{printable_name(root.resolve())}: the folder's name is not valid UTF-8; a feature file "
+                         "stores it as UTF-8: rename it")
+    bad = [p for p in paths if not is_utf8(p)]
+    if bad:
+        more = f" (and {len(bad) - 1} more in {root})" if len(bad) > 1 else ""
+        raise InputError(f"{printable_name(root / bad[0])}: the file name is not valid UTF-8{more}; a feature file "
+                         "stores image paths as UTF-8: rename it")
+
+
 BYTES_PER_ROW = 8 + 8 + 64  # a label, a string reference, a path: with the features, what a row takes
 
 

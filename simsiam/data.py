@@ -138,8 +138,11 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason."""
     path = str(path)
     if path.lower().endswith(_TORCHVISION_DECODES):
+        # read by Python, not torch.from_file: torch wants a UTF-8 name, and a Linux file name is
+        # any bytes (os.walk hands them over surrogate-escaped)
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
         try:
-            data = torch.from_file(path, size=os.path.getsize(path), dtype=torch.uint8)
             return first_frame(decode_image(data, mode=ImageReadMode.RGB))
         except RuntimeError as err:
             raise OSError(_decoder_reason(str(err))) from None

@@ -81,6 +81,20 @@ def test_unreadable_and_truncated_images_are_reported_not_raised(tmp_path):
     assert images.shape == (3, 3, 16, 16)
 
 
+def test_an_image_whose_name_is_not_utf8_decodes(tmp_path):
+    """A Linux file name is any bytes; os.walk gives them surrogate-escaped, which torch.from_file refused."""
+    import os
+
+    root = make_image_folder(tmp_path / "imgs", classes=1, per_class=1, ext="jpg")
+    [good] = (root / "class0").iterdir()
+    odd = os.fsdecode(os.fsencode(root / "class0") + b"/\xff.jpg")
+    Path(odd).write_bytes(good.read_bytes())
+    assert torch.equal(decode_rgb(odd), decode_rgb(good))
+    dataset = ImageDataset(scan_images(root), eval_transform(16, None))
+    batch, unreadable = collate_readable([dataset[i] for i in range(len(dataset))])
+    assert not unreadable and batch[0].shape == (2, 3, 16, 16)
+
+
 def animated_gif(path: Path) -> Path:
     """Three frames of different colours; PIL (and every image viewer) shows the first."""
     from PIL import Image

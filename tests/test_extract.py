@@ -235,6 +235,17 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path
     assert not (tmp_path / "strict.h5").exists()
 
 
+def test_an_image_name_that_is_not_utf8_is_refused_by_name_before_any_work(tmp_path, checkpoints):
+    """A feature file stores paths as UTF-8: no image is lost to an 'unreadable' skip, no HDF5 error at the end."""
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    odd = os.fsencode(data / "class0") + b"/\xff.png"
+    Path(os.fsdecode(odd)).write_bytes((data / "class0" / "c0_000.png").read_bytes())
+    out = tmp_path / "feats.h5"
+    result = run("extract", checkpoints["torchvision"], data, "--out", out, *FAST)
+    assert_user_error(result, "class0/\\xff.png: the file name is not valid UTF-8", "rename it")
+    assert not out.exists() and os.listdir(tmp_path) == ["data"]
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_write_shards_merged_into_one_file_in_dataset_order(tmp_path, checkpoints, images):
     single = tmp_path / "single.h5"
