@@ -137,6 +137,8 @@ def first_frame(decoded: torch.Tensor) -> torch.Tensor:
 def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason."""
     path = str(path)
+    if os.path.getsize(path) == 0:  # the decoders' own words for it are about tensors and headers
+        raise OSError("empty file: 0 bytes")
     if path.lower().endswith(_TORCHVISION_DECODES):
         # read by Python, not torch.from_file: torch wants a UTF-8 name, and a Linux file name is
         # any bytes (os.walk hands them over surrogate-escaped)

@@ -170,6 +170,14 @@ def test_undecodable_query_image(gallery, tmp_path):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_an_empty_query_image_says_it_is_empty(gallery, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.touch()
+    result = run("search", gallery["h5"], "--query", empty, "--checkpoint", gallery["checkpoint"], "--workers", "0",
+                 "--device", "cpu")
+    assert_user_error(result, f"--query {empty}: cannot decode the image (empty file: 0 bytes)", only_line=False)
+
+
 def test_other_errors(gallery, tmp_path):
     assert_user_error(run("search", tmp_path / "none.index", "--query-h5", gallery["h5"]), "no such index")
     assert_user_error(run("search", gallery["h5"], "--query", gallery["images"]), "needs --checkpoint")
