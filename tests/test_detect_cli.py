@@ -200,7 +200,18 @@ def test_make_toy_voc_writes_a_voc_dataset(tmp_path):
 
 def test_make_toy_voc_errors(tmp_path):
     make_toy_voc(tmp_path, train_images=1, test_images=20, width=40, height=40)
-    assert_user_error(run("detect", "make-toy-voc", tmp_path), "already holds a VOCdevkit")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path), "already holds a VOCdevkit folder; remove "
+                      f"{tmp_path / 'VOCdevkit'} or give another ROOT")
+    # a file in the way: named, with what to do (mkdir said just "File exists" / "Not a directory")
+    (tmp_path / "afile").touch()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "VOCdevkit").touch()
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "afile"),
+                      f"{tmp_path / 'afile'}: a file, not a folder; give ROOT a folder to write VOCdevkit in")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "afile" / "sub"),
+                      f"{tmp_path / 'afile'} is a file, not a folder; give ROOT a folder")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "d"),
+                      f"already holds a VOCdevkit file; remove {tmp_path / 'd' / 'VOCdevkit'} or give another ROOT")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "b", "--test-images", "5"), "--test-images 5")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "at least 32x32")
 

@@ -109,8 +109,15 @@ def make_toy_voc(root: str | os.PathLike, train_images: int = 40, test_images: i
     if width < 32 or height < 32:
         raise InputError(f"--size {width}x{height}: images must be at least 32x32")
     target = root / "VOCdevkit"
-    if target.exists():
-        raise InputError(f"{root}: already holds a VOCdevkit folder")
+    # before any work, and saying what to do: mkdir's own words are just "File exists" or "Not a directory"
+    blocker = next((p for p in (root, *root.parents) if os.path.lexists(p)), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "a file, not a folder" if blocker.is_file() else "not a folder"  # or a link to nothing
+        where = what if blocker == root else f"{blocker} is {what}"
+        raise InputError(f"{root}: {where}; give ROOT a folder to write VOCdevkit in (made if missing)")
+    if os.path.lexists(target):
+        raise InputError(f"{root}: already holds a VOCdevkit {'folder' if target.is_dir() else 'file'}; remove "
+                         f"{target} or give another ROOT")
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     staging = Path(tempfile.mkdtemp(prefix=".VOCdevkit.", dir=root))
