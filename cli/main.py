@@ -52,7 +52,23 @@ class SimSiamGroup(click.Group):
         except (MemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
-            raise UserError(f"out of memory ({_first_line(err)}); try a smaller --batch-size or --image-size") from None
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            raise UserError(f"out of memory ({_first_line(err)}){_memory_hint(command)}") from None
+
+
+# Options that bound a command's memory use, in the order a hint names them.
+MEMORY_OPTIONS = ("--batch-size", "--chunk-size", "--image-size", "--resize", "--max-memory")
+
+
+def _memory_hint(command: click.Command | None) -> str:
+    """"; try a smaller --batch-size or --image-size", naming only options the command that ran has
+    (a group: its subcommands'), or nothing where it has none."""
+    commands = list(command.commands.values()) if isinstance(command, click.Group) else [command] if command else []
+    names = {name for c in commands for param in c.params for name in param.opts}
+    have = [option for option in MEMORY_OPTIONS if option in names]
+    if not have:
+        return ""
+    return "; try a smaller " + (f"{', '.join(have[:-1])} or {have[-1]}" if len(have) > 1 else have[0])
 
 
 def _first_line(err: BaseException) -> str:

@@ -33,6 +33,27 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
                       "out of memory", "try a smaller --batch-size")
 
 
+@pytest.mark.parametrize("module, function, args, hint", [
+    ("retrieval.feature_model", "load_feature_model", ["extract", "ckpt", "images", "--out", "f.h5", "--resize", "100000"],
+     "; try a smaller --batch-size, --image-size or --resize"),
+    ("retrieval.search", "find_neighbours", ["search", "db.h5", "--query-h5", "q.h5"], "; try a smaller --batch-size"),
+    ("retrieval.index", "build_index", ["index", "db.h5", "--out", "db.index"], "; try a smaller --max-memory"),
+    ("simsiam.training_curves", "plot_training_curves", ["plot", "run"], ""),
+])
+def test_the_out_of_memory_hint_names_only_options_of_the_command_that_ran(tmp_path, monkeypatch, module, function,
+                                                                           args, hint):
+    import importlib
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.import_module(module), function, exhausted)
+    result = run(*args)
+    assert_user_error(result, "out of memory (MemoryError)")
+    assert result.output.strip().endswith(f"out of memory (MemoryError){hint}"), result.output
+
+
 def test_other_runtime_errors_are_not_hidden(tmp_path, monkeypatch):
     import retrieval.evaluate
 
