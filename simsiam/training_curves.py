@@ -4,7 +4,8 @@
 "step"`` lines (``step``, ``epoch``, ``loss``, ``lr``, ``collapse_std``, ``images_per_s``) and
 ``"kind": "epoch"`` lines (the epoch's mean ``loss``, ``lr``, ``collapse_std``, and ``knn_top1``
 when the kNN monitor ran). Epochs count from 1 on both kinds: a step line names the epoch under
-way, an epoch line the epoch just finished. A line cut short by a kill is skipped.
+way, an epoch line the epoch just finished. The last line, cut short by a kill, is skipped; any
+other line that is not such a record means the file is not one of ours.
 
 The collapse monitor is the std of the L2-normalised projector output times sqrt(d): about 1
 when healthy, 0 when the representation has collapsed (the paper's Fig. 2, middle).
@@ -50,15 +51,23 @@ def read_metrics(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise InputError(f"{run_dir}: no {METRICS_FILE} (not a folder written by simsiam pretrain or lincls)")
     steps, epochs = [], []
-    # a line that is not JSON (the last one, cut by a kill) is skipped, as are bytes that are not text
-    for line in path.read_text(errors="replace").splitlines():
+    not_ours = f"not a {METRICS_FILE} written by simsiam pretrain or lincls"
+    text = path.read_text(errors="replace")  # bytes that are not text: a line that is not JSON
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            (epochs if record.get("kind") == "epoch" else steps).append(record)
-    if not steps and not epochs:
+            if number == len(lines) and not text.endswith("\n"):  # the last line, cut short by a kill
+                continue
+            raise InputError(f"{path}: line {number} is not JSON; {not_ours}") from None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), (int, float))):
+            raise InputError(f"{path}: line {number} is not a metrics record (a JSON object with a 'step'); "
+                             f"{not_ours}")
+        (epochs if record.get("kind") == "epoch" else steps).append(record)
+    if not steps and not epochs:  # a run that has not logged yet
         raise InputError(f"{path}: holds no metrics yet")
     return steps, epochs
 

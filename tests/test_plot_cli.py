@@ -72,8 +72,19 @@ def test_plot_errors(tmp_path):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert_user_error(run("plot", tmp_path / "empty"), "holds no metrics yet")
     assert not (tmp_path / "empty" / "curves.png").exists()
-    (tmp_path / "empty" / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)  # not even text
+    (tmp_path / "empty" / "metrics.jsonl").write_text("\n")
     assert_user_error(run("plot", tmp_path / "empty"), "holds no metrics yet")
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"kind": "st')  # the first line, cut by a kill
+    assert_user_error(run("plot", tmp_path / "empty"), "holds no metrics yet")
+    # a file that is not ours says so, naming the line, rather than "no metrics yet"
+    metrics = tmp_path / "empty" / "metrics.jsonl"
+    metrics.write_bytes(bytes(range(256)) * 4)  # not even text
+    assert_user_error(run("plot", tmp_path / "empty"), f"{metrics}: line 1 is not JSON; not a metrics.jsonl written")
+    metrics.write_text('{"kind": "step", "step": 1, "loss": 0.5}\nloss,lr\n{"kind": "step", "step": 2}\n')
+    assert_user_error(run("plot", tmp_path / "empty"), f"{metrics}: line 2 is not JSON")
+    for line in ("[1, 2]", '{"loss": 0.5}', '{"step": "1"}'):
+        metrics.write_text(line + "\n")
+        assert_user_error(run("plot", tmp_path / "empty"), f"{metrics}: line 1 is not a metrics record")
     write_metrics(tmp_path / "run")
     (tmp_path / "folder.png").mkdir()
     assert_user_error(run("plot", tmp_path / "run", "--out", tmp_path / "folder.png"), "folder.png", "is a folder")
