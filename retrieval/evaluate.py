@@ -67,7 +67,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
     train_set = extract_features(model, train_dir, runtime, **common)
     val_set = extract_features(model, val_dir, runtime, **common)
-    report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size)
+    report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size,
+                          names=("--train-dir", "--val-dir"))
     if save_features is not None:
         for name, feature_set in (("train.h5", train_set), ("val.h5", val_set)):
             write_features(Path(save_features) / name, feature_set, dtype="float32")

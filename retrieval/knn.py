@@ -142,11 +142,13 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     return results
 
 
-def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[str], np.ndarray]:
+def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks,
+                     names: tuple[str, str] = ("--train", "--val")) -> tuple[int, list[str], np.ndarray]:
     """Refuse what the protocol cannot evaluate; return ``(number of classes, warnings, validation
-    labels in the training classes)``."""
-    warnings = check_compatible(train, "--train", val, "--val")
-    for name, features in (("--train", train), ("--val", val)):
+    labels in the training classes)``. ``names``: the options that gave the two sets, for the messages."""
+    train_name, val_name = names
+    warnings = check_compatible(train, train_name, val, val_name)
+    for name, features in ((train_name, train), (val_name, val)):
         if len(features) == 0:
             raise InputError(f"{name} {features.source}: holds no features")
         if (features.labels < 0).any():
@@ -158,16 +160,16 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[
     if train.classes and val.classes and train.classes != val.classes:
         unknown = [name for name in val.classes if name not in train.classes]
         if unknown:
-            raise InputError(f"--val {val.source}: classes {', '.join(unknown[:3])}{'...' if len(unknown) > 3 else ''} "
-                             f"are not among the {len(train.classes)} classes of --train {train.source}")
+            raise InputError(f"{val_name} {val.source}: classes {', '.join(unknown[:3])}"
+                             f"{'...' if len(unknown) > 3 else ''} are not among the {len(train.classes)} classes of {train_name} {train.source}")
         # a validation set with some of the classes (or in another order): match them by name
         val_labels = labels_in_classes_of(val, train)
-        warnings.append(f"--val has {len(val.classes)} of the {len(train.classes)} classes of --train; "
+        warnings.append(f"{val_name} has {len(val.classes)} of the {len(train.classes)} classes of {train_name}; "
                         "labels matched by class name")
-    check_usable(train, "--train")
-    check_usable(val, "--val")
+    check_usable(train, train_name)
+    check_usable(val, val_name)
     if same_images(train.attrs.get("root", ""), train.paths, val.attrs.get("root", ""), val.paths):
-        warnings.append("--train and --val hold the same images: each is its own nearest neighbour, so the "
+        warnings.append(f"{train_name} and {val_name} hold the same images: each is its own nearest neighbour, so the "
                         "accuracy is inflated; evaluate on held-out images")
     num_classes = max(len(train.classes), len(val.classes),
                       int(max(train.labels.max(), val_labels.max())) + 1)
@@ -175,14 +177,16 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks) -> tuple[int, list[
 
 
 def evaluate_knn(train: FeatureSet, val: FeatureSet, ks=(20,), temperature: float = 0.07, backend: str = "auto",
-                 device: str = "auto", chunk_size: int | None = None) -> KnnReport:
-    """The weighted kNN of ``val`` against ``train`` (feature sets from files or an extraction)."""
+                 device: str = "auto", chunk_size: int | None = None,
+                 names: tuple[str, str] = ("--train", "--val")) -> KnnReport:
+    """The weighted kNN of ``val`` against ``train`` (feature sets from files or an extraction, given
+    by the options ``names``)."""
     import time
 
     from .neighbours import resolve_search
 
     ks = check_ks(ks)
-    num_classes, warnings, val_labels = check_knn_inputs(train, val, ks)
+    num_classes, warnings, val_labels = check_knn_inputs(train, val, ks, names)
     chosen, chosen_device = resolve_search(backend, device, ks[-1])
     start = time.perf_counter()
     results = weighted_knn(train.features, train.labels, val.features, val_labels, ks, temperature, num_classes,

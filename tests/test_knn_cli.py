@@ -212,8 +212,21 @@ def test_predictions_never_replace_an_input(files, tmp_path):
 def test_the_same_images_as_train_and_val_warn(files):
     result = run("knn", "--train", files["train"], "--val", files["train"], "--json")
     assert result.exit_code == 0, result.output
-    assert any("hold the same images" in w for w in json.loads(result.output.splitlines()[-1])["warnings"])
+    assert any("--train and --val hold the same images" in w
+               for w in json.loads(result.output.splitlines()[-1])["warnings"])
     assert "hold the same images" not in run("knn", "--train", files["train"], "--val", files["val"]).output
+
+
+def test_the_same_folder_as_train_dir_and_val_dir_warns_naming_those_options(tmp_path):
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    fast = ["-k", "3", "--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu", "--json"]
+    result = run("knn", checkpoint, "--train-dir", images, "--val-dir", f"{tmp_path}/./images/", *fast)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["warnings"] == [
+        "--train-dir and --val-dir hold the same images: each is its own nearest neighbour, so the accuracy is "
+        "inflated; evaluate on held-out images"]
+    assert "warning: --train-dir and --val-dir hold the same images" in result.output
 
 
 def test_val_without_labels(files, tmp_path):
