@@ -23,15 +23,45 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, LAST)
 LOCK_FILE = ".lock"
 
 
+class RunFolder:
+    """The run folder while a run holds its lock (what :func:`locked_run_dir` yields)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.started_fresh = False  # whether this run replaced the folder's run files with its own
+
+    def prepare(self, resume_from: str | os.PathLike | None) -> None:
+        """Make the run folder; a fresh run first removes the files of the run it replaces."""
+        out = self.path
+        if not _resuming_in(out, resume_from):
+            for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
+                path.unlink(missing_ok=True)
+            self.started_fresh = True
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+
+    def discard_unsaved_run(self) -> None:
+        """Remove the config.json and metrics.jsonl of a fresh run refused for bad input before its
+        first checkpoint: they would only make the folder look like it holds a run. A resumed run's
+        files are the earlier run's, and a run that diverged or was interrupted keeps its log."""
+        if self.started_fresh and not checkpoint_files(self.path):
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+
+
 @contextmanager
 def locked_run_dir(out: Path, runtime=None):
     """Hold ``out``'s lock for the block (making ``out``): a second run started into the same
     folder is refused at once, instead of interleaving its files with those of the first.
+    Yields a :class:`RunFolder`, through which the run prepares the folder.
 
     An ``flock`` taken by the main process: the kernel releases it however the process ends (a
     ``kill -9`` leaves the empty lock file, harmless: the next run takes it). Under ``torchrun``
     (``runtime`` distributed) every rank learns the outcome, so none goes on alone. The lock file
-    goes when the block ends, and so do the folders made here when the block left them empty.
+    goes when the block ends, and so do the folders made here when the block left them empty;
+    an :class:`InputError` in the block first takes back a fresh run's files when it saved no
+    checkpoint (:meth:`RunFolder.discard_unsaved_run`), so bad input leaves the folder as it was.
     """
     refusal, lock, made = None, None, []
     if runtime is None or runtime.is_main:
@@ -46,8 +76,12 @@ def locked_run_dir(out: Path, runtime=None):
         refusal = shared[0]
     if refusal is not None:
         raise InputError(refusal)
+    folder = RunFolder(out)
     try:
-        yield
+        yield folder
+    except InputError:
+        folder.discard_unsaved_run()
+        raise
     finally:
         if lock is not None:
             (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
@@ -146,16 +180,6 @@ def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: b
     if strays and not _written_by_a_run(out / CONFIG_FILE):
         raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
                          "or pass --overwrite")
-
-
-def prepare_run_dir(out: Path, resume_from: str | os.PathLike | None) -> None:
-    """Make the run folder; a fresh run first removes the files of the run it replaces."""
-    if not _resuming_in(out, resume_from):
-        for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
-            path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
 
 
 def _resuming_in(out: Path, resume_from: str | os.PathLike | None) -> bool:

@@ -29,7 +29,7 @@ from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir,
+from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_run_dir, locked_run_dir,
                       resume_checkpoint)
 
 Event = Callable[[dict], None]
@@ -210,13 +210,13 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
     config.validate()
     runtime = rt.start(config.device, config.precision)
     try:
-        with locked_run_dir(Path(config.out), runtime):
-            return _pretrain(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
+        with locked_run_dir(Path(config.out), runtime) as run_folder:
+            return _pretrain(config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None))
     finally:
         rt.stop(runtime)
 
 
-def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Event) -> dict:
+def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, overwrite, on_event: Event) -> dict:
     emit = on_event if runtime.is_main else (lambda event: None)
     out = Path(config.out)
     check_run_dir(out, resume_from, overwrite)
@@ -239,7 +239,7 @@ def _pretrain(config, runtime: rt.Runtime, resume_from, overwrite, on_event: Eve
         loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
-        prepare_run_dir(out, resume_from)
+        run_folder.prepare(resume_from)
     runtime.barrier()
 
     torch.manual_seed(config.seed)

@@ -260,6 +260,7 @@ def test_errors(tmp_path, data):
     failed = run("lincls", checkpoint, train, broken, "--out", tmp_path / "b", *args)  # known at the first evaluation
     assert failed.exit_code == 2 and "Traceback" not in failed.output
     assert failed.output.strip().splitlines()[-1] == f"Error: VAL_DIR {broken}: none of its 3 images could be decoded"
+    assert not (tmp_path / "b").exists()  # no config.json or metrics.jsonl of a run that saved nothing
     for option, value, message in (("--momentum", "5", "--momentum 5.0: must be in [0, 1)"),
                                    ("--lr", "nan", "--lr nan: must be a finite number, not negative")):
         assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, option, value), message)

@@ -91,7 +91,28 @@ def test_unreadable_image_is_fatal_under_strict(tmp_path, folder_with_bad_images
     result = run("pretrain", folder_with_bad_images, "--out", out, *TINY, "--batch-size", "6", "--strict")
     assert_user_error(result, "cannot decode image", "--strict", only_line=False)
     assert "truncated.jpg" in result.output or "garbage.jpg" in result.output
-    assert no_checkpoints(out)
+    assert not out.exists()  # refused at step 0: no config.json or metrics.jsonl that look like a run
+
+
+def test_bad_input_found_during_a_run_leaves_the_folder_as_it_was_unless_a_checkpoint_was_saved(
+        tmp_path, folder_with_bad_images):
+    nothing_decodes = tmp_path / "nothing_decodes"
+    for name in ("a", "b"):
+        (nothing_decodes / name).mkdir(parents=True)
+        for i in range(4):
+            (nothing_decodes / name / f"{i}.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_user_error(run("pretrain", nothing_decodes, "--out", out, *TINY), "every image of a batch at step 0",
+                      only_line=False)
+    assert os.listdir(out) == ["notes.txt"]
+    # a resumed run that fails keeps the files of the run it continues
+    assert run("pretrain", folder_with_bad_images, "--out", out, *TINY, "--batch-size", "6").exit_code == 0
+    before = sorted(os.listdir(out))
+    assert_user_error(run("pretrain", "--resume", out, "--epochs", "2", "--strict"), "cannot decode image",
+                      only_line=False)
+    assert sorted(os.listdir(out)) == before and (out / "metrics.jsonl").read_text()
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shared_image_folder, monkeypatch):

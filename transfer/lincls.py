@@ -33,7 +33,7 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backb
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, check_run_dir, locked_run_dir, prepare_run_dir,
+from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_run_dir, locked_run_dir,
                              resume_checkpoint)
 
 from .lars import LARS
@@ -169,13 +169,14 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
     config.validate()
     runtime = rt.start(config.device, config.precision)
     try:
-        with locked_run_dir(Path(config.out), runtime):
-            return _linear_eval(config, runtime, resume_from, overwrite, on_event or (lambda event: None))
+        with locked_run_dir(Path(config.out), runtime) as run_folder:
+            return _linear_eval(config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None))
     finally:
         rt.stop(runtime)
 
 
-def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, overwrite, on_event: Event) -> dict:
+def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunFolder, resume_from, overwrite,
+                 on_event: Event) -> dict:
     emit = on_event if runtime.is_main else (lambda event: None)
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
@@ -202,7 +203,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, resume_from, ove
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
-        prepare_run_dir(out, resume_from)
+        run_folder.prepare(resume_from)
         if checkpoint is None:
             for name in (HEAD_FILE, BEST_HEAD_FILE):  # the heads of a run being started over
                 (out / name).unlink(missing_ok=True)
