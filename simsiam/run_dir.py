@@ -34,7 +34,7 @@ class RunFolder:
         """Make the run folder; a fresh run first removes the files of the run it replaces."""
         out = self.path
         if not _resuming_in(out, resume_from):
-            for path in [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]:
+            for path in _replaced_files(out):
                 path.unlink(missing_ok=True)
             self.started_fresh = True
         out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +180,33 @@ def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: b
     if strays and not _written_by_a_run(out / CONFIG_FILE):
         raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
                          "or pass --overwrite")
+
+
+def _replaced_files(out: Path) -> list[Path]:
+    """The files of the run in ``out`` that a fresh run there removes first."""
+    return [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]
+
+
+def check_out_apart_from_inputs(config, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is, or is inside, a folder the run reads (DATA, --knn-train, TRAIN_DIR...):
+    its checkpoints and logs would land among the images, and a run folder there once ``simsiam
+    plot`` drew its curves.png is a new class of images to every later scan. An input folder inside
+    ``--out`` is harmless: a run writes only its own few names at the top of ``--out``. Also refused:
+    ``--overwrite`` removing an input file (lincls's CHECKPOINT in a pretraining run's folder)."""
+    out = Path(config.out)
+    here = Path(os.path.realpath(out))
+    for name in config.PATHS:
+        given = getattr(config, name)
+        if not given:
+            continue
+        if os.path.isdir(given) and here.is_relative_to(os.path.realpath(given)):
+            where = "is" if here == Path(os.path.realpath(given)) else "is inside"
+            raise InputError(f"--out {out}: {where} {config.label(name)} {given}; the run's checkpoints and logs would "
+                             "land among the images it reads: choose an --out outside it")
+        if overwrite and os.path.isfile(given) and any(os.path.samefile(given, p) for p in _replaced_files(out)
+                                                       if p.exists()):
+            raise InputError(f"--overwrite: would remove {config.label(name)} {given}, which the run reads, with the "
+                             f"run in --out {out}; choose another --out")
 
 
 def _resuming_in(out: Path, resume_from: str | os.PathLike | None) -> bool:

@@ -29,8 +29,8 @@ from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_run_dir, locked_run_dir,
-                      resume_checkpoint)
+from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs, check_run_dir,
+                      locked_run_dir, resume_checkpoint)
 
 Event = Callable[[dict], None]
 
@@ -208,6 +208,7 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
     on the main process, for progress display.
     """
     config.validate()
+    check_out_apart_from_inputs(config, overwrite)
     runtime = rt.start(config.device, config.precision)
     try:
         with locked_run_dir(Path(config.out), runtime) as run_folder:

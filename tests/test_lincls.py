@@ -276,6 +276,24 @@ def test_errors(tmp_path, data):
 
 
 
+def test_an_out_folder_among_the_inputs_is_refused(tmp_path, data):
+    import shutil
+
+    checkpoint, train, val = data
+    args = [*TINY, "--batch-size", "16", "--epochs", "1"]
+    assert_user_error(run("lincls", checkpoint, train, val, "--out", val / "lincls", *args),
+                      f"--out {val / 'lincls'}: is inside VAL_DIR {val}")
+    assert_user_error(run("lincls", checkpoint, train, val, "--out", train, *args), f"--out {train}: is TRAIN_DIR {train}")
+    assert not (val / "lincls").exists()
+    # a pretraining run's folder: --overwrite would remove the checkpoint being evaluated
+    pretraining = tmp_path / "run"
+    pretraining.mkdir()
+    shutil.copy(checkpoint, pretraining / "checkpoint_0000.pth.tar")
+    assert_user_error(run("lincls", pretraining / "checkpoint_0000.pth.tar", train, val, "--out", pretraining, *args,
+                          "--overwrite"), "--overwrite: would remove CHECKPOINT", "checkpoint_0000.pth.tar")
+    assert os.listdir(pretraining) == ["checkpoint_0000.pth.tar"]
+
+
 def test_every_training_image_is_seen_every_epoch_the_last_batch_included(tmp_path, data, monkeypatch):
     """As main_lincls.py's loader (no drop_last): 48 images at batch 20 are 3 steps, the last of 8."""
     import types

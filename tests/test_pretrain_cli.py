@@ -367,6 +367,21 @@ def test_knn_monitor_logs_top1_each_epoch(tmp_path, shared_image_folder):
     assert result.output.count("warning: --knn-train and --knn-val hold the same images") == 1
 
 
+def test_an_out_folder_that_is_or_is_inside_a_folder_the_run_reads_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    knn = make_image_folder(tmp_path / "knn", classes=2, per_class=4)
+    knn_options = ["--knn-train", data, "--knn-val", knn, "--knn-k", "2"]
+    for out, message in ((data, f"--out {data}: is DATA {data}"),
+                         (data / "run", f"--out {data / 'run'}: is inside DATA {data}"),
+                         (knn / "class0" / "run", f"--out {knn / 'class0' / 'run'}: is inside --knn-val {knn}")):
+        assert_user_error(run("pretrain", data, "--out", out, *TINY, *knn_options), message, "choose an --out outside")
+    assert not (data / "run").exists() and not [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".jsonl", ".tar")]
+    # the images inside the run folder are harmless: a run writes only its own names at its top
+    result = run("pretrain", data, "--out", tmp_path, *TINY, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert len(list(data.rglob("*.png"))) == 8
+
+
 def test_knn_monitor_needs_labelled_folders(tmp_path, shared_image_folder):
     flat = make_image_folder(tmp_path / "flat", classes=1, per_class=8, labelled=False)
     result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY,

@@ -33,8 +33,8 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backb
 from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
-from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_run_dir, locked_run_dir,
-                             resume_checkpoint)
+from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
+                             check_run_dir, locked_run_dir, resume_checkpoint)
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -167,6 +167,7 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
     torchvision's names, the class names, the metrics).
     """
     config.validate()
+    check_out_apart_from_inputs(config, overwrite)
     runtime = rt.start(config.device, config.precision)
     try:
         with locked_run_dir(Path(config.out), runtime) as run_folder:
