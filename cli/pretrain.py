@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 import click
 
@@ -99,7 +100,10 @@ def command(data, out, preset, resume, overwrite, **options):
         config.out = str(out)
         checkpoint_path, saved = None, None
 
-    hint = resume_hint("pretrain", config.out, checkpoint_path, epochs_option(config, saved))
+    continuing = epochs_option(config, saved)
+    if resume is not None and data is not None:  # DATA given anew: the checkpoints so far name the old folder
+        continuing.append(shlex.quote(config.data))
+    hint = resume_hint("pretrain", config.out, checkpoint_path, continuing)
     with TrainingProgress() as progress, hint:
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0

@@ -36,10 +36,13 @@ class RunSettings:
     REQUIRED: tuple[str, ...] = ("data", "out")  # no default: "" would quietly mean the current folder
     # Settings a resumed run may be given anew: how it runs, what it logs and saves, and
     # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
-    # decides what the saved weights and optimizer state are, so changing it is refused.
-    RESUME_MAY_CHANGE = frozenset({"epochs", "eval_resize", "workers", "device", "precision", "compile", "data_on_gpu",
-                                   "gpu_decode", "strict", "log_every", "save_every_epochs", "save_every_steps",
-                                   "knn_train", "knn_val", "knn_every", "knn_k", "knn_temperature", "eval_every"})
+    # decides what the saved weights and optimizer state are, so changing it is refused. DATA may
+    # name another folder (moved, renamed): the run compares its image list with the checkpoint's
+    # instead (simsiam.train.check_resumed_images).
+    RESUME_MAY_CHANGE = frozenset({"data", "epochs", "eval_resize", "workers", "device", "precision", "compile",
+                                   "data_on_gpu", "gpu_decode", "strict", "log_every", "save_every_epochs",
+                                   "save_every_steps", "knn_train", "knn_val", "knn_every", "knn_k",
+                                   "knn_temperature", "eval_every"})
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -54,15 +57,17 @@ class RunSettings:
         A path is the same when it names the same file or folder (relative or absolute, through a
         symbolic link or not). A relative one in the config.json of an older version names a place
         relative to a folder no longer known: the user's spelling is taken; none given, it is
-        looked up from here as before, and refused by name when it is not there.
+        looked up from here as before. A saved path that is not there (moved, or relative) is
+        refused by name, asking for it again.
         """
         absolute = {**given, **{k: os.path.abspath(v) for k, v in given.items() if k in cls.PATHS and v}}
         cls._check_unchanged(saved, absolute, given, where)
         for name in cls.PATHS:
             old = saved.get(name)
-            if old and name not in given and not os.path.isabs(old) and not os.path.exists(old):
-                raise InputError(f"--resume {where}: its run names {cls.label(name)} as {old!r}, relative to the "
-                                 f"folder it was started from; give {cls.label(name)} again")
+            if old and name not in given and not os.path.exists(old):
+                why = "which is no longer there" if os.path.isabs(old) else "relative to the folder it was started from"
+                raise InputError(f"--resume {where}: its run names {cls.label(name)} as {old!r}, {why}; "
+                                 f"give {cls.label(name)} again")
         return cls.from_dict({**saved, **absolute}).with_absolute_paths()
 
     def check_resumes(self, saved: dict, where: str) -> None:

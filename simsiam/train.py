@@ -182,7 +182,7 @@ def train_step(model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer, runt
     return loss.detach(), z1.detach()
 
 
-def _checkpoint(config, model, optimizer, epoch, step_in_epoch, global_step, metrics) -> dict:
+def _checkpoint(config, images, model, optimizer, epoch, step_in_epoch, global_step, metrics) -> dict:
     return {
         "epoch": epoch,  # epochs completed (official meaning); the epoch under way when step_in_epoch > 0
         "step_in_epoch": step_in_epoch,
@@ -195,8 +195,34 @@ def _checkpoint(config, model, optimizer, epoch, step_in_epoch, global_step, met
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "metrics": metrics,
+        "images": images,  # the ImageList.fingerprint() of DATA: a resume needs the same images (check_resumed_images)
         "simsiam_version": __version__,
     }
+
+
+def check_resumed_images(checkpoint: dict, fingerprint: dict, data: str, where) -> None:
+    """Refuse to resume on other images than the run trained on: the sampler draws image indices,
+    so an image added or removed changes every batch after it. The image list is compared, not the
+    folder, so a moved or renamed DATA resumes; a checkpoint without the list's fingerprint (of an
+    older version) is compared by its folder, as that version did."""
+    saved = checkpoint.get("images")
+    if saved is None:
+        old = checkpoint.get("config", {}).get("data")
+        if old and os.path.isabs(old) and os.path.realpath(old) != os.path.realpath(data):
+            raise InputError(f"DATA {data}: the run being resumed ({where}) used {old}; a resumed run continues with "
+                             "its own settings")
+        return
+    if fingerprint == saved:
+        return
+    change = fingerprint["count"] - saved["count"]
+    how = (f"{change} more than the {saved['count']} the run being resumed ({where}) trained on: images added"
+           if change > 0 else
+           f"{-change} fewer than the {saved['count']} the run being resumed ({where}) trained on: images removed"
+           if change < 0 else
+           f"as many as the run being resumed ({where}) trained on, but not the same paths: images renamed, "
+           "or some added and as many removed")
+    raise InputError(f"DATA {data}: {fingerprint['count']} images, {how}; a resumed run must see the images it "
+                     "started with (restore them, or start a new run)")
 
 
 def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = None, overwrite: bool = False,
@@ -228,6 +254,9 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
         raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
                          f"pass --epochs N with N > {checkpoint['epoch']} to train on")
     images = scan_images(config.data)
+    fingerprint = images.fingerprint()
+    if checkpoint is not None:
+        check_resumed_images(checkpoint, fingerprint, config.data, resume_from)
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
     # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
@@ -342,7 +371,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             skipped, interval_steps, interval_start = 0, 0, now
 
             if save_now and runtime.is_main:
-                state = _checkpoint(config, raw, optimizer, epoch, step + 1, global_step, metrics)
+                state = _checkpoint(config, fingerprint, raw, optimizer, epoch, step + 1, global_step, metrics)
                 save_atomic({**state, "epoch_totals": totals.to_dict()}, out / LAST)
                 last_good = str(out / LAST)
 
@@ -356,7 +385,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             metrics_log.write(epoch_metrics)
             emit({"event": "epoch", **epoch_metrics})
             if runtime.is_main:
-                state = _checkpoint(config, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
+                state = _checkpoint(config, fingerprint, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
                 if (epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs:
                     numbered = out / epoch_checkpoint_name(epoch)
                     save_atomic(state, numbered)

@@ -52,7 +52,7 @@ def test_checkpoint_keys_load_into_official_main_lincls_logic(tmp_path):
     torch.manual_seed(0)
     model = build_model(config)
     path = tmp_path / "checkpoint_0099.pth.tar"
-    save_atomic(_checkpoint(config, model, build_optimizer(model, config), 100, 0, 0, {}), path)
+    save_atomic(_checkpoint(config, None, model, build_optimizer(model, config), 100, 0, 0, {}), path)
 
     # main_lincls.py: models.__dict__[args.arch](), then "load from pre-trained, before
     # DistributedDataParallel constructor" (torch.load of the whole file, as the official script does)

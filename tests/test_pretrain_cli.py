@@ -166,8 +166,9 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--batch-size", "4"),
                       "--batch-size 4: the run being resumed", "used 8")
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--lr", "0.1"), "--lr 0.1", "used 0.03")
-    assert_user_error(run("pretrain", tmp_path, "--resume", out, "--epochs", "3"),
-                      f"DATA {tmp_path}: the run being resumed", f"used {shared_image_folder}")
+    other_images = make_image_folder(tmp_path / "other_images", classes=2, per_class=4)
+    assert_user_error(run("pretrain", other_images, "--resume", out, "--epochs", "3"),
+                      f"DATA {other_images}: 8 images, 56 fewer than the 64 the run being resumed")
     assert (out / "last.pth.tar").stat().st_mtime_ns == before
     # a run resumed into another --out folder must not write over the run held there
     other = tmp_path / "other"
@@ -180,6 +181,57 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert result.exit_code == 0, result.output
     assert json.loads((other / "config.json").read_text())["seed"] != 3
     assert load_checkpoint(other / "last.pth.tar")["epoch"] == 3
+
+
+def test_a_resume_compares_the_image_list_not_the_folder(tmp_path, monkeypatch):
+    import shutil
+
+    import simsiam.train
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)  # 8 images: one step an epoch
+    out = tmp_path / "run"
+    assert run("pretrain", data, "--out", out, *TINY).exit_code == 0
+    moved = data.rename(tmp_path / "moved")
+    assert_user_error(run("pretrain", "--resume", out, "--epochs", "2"),
+                      f"its run names DATA as '{data}', which is no longer there; give DATA again")
+    # added, removed, renamed: the sampler's batches would not be the uninterrupted run's
+    shutil.copy(moved / "class0" / "c0_000.png", moved / "class1" / "added.png")
+    assert_user_error(run("pretrain", "--resume", out, moved, "--epochs", "2"),
+                      f"DATA {moved}: 9 images, 1 more than the 8", "images added")
+    (moved / "class1" / "added.png").unlink()
+    (moved / "class1" / "c1_000.png").rename(moved / "class1" / "renamed.png")
+    assert_user_error(run("pretrain", "--resume", out, moved, "--epochs", "2"), "8 images, as many as",
+                      "not the same paths")
+    (moved / "class1" / "renamed.png").rename(moved / "class1" / "c1_000.png")
+    (moved / "class0" / "c0_000.png").unlink()
+    assert_user_error(run("pretrain", "--resume", out, moved, "--epochs", "2"), "7 images, 1 fewer than the 8")
+    shutil.copy(moved / "class0" / "c0_001.png", moved / "class0" / "c0_000.png")  # the same name: the same list
+    # the same images elsewhere resume, and the run goes on from there; a Ctrl-C before its next checkpoint
+    # offers DATA again (the checkpoints so far name the old folder)
+    set_learning_rate = simsiam.train.set_learning_rate
+
+    def interrupted_in_epoch_2(optimizer, config, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return set_learning_rate(optimizer, config, epoch)
+
+    monkeypatch.setattr(simsiam.train, "set_learning_rate", interrupted_in_epoch_2)
+    result = run("pretrain", "--resume", out, moved, "--epochs", "2")
+    assert result.output.strip().splitlines()[-1] == (f"interrupted (continue: simsiam pretrain --resume {out} "
+                                                      f"--epochs 2 {moved})"), result.output
+    monkeypatch.setattr(simsiam.train, "set_learning_rate", set_learning_rate)
+    result = run("pretrain", "--resume", out, moved, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
+    assert json.loads((out / "config.json").read_text())["data"] == str(moved)
+    # a checkpoint of the version before the fingerprint resumes from its own folder only, as it did
+    old = load_checkpoint(out / "last.pth.tar")
+    del old["images"]
+    torch.save(old, out / "last.pth.tar")
+    moved.rename(data)
+    assert_user_error(run("pretrain", "--resume", out, data, "--epochs", "3"),
+                      f"DATA {data}: the run being resumed", f"used {moved}")
+    assert run("pretrain", "--resume", out, "--epochs", "3", data.rename(moved)).exit_code == 0
 
 
 def test_the_ctrl_c_hint_of_a_resume_that_grew_the_epochs_continues_it(tmp_path, shared_image_folder, monkeypatch):
@@ -232,8 +284,8 @@ def test_resumed_paths_match_by_the_folder_they_name_and_old_relative_ones_are_a
     (tmp_path / "link").symlink_to(tmp_path / "data")
     saved = preset_config("cifar", data=str(tmp_path / "data")).to_dict()
     assert PretrainConfig.for_resume(saved, {"data": str(tmp_path / "link")}, "ckpt").data == str(tmp_path / "link")
-    with pytest.raises(InputError, match="DATA .*: the run being resumed"):
-        PretrainConfig.for_resume(saved, {"data": str(tmp_path)}, "ckpt")
+    # another folder is taken: the run compares its image list with the checkpoint's (check_resumed_images)
+    assert PretrainConfig.for_resume(saved, {"data": str(tmp_path)}, "ckpt").data == str(tmp_path)
     # config.json of an older version: "data" as typed, relative to a folder no longer known
     old = {**saved, "data": "data"}
     monkeypatch.chdir(tmp_path / "data")
