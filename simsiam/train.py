@@ -381,31 +381,31 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             "images_per_s": timed_steps * config.batch_size / (time.perf_counter() - epoch_start),
         }
 
-        def end_epoch() -> None:  # the epoch's metrics line and checkpoint
-            metrics_log.write(epoch_metrics)
-            emit({"event": "epoch", **epoch_metrics})
-            if runtime.is_main:
-                state = _checkpoint(config, fingerprint, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
-                if (epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs:
-                    numbered = out / epoch_checkpoint_name(epoch)
-                    save_atomic(state, numbered)
-                    link_atomic(numbered, out / LAST)
-                else:
-                    save_atomic(state, out / LAST)
-
+        knn_failure = None
         if knn is not None and ((epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs):
             try:
                 top1 = knn(raw.encoder)  # every rank embeds its share
+                if runtime.is_main:
+                    epoch_metrics["knn_top1"] = top1
             except Exception as err:
-                # the epoch is trained: keep its line and checkpoint (without a kNN top-1), so that
-                # --resume continues once the monitor's images are fixed
-                end_epoch()
-                if isinstance(err, InputError):
-                    raise InputError(f"{err} (epoch {epoch + 1} is saved; --resume {out} continues)") from None
-                raise
-            if runtime.is_main:
-                epoch_metrics["knn_top1"] = top1
-        end_epoch()
+                # raised once the trained epoch's line and checkpoint (without a kNN top-1) are
+                # saved, so that --resume continues once the monitor's images are fixed
+                knn_failure = err
+
+        metrics_log.write(epoch_metrics)
+        emit({"event": "epoch", **epoch_metrics})
+        if runtime.is_main:
+            state = _checkpoint(config, fingerprint, raw, optimizer, epoch + 1, 0, global_step, epoch_metrics)
+            if (epoch + 1) % config.save_every_epochs == 0 or epoch + 1 == config.epochs:
+                numbered = out / epoch_checkpoint_name(epoch)
+                save_atomic(state, numbered)
+                link_atomic(numbered, out / LAST)
+            else:
+                save_atomic(state, out / LAST)
+        if isinstance(knn_failure, InputError):
+            raise InputError(f"{knn_failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
+        if knn_failure is not None:
+            raise knn_failure
         last_good = str(out / LAST)
         runtime.barrier()
         metrics = epoch_metrics
