@@ -12,11 +12,26 @@ from .errors import InputError
 
 
 SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer, numpy's generators none below 0
+# Upper bounds of integer options, far above any real use: beyond them torch's and PIL's sizes
+# overflow (a traceback, not an out-of-memory message) or, for workers, processes are forked
+# until the OOM killer ends the run.
+MAX_IMAGE_SIZE = 4096  # crop and resize sides
+MAX_WIDTH = 65536  # projector and predictor layers
+MAX_WORKERS = 128  # DataLoader processes, per training process
+FLOAT32_MAX = 3.4028234663852886e38  # the weights' type: torch cannot step them with a larger lr or weight decay
 
 
 def check_seed(seed: int) -> None:
     if not 0 <= seed < SEED_LIMIT:
         raise InputError(f"--seed {seed}: must be from 0 to {SEED_LIMIT - 1}")
+
+
+def check_int(label: str, value: int, low: int, high: int | None = None) -> None:
+    """Refuse ``value`` of the option ``label`` below ``low`` or above ``high``."""
+    if value < low:
+        raise InputError(f"{label} {value}: must be at least {low}")
+    if high is not None and value > high:
+        raise InputError(f"{label} {value}: must be at most {high}")
 
 
 class RunSettings:
@@ -95,6 +110,23 @@ class RunSettings:
         """How the command line spells a setting: DATA, or --batch-size."""
         return cls.ARGUMENTS.get(name, f"--{name.replace('_', '-')}")
 
+    def check_ints(self, names, low: int, high: int | None = None) -> None:
+        for name in names:
+            check_int(self.label(name), getattr(self, name), low, high)
+
+    def check_optimizer_values(self, names) -> None:
+        """``names`` (lr, wd, ...) finite, not negative, and they and the scaled lr within float32."""
+        for name in names:
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):  # NaN compares false
+                raise InputError(f"{self.label(name)} {value}: must be a finite number, not negative")
+            if value > FLOAT32_MAX:
+                raise InputError(f"{self.label(name)} {value}: must be at most {FLOAT32_MAX:.4g} (float32, the "
+                                 "weights' type)")
+        if self.init_lr > FLOAT32_MAX:
+            raise InputError(f"--lr {self.lr}: the optimizer's lr, lr x batch / 256 = {self.init_lr:.4g}, must be at "
+                             f"most {FLOAT32_MAX:.4g} (float32, the weights' type)")
+
     def check_required(self) -> None:
         missing = [name for name in self.REQUIRED if not getattr(self, name)]
         if missing:
@@ -152,21 +184,27 @@ class PretrainConfig(RunSettings):
 
     def validate(self) -> None:
         self.check_required()
-        positive = ("epochs", "batch_size", "image_size", "dim", "pred_dim", "log_every", "save_every_epochs", "knn_every", "knn_k")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("lr", "wd", "warmup_epochs", "workers", "save_every_steps", "proj_hidden_dim", "eval_resize"):
-            value = getattr(self, name)
-            if not value >= 0 or value == float("inf"):  # NaN compares false
-                raise InputError(f"--{name.replace('_', '-')} {value}: must be a finite number, not negative")
+        self.check_ints(("epochs", "batch_size", "log_every", "save_every_epochs", "knn_every", "knn_k"), 1)
+        self.check_ints(("warmup_epochs", "save_every_steps"), 0)
+        self.check_ints(("image_size",), 1, MAX_IMAGE_SIZE)
+        self.check_ints(("eval_resize",), 0, MAX_IMAGE_SIZE)
+        self.check_ints(("dim", "pred_dim"), 1, MAX_WIDTH)
+        self.check_ints(("proj_hidden_dim",), 0, MAX_WIDTH)
+        self.check_ints(("workers",), 0, MAX_WORKERS)
+        self.check_optimizer_values(("lr", "wd"))
+        from .augment import BLUR_KERNEL  # here: the CLI reads the presets for --help without importing torch
+
+        if self.blur and self.image_size <= BLUR_KERNEL // 2:  # the blur pads by half its kernel, reflecting
+            raise InputError(f"--image-size {self.image_size}: the Gaussian blur (--blur, a {BLUR_KERNEL}-pixel "
+                             f"kernel) needs crops of at least {BLUR_KERNEL // 2 + 1} pixels; use --no-blur or a "
+                             "larger --image-size")
         if not 0 <= self.momentum < 1:
             raise InputError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.batch_size < 2:
             raise InputError(f"--batch-size {self.batch_size}: BatchNorm needs at least 2 images a batch")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs:
             raise InputError(f"--warmup-epochs {self.warmup_epochs}: must be fewer than --epochs {self.epochs}")
-        from .backbones import RESNET_ARCHS  # here: the CLI reads the presets for --help without importing torch
+        from .backbones import RESNET_ARCHS
 
         if self.arch not in RESNET_ARCHS:
             raise InputError(f"--arch {self.arch}: not a torchvision ResNet; choose one of {', '.join(RESNET_ARCHS)}")

@@ -262,7 +262,13 @@ def test_errors(tmp_path, data):
     assert failed.output.strip().splitlines()[-1] == f"Error: VAL_DIR {broken}: none of its 3 images could be decoded"
     assert not (tmp_path / "b").exists()  # no config.json or metrics.jsonl of a run that saved nothing
     for option, value, message in (("--momentum", "5", "--momentum 5.0: must be in [0, 1)"),
-                                   ("--lr", "nan", "--lr nan: must be a finite number, not negative")):
+                                   ("--lr", "nan", "--lr nan: must be a finite number, not negative"),
+                                   ("--lr", "1e300", "--lr 1e+300: must be at most 3.403e+38"),  # was a traceback
+                                   ("--wd", "1e300", "--wd 1e+300: must be at most 3.403e+38"),  # was a traceback
+                                   ("--image-size", str(10**20), f"--image-size {10**20}: must be at most 4096"),
+                                   ("--eval-resize", str(10**20), f"--eval-resize {10**20}: must be at most 4096"),
+                                   ("--workers", "99999999999", "--workers 99999999999: must be at most 128"),
+                                   ("--save-every-steps", "-1", "--save-every-steps -1: must be at least 0")):
         assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, option, value), message)
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args, "--seed", "-1"),
                       "--seed -1: must be from 0 to")

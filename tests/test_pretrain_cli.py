@@ -310,13 +310,45 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
                                    ("--lr", "inf", "--lr inf: must be a finite number"),
                                    ("--momentum", "2", "--momentum 2.0: must be in [0, 1)"),
                                    ("--momentum", "-1", "--momentum -1.0: must be in [0, 1)"),
-                                   ("--proj-hidden-dim", "-1", "--proj-hidden-dim -1: must be a finite number"),
-                                   ("--eval-resize", "-3", "--eval-resize -3: must be a finite number"),
+                                   ("--proj-hidden-dim", "-1", "--proj-hidden-dim -1: must be at least 0"),
+                                   ("--eval-resize", "-3", "--eval-resize -3: must be at least 0"),
+                                   ("--warmup-epochs", "-1", "--warmup-epochs -1: must be at least 0"),
                                    ("--batch-size", "1", "--batch-size 1: BatchNorm needs at least 2"),
                                    ("--seed", "-1", "--seed -1: must be from 0 to"),
                                    ("--seed", str(2**64), f"--seed {2**64}: must be from 0 to")):
         assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, option, value), message)
     assert not (tmp_path / "r").exists()
+
+
+BIG = str(10**20)  # click passes it on as an int; beyond int64, it was an overflow in torch
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "1e300"], "--lr 1e+300: must be at most 3.403e+38 (float32, the weights' type)"),  # was a traceback
+    (["--wd", "1e300"], "--wd 1e+300: must be at most 3.403e+38"),
+    # the base lr fits float32, the optimizer's lr x batch / 256 does not
+    (["--lr", "3e38", "--batch-size", "512"], "--lr 3e+38: the optimizer's lr, lr x batch / 256 = 6e+38, must be at most"),
+    (["--image-size", BIG], f"--image-size {BIG}: must be at most 4096"),
+    (["--eval-resize", BIG], f"--eval-resize {BIG}: must be at most 4096"),
+    (["--dim", BIG], f"--dim {BIG}: must be at most 65536"),
+    (["--pred-dim", BIG], f"--pred-dim {BIG}: must be at most 65536"),
+    (["--proj-hidden-dim", BIG], f"--proj-hidden-dim {BIG}: must be at most 65536"),
+    (["--workers", "99999999999"], "--workers 99999999999: must be at most 128"),  # was forking until the OOM killer
+    # the blur pads the crop by 6 pixels on each side, reflecting: was a padding traceback
+    (["--image-size", "6", "--blur"], "--image-size 6: the Gaussian blur (--blur, a 13-pixel kernel) needs crops of at "
+                                      "least 7 pixels; use --no-blur"),
+])
+def test_absurd_values_are_refused_before_anything_is_written(tmp_path, shared_image_folder, args, message):
+    assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, *args), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_smallest_crops_train(tmp_path):
+    """7 pixels with the blur, 1 without: the ResNet's padded convolutions and pooling keep a 1x1 map."""
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=8)
+    for size, blur in (("7", "--blur"), ("1", "--no-blur")):
+        result = run("pretrain", images, "--out", tmp_path / size, *TINY, "--batch-size", "4", "--image-size", size, blur)
+        assert result.exit_code == 0, result.output
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path, shared_image_folder):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from simsiam.config import RunSettings, check_seed
+from simsiam.config import MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_seed
 from simsiam.errors import InputError
 
 OPTIMIZERS = ("lars", "sgd")
@@ -51,14 +51,12 @@ class LinearEvalConfig(RunSettings):
 
     def validate(self) -> None:
         self.check_required()
-        for name in ("epochs", "batch_size", "image_size", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("lr", "wd", "trust_coefficient", "eval_resize", "workers", "save_every_steps"):
-            value = getattr(self, name)
-            if not value >= 0 or value == float("inf"):  # NaN compares false
-                raise InputError(f"--{name.replace('_', '-')} {value}: must be "
-                                 f"{'at least 0' if isinstance(value, int) else 'a finite number, not negative'}")
+        self.check_ints(("epochs", "batch_size", "eval_every", "log_every"), 1)
+        self.check_ints(("save_every_steps",), 0)
+        self.check_ints(("image_size",), 1, MAX_IMAGE_SIZE)
+        self.check_ints(("eval_resize",), 0, MAX_IMAGE_SIZE)
+        self.check_ints(("workers",), 0, MAX_WORKERS)
+        self.check_optimizer_values(("lr", "wd", "trust_coefficient"))
         if not 0 <= self.momentum < 1:  # SGD's and LARS's momentum diverges from 1 on
             raise InputError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
