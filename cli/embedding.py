@@ -8,6 +8,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from simsiam.config import MAX_IMAGE_SIZE, MAX_WORKERS
+
 MAX_UNREADABLE_SHOWN = 10
 
 
@@ -16,13 +18,13 @@ def model_options(command):
     options = [
         click.option("--layer", type=click.Choice(["backbone", "projector"]), default="backbone",
                      help="backbone: pooled ResNet features (2048-d for ResNet-50); projector: SimSiam's z."),
-        click.option("--image-size", type=click.IntRange(min=1, max=4096), default=None,
+        click.option("--image-size", type=click.IntRange(min=1, max=MAX_IMAGE_SIZE), default=None,
                      help="Center crop. [default: the checkpoint's run's image size; else 224, or 32 for the CIFAR stem]"),
-        click.option("--resize", type=click.IntRange(min=0), default=None,
+        click.option("--resize", type=click.IntRange(min=0, max=MAX_IMAGE_SIZE), default=None,
                      help="Short side before the crop, 0 for none. [default: the checkpoint's run's eval resize; else 256, "
                           "or none for the CIFAR stem]"),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass."),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader worker processes. [default: min(8, CPUs)]"),
+        click.option("--workers", type=click.IntRange(min=0, max=MAX_WORKERS), default=None, help="DataLoader worker processes. [default: min(8, CPUs)]"),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
                      help="auto: bf16 autocast on CUDA, fp32 on CPU."),
     ]

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from simsiam.config import MAX_WORKERS
+
 from .embedding import EmbeddingProgress
 from .paths import PATH
 
@@ -48,7 +50,7 @@ def _as_dict(result) -> dict:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="Of embedding the --query images; auto: bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Query images per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, help="DataLoader worker processes for the query images.")
+@click.option("--workers", type=click.IntRange(min=0, max=MAX_WORKERS), default=0, help="DataLoader worker processes for the query images.")
 def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows, as_json, backend, device, precision,
             batch_size, workers):
     """Find the k nearest images of each query in DATABASE (a feature file, or an index from simsiam index).

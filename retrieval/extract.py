@@ -20,6 +20,7 @@ from torch.utils.data import Subset
 from simsiam.augment import eval_transform
 from simsiam.data import ImageDataset, ImageList, count_unreadable, make_loader, scan_images
 from simsiam.atomic import check_output
+from simsiam.config import MAX_IMAGE_SIZE, check_int
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
@@ -100,8 +101,8 @@ class _Extraction:
         check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size
         self.resize = model.resize if resize is None else resize
-        if self.image_size <= 0 or self.resize < 0:
-            raise InputError(f"--image-size {self.image_size} / --resize {self.resize}: sizes must be positive")
+        check_int("--image-size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_int("--resize", self.resize, 0, MAX_IMAGE_SIZE)
         dataset = ImageDataset(self.images, eval_transform(self.image_size, self.resize or None))
         # contiguous slices in rank order: the shards concatenated are the images in order
         mine = np.array_split(np.arange(len(dataset)), runtime.world_size)[runtime.rank]

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from .config import MAX_WORKERS, check_int
 from .errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
@@ -311,8 +312,11 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_si
                 workers: int = 0, pin_memory: bool = False, collate_fn=collate_readable) -> DataLoader:
     """A DataLoader that drops undecodable images (see :func:`collate_readable`, the default ``collate_fn``).
 
-    Without a ``batch_sampler`` the images come in order, ``batch_size`` at a time.
+    Without a ``batch_sampler`` the images come in order, ``batch_size`` at a time (at most all of
+    them: a batch size beyond ``sys.maxsize`` would fail in the sampler, one beyond the dataset
+    makes the same single batch).
     """
+    check_int("--workers", workers, 0, MAX_WORKERS)  # each one is a forked process
     common = dict(num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
                   persistent_workers=False,  # new workers each epoch see the dataset's new epoch
                   worker_init_fn=_quiet_when_the_main_process_stops if workers else None)
@@ -320,4 +324,4 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler | None = None, batch_si
         common["prefetch_factor"] = 4
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **common)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+    return DataLoader(dataset, batch_size=max(1, min(batch_size, len(dataset))), shuffle=False, **common)

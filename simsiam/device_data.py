@@ -220,7 +220,9 @@ class EvalBatches:
         self.image_size = image_size
         self.resize = resize
         self.device = device
-        batches = None if indices is None else BatchSampler(indices, batch_size, drop_last=False)
+        # at most all of them in a batch, as make_loader does: the sampler fails beyond sys.maxsize
+        batches = None if indices is None else BatchSampler(indices, max(1, min(batch_size, len(indices))),
+                                                            drop_last=False)
         self.loader = encoded_loader(images, batches, batch_size=batch_size, workers=workers)
 
     def __len__(self) -> int:

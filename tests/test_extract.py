@@ -127,6 +127,27 @@ def test_random_init_baseline_is_seeded(tmp_path, images):
     assert a.features.dtype == np.float16  # the default --dtype
 
 
+def test_a_batch_size_beyond_the_images_is_one_batch_of_all(tmp_path, images):
+    """A batch size beyond sys.maxsize was a ValueError traceback from the DataLoader's sampler."""
+    args = ["extract", "--random-init", "--arch", "resnet18", images, *FAST]
+    assert run(*args, "--out", tmp_path / "a.h5").exit_code == 0
+    result = run(*args, "--batch-size", str(10**20), "--out", tmp_path / "b.h5")
+    assert result.exit_code == 0, result.output
+    a, b = read_features(tmp_path / "a.h5"), read_features(tmp_path / "b.h5")
+    np.testing.assert_allclose(a.features, b.features, atol=1e-3)
+
+
+def test_library_callers_get_the_same_bounds(images):
+    from retrieval.extract import embed
+    from simsiam.data import ImageDataset, scan_images
+    from simsiam.errors import InputError
+    from simsiam.runtime import start
+
+    dataset = ImageDataset(scan_images(images), eval_transform(16, None))
+    with pytest.raises(InputError, match="--workers 99999999999: must be at most 128"):
+        embed(torchvision.models.resnet18(), dataset, start("cpu", "fp32"), 4, workers=99999999999)
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warning would print before the error
 def test_broken_weights_are_refused_not_written_as_nan_or_infinite_features(tmp_path, checkpoints, images):
     state = torch.load(checkpoints["torchvision"], weights_only=True)
@@ -189,7 +210,9 @@ def test_a_failing_close_still_removes_the_temporary_file(tmp_path, monkeypatch)
 def test_bad_option_values_are_refused_before_any_work(tmp_path, checkpoints, images):
     out = tmp_path / "feats.h5"
     for option, value, message in (("--image-size", "0", "--image-size"), ("--batch-size", "0", "--batch-size"),
-                                   ("--workers", "-1", "--workers"), ("--resize", "-3", "--resize")):
+                                   ("--workers", "-1", "--workers"), ("--resize", "-3", "--resize"),
+                                   ("--workers", "99999999999", "--workers"),  # was forking until the OOM killer
+                                   ("--resize", str(10**20), "--resize")):  # was an overflow traceback in torch
         assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST, option, value),
                           message, "(see: simsiam extract --help)")
     assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST, "--cifar-stem"),
