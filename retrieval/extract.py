@@ -26,6 +26,7 @@ from simsiam.runtime import Runtime
 
 from .feature_model import FeatureModel
 from .features import FeatureSet, FeatureWriter, check_utf8_names, first_non_finite_row, merge_shards, read_header
+from .neighbours import normalized_float32
 
 EventHandler = Callable[[dict], None]
 
@@ -146,7 +147,7 @@ class _Extraction:
                 raise InputError(f"{self.model.checkpoint}: the network gives NaN or infinite features "
                                  f"(first for {self.images.paths[indices[row]]}); its weights are broken")
             if self.normalize:
-                features /= np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+                features = normalized_float32(features)
             yield features, labels, [self.images.paths[i] for i in indices]
 
 

@@ -113,6 +113,10 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
         if labels.shape != (len(features),) or not len(labels):
             raise InputError(f"{name}: {len(features)} feature rows and labels of shape {tuple(labels.shape)}; "
                              "expected one label per row, and at least one row")
+        # as the files' check_usable: NaN similarities would rank neighbours arbitrarily
+        finite = torch.isfinite(as_tensor(features)).all(dim=1)
+        if not finite.all():
+            raise InputError(f"{name} features: NaN or infinite values (row {int(finite.logical_not().nonzero()[0])})")
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
     if train_labels.min() < 0 or train_labels.max() >= num_classes or val_labels.min() < 0:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from simsiam.errors import InputError
 
@@ -114,22 +113,28 @@ def as_array(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of float ``x`` scaled to length 1, in place. Each row is first divided by its largest
+    magnitude: the squares of values beyond 1.8e19 overflow float32 (and of values below 1e-19
+    vanish), so that a plain norm gives rows of 0 or of no fixed length and a wrong kNN."""
+    x /= x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+    return x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-12))
+
+
 def normalized_float32(x) -> np.ndarray:
     """L2-normalised float32 copy (float16 files are upcast first: their squares would overflow)."""
-    x = np.array(as_array(x), dtype=np.float32, copy=True)
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
-    return np.ascontiguousarray(x)
+    return unit_rows(torch.from_numpy(np.array(as_array(x), dtype=np.float32, copy=True))).numpy()
 
 
 def torch_search(database, queries, k: int, device: str = "cpu", chunk_size: int | None = None) -> Neighbours:
     """Exact top-k cosine similarity by chunked matrix products on ``device``."""
     dev = torch.device(device)
-    base = F.normalize(as_tensor(database).to(dev, torch.float32), dim=1)
+    base = unit_rows(as_tensor(database).to(dev, torch.float32, copy=True))
     chunk = chunk_size or auto_chunk_size(base.shape[0], dev.type)
     queries = as_tensor(queries)
     scores, indices = [], []
     for start in range(0, queries.shape[0], chunk):
-        q = F.normalize(queries[start:start + chunk].to(dev, torch.float32), dim=1)
+        q = unit_rows(queries[start:start + chunk].to(dev, torch.float32, copy=True))
         top = (q @ base.T).topk(k, dim=1)
         scores.append(top.values.cpu())
         indices.append(top.indices.cpu())

@@ -248,6 +248,35 @@ def test_nan_or_all_zero_features(files, tmp_path, bad):
     assert_user_error(knn_error(tmp_path, broken, files["val"]), "--train", expected)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_huge_and_tiny_features_give_the_accuracy_of_the_same_features_scaled(tmp_path, backend):
+    """Cosine similarity does not depend on the scale; float32 squares overflow beyond 1.8e19 and
+    vanish below 1e-19, which gave a wrong top-1 (with numpy overflow warnings) before."""
+    pytest.importorskip(backend)
+    train, train_labels = clustered(400, noise=1.2, seed=1)
+    val, val_labels = clustered(100, noise=1.2, seed=2)
+    top1 = {}
+    for scale in (1.0, 1e20, 1e-25):
+        files = [feature_file(tmp_path / f"{name}{scale}.h5", x * np.float32(scale), y)
+                 for name, x, y in (("train", train, train_labels), ("val", val, val_labels))]
+        result = run("knn", "--train", files[0], "--val", files[1], "--backend", backend, "--json")
+        assert result.exit_code == 0, result.output
+        top1[scale] = json.loads(result.output)["results"][0]["top1"]
+    assert top1[1e20] == top1[1e-25] == top1[1.0] > 0.5
+
+
+def test_nan_features_given_as_arrays_are_refused():
+    """The pretraining monitor calls the kNN on arrays: NaN similarities would rank neighbours arbitrarily."""
+    from retrieval.knn import weighted_knn
+    from simsiam.errors import InputError
+
+    features, labels = clustered(20)
+    broken = features.copy()
+    broken[7, 3] = np.inf
+    with pytest.raises(InputError, match=r"val features: NaN or infinite values \(row 7\)"):
+        weighted_knn(features, labels, broken, labels, ks=(5,), backend="torch")
+
+
 def test_faiss_backend_without_faiss_names_the_install_extra(files, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     assert_user_error(knn_error(tmp_path, files["train"], files["val"], "--backend", "faiss"),
