@@ -117,7 +117,9 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows of float ``x`` scaled to length 1, in place. Each row is first divided by its largest
     magnitude: the squares of values beyond 1.8e19 overflow float32 (and of values below 1e-19
     vanish), so that a plain norm gives rows of 0 or of no fixed length and a wrong kNN."""
-    x /= x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+    # max and -min rather than abs().amax(): no temporary the size of x (10 GB for ImageNet's features)
+    largest = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg())
+    x /= largest.clamp(min=torch.finfo(x.dtype).tiny)
     return x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp(min=1e-12))
 
 
