@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import click
@@ -99,7 +100,12 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         config.out = str(out or Path(checkpoint).parent / "lincls")
         checkpoint_path, saved = None, None
 
-    hint = resume_hint("lincls", config.out, checkpoint_path, epochs_option(config, saved))
+    continuing = epochs_option(config, saved)
+    # TRAIN_DIR or VAL_DIR given anew: the checkpoints so far name the old folders (and both are
+    # positional, after CHECKPOINT, so all three are repeated)
+    if resume is not None and (train_dir or val_dir):
+        continuing += [shlex.quote(path) for path in (config.checkpoint, config.train_dir, config.val_dir)]
+    hint = resume_hint("lincls", config.out, checkpoint_path, continuing)
     with LinearEvalProgress(description="lincls") as progress, hint:
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
     if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0

@@ -53,7 +53,7 @@ class RunSettings:
     # more epochs (the cosine schedule is then recomputed over the new total). Every other setting
     # decides what the saved weights and optimizer state are, so changing it is refused. DATA may
     # name another folder (moved, renamed): the run compares its image list with the checkpoint's
-    # instead (simsiam.train.check_resumed_images).
+    # instead (simsiam.run_dir.check_resumed_images).
     RESUME_MAY_CHANGE = frozenset({"data", "epochs", "eval_resize", "workers", "device", "precision", "compile",
                                    "data_on_gpu", "gpu_decode", "strict", "log_every", "save_every_epochs",
                                    "save_every_steps", "knn_train", "knn_val", "knn_every", "knn_k",

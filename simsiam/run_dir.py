@@ -130,6 +130,34 @@ def resume_checkpoint(config, resume_from: str | os.PathLike | None) -> dict | N
     return checkpoint
 
 
+def check_resumed_images(checkpoint: dict, fingerprint: dict, config, name: str, where) -> None:
+    """Refuse to resume on other training images than the run trained on (``config``'s setting
+    ``name``: pretrain's DATA, lincls's TRAIN_DIR): the sampler draws image indices, so an image
+    added or removed changes every batch after it. The image list (``ImageList.fingerprint()``,
+    saved as ``checkpoint["images"]``) is compared, not the folder, so a moved or renamed folder
+    resumes; a checkpoint without the fingerprint (of an older version) is compared by its
+    folder, as that version did."""
+    folder, label = getattr(config, name), config.label(name)
+    saved = checkpoint.get("images")
+    if saved is None:
+        old = checkpoint.get("config", {}).get(name)
+        if old and os.path.isabs(old) and os.path.realpath(old) != os.path.realpath(folder):
+            raise InputError(f"{label} {folder}: the run being resumed ({where}) used {old}; a resumed run continues "
+                             "with its own settings")
+        return
+    if fingerprint == saved:
+        return
+    change = fingerprint["count"] - saved["count"]
+    how = (f"{change} more than the {saved['count']} the run being resumed ({where}) trained on: images added"
+           if change > 0 else
+           f"{-change} fewer than the {saved['count']} the run being resumed ({where}) trained on: images removed"
+           if change < 0 else
+           f"as many as the run being resumed ({where}) trained on, but not the same paths: images renamed, "
+           "or some added and as many removed")
+    raise InputError(f"{label} {folder}: {fingerprint['count']} images, {how}; a resumed run must see the images it "
+                     "started with (restore them, or start a new run)")
+
+
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run worth keeping: one that saved a checkpoint. (A run that failed
     before its first checkpoint leaves only its config and log; the next start replaces them.)"""

@@ -29,8 +29,8 @@ from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs, check_run_dir,
-                      locked_run_dir, resume_checkpoint)
+from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
+                      check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
 
 Event = Callable[[dict], None]
 
@@ -200,31 +200,6 @@ def _checkpoint(config, images, model, optimizer, epoch, step_in_epoch, global_s
     }
 
 
-def check_resumed_images(checkpoint: dict, fingerprint: dict, data: str, where) -> None:
-    """Refuse to resume on other images than the run trained on: the sampler draws image indices,
-    so an image added or removed changes every batch after it. The image list is compared, not the
-    folder, so a moved or renamed DATA resumes; a checkpoint without the list's fingerprint (of an
-    older version) is compared by its folder, as that version did."""
-    saved = checkpoint.get("images")
-    if saved is None:
-        old = checkpoint.get("config", {}).get("data")
-        if old and os.path.isabs(old) and os.path.realpath(old) != os.path.realpath(data):
-            raise InputError(f"DATA {data}: the run being resumed ({where}) used {old}; a resumed run continues with "
-                             "its own settings")
-        return
-    if fingerprint == saved:
-        return
-    change = fingerprint["count"] - saved["count"]
-    how = (f"{change} more than the {saved['count']} the run being resumed ({where}) trained on: images added"
-           if change > 0 else
-           f"{-change} fewer than the {saved['count']} the run being resumed ({where}) trained on: images removed"
-           if change < 0 else
-           f"as many as the run being resumed ({where}) trained on, but not the same paths: images renamed, "
-           "or some added and as many removed")
-    raise InputError(f"DATA {data}: {fingerprint['count']} images, {how}; a resumed run must see the images it "
-                     "started with (restore them, or start a new run)")
-
-
 def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = None, overwrite: bool = False,
              on_event: Event | None = None) -> dict:
     """Train SimSiam as ``config`` says; returns the last metrics.
@@ -256,7 +231,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
     images = scan_images(config.data)
     fingerprint = images.fingerprint()
     if checkpoint is not None:
-        check_resumed_images(checkpoint, fingerprint, config.data, resume_from)
+        check_resumed_images(checkpoint, fingerprint, config, "data", resume_from)
     sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
     knn = KnnMonitor(config, runtime) if config.knn_train else None
     # the batch source: the fast path's (decoding and augmenting on the device) when the config asks

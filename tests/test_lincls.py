@@ -191,7 +191,7 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     same = run("lincls", Path(os.path.relpath(checkpoint)), train, val, "--resume", tmp_path / "killed")
     assert same.exit_code == 0 and "epochs are done" in same.output, same.output
     assert_user_error(run("lincls", checkpoint, val, val, "--resume", tmp_path / "killed"),
-                      f"TRAIN_DIR {val}: the run being resumed", f"used {train}")
+                      f"TRAIN_DIR {val}: 24 images, 24 fewer than the 48 the run being resumed")
     # neither file of a lincls folder is a backbone: the commands that read one say where it is
     for name in (HEAD_FILE, "last.pth.tar"):
         assert_user_error(run("convert-d2", tmp_path / "killed" / name, "--out", tmp_path / "x.pkl"),
@@ -212,6 +212,64 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     again = run("lincls", "--resume", tmp_path / "killed")
     assert again.exit_code == 0 and "its 3 epochs are done" in again.output, again.output
     assert load_checkpoint(tmp_path / "killed" / HEAD_FILE)["metrics"]["top1"] == a["metrics"]["top1"]
+
+
+def test_a_resume_compares_the_training_image_list_not_the_folder(tmp_path, data, monkeypatch):
+    import shlex
+    import shutil
+
+    import transfer.lincls
+
+    checkpoint, _, val = data
+    train = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=16)  # 12 images: one step an epoch
+    out = tmp_path / "run"
+    args = [*TINY, "--batch-size", "12", "--epochs", "1"]
+    assert run("lincls", checkpoint, train, val, "--out", out, *args).exit_code == 0
+    moved = train.rename(tmp_path / "moved")
+    assert_user_error(run("lincls", "--resume", out, "--epochs", "2"),
+                      f"its run names TRAIN_DIR as '{train}', which is no longer there; give TRAIN_DIR again")
+    # added, removed, renamed: the sampler's batches would not be the uninterrupted run's
+    shutil.copy(moved / "class0" / "c0_000.png", moved / "class1" / "added.png")
+    assert_user_error(run("lincls", checkpoint, moved, val, "--resume", out, "--epochs", "2"),
+                      f"TRAIN_DIR {moved}: 13 images, 1 more than the 12", "images added")
+    (moved / "class1" / "added.png").unlink()
+    (moved / "class1" / "c1_000.png").rename(moved / "class1" / "renamed.png")
+    assert_user_error(run("lincls", checkpoint, moved, val, "--resume", out, "--epochs", "2"),
+                      "12 images, as many as", "not the same paths")
+    (moved / "class1" / "renamed.png").rename(moved / "class1" / "c1_000.png")
+    (moved / "class0" / "c0_000.png").unlink()
+    assert_user_error(run("lincls", checkpoint, moved, val, "--resume", out, "--epochs", "2"),
+                      "11 images, 1 fewer than the 12")
+    shutil.copy(moved / "class0" / "c0_001.png", moved / "class0" / "c0_000.png")  # the same name: the same list
+    # the same images elsewhere resume, with another VAL_DIR too (it only decides what is evaluated); a
+    # Ctrl-C before the next checkpoint offers the folders again (the checkpoints so far name the old ones)
+    other_val = shutil.copytree(val, tmp_path / "val")
+    learning_rate = transfer.lincls.learning_rate
+
+    def interrupted_in_epoch_2(config, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return learning_rate(config, epoch)
+
+    monkeypatch.setattr(transfer.lincls, "learning_rate", interrupted_in_epoch_2)
+    result = run("lincls", checkpoint, moved, other_val, "--resume", out, "--epochs", "2")
+    hint = result.output.strip().splitlines()[-1]
+    assert hint == (f"interrupted (continue: simsiam lincls --resume {out} --epochs 2 {checkpoint} {moved} "
+                    f"{other_val})"), result.output
+    monkeypatch.setattr(transfer.lincls, "learning_rate", learning_rate)
+    result = run(*shlex.split(hint.removeprefix("interrupted (continue: simsiam ").removesuffix(")")))
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["train_dir"], saved["val_dir"]) == (str(moved), str(other_val))
+    # a checkpoint of the version before the fingerprint resumes from its own TRAIN_DIR only, as it did
+    old = load_checkpoint(out / "last.pth.tar")
+    del old["images"]
+    torch.save(old, out / "last.pth.tar")
+    moved.rename(train)
+    assert_user_error(run("lincls", checkpoint, train, val, "--resume", out, "--epochs", "3"),
+                      f"TRAIN_DIR {train}: the run being resumed", f"used {moved}")
+    assert run("lincls", checkpoint, train.rename(moved), val, "--resume", out, "--epochs", "3").exit_code == 0
 
 
 def test_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, data):

@@ -34,7 +34,7 @@ from simsiam.config import write_json_atomic
 from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
 from simsiam.errors import InputError, SimSiamError
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
-                             check_run_dir, locked_run_dir, resume_checkpoint)
+                             check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -132,7 +132,7 @@ def backbone_fingerprint(weights: BackboneWeights) -> str:
     return digest.hexdigest()
 
 
-def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch, global_step, metrics, best,
+def _checkpoint(config, head, optimizer, classes, images, weights, epoch, step_in_epoch, global_step, metrics, best,
                 fingerprint) -> dict:
     return {
         "epoch": epoch,  # epochs completed; the epoch under way when step_in_epoch > 0
@@ -142,6 +142,7 @@ def _checkpoint(config, head, optimizer, classes, weights, epoch, step_in_epoch,
         "state_dict": {f"fc.{k}": v for k, v in head.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "classes": classes,
+        "images": images,  # TRAIN_DIR's ImageList.fingerprint(): a resume needs the same images (check_resumed_images)
         "config": config.to_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "metrics": metrics,
@@ -197,11 +198,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         raise InputError(f"CHECKPOINT {config.checkpoint}: its backbone is not the one the run being resumed "
                          "trained its head on (the file changed since); start a new run (another --out, or --overwrite)")
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
+    if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
+        raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
+    image_list = train_images.fingerprint()  # not "images": the training loop's batches have that name
+    if checkpoint is not None:
+        check_resumed_images(checkpoint, image_list, config, "train_dir", resume_from)
     # every training image every epoch: main_lincls.py's loader keeps the last, incomplete batch
     sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size,
                                  drop_last=False)
-    if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
-        raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     runtime.barrier()  # every process has checked the folder before rank 0 changes it
     if runtime.is_main:
         run_folder.prepare(resume_from)
@@ -288,8 +292,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             sums.zero_()
             interval_start = now
             if save_now and runtime.is_main:
-                save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch, step + 1,
-                                        global_step, step_metrics, best, fingerprint), out / LAST)
+                save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch,
+                                        step + 1, global_step, step_metrics, best, fingerprint), out / LAST)
 
         if runtime.distributed:
             dist.all_reduce(epoch_sums)
@@ -310,7 +314,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         metrics_log.write(metrics)
         emit({"event": "epoch", **metrics})
         if runtime.is_main:
-            save_atomic(_checkpoint(config, head, optimizer, train_images.classes, weights, epoch + 1, 0,
+            save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch + 1, 0,
                                     global_step, metrics, best, fingerprint), out / LAST)
         runtime.barrier()
 
