@@ -311,14 +311,6 @@ def test_errors(tmp_path, data):
                       "--epochs 0")
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4096"),
                       "--batch-size 4096", "larger than the dataset")
-    broken = tmp_path / "broken"
-    for name in ("class0", "class1", "class2"):
-        (broken / name).mkdir(parents=True)
-        (broken / name / "x.jpg").write_bytes(b"not an image")
-    failed = run("lincls", checkpoint, train, broken, "--out", tmp_path / "b", *args)  # known at the first evaluation
-    assert failed.exit_code == 2 and "Traceback" not in failed.output
-    assert failed.output.strip().splitlines()[-1] == f"Error: VAL_DIR {broken}: none of its 3 images could be decoded"
-    assert not (tmp_path / "b").exists()  # no config.json or metrics.jsonl of a run that saved nothing
     for option, value, message in (("--momentum", "5", "--momentum 5.0: must be in [0, 1)"),
                                    ("--lr", "nan", "--lr nan: must be a finite number, not negative"),
                                    ("--lr", "1e300", "--lr 1e+300: must be at most 3.403e+38"),  # was a traceback
@@ -338,6 +330,33 @@ def test_errors(tmp_path, data):
                           "another simsiam run is writing in this folder")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pth*"))
 
+
+
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_a_val_dir_where_nothing_decodes_fails_in_one_line_after_saving_the_epoch(tmp_path, data, epochs):
+    """How many VAL_DIR images decode is known only at the first evaluation, after an epoch of
+    training: that epoch is kept (its line, its checkpoint) and --resume goes on once VAL_DIR is
+    fixed, also when it was the last epoch (then only the evaluation is left to do)."""
+    from transfer.lincls import BEST_HEAD_FILE
+
+    checkpoint, train, val = data
+    broken = tmp_path / "broken"
+    for name in ("class0", "class1", "class2"):
+        (broken / name).mkdir(parents=True)
+        (broken / name / "x.jpg").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    failed = run("lincls", checkpoint, train, broken, "--out", out, *TINY, "--batch-size", "16", "--epochs", epochs)
+    assert_user_error(failed, only_line=False)
+    assert failed.output.strip().splitlines()[-1] == (f"Error: VAL_DIR {broken}: none of its 3 images could be "
+                                                      f"decoded (epoch 1 is saved; --resume {out} continues)")
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 1 and not (out / BEST_HEAD_FILE).exists()
+    [line] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l]
+    assert line["epoch"] == 1 and "top1" not in line
+    resumed = run("lincls", checkpoint, train, val, "--resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    final = load_checkpoint(out / HEAD_FILE)["metrics"]
+    assert final["epoch"] == epochs and final["best_top1"] == final["top1"]
+    assert load_checkpoint(out / BEST_HEAD_FILE)["metrics"]["top1"] == final["top1"]
 
 
 def test_an_out_folder_among_the_inputs_is_refused(tmp_path, data):

@@ -246,6 +246,16 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
           "arch": weights.arch, "resumed_from": str(resume_from) if checkpoint is not None else None})
     del checkpoint
 
+    def keep_best(metrics: dict) -> None:
+        """Adds the best top-1 so far to an evaluation's ``metrics``, saving the head when it is the best."""
+        nonlocal best
+        # a first evaluation at top-1 0 is still the best so far (the official script keeps none)
+        is_best = metrics["top1"] > best or (best == 0.0 and not (out / BEST_HEAD_FILE).exists())
+        best = max(best, metrics["top1"])
+        metrics["best_top1"] = best
+        if is_best and runtime.is_main:  # the official script's model_best; kept before the resume point
+            save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / BEST_HEAD_FILE)
+
     metrics: dict = {}
     for epoch in range(start_epoch, config.epochs):
         lr = learning_rate(config, epoch)
@@ -303,24 +313,30 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         loss_sum, correct, count = epoch_sums.tolist()
         metrics = {"kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / max(count, 1),
                    "train_top1": 100.0 * correct / max(count, 1), "lr": lr, "skipped_images": skipped}
+        failure = None
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            metrics.update(evaluate(backbone, head))
-            # a first evaluation at top-1 0 is still the best so far (the official script keeps none)
-            is_best = metrics["top1"] > best or (best == 0.0 and not (out / BEST_HEAD_FILE).exists())
-            best = max(best, metrics["top1"])
-            metrics["best_top1"] = best
-            if is_best and runtime.is_main:  # the official script's model_best; kept before the resume point
-                save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / BEST_HEAD_FILE)
+            try:
+                metrics.update(evaluate(backbone, head))
+            except Exception as err:
+                # raised once the trained epoch's line and checkpoint (without validation numbers) are
+                # saved, so that --resume continues once VAL_DIR is fixed (as pretrain's kNN monitor)
+                failure = err
+            else:
+                keep_best(metrics)
         metrics_log.write(metrics)
         emit({"event": "epoch", **metrics})
         if runtime.is_main:
             save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch + 1, 0,
                                     global_step, metrics, best, fingerprint), out / LAST)
+        if isinstance(failure, InputError):
+            raise InputError(f"{failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
+        if failure is not None:
+            raise failure
         runtime.barrier()
 
-    if not metrics:  # resumed a finished run: evaluate it again
-        metrics = {"kind": "epoch", "step": global_step, "epoch": config.epochs, **evaluate(backbone, head),
-                   "best_top1": best}
+    if not metrics:  # resumed a finished run: evaluate it again (its last evaluation may have failed)
+        metrics = {"kind": "epoch", "step": global_step, "epoch": config.epochs, **evaluate(backbone, head)}
+        keep_best(metrics)
     metrics["backbone_unchanged"] = backbone_unchanged(backbone, weights)
     if not metrics["backbone_unchanged"]:
         raise SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation")
