@@ -34,7 +34,7 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch, error):
 
 
 @pytest.mark.parametrize("module, function, args, hint", [
-    ("retrieval.feature_model", "load_feature_model", ["extract", "ckpt", "images", "--out", "f.h5", "--resize", "100000"],
+    ("retrieval.feature_model", "load_feature_model", ["extract", "ckpt", "images", "--out", "f.h5", "--resize", "4096"],
      "; try a smaller --batch-size, --image-size or --resize"),
     ("retrieval.search", "find_neighbours", ["search", "db.h5", "--query-h5", "q.h5"], "; try a smaller --batch-size"),
     ("retrieval.index", "build_index", ["index", "db.h5", "--out", "db.index"], "; try a smaller --max-memory"),
