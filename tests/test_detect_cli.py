@@ -213,7 +213,11 @@ def test_make_toy_voc_errors(tmp_path):
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "d"),
                       f"already holds a VOCdevkit file; remove {tmp_path / 'd' / 'VOCdevkit'} or give another ROOT")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "b", "--test-images", "5"), "--test-images 5")
-    assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "at least 32x32")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "must be from 32 to 4096")
+    huge = str(10**20)  # was PIL's 'Maximum allowed dimension exceeded' traceback, after making ROOT
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", huge, huge),
+                      f"--size {huge}x{huge}: width and height must be from 32 to 4096")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_resume_may_change_the_length_saving_and_device_of_a_run_and_nothing_else():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from simsiam.config import MAX_IMAGE_SIZE
 from simsiam.errors import InputError
 
 # Detectron2's detectron2/data/datasets/pascal_voc.py CLASS_NAMES, in its order.
@@ -106,8 +107,8 @@ def make_toy_voc(root: str | os.PathLike, train_images: int = 40, test_images: i
     if train_images < 1 or test_images < len(VOC_CLASSES):
         raise InputError(f"--train-images {train_images} / --test-images {test_images}: need at least 1 training "
                          f"and {len(VOC_CLASSES)} test images (one per VOC class)")
-    if width < 32 or height < 32:
-        raise InputError(f"--size {width}x{height}: images must be at least 32x32")
+    if not (32 <= width <= MAX_IMAGE_SIZE and 32 <= height <= MAX_IMAGE_SIZE):  # PIL refuses huge sides with a ValueError
+        raise InputError(f"--size {width}x{height}: width and height must be from 32 to {MAX_IMAGE_SIZE}")
     target = root / "VOCdevkit"
     # before any work, and saying what to do: mkdir's own words are just "File exists" or "Not a directory"
     blocker = next((p for p in (root, *root.parents) if os.path.lexists(p)), None)
