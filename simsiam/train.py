@@ -378,7 +378,10 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             else:
                 save_atomic(state, out / LAST)
         if isinstance(knn_failure, InputError):
-            raise InputError(f"{knn_failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
+            # after the last epoch a plain --resume has nothing left to train: say what does help
+            then = (f"--resume {out} continues" if epoch + 1 < config.epochs else
+                    f"the run's last; simsiam knn {out / LAST} --train-dir DIR --val-dir DIR evaluates it")
+            raise InputError(f"{knn_failure} (epoch {epoch + 1} is saved; {then})")
         if knn_failure is not None:
             raise knn_failure
         last_good = str(out / LAST)

@@ -502,13 +502,18 @@ def test_knn_images_that_do_not_decode_fail_in_one_line_after_saving_the_epoch(t
         options = ["--knn-train", knn_train, "--knn-val", data, "--knn-k", "10"]
         fragments = ["--knn-k 10: larger than the 8 readable images", f"--knn-train {knn_train}"]
     out = tmp_path / "run"
-    result = run("pretrain", data, "--out", out, *TINY, *options)
-    assert_user_error(result, *fragments, "epoch 1 is saved", only_line=False)
-    assert (out / "checkpoint_0000.pth.tar").exists() and load_checkpoint(out / "last.pth.tar")["epoch"] == 1
+    epochs = "2" if case == "val" else "1"
+    result = run("pretrain", data, "--out", out, *TINY, "--epochs", epochs, *options)
+    # after the run's last epoch a plain --resume would only say that the run is finished
+    then = (f"--resume {out} continues" if case == "val" else
+            f"the run's last; simsiam knn {out / 'last.pth.tar'} --train-dir DIR --val-dir DIR evaluates it")
+    assert_user_error(result, *fragments, f"(epoch 1 is saved; {then})", only_line=False)
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 1  # (numbered too when it is the run's last)
+    assert (out / "checkpoint_0000.pth.tar").exists() == (epochs == "1")
     [epoch] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"epoch"' in l[:20]]
     assert epoch["epoch"] == 1 and "knn_top1" not in epoch
     if case == "val":  # the monitor's images fixed, the run goes on from its epoch
-        result = run("pretrain", "--resume", out, "--epochs", "2", "--knn-val", data)
+        result = run("pretrain", "--resume", out, "--knn-val", data)
         assert result.exit_code == 0, result.output
         assert "knn_top1" in json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
