@@ -291,7 +291,8 @@ def _quiet_when_the_main_process_stops(worker_id: int) -> None:
     """In a worker: when the main process stops on Ctrl-C or SIGTERM while fetching a batch, the
     worker's threads find their pipes to it broken and would print tracebacks after its one-line
     message. multiprocessing reports them through Queue._on_queue_feeder_error (the queue's feeder
-    thread) and sys.excepthook (resource_sharer's thread): both drop just these two errors here.
+    thread) and sys.excepthook (resource_sharer's thread, which gets an EOFError when the main
+    process goes in the middle of taking a tensor): both drop just these errors here.
     SIGTERM gets its default action back: the main process's handler is for the main process."""
     import multiprocessing.queues
     import signal
@@ -300,7 +301,7 @@ def _quiet_when_the_main_process_stops(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def broken(error_type) -> bool:
-        return issubclass(error_type, (BrokenPipeError, ConnectionResetError))
+        return issubclass(error_type, (BrokenPipeError, ConnectionResetError, EOFError))
 
     feeder_error, excepthook = multiprocessing.queues.Queue._on_queue_feeder_error, sys.excepthook
     multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(

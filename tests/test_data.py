@@ -199,7 +199,7 @@ from simsiam.data import _quiet_when_the_main_process_stops
 signal.signal(signal.SIGTERM, lambda *a: None)
 _quiet_when_the_main_process_stops(0)
 assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-for error in (BrokenPipeError(), ConnectionResetError()):
+for error in (BrokenPipeError(), ConnectionResetError(), EOFError()):  # EOFError: resource_sharer's conn.recv
     multiprocessing.queues.Queue._on_queue_feeder_error(error, None)
     sys.excepthook(type(error), error, None)
 try:
@@ -212,4 +212,4 @@ except ValueError as error:
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("ValueError: a real error") == 2 and "BrokenPipe" not in done.stderr
-    assert "ConnectionReset" not in done.stderr
+    assert "ConnectionReset" not in done.stderr and "EOFError" not in done.stderr
