@@ -102,8 +102,11 @@ class _Extraction:
         check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size
         self.resize = model.resize if resize is None else resize
-        check_int("--image-size", self.image_size, 1, MAX_IMAGE_SIZE)
-        check_int("--resize", self.resize, 0, MAX_IMAGE_SIZE)
+        # a size not given comes from the checkpoint: name it, not an option the user did not type
+        for option, given, value, low in (("--image-size", image_size, self.image_size, 1),
+                                          ("--resize", resize, self.resize, 0)):
+            check_int(option if given is not None else f"{model.checkpoint}: its {option[2:]}", value, low,
+                      MAX_IMAGE_SIZE)
         dataset = ImageDataset(self.images, eval_transform(self.image_size, self.resize or None))
         # contiguous slices in rank order: the shards concatenated are the images in order
         mine = np.array_split(np.arange(len(dataset)), runtime.world_size)[runtime.rank]

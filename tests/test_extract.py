@@ -148,6 +148,20 @@ def test_library_callers_get_the_same_bounds(images):
         embed(torchvision.models.resnet18(), dataset, start("cpu", "fp32"), 4, workers=99999999999)
 
 
+def test_a_size_too_large_from_the_checkpoint_names_the_checkpoint_not_an_option(images):
+    """A size the user did not give comes from the checkpoint (e.g. a hand-made one): the message names it."""
+    from retrieval.extract import extract_features
+    from retrieval.feature_model import FeatureModel
+    from simsiam.errors import InputError
+    from simsiam.runtime import start
+
+    model = FeatureModel(torchvision.models.resnet18(), "resnet18", "backbone", 1000, "hand-made.pth", "", 5000, 0)
+    with pytest.raises(InputError, match="^hand-made.pth: its image-size 5000: must be at most 4096$"):
+        extract_features(model, images, start("cpu", "fp32"))
+    with pytest.raises(InputError, match="^--image-size 5000: must be at most 4096$"):
+        extract_features(model, images, start("cpu", "fp32"), image_size=5000)
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warning would print before the error
 def test_broken_weights_are_refused_not_written_as_nan_or_infinite_features(tmp_path, checkpoints, images):
     state = torch.load(checkpoints["torchvision"], weights_only=True)
