@@ -101,9 +101,9 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         checkpoint_path, saved = None, None
 
     continuing = epochs_option(config, saved)
-    # TRAIN_DIR or VAL_DIR given anew: the checkpoints so far name the old folders (and both are
-    # positional, after CHECKPOINT, so all three are repeated)
-    if resume is not None and (train_dir or val_dir):
+    # CHECKPOINT, TRAIN_DIR or VAL_DIR given anew: the checkpoints so far name the old paths (and
+    # all three are positional, so all three are repeated)
+    if resume is not None and (checkpoint or train_dir or val_dir):
         continuing += [shlex.quote(path) for path in (config.checkpoint, config.train_dir, config.val_dir)]
     hint = resume_hint("lincls", config.out, checkpoint_path, continuing)
     with LinearEvalProgress(description="lincls") as progress, hint:

@@ -451,3 +451,51 @@ def test_a_resume_refuses_a_checkpoint_whose_backbone_changed(tmp_path, data):
     torch.save(saved, mine)
     assert_user_error(run("lincls", "--resume", tmp_path / "run", "--epochs", "3"),
                       f"CHECKPOINT {mine}: its backbone is not the one the run being resumed trained its head on")
+
+
+def test_a_moved_checkpoint_resumes_when_its_backbone_is_the_same(tmp_path, data, monkeypatch):
+    """CHECKPOINT is compared by its backbone's fingerprint, not its path (as TRAIN_DIR by its image list)."""
+    import shlex
+    import shutil
+
+    import transfer.lincls
+
+    checkpoint, _, val = data
+    train = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=16)  # 12 images: one step an epoch
+    mine = shutil.copy(checkpoint, tmp_path / "checkpoint_0099.pth.tar")
+    out = tmp_path / "run"
+    args = [*TINY, "--batch-size", "12", "--lr", "1000"]
+    assert run("lincls", mine, train, val, "--out", out, *args, "--epochs", "1").exit_code == 0
+    moved = Path(shutil.move(mine, tmp_path / "elsewhere.pth.tar"))
+    # given alone, before TRAIN_DIR and VAL_DIR; a Ctrl-C before the next checkpoint offers it again
+    learning_rate = transfer.lincls.learning_rate
+
+    def interrupted_in_epoch_2(config, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return learning_rate(config, epoch)
+
+    monkeypatch.setattr(transfer.lincls, "learning_rate", interrupted_in_epoch_2)
+    hint = run("lincls", moved, "--resume", out, "--epochs", "2").output.strip().splitlines()[-1]
+    assert hint == f"interrupted (continue: simsiam lincls --resume {out} --epochs 2 {moved} {train} {val})", hint
+    monkeypatch.setattr(transfer.lincls, "learning_rate", learning_rate)
+    resumed = run(*shlex.split(hint.removeprefix("interrupted (continue: simsiam ").removesuffix(")")))
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(out / "last.pth.tar")["config"]["checkpoint"] == str(moved)
+    assert load_checkpoint(out / HEAD_FILE)["checkpoint"] == str(moved)
+    # another backbone under another name is refused, naming the file the run trained on
+    saved = torch.load(moved, weights_only=True)
+    saved["state_dict"]["module.encoder.conv1.weight"] += 0.1
+    other = tmp_path / "other.pth.tar"
+    torch.save(saved, other)
+    assert_user_error(run("lincls", other, train, val, "--resume", out, "--epochs", "3"),
+                      f"CHECKPOINT {other}: its backbone is not the one the run being resumed trained its head on",
+                      f"the run trained on {moved}")
+    # a checkpoint of the version before the fingerprint resumes from its own CHECKPOINT file only, as it did
+    old = load_checkpoint(out / "last.pth.tar")
+    del old["backbone_sha256"]
+    torch.save(old, out / "last.pth.tar")
+    shutil.copy(moved, tmp_path / "copy.pth.tar")
+    assert_user_error(run("lincls", tmp_path / "copy.pth.tar", train, val, "--resume", out, "--epochs", "3"),
+                      f"CHECKPOINT {tmp_path / 'copy.pth.tar'}: the run being resumed", f"used {moved}")
+    assert run("lincls", "--resume", out, "--epochs", "3").exit_code == 0

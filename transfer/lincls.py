@@ -132,6 +132,25 @@ def backbone_fingerprint(weights: BackboneWeights) -> str:
     return digest.hexdigest()
 
 
+def check_resumed_backbone(checkpoint: dict, fingerprint: str, config: LinearEvalConfig, where) -> None:
+    """Refuse to resume on another backbone than the one the run trained its head on: the
+    fingerprint (``backbone_sha256``) is compared, not the file, so a moved or renamed CHECKPOINT
+    resumes. A checkpoint without the fingerprint (of an older version) is compared by its file,
+    as that version did."""
+    saved = checkpoint.get("backbone_sha256")
+    old = checkpoint.get("config", {}).get("checkpoint")
+    same_file = not old or not os.path.isabs(old) or os.path.realpath(old) == os.path.realpath(config.checkpoint)
+    if saved is None:
+        if not same_file:
+            raise InputError(f"CHECKPOINT {config.checkpoint}: the run being resumed ({where}) used {old}; a resumed "
+                             "run continues with its own settings")
+        return
+    if saved != fingerprint:
+        why = "the file changed since" if same_file else f"the run trained on {old}"
+        raise InputError(f"CHECKPOINT {config.checkpoint}: its backbone is not the one the run being resumed "
+                         f"trained its head on ({why}); start a new run (another --out, or --overwrite)")
+
+
 def _checkpoint(config, head, optimizer, classes, images, weights, epoch, step_in_epoch, global_step, metrics, best,
                 fingerprint) -> dict:
     return {
@@ -194,9 +213,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
                          f"pass --epochs N with N >= {reached}")
     weights = read_backbone(config.checkpoint)
     fingerprint = backbone_fingerprint(weights)
-    if checkpoint is not None and checkpoint.get("backbone_sha256", fingerprint) != fingerprint:
-        raise InputError(f"CHECKPOINT {config.checkpoint}: its backbone is not the one the run being resumed "
-                         "trained its head on (the file changed since); start a new run (another --out, or --overwrite)")
+    if checkpoint is not None:
+        check_resumed_backbone(checkpoint, fingerprint, config, resume_from)
     train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")

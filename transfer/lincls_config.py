@@ -49,9 +49,10 @@ class LinearEvalConfig(RunSettings):
     PATHS = ("checkpoint", "train_dir", "val_dir")
     REQUIRED = ("checkpoint", "train_dir", "val_dir", "out")
     # TRAIN_DIR may name another folder (moved, renamed): the run compares its image list with the
-    # checkpoint's instead (simsiam.run_dir.check_resumed_images). VAL_DIR only decides what is
-    # evaluated, as pretrain's --knn-val.
-    RESUME_MAY_CHANGE = RunSettings.RESUME_MAY_CHANGE | {"train_dir", "val_dir"}
+    # checkpoint's instead (simsiam.run_dir.check_resumed_images). CHECKPOINT may name another file
+    # alike: the run compares the backbone's fingerprint (transfer.lincls.check_resumed_backbone).
+    # VAL_DIR only decides what is evaluated, as pretrain's --knn-val.
+    RESUME_MAY_CHANGE = RunSettings.RESUME_MAY_CHANGE | {"checkpoint", "train_dir", "val_dir"}
 
     def validate(self) -> None:
         self.check_required()
