@@ -208,10 +208,16 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     assert_user_error(run("lincls", "--resume", checkpoint), "not a checkpoint of simsiam lincls")
     assert_user_error(run("lincls", "--resume", tmp_path / "killed", "--preset", "cifar"),
                       "--preset cifar: the run being resumed used --preset imagenet")
-    # a finished run resumed again is evaluated again, and says so
+    # a finished run resumed again is evaluated again, says so, and logs that evaluation (only)
+    log = (tmp_path / "killed" / "metrics.jsonl").read_text()
     again = run("lincls", "--resume", tmp_path / "killed")
     assert again.exit_code == 0 and "its 3 epochs are done" in again.output, again.output
     assert load_checkpoint(tmp_path / "killed" / HEAD_FILE)["metrics"]["top1"] == a["metrics"]["top1"]
+    after = (tmp_path / "killed" / "metrics.jsonl").read_text()
+    assert after.startswith(log)
+    [evaluation] = [json.loads(line) for line in after.removeprefix(log).splitlines()]
+    assert evaluation["kind"] == "epoch" and (evaluation["epoch"], evaluation["step"]) == (3, lines[-1]["step"])
+    assert evaluation["top1"] == a["metrics"]["top1"] and "loss" not in evaluation
 
 
 def test_a_resume_compares_the_training_image_list_not_the_folder(tmp_path, data, monkeypatch):

@@ -355,6 +355,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     if not metrics:  # resumed a finished run: evaluate it again (its last evaluation may have failed)
         metrics = {"kind": "epoch", "step": global_step, "epoch": config.epochs, **evaluate(backbone, head)}
         keep_best(metrics)
+        metrics_log.write(metrics)  # after the last epoch's own line: the evaluation alone, no training numbers
     metrics["backbone_unchanged"] = backbone_unchanged(backbone, weights)
     if not metrics["backbone_unchanged"]:
         raise SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation")
