@@ -26,6 +26,9 @@ class LinearEvalProgress(TrainingProgress):
         if event["event"] == "start":
             self.console.print(f"{event['arch']} backbone frozen; {event['classes']} classes, "
                                f"{event['val_images']} validation images")
+            if event.get("dropped_best_top1") is not None:
+                self.console.print(f"VAL_DIR holds other images than the best top-1 so far "
+                                   f"({event['dropped_best_top1']:.2f}%) was measured on: the best starts anew")
         if event["event"] == "epoch":
             accuracy = (f"  val top-1 {event['top1']:.2f}%  top-{event['topk']} {event['top5']:.2f}%"
                         if "top1" in event else "")

@@ -505,3 +505,56 @@ def test_a_moved_checkpoint_resumes_when_its_backbone_is_the_same(tmp_path, data
     assert_user_error(run("lincls", tmp_path / "copy.pth.tar", train, val, "--resume", out, "--epochs", "3"),
                       f"CHECKPOINT {tmp_path / 'copy.pth.tar'}: the run being resumed", f"used {moved}")
     assert run("lincls", "--resume", out, "--epochs", "3").exit_code == 0
+
+
+def test_a_resume_on_other_validation_images_starts_the_best_anew(tmp_path, data, monkeypatch):
+    """Top-1s measured on different VAL_DIR images do not compare: the best kept is of the current images."""
+    import shutil
+
+    import transfer.lincls as lincls
+    from transfer.lincls import BEST_HEAD_FILE
+
+    checkpoint, _, val = data
+    train = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=16)  # 12 images: one step an epoch
+    other_val = make_image_folder(tmp_path / "other_val", classes=3, per_class=2, size=16, seed=5)
+    scripted, evaluate = [], lincls.Evaluator.__call__
+    monkeypatch.setattr(lincls.Evaluator, "__call__",
+                        lambda self, backbone, head: {**evaluate(self, backbone, head), "top1": scripted.pop(0)})
+    out = tmp_path / "run"
+    args = [*TINY, "--batch-size", "12", "--lr", "1000"]
+
+    def lincls_run(*arguments, top1s):
+        scripted[:] = top1s
+        result = run("lincls", *arguments)
+        assert result.exit_code == 0 and not scripted, result.output
+        best = load_checkpoint(out / BEST_HEAD_FILE)["metrics"]
+        assert load_checkpoint(out / HEAD_FILE)["metrics"]["best_top1"] == best["top1"]
+        return " ".join(result.output.split()), best  # rich wraps long lines at the terminal's width
+
+    _, best = lincls_run(checkpoint, train, val, "--out", out, *args, "--epochs", "2", top1s=[90.0, 80.0])
+    assert (best["top1"], best["epoch"]) == (90.0, 1)
+    # VAL_DIR given anew with other images: epoch 3's 50% is the best, not VAL_DIR's old 90%
+    output, best = lincls_run(checkpoint, train, other_val, "--resume", out, "--epochs", "3", top1s=[50.0])
+    assert "VAL_DIR holds other images than the best top-1 so far (90.00%) was measured on" in output
+    assert (best["top1"], best["epoch"], best["val_images"]) == (50.0, 3, 6)
+    assert load_checkpoint(out / "last.pth.tar")["best_val_images"]["count"] == 6
+    # the same images, from the run's own VAL_DIR or another folder: the best is kept
+    output, best = lincls_run("--resume", out, top1s=[40.0])  # a finished run: evaluated again
+    assert "best starts anew" not in output and (best["top1"], best["epoch"]) == (50.0, 3)
+    _, best = lincls_run(checkpoint, train, shutil.copytree(other_val, tmp_path / "copy"), "--resume", out,
+                         top1s=[45.0])
+    assert best["top1"] == 50.0
+    # back to the first VAL_DIR: a finished run re-evaluated there starts the best anew too, and
+    # its checkpoint remembers it, so that the next plain resume evaluates that VAL_DIR
+    output, best = lincls_run(checkpoint, train, val, "--resume", out, top1s=[30.0])
+    assert "(50.00%) was measured on: the best starts anew" in output and best["top1"] == 30.0
+    saved = load_checkpoint(out / "last.pth.tar")
+    assert saved["config"]["val_dir"] == str(val) and saved["best_top1"] == 30.0
+    _, best = lincls_run("--resume", out, top1s=[35.0])
+    assert (best["top1"], best["val_images"]) == (35.0, 24)
+    # a checkpoint of the version before the list keeps its best on any VAL_DIR, as it did
+    old = load_checkpoint(out / "last.pth.tar")
+    del old["best_val_images"]
+    torch.save(old, out / "last.pth.tar")
+    output, best = lincls_run(checkpoint, train, other_val, "--resume", out, top1s=[20.0])
+    assert "best starts anew" not in output and best["top1"] == 35.0

@@ -151,6 +151,25 @@ def check_resumed_backbone(checkpoint: dict, fingerprint: str, config: LinearEva
                          f"trained its head on ({why}); start a new run (another --out, or --overwrite)")
 
 
+def resumed_best(checkpoint: dict, val_list: dict, best_head: Path) -> tuple[dict, float | None]:
+    """The best so far that a resumed run goes on from, and the best top-1 it drops (None: kept).
+
+    Accuracies measured on different validation images do not compare: when VAL_DIR, given anew,
+    lists other images (``ImageList.fingerprint()``) than the best top-1 was measured on, the best
+    starts anew, so that the next evaluation is the best so far and its head replaces
+    ``linear_head_best.pth``. A checkpoint of an older version, without the list, keeps its best
+    whatever VAL_DIR is, as that version did.
+    """
+    top1 = checkpoint.get("best_top1", 0.0)
+    if "best_val_images" in checkpoint:
+        measured_on = checkpoint["best_val_images"]
+    else:  # as that version: nothing measured yet only when its best is 0 and it kept no best head
+        measured_on = val_list if top1 > 0 or best_head.exists() else None
+    if measured_on is not None and measured_on != val_list:
+        return {"best_top1": 0.0, "best_val_images": None}, top1
+    return {"best_top1": top1, "best_val_images": measured_on}, None
+
+
 def _checkpoint(config, head, optimizer, classes, images, weights, epoch, step_in_epoch, global_step, metrics, best,
                 fingerprint) -> dict:
     return {
@@ -165,7 +184,7 @@ def _checkpoint(config, head, optimizer, classes, images, weights, epoch, step_i
         "config": config.to_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "metrics": metrics,
-        "best_top1": best,
+        **best,  # best_top1 and best_val_images, the VAL_DIR image list it was measured on (see resumed_best)
         "backbone_sha256": fingerprint,  # a resume refuses another backbone
         "simsiam_version": __version__,
     }
@@ -219,6 +238,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
         raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
     image_list = train_images.fingerprint()  # not "images": the training loop's batches have that name
+    val_list = val_images.fingerprint()
     if checkpoint is not None:
         check_resumed_images(checkpoint, image_list, config, "train_dir", resume_from)
     # every training image every epoch: main_lincls.py's loader keeps the last, incomplete batch
@@ -240,13 +260,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     head = build_head(feature_dim(weights.arch), len(train_images.classes)).to(runtime.device)
     optimizer = build_optimizer(head, config)
     start_epoch = start_step = global_step = 0
-    best = 0.0
+    # the best validation top-1 so far and VAL_DIR's image list it was measured on (None: no evaluation yet)
+    best, dropped_best = {"best_top1": 0.0, "best_val_images": None}, None
     if checkpoint is not None:
         head.load_state_dict({k.removeprefix("fc."): v for k, v in checkpoint["state_dict"].items()})
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
         global_step = checkpoint["global_step"]
-        best = checkpoint.get("best_top1", 0.0)
+        best, dropped_best = resumed_best(checkpoint, val_list, out / BEST_HEAD_FILE)
         torch.set_rng_state(checkpoint["rng"]["torch"])
     model = rt.data_parallel(head, runtime)  # what the step runs; the checkpoint saves ``head``
 
@@ -261,16 +282,17 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
           "classes": len(train_images.classes), "steps_per_epoch": sampler.steps_per_epoch,
           "total_steps": config.epochs * sampler.steps_per_epoch, "global_step": global_step, "epoch": start_epoch,
           "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision,
-          "arch": weights.arch, "resumed_from": str(resume_from) if checkpoint is not None else None})
+          "arch": weights.arch, "resumed_from": str(resume_from) if checkpoint is not None else None,
+          "dropped_best_top1": dropped_best})
     del checkpoint
 
     def keep_best(metrics: dict) -> None:
         """Adds the best top-1 so far to an evaluation's ``metrics``, saving the head when it is the best."""
-        nonlocal best
         # a first evaluation at top-1 0 is still the best so far (the official script keeps none)
-        is_best = metrics["top1"] > best or (best == 0.0 and not (out / BEST_HEAD_FILE).exists())
-        best = max(best, metrics["top1"])
-        metrics["best_top1"] = best
+        is_best = best["best_val_images"] is None or metrics["top1"] > best["best_top1"]
+        if is_best:
+            best.update(best_top1=metrics["top1"], best_val_images=val_list)
+        metrics["best_top1"] = best["best_top1"]
         if is_best and runtime.is_main:  # the official script's model_best; kept before the resume point
             save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / BEST_HEAD_FILE)
 
@@ -353,9 +375,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         runtime.barrier()
 
     if not metrics:  # resumed a finished run: evaluate it again (its last evaluation may have failed)
+        rng = torch.get_rng_state()  # before the evaluation's loader draws from it
         metrics = {"kind": "epoch", "step": global_step, "epoch": config.epochs, **evaluate(backbone, head)}
         keep_best(metrics)
         metrics_log.write(metrics)  # after the last epoch's own line: the evaluation alone, no training numbers
+        torch.set_rng_state(rng)
+        if runtime.is_main:  # the checkpoint names this VAL_DIR and its best, as config.json; training state unchanged
+            save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, config.epochs,
+                                    0, global_step, metrics, best, fingerprint), out / LAST)
     metrics["backbone_unchanged"] = backbone_unchanged(backbone, weights)
     if not metrics["backbone_unchanged"]:
         raise SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation")

@@ -51,7 +51,8 @@ class LinearEvalConfig(RunSettings):
     # TRAIN_DIR may name another folder (moved, renamed): the run compares its image list with the
     # checkpoint's instead (simsiam.run_dir.check_resumed_images). CHECKPOINT may name another file
     # alike: the run compares the backbone's fingerprint (transfer.lincls.check_resumed_backbone).
-    # VAL_DIR only decides what is evaluated, as pretrain's --knn-val.
+    # VAL_DIR only decides what is evaluated, as pretrain's --knn-val (a best top-1 measured on other
+    # images starts anew: transfer.lincls.resumed_best).
     RESUME_MAY_CHANGE = RunSettings.RESUME_MAY_CHANGE | {"checkpoint", "train_dir", "val_dir"}
 
     def validate(self) -> None:
