@@ -7,7 +7,7 @@ from pathlib import Path
 
 from simsiam.atomic import check_output
 from simsiam.checkpoint import is_torch_save_file
-from simsiam.data import scan_images
+from simsiam.data import same_images, scan_images
 from simsiam.errors import InputError
 from simsiam.runtime import Runtime
 
@@ -65,8 +65,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
                          f"are not among the {len(scanned['--train-dir'].classes)} classes of --train-dir {train_dir}")
     model = load_feature_model(checkpoint, layer)
     common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
-    train_set = extract_features(model, train_dir, runtime, **common)
-    val_set = extract_features(model, val_dir, runtime, **common)
+    train_images, val_images = scanned["--train-dir"], scanned["--val-dir"]
+    train_set = extract_features(model, train_images, runtime, **common)
+    # the same folder twice (evaluate_knn warns): its features once, not a second pass over it
+    same = same_images(train_images.root, train_images.paths, val_images.root, val_images.paths)
+    val_set = train_set if same else extract_features(model, val_images, runtime, **common)
     report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size,
                           names=("--train-dir", "--val-dir"))
     if save_features is not None:

@@ -163,7 +163,7 @@ def extract_features(model: FeatureModel, data: str | os.PathLike | ImageList, r
     job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     parts = list(job.batches(batch_size, workers, on_event))
     if not parts:
-        raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
+        raise InputError(f"{job.images.root}: none of its {len(job.images)} images could be decoded")
     features, labels, paths = zip(*parts)
     attrs = {**job.attrs, "skipped_images": job.skipped}
     return FeatureSet(np.concatenate(features), np.concatenate(labels),

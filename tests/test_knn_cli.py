@@ -217,12 +217,20 @@ def test_the_same_images_as_train_and_val_warn(files):
     assert "hold the same images" not in run("knn", "--train", files["train"], "--val", files["val"]).output
 
 
-def test_the_same_folder_as_train_dir_and_val_dir_warns_naming_those_options(tmp_path):
+def test_the_same_folder_as_train_dir_and_val_dir_warns_naming_those_options_and_is_embedded_once(tmp_path,
+                                                                                                  monkeypatch):
+    import simsiam.data
+
     checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
     images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    decoded = []
+    decode_rgb = simsiam.data.decode_rgb
+    monkeypatch.setattr(simsiam.data, "decode_rgb", lambda path: decoded.append(path) or decode_rgb(path))
     fast = ["-k", "3", "--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu", "--json"]
     result = run("knn", checkpoint, "--train-dir", images, "--val-dir", f"{tmp_path}/./images/", *fast)
     assert result.exit_code == 0, result.output
+    assert len(decoded) == 6  # each image once: the features of --train-dir serve as --val-dir's
+    assert json.loads(result.output.strip().splitlines()[-1])["val_size"] == 6
     assert json.loads(result.output.strip().splitlines()[-1])["warnings"] == [
         "--train-dir and --val-dir hold the same images: each is its own nearest neighbour, so the accuracy is "
         "inflated; evaluate on held-out images"]
