@@ -8,7 +8,7 @@ from pathlib import Path
 from simsiam.atomic import check_output
 from simsiam.checkpoint import is_torch_save_file
 from simsiam.data import same_images, scan_images
-from simsiam.errors import InputError
+from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
 
 from .extract import extract_features
@@ -27,7 +27,10 @@ def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), t
         if is_torch_save_file(path):
             raise InputError(f"{option} {path}: a checkpoint, not a feature file; to embed and evaluate in one go: "
                              f"simsiam knn {path} --train-dir DIR --val-dir DIR")
-    train_set, val_set = read_features(train), read_features(val)
+    with given_as("--train", train):
+        train_set = read_features(train)
+    with given_as("--val", val):
+        val_set = read_features(val)
     return evaluate_knn(train_set, val_set, ks, temperature, backend, device, chunk_size), val_set
 
 
@@ -53,7 +56,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
             check_output(Path(save_features) / name, "--save-features", overwrite)
     scanned = {}
     for name, folder in (("--train-dir", train_dir), ("--val-dir", val_dir)):
-        scanned[name] = images = scan_images(folder)
+        with given_as(name, folder):
+            scanned[name] = images = scan_images(folder)
         if not images.labelled:
             raise InputError(f"{name} {folder}: needs class folders (class/*.jpg): kNN needs labels")
         if name == "--train-dir" and max(ks) > len(images):
@@ -66,10 +70,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     model = load_feature_model(checkpoint, layer)
     common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
     train_images, val_images = scanned["--train-dir"], scanned["--val-dir"]
-    train_set = extract_features(model, train_images, runtime, **common)
+    with given_as("--train-dir", train_dir):
+        train_set = extract_features(model, train_images, runtime, **common)
     # the same folder twice (evaluate_knn warns): its features once, not a second pass over it
     same = same_images(train_images.root, train_images.paths, val_images.root, val_images.paths)
-    val_set = train_set if same else extract_features(model, val_images, runtime, **common)
+    with given_as("--val-dir", val_dir):
+        val_set = train_set if same else extract_features(model, val_images, runtime, **common)
     report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size,
                           names=("--train-dir", "--val-dir"))
     if save_features is not None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from simsiam.checkpoint import is_torch_save_file
 from simsiam.data import ImageList, scan_images
-from simsiam.errors import InputError
+from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
 
 from .extract import extract_features
@@ -92,11 +92,13 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     hint = (f"the database {database.source} holds projector features: give --checkpoint the checkpoint they "
             f"were extracted from ({database.attrs.get('checkpoint')}), or search a feature file written by "
             "simsiam extract --layer backbone")
-    model = load_feature_model(checkpoint, layer=database.attrs.get("layer", "backbone"), projector_hint=hint)
+    with given_as("--checkpoint", checkpoint):
+        model = load_feature_model(checkpoint, layer=database.attrs.get("layer", "backbone"), projector_hint=hint)
     if model.dim != database.dim:  # before embedding: another network than the database's
         raise InputError(f"--checkpoint {checkpoint}: {model.arch} gives {model.dim}-d features, but the database "
                          f"{database.source} has {database.dim}-d (embedded with {database.attrs.get('checkpoint')})")
-    images = scan_images(query) if query.is_dir() else single_image_list(query)
+    with given_as("--query", query):
+        images = scan_images(query) if query.is_dir() else single_image_list(query)
 
     def refuse_unreadable(event: dict) -> None:
         if event["event"] == "unreadable":
@@ -206,7 +208,8 @@ def find_neighbours(database_path: str | os.PathLike, k: int = 10, query: str | 
     if database.index is not None and backend != "auto":
         raise InputError(f"--backend {backend}: an index searches itself; --backend is for a feature file")
     if query_h5 is not None:
-        queries = read_features(query_h5)
+        with given_as("--query-h5", query_h5):
+            queries = read_features(query_h5)
     else:
         dev = resolve_device(device)
         runtime = Runtime(dev, resolve_precision(precision, dev))

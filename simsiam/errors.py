@@ -1,5 +1,9 @@
 """Typed errors the library raises; the CLI turns them into one-line messages and exit codes."""
 
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
 
 class SimSiamError(Exception):
     """Base class of every error the library raises on purpose."""
@@ -14,3 +18,23 @@ class InputError(SimSiamError, ValueError):
 
 class TrainingDiverged(SimSiamError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@contextmanager
+def given_as(option: str, value) -> Iterator[None]:
+    """Within the block, an InputError about ``value`` (its message starts with the bare path) names
+    the option the user gave it with, and the path as typed: ``--checkpoint ./x.pth: no such checkpoint file``.
+
+    The readers (of checkpoints, feature files, folders) name the path they read; only the caller
+    knows which option it came from.
+    """
+    try:
+        yield
+    except InputError as err:
+        message = str(err)
+        for spelling in {str(value), str(Path(value))}:  # as typed, and as pathlib spells it ("./x" is "x")
+            if message.startswith(f"{spelling}:"):
+                # the same error, type and traceback kept; the path as the user typed it
+                err.args = (f"{option} {value}{message[len(spelling):]}",)
+                break
+        raise

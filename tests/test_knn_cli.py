@@ -237,6 +237,25 @@ def test_the_same_folder_as_train_dir_and_val_dir_warns_naming_those_options_and
     assert "warning: --train-dir and --val-dir hold the same images" in result.output
 
 
+def test_errors_about_a_path_name_the_option_that_gave_it(files, tmp_path):
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    empty, broken = tmp_path / "empty", tmp_path / "broken" / "class0"
+    empty.mkdir()
+    broken.mkdir(parents=True)
+    for i in range(3):
+        (broken / f"{i}.jpg").write_bytes(b"not a jpeg")
+    assert_user_error(knn_error(tmp_path, tmp_path / "none.h5", files["val"]), f"--train {tmp_path / 'none.h5'}: no such")
+    assert_user_error(knn_error(tmp_path, files["train"], tmp_path), f"--val {tmp_path}: not a file")
+    fast = ["-k", "2", "--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
+    for train, val, expected in ((tmp_path / "none", images, f"--train-dir {tmp_path / 'none'}: no such folder"),
+                                 (images, empty, f"--val-dir {empty}: no images found"),
+                                 (broken.parent, broken.parent,
+                                  f"--train-dir {broken.parent}: none of its 3 images could be decoded")):
+        result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, *fast)
+        assert_user_error(result, expected, only_line=False)
+
+
 def test_val_without_labels(files, tmp_path):
     unlabeled = feature_file(tmp_path / "u.h5", clustered(10)[0])
     assert_user_error(knn_error(tmp_path, files["train"], unlabeled), "--val", "10 image(s) without a label")

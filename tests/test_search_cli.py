@@ -195,6 +195,22 @@ def test_other_errors(gallery, tmp_path):
     assert read_features(gallery["h5"]).dim == 512
 
 
+def test_errors_about_a_path_name_the_option_that_gave_it(gallery, tmp_path):
+    """The readers name the bare path; the message names the option as well, as the user typed it."""
+    query = gallery["images"] / "class1" / "c1_002.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, expected in (
+            (["--query", query, "--checkpoint", tmp_path / "none.pth"], f"--checkpoint {tmp_path / 'none.pth'}: no such"),
+            (["--query", query, "--checkpoint", gallery["h5"]], f"--checkpoint {gallery['h5']}: "),
+            (["--query", query, "--checkpoint", tmp_path], f"--checkpoint {tmp_path}: is a folder"),
+            (["--query", empty, "--checkpoint", gallery["checkpoint"]], f"--query {empty}: no images found"),
+            (["--query-h5", tmp_path / "none.h5"], f"--query-h5 {tmp_path / 'none.h5'}: no such feature file"),
+            (["--query-h5", gallery["checkpoint"]], f"--query-h5 {gallery['checkpoint']}: a checkpoint"),
+            (["--query-h5", tmp_path], f"--query-h5 {tmp_path}: not a file")):
+        assert_user_error(run("search", gallery["h5"], *args, "--workers", "0", "--device", "cpu"), expected)
+
+
 
 @pytest.mark.parametrize("sidecar", ["[1, 2]", '"flat"', '{"format": "simsiam-index/1", "features": 3, "rows": 14}'])
 def test_a_foreign_index_sidecar_is_refused_in_one_line(gallery, tmp_path, sidecar):
@@ -225,7 +241,8 @@ def test_projector_features_with_a_checkpoint_without_projector_advise_what_sear
                              checkpoint="runs/official.pth.tar")
     result = run("search", projector, "--query", gallery["images"] / "class1" / "c1_002.png",
                  "--checkpoint", gallery["checkpoint"], "--workers", "0", "--device", "cpu")
-    assert_user_error(result, "has no SimSiam projector", f"the database {projector} holds projector features",
+    assert_user_error(result, f"--checkpoint {gallery['checkpoint']}: has no SimSiam projector",
+                      f"the database {projector} holds projector features",
                       "give --checkpoint the checkpoint they were extracted from (runs/official.pth.tar)",
                       "simsiam extract --layer backbone")
 
