@@ -113,9 +113,13 @@ def check_utf8_names(root: str | os.PathLike, paths: Sequence[str]) -> None:
                          "stores it as UTF-8: rename it")
     bad = [p for p in paths if not is_utf8(p)]
     if bad:
-        more = f" (and {len(bad) - 1} more in {root})" if len(bad) > 1 else ""
-        raise InputError(f"{printable_name(root / bad[0])}: the file name is not valid UTF-8{more}; a feature file "
-                         "stores image paths as UTF-8: rename it")
+        # the first part of the path that is not UTF-8: a (class) folder, or the file itself
+        parts = Path(bad[0]).parts
+        depth = next(i for i, part in enumerate(parts) if not is_utf8(part)) + 1
+        what = "file" if depth == len(parts) else "folder"
+        more = f" (and {len(bad) - 1} more image path(s) in {root})" if len(bad) > 1 else ""
+        raise InputError(f"{printable_name(root.joinpath(*parts[:depth]))}: the {what} name is not valid UTF-8{more}; "
+                         "a feature file stores image paths as UTF-8: rename it")
 
 
 BYTES_PER_ROW = 8 + 8 + 64  # a label, a string reference, a path: with the features, what a row takes

@@ -283,6 +283,19 @@ def test_an_image_name_that_is_not_utf8_is_refused_by_name_before_any_work(tmp_p
     assert not out.exists() and os.listdir(tmp_path) == ["data"]
 
 
+def test_a_class_folder_name_that_is_not_utf8_is_refused_by_name_before_any_work(tmp_path, checkpoints, monkeypatch):
+    import retrieval.extract
+
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    os.rename(data / "class0", os.fsdecode(os.fsencode(data) + b"/caf\xe9"))
+    monkeypatch.setattr(retrieval.extract, "embed_batches", lambda *a, **k: pytest.fail("embedded"))
+    out = tmp_path / "feats.h5"
+    result = run("extract", checkpoints["torchvision"], data, "--out", out, *FAST)
+    assert_user_error(result, f"{data}/caf\\xe9: the folder name is not valid UTF-8 (and 1 more image path(s) in "
+                      f"{data})", "rename it")
+    assert not out.exists() and os.listdir(tmp_path) == ["data"]
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_write_shards_merged_into_one_file_in_dataset_order(tmp_path, checkpoints, images):
     single = tmp_path / "single.h5"

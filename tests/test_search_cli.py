@@ -1,6 +1,8 @@
 """``simsiam search``: neighbours as a table and JSON, a PNG contact sheet, retrieval metrics, errors."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +178,14 @@ def test_an_empty_query_image_says_it_is_empty(gallery, tmp_path):
     result = run("search", gallery["h5"], "--query", empty, "--checkpoint", gallery["checkpoint"], "--workers", "0",
                  "--device", "cpu")
     assert_user_error(result, f"--query {empty}: cannot decode the image (empty file: 0 bytes)", only_line=False)
+
+
+def test_a_query_folder_with_a_class_folder_name_that_is_not_utf8_is_refused_by_name(gallery, tmp_path):
+    query = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    query.mkdir()
+    (query / "a.png").write_bytes((gallery["images"] / "class1" / "c1_002.png").read_bytes())
+    result = run("search", gallery["h5"], "--query", tmp_path, "--checkpoint", gallery["checkpoint"], *FAST[-4:])
+    assert_user_error(result, f"{tmp_path}/caf\\xe9: the folder name is not valid UTF-8", "rename it")
 
 
 def test_other_errors(gallery, tmp_path):
