@@ -13,7 +13,7 @@ from simsiam.runtime import Runtime
 
 from .extract import extract_features
 from .feature_model import load_feature_model
-from .features import FeatureSet, read_features, write_features
+from .features import FeatureSet, check_utf8_names, read_features, write_features
 from .knn import KnnReport, check_ks, evaluate_knn
 from .neighbours import resolve_search
 
@@ -60,6 +60,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
             scanned[name] = images = scan_images(folder)
         if not images.labelled:
             raise InputError(f"{name} {folder}: needs class folders (class/*.jpg): kNN needs labels")
+        check_utf8_names(images.root, images.paths)  # both folders, before embedding either
         if name == "--train-dir" and max(ks) > len(images):
             raise InputError(f"-k {max(ks)}: larger than the {len(images)} images of --train-dir {folder}")
     # before extracting anything (evaluate_knn would say it too, but only after both passes)

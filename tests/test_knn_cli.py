@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import sys
 
 import h5py
@@ -254,6 +255,23 @@ def test_errors_about_a_path_name_the_option_that_gave_it(files, tmp_path):
                                   f"--train-dir {broken.parent}: none of its 3 images could be decoded")):
         result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, *fast)
         assert_user_error(result, expected, only_line=False)
+
+
+@pytest.mark.parametrize("odd, named", [(b"class0/\xff.png", "class0/\\xff.png: the file name"),
+                                        (b"class0/caf\xe9/a.png", "class0/caf\\xe9: the folder name")])
+def test_a_val_dir_image_path_that_is_not_utf8_is_refused_before_embedding_train_dir(tmp_path, monkeypatch, odd,
+                                                                                     named):
+    import retrieval.evaluate
+
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=2)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=2, seed=1)
+    target = os.fsencode(val) + b"/" + odd
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(val / "class0" / "c0_000.png", target)
+    monkeypatch.setattr(retrieval.evaluate, "extract_features", lambda *a, **k: pytest.fail("embedded"))
+    result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "2", "--device", "cpu")
+    assert_user_error(result, f"{val}/{named} is not valid UTF-8", "rename it")
 
 
 def test_val_without_labels(files, tmp_path):
