@@ -143,25 +143,37 @@ def first_frame(decoded: torch.Tensor) -> torch.Tensor:
     return decoded[0] if decoded.ndim == 4 else decoded
 
 
+def unreadable_reason(err: Exception, path: str) -> str:
+    """Why ``path`` could not be read, without its name, which the messages give first: the OS's
+    errors end with it ("No such file or directory: 'x.jpg'"), PIL's too ("cannot identify image file 'x.bmp'")."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return err.strerror
+    reason = str(err)
+    for spelling in (repr(path), path):
+        reason = reason.replace(spelling, "")
+    return reason.strip(" :") or type(err).__name__
+
+
 def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason."""
+    """Decode an image file to a uint8 RGB tensor [3, H, W]; raises OSError with a one-line reason
+    that does not repeat the path."""
     path = str(path)
-    if os.path.getsize(path) == 0:  # the decoders' own words for it are about tensors and headers
-        raise OSError("empty file: 0 bytes")
-    if path.lower().endswith(_TORCHVISION_DECODES):
-        # read by Python, not torch.from_file: torch wants a UTF-8 name, and a Linux file name is
-        # any bytes (os.walk hands them over surrogate-escaped)
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        try:
-            return first_frame(decode_image(data, mode=ImageReadMode.RGB))
-        except RuntimeError as err:
-            raise OSError(_decoder_reason(str(err))) from None
     try:
+        if os.path.getsize(path) == 0:  # the decoders' own words for it are about tensors and headers
+            raise OSError("empty file: 0 bytes")
+        if path.lower().endswith(_TORCHVISION_DECODES):
+            # read by Python, not torch.from_file: torch wants a UTF-8 name, and a Linux file name is
+            # any bytes (os.walk hands them over surrogate-escaped)
+            with open(path, "rb") as f:
+                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            try:
+                return first_frame(decode_image(data, mode=ImageReadMode.RGB))
+            except RuntimeError as err:
+                raise OSError(_decoder_reason(str(err))) from None
         with Image.open(path) as image:
             return TF.pil_to_tensor(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise OSError(str(err)) from None
+        raise OSError(unreadable_reason(err, path)) from None
 
 
 class Unreadable(NamedTuple):

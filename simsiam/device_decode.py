@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .data import ImageList, Unreadable, decode_rgb, first_frame, make_loader
+from .data import ImageList, Unreadable, decode_rgb, first_frame, make_loader, unreadable_reason
 
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
@@ -46,7 +46,7 @@ class EncodedImages(Dataset):
             data = torch.frombuffer(bytearray(path.read_bytes()) or bytearray(1), dtype=torch.uint8)
             payload = data if _is_whole_jpeg(data) else decode_rgb(path)
         except (OSError, RuntimeError) as err:
-            payload = Unreadable(str(path), str(err) or type(err).__name__)
+            payload = Unreadable(str(path), unreadable_reason(err, str(path)))
         return payload, self.images.labels[index], index
 
 

@@ -2,6 +2,7 @@
 unreadable and mixed-size images; device decoding; the auto rule; extraction's batches."""
 
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,18 @@ def test_unreadable_images_are_dropped_from_their_batches_and_reported(tmp_path,
     assert names(reported) == ["garbage.jpg", "truncated.jpg"]
     assert all(u.reason for u in reported)
     assert not any("truncated" in p or "garbage" in p for p in seen) and len(seen) == 14
+
+
+def test_the_reason_of_an_unreadable_file_read_for_device_decoding_does_not_repeat_its_path(tmp_path):
+    from simsiam.device_decode import EncodedImages
+
+    folder = make_image_folder(tmp_path / "imgs", classes=1, per_class=1, ext="jpg")
+    (folder / "class0" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "class0" / "junk.bmp").write_bytes(b"not an image at all")
+    images = scan_images(folder)
+    reasons = {Path(item[0].path).name: item[0].reason for item in map(EncodedImages(images).__getitem__, range(3))
+               if not isinstance(item[0], torch.Tensor)}
+    assert reasons == {"gone.jpg": "No such file or directory", "junk.bmp": "cannot identify image file"}
 
 
 def test_decode_batch_decodes_jpegs_together_and_hands_the_rest_to_the_cpu_decoder(tmp_path):

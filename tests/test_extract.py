@@ -272,6 +272,26 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path
     assert not (tmp_path / "strict.h5").exists()
 
 
+@pytest.mark.parametrize("name, reason", [("broken.bmp", "cannot identify image file"),  # PIL decodes BMP, TIFF
+                                          ("broken.tif", "cannot identify image file"),
+                                          ("gone.jpg", "No such file or directory"),  # a dangling link
+                                          ("gone.bmp", "No such file or directory")])
+def test_an_unreadable_image_is_named_once_with_the_reason_alone(tmp_path, checkpoints, name, reason):
+    """PIL's messages and the OS's end with the path, which the message gives first already."""
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    bad = data / "class0" / name
+    if name.startswith("gone"):
+        bad.symlink_to(tmp_path / "nowhere" / name)
+    else:
+        bad.write_bytes(b"not an image at all")
+    skipped = run("extract", checkpoints["torchvision"], data, "--out", tmp_path / "feats.h5", *FAST)
+    assert skipped.exit_code == 0, skipped.output
+    assert f"warning: skipped unreadable image {bad} ({reason})" in skipped.output
+    strict = run("extract", checkpoints["torchvision"], data, "--out", tmp_path / "strict.h5", "--strict", *FAST)
+    assert_user_error(strict, f"Error: {bad}: cannot decode image ({reason}); drop --strict", only_line=False)
+    assert strict.output.count(name) == 1
+
+
 def test_an_image_name_that_is_not_utf8_is_refused_by_name_before_any_work(tmp_path, checkpoints):
     """A feature file stores paths as UTF-8: no image is lost to an 'unreadable' skip, no HDF5 error at the end."""
     data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
