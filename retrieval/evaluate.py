@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
+
 from simsiam.atomic import check_output
 from simsiam.checkpoint import is_torch_save_file
 from simsiam.data import same_images, scan_images
@@ -49,6 +51,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
         raise InputError("knn CHECKPOINT runs in one process; under torchrun run simsiam extract for both folders, "
                          "then simsiam knn --train --val")
     resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu", check_ks(ks)[-1])
+    if Path(checkpoint).is_file() and h5py.is_hdf5(checkpoint):  # before scanning folders: knn's other form
+        raise InputError(f"CHECKPOINT {checkpoint}: a feature file, not a checkpoint; to evaluate feature files: "
+                         "simsiam knn --train TRAIN.h5 --val VAL.h5")
     if save_features is not None:
         if Path(save_features).exists() and not Path(save_features).is_dir():
             raise InputError(f"--save-features {save_features}: a file, not a folder")

@@ -94,6 +94,9 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     return obj
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def _first_bytes(path: Path, count: int) -> bytes:
     with open(path, "rb") as f:
         return f.read(count)
@@ -109,6 +112,8 @@ def why_not_a_torch_save_file(path: Path) -> str | None:
     head = _first_bytes(path, 16)
     if not head:
         return "is empty, not a checkpoint"
+    if head.startswith(HDF5_SIGNATURE):  # the likeliest mix-up: the feature file made from a checkpoint
+        return "an HDF5 file (a feature file of simsiam extract?), not a PyTorch checkpoint"
     if head.startswith(b"PK"):
         return None
     if head[:1] == b"\x80":  # pickle protocol 2+; protocol 4+ frames its data first (FRAME + 8-byte length)

@@ -130,6 +130,7 @@ def test_missing_and_garbage_files_are_clear_errors(tmp_path):
     cases = {"notes.txt": (b"epoch 3, lr 0.05\n", "not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle format"),
              "plain.pkl": (pickle.dumps({"epoch": 1}), "not a PyTorch checkpoint (neither"),
              "empty.pth": (b"", "is empty, not a checkpoint"),
+             "feats.h5": (b"\x89HDF\r\n\x1a\n" + bytes(100), "an HDF5 file (a feature file of simsiam extract?), not a"),
              "cut.pth": (data[: len(data) // 2], "a damaged or truncated checkpoint")}
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)

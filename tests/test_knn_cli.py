@@ -257,6 +257,16 @@ def test_errors_about_a_path_name_the_option_that_gave_it(files, tmp_path):
         assert_user_error(result, expected, only_line=False)
 
 
+def test_a_feature_file_as_checkpoint_points_to_the_feature_file_form_before_scanning(files, tmp_path, monkeypatch):
+    import retrieval.evaluate
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    monkeypatch.setattr(retrieval.evaluate, "scan_images", lambda *a, **k: pytest.fail("scanned"))
+    result = run("knn", files["train"], "--train-dir", images, "--val-dir", images, "-k", "2", "--device", "cpu")
+    assert_user_error(result, f"CHECKPOINT {files['train']}: a feature file, not a checkpoint; to evaluate feature "
+                      "files: simsiam knn --train TRAIN.h5 --val VAL.h5")
+
+
 @pytest.mark.parametrize("odd, named", [(b"class0/\xff.png", "class0/\\xff.png: the file name"),
                                         (b"class0/caf\xe9/a.png", "class0/caf\\xe9: the folder name")])
 def test_a_val_dir_image_path_that_is_not_utf8_is_refused_before_embedding_train_dir(tmp_path, monkeypatch, odd,

@@ -212,7 +212,7 @@ def test_errors_about_a_path_name_the_option_that_gave_it(gallery, tmp_path):
     empty.mkdir()
     for args, expected in (
             (["--query", query, "--checkpoint", tmp_path / "none.pth"], f"--checkpoint {tmp_path / 'none.pth'}: no such"),
-            (["--query", query, "--checkpoint", gallery["h5"]], f"--checkpoint {gallery['h5']}: "),
+            (["--query", query, "--checkpoint", gallery["h5"]], f"--checkpoint {gallery['h5']}: an HDF5 file"),
             (["--query", query, "--checkpoint", tmp_path], f"--checkpoint {tmp_path}: is a folder"),
             (["--query", empty, "--checkpoint", gallery["checkpoint"]], f"--query {empty}: no images found"),
             (["--query-h5", tmp_path / "none.h5"], f"--query-h5 {tmp_path / 'none.h5'}: no such feature file"),
