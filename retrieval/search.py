@@ -50,6 +50,9 @@ def open_database(path: str | os.PathLike) -> Database:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such index or feature file")
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a feature file or an index (simsiam extract CHECKPOINT DATA --out "
+                         "FILE writes a feature file to search)")
     if path.is_file() and h5py.is_hdf5(path):
         features = read_features(path)
         check_usable(features, "DATABASE")
@@ -58,6 +61,9 @@ def open_database(path: str | os.PathLike) -> Database:
         if is_torch_save_file(path):
             raise InputError(f"{path}: a checkpoint, not a feature file or an index; simsiam extract CHECKPOINT "
                              "DATA --out FILE writes a feature file to search")
+        index = path.with_name(path.name.removesuffix(".json"))
+        if index != path and index.is_file() and sidecar_path(index) == path:
+            raise InputError(f"{path}: the description of the index {index}, not the index; search {index}")
         raise InputError(f"{path}: neither a feature file (HDF5) nor an index from simsiam index (no "
                          f"{sidecar_path(path).name} beside it)")
     loaded = load_index(path)

@@ -202,6 +202,11 @@ def test_other_errors(gallery, tmp_path):
                       "table.csv: neither a feature file (HDF5) nor an index from simsiam index")
     assert_user_error(run("search", gallery["checkpoint"], "--query-h5", gallery["h5"]),
                       "a checkpoint, not a feature file or an index; simsiam extract")
+    assert_user_error(run("search", gallery["images"], "--query-h5", gallery["h5"]),
+                      f"{gallery['images']}: a folder, not a feature file or an index")
+    assert_user_error(run("search", f"{gallery['index']}.json", "--query-h5", gallery["h5"]),
+                      f"{gallery['index']}.json: the description of the index {gallery['index']}, not the index; "
+                      f"search {gallery['index']}")
     assert read_features(gallery["h5"]).dim == 512
 
 
