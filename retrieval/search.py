@@ -94,6 +94,8 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     query = Path(query)
     if not query.exists():
         raise InputError(f"--query {query}: no such image or folder")
+    if query.is_file() and h5py.is_hdf5(query):
+        raise InputError(f"--query {query}: a feature file, not an image; search with its features: --query-h5 {query}")
     # the layer is the database's: the user chooses the checkpoint, or another database
     hint = (f"the database {database.source} holds projector features: give --checkpoint the checkpoint they "
             f"were extracted from ({database.attrs.get('checkpoint')}), or search a feature file written by "

@@ -172,6 +172,15 @@ def test_undecodable_query_image(gallery, tmp_path):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_a_feature_file_as_query_image_points_to_query_h5_before_loading_the_checkpoint(gallery, monkeypatch):
+    import retrieval.search
+
+    monkeypatch.setattr(retrieval.search, "load_feature_model", lambda *a, **k: pytest.fail("loaded"))
+    result = run("search", gallery["index"], "--query", gallery["h5"], "--checkpoint", gallery["checkpoint"])
+    assert_user_error(result, f"--query {gallery['h5']}: a feature file, not an image; search with its features: "
+                      f"--query-h5 {gallery['h5']}")
+
+
 def test_an_empty_query_image_says_it_is_empty(gallery, tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.touch()
