@@ -159,7 +159,9 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks,
             raise InputError(f"{name} {features.source}: {int((features.labels < 0).sum())} image(s) without a label; "
                              "kNN needs labelled images (an ImageFolder: class/*.jpg)")
     if max(ks) > len(train):
-        raise InputError(f"-k {max(ks)}: larger than the {len(train)} training images of {train.source}")
+        unreadable = int(train.attrs.get("skipped_images", 0) or 0)
+        raise InputError(f"-k {max(ks)}: larger than the {len(train)} training images of {train_name} {train.source}"
+                         + (f" ({unreadable} more could not be decoded)" if unreadable else ""))
     val_labels = val.labels
     if train.classes and val.classes and train.classes != val.classes:
         unknown = [name for name in val.classes if name not in train.classes]

@@ -291,7 +291,17 @@ def test_val_without_labels(files, tmp_path):
 
 def test_k_larger_than_the_training_set(files, tmp_path):
     assert_user_error(knn_error(tmp_path, files["train"], files["val"], "-k", "10", "-k", "401"),
-                      "-k 401: larger than the 400 training images")
+                      f"-k 401: larger than the 400 training images of --train {files['train']}")
+
+
+def test_k_larger_than_the_decodable_images_of_train_dir_names_it_and_the_unreadable(tmp_path):
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=3)
+    (images / "class0" / "broken.png").write_bytes(b"not a png")
+    result = run("knn", checkpoint, "--train-dir", images, "--val-dir", images, "-k", "4", "--image-size", "16",
+                 "--resize", "0", "--workers", "0", "--device", "cpu")
+    assert_user_error(result, f"-k 4: larger than the 3 training images of --train-dir {images} (1 more could not "
+                      "be decoded)", only_line=False)
 
 
 @pytest.mark.parametrize("bad", ["nan", "zero"])
