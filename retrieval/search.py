@@ -183,6 +183,7 @@ def search_database(database: Database, queries: FeatureSet, k: int = 10, evalua
     rows = len(database.features)
     if depth + int(same) > rows:
         raise InputError(f"-k {depth}: larger than the {rows - int(same)} database images"
+                         + (" a query can find (its own image is left out)" if same else "")
                          + (" (--eval needs 10 neighbours per query)" if evaluate and depth > k else ""))
     scores, indices, used = _search_rows(database, queries.features, depth + int(same), backend, device)
     if same:

@@ -201,7 +201,7 @@ def test_other_errors(gallery, tmp_path):
     assert_user_error(run("search", tmp_path / "none.index", "--query-h5", gallery["h5"]), "no such index")
     assert_user_error(run("search", gallery["h5"], "--query", gallery["images"]), "needs --checkpoint")
     assert_user_error(run("search", gallery["h5"], "--query-h5", gallery["h5"], "-k", "15"),
-                      "-k 15: larger than the 14 database images")
+                      "-k 15: larger than the 14 database images a query can find (its own image is left out)")
     stray = tmp_path / "stray.index"
     stray.write_bytes((gallery["index"]).read_bytes())
     assert_user_error(run("search", stray, "--query-h5", gallery["h5"]), "no stray.index.json beside it")
