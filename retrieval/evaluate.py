@@ -16,7 +16,7 @@ from simsiam.runtime import Runtime
 from .extract import extract_features
 from .feature_model import load_feature_model
 from .features import FeatureSet, check_utf8_names, read_features, write_features
-from .knn import KnnReport, check_ks, evaluate_knn
+from .knn import KnnReport, check_ks, check_temperature, evaluate_knn
 from .neighbours import resolve_search
 
 
@@ -25,6 +25,7 @@ def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), t
                    chunk_size: int | None = None) -> tuple[KnnReport, FeatureSet]:
     """Weighted kNN of the feature file ``val`` against ``train``; returns the report and ``val``."""
     resolve_search(backend, device, check_ks(ks)[-1])  # refuse what we cannot run before reading gigabytes
+    check_temperature(temperature)
     for option, path in (("--train", train), ("--val", val)):
         if is_torch_save_file(path):
             raise InputError(f"{option} {path}: a checkpoint, not a feature file; to embed and evaluate in one go: "
@@ -51,6 +52,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
         raise InputError("knn CHECKPOINT runs in one process; under torchrun run simsiam extract for both folders, "
                          "then simsiam knn --train --val")
     resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu", check_ks(ks)[-1])
+    check_temperature(temperature)  # before embedding, not after
     if Path(checkpoint).is_file() and h5py.is_hdf5(checkpoint):  # before scanning folders: knn's other form
         raise InputError(f"CHECKPOINT {checkpoint}: a feature file, not a checkpoint; to evaluate feature files: "
                          "simsiam knn --train TRAIN.h5 --val VAL.h5")

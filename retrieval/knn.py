@@ -94,6 +94,11 @@ def check_ks(ks) -> list[int]:
     return ks
 
 
+def check_temperature(temperature: float) -> None:
+    if not 0 < temperature < float("inf"):  # NaN compares false
+        raise InputError(f"--temperature {temperature}: must be a positive finite number")
+
+
 def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,), temperature: float = 0.07,
                  num_classes: int | None = None, device: str | torch.device = "cpu", chunk_size: int | None = None,
                  backend: str = "auto") -> list[KnnResult]:
@@ -104,8 +109,7 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     :mod:`retrieval.neighbours`; ``device`` "cuda:1" etc. pins the torch backend to a GPU).
     """
     ks = check_ks(ks)
-    if not 0 < temperature < float("inf"):  # NaN compares false
-        raise InputError(f"--temperature {temperature}: must be a positive finite number")
+    check_temperature(temperature)
     # voting runs on the CPU: [queries, k] neighbours are small next to the search
     train_labels = as_tensor(train_labels).cpu().long()
     val_labels = as_tensor(val_labels).cpu().long()

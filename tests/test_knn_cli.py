@@ -304,6 +304,20 @@ def test_k_larger_than_the_decodable_images_of_train_dir_names_it_and_the_unread
                       "be decoded)", only_line=False)
 
 
+@pytest.mark.parametrize("temperature", ["0", "-1", "nan", "inf"])
+def test_a_temperature_that_is_not_positive_is_refused_before_reading_or_embedding(tmp_path, monkeypatch, temperature):
+    import retrieval.evaluate
+
+    monkeypatch.setattr(retrieval.evaluate, "read_features", lambda *a, **k: pytest.fail("read"))
+    monkeypatch.setattr(retrieval.evaluate, "extract_features", lambda *a, **k: pytest.fail("embedded"))
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    expected = f"--temperature {float(temperature)}: must be a positive finite number"
+    assert_user_error(knn_error(tmp_path, images, images, "--temperature", temperature), expected)
+    assert_user_error(run("knn", checkpoint, "--train-dir", images, "--val-dir", images, "-k", "2", "--device", "cpu",
+                          "--temperature", temperature), expected)
+
+
 @pytest.mark.parametrize("bad", ["nan", "zero"])
 def test_nan_or_all_zero_features(files, tmp_path, bad):
     features, labels = clustered(20)
