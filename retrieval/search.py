@@ -169,22 +169,29 @@ def _drop_self(scores: np.ndarray, indices: np.ndarray, k: int, own: np.ndarray)
     return scores[keep].reshape(len(scores), k), indices[keep].reshape(len(indices), k)
 
 
-def search_database(database: Database, queries: FeatureSet, k: int = 10, evaluate: bool = False,
-                    backend: str = "auto", device: str = "auto", query_option: str = "--query") -> SearchResult:
-    """The k nearest database images of every query, and with ``evaluate`` recall@1/5/10 and mAP@k.
-    ``query_option`` names the queries in messages."""
+def check_k(k: int, evaluate: bool, rows: int, same: bool = False) -> int:
+    """The neighbours to search for each query: k, at least ten with ``evaluate`` (recall@10);
+    ``same``: queries are database images, so each finds one image fewer (its own is left out)."""
     if k < 1:
         raise InputError(f"-k {k}: must be at least 1")
-    warnings = check_compatible(database.features, "the database", queries, query_option)
-    check_usable(queries, query_option)
-    own = own_rows(queries, database.features)
-    same = bool((own >= 0).any())
     depth = max(k, EVAL_DEPTH) if evaluate else k
-    rows = len(database.features)
     if depth + int(same) > rows:
         raise InputError(f"-k {depth}: larger than the {rows - int(same)} database images"
                          + (" a query can find (its own image is left out)" if same else "")
                          + (" (--eval needs 10 neighbours per query)" if evaluate and depth > k else ""))
+    return depth
+
+
+def search_database(database: Database, queries: FeatureSet, k: int = 10, evaluate: bool = False,
+                    backend: str = "auto", device: str = "auto", query_option: str = "--query") -> SearchResult:
+    """The k nearest database images of every query, and with ``evaluate`` recall@1/5/10 and mAP@k.
+    ``query_option`` names the queries in messages."""
+    check_k(k, evaluate, len(database.features))
+    warnings = check_compatible(database.features, "the database", queries, query_option)
+    check_usable(queries, query_option)
+    own = own_rows(queries, database.features)
+    same = bool((own >= 0).any())
+    depth = check_k(k, evaluate, len(database.features), same)
     scores, indices, used = _search_rows(database, queries.features, depth + int(same), backend, device)
     if same:
         scores, indices = _drop_self(scores, indices, depth, own)
@@ -214,6 +221,7 @@ def find_neighbours(database_path: str | os.PathLike, k: int = 10, query: str | 
     if query_h5 is not None and checkpoint is not None:
         raise InputError(f"--checkpoint {checkpoint}: embeds --query images; --query-h5 holds features already")
     database = open_database(database_path)
+    check_k(k, evaluate, len(database.features))  # before embedding the queries
     if database.index is not None and backend != "auto":
         raise InputError(f"--backend {backend}: an index searches itself; --backend is for a feature file")
     if query_h5 is not None:

@@ -181,6 +181,22 @@ def test_a_feature_file_as_query_image_points_to_query_h5_before_loading_the_che
                       f"--query-h5 {gallery['h5']}")
 
 
+@pytest.mark.parametrize("k, expected", [("0", "-k 0: must be at least 1"),
+                                         ("16", "-k 16: larger than the 15 database images"),
+                                         ("3", "-k 10: larger than the 8 database images (--eval needs 10")])
+def test_a_k_the_database_cannot_give_is_refused_before_embedding_the_queries(gallery, tmp_path, monkeypatch, k,
+                                                                             expected):
+    import retrieval.search
+
+    database = gallery["h5"]
+    if k == "3":
+        database = feature_file(tmp_path / "small.h5", *clustered(8, classes=2, dim=512))
+    monkeypatch.setattr(retrieval.search, "extract_features", lambda *a, **kw: pytest.fail("embedded"))
+    result = run("search", database, "--query", gallery["images"], "--checkpoint", gallery["checkpoint"], "-k", k,
+                 *(["--eval"] if k == "3" else []), *FAST[-4:])
+    assert_user_error(result, expected)
+
+
 def test_an_empty_query_image_says_it_is_empty(gallery, tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.touch()
@@ -264,7 +280,7 @@ def test_projector_features_with_a_checkpoint_without_projector_advise_what_sear
     projector = feature_file(tmp_path / "proj.h5", *clustered(6, classes=2, dim=64), layer="projector",
                              checkpoint="runs/official.pth.tar")
     result = run("search", projector, "--query", gallery["images"] / "class1" / "c1_002.png",
-                 "--checkpoint", gallery["checkpoint"], "--workers", "0", "--device", "cpu")
+                 "--checkpoint", gallery["checkpoint"], "-k", "3", "--workers", "0", "--device", "cpu")
     assert_user_error(result, f"--checkpoint {gallery['checkpoint']}: has no SimSiam projector",
                       f"the database {projector} holds projector features",
                       "give --checkpoint the checkpoint they were extracted from (runs/official.pth.tar)",
