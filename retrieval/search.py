@@ -24,7 +24,7 @@ from simsiam.runtime import Runtime
 
 from .extract import extract_features
 from .feature_model import load_feature_model
-from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of, file_rows_fingerprint, read_features
+from .features import FeatureSet, check_compatible, check_utf8_names, check_usable, labels_in_classes_of, file_rows_fingerprint, read_features
 from .index import LoadedIndex, load_index, sidecar_path
 from .metrics import retrieval_metrics
 from .neighbours import normalized_float32, search
@@ -86,10 +86,12 @@ def single_image_list(path: Path) -> ImageList:
 
 
 def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, database: FeatureSet,
-                       runtime: Runtime, batch_size: int = 64, workers: int = 0, on_event=None) -> FeatureSet:
+                       runtime: Runtime, batch_size: int = 64, workers: int = 0, on_event=None,
+                       evaluate: bool = False) -> FeatureSet:
     """Embed an image or a folder of images the way the database was: same layer, same transform.
 
-    Every query must decode: an image the user asked about is never skipped silently.
+    Every query must decode: an image the user asked about is never skipped silently. With
+    ``evaluate``, query images without a class the database knows are refused before embedding.
     """
     query = Path(query)
     if not query.exists():
@@ -107,6 +109,15 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
                          f"{database.source} has {database.dim}-d (embedded with {database.attrs.get('checkpoint')})")
     with given_as("--query", query):
         images = scan_images(query) if query.is_dir() else single_image_list(query)
+    check_utf8_names(images.root, images.paths)  # (extraction checks it too) before naming classes below
+    if evaluate:  # the metrics need labels: said before embedding, not after
+        if not images.labelled:
+            raise InputError("--eval: the --query images have no labels; give a folder of class folders "
+                             "(class/*.jpg) named as the database's classes")
+        if database.classes and not set(images.classes) & set(database.classes):
+            raise InputError(f"--eval: none of the --query classes ({', '.join(images.classes[:3])}"
+                             f"{'...' if len(images.classes) > 3 else ''}) is a class of the database "
+                             f"{database.source}; the metrics need labels it shares")
 
     def refuse_unreadable(event: dict) -> None:
         if event["event"] == "unreadable":
@@ -230,6 +241,7 @@ def find_neighbours(database_path: str | os.PathLike, k: int = 10, query: str | 
     else:
         dev = resolve_device(device)
         runtime = Runtime(dev, resolve_precision(precision, dev))
-        queries = embed_query_images(query, checkpoint, database.features, runtime, batch_size, workers, on_event)
+        queries = embed_query_images(query, checkpoint, database.features, runtime, batch_size, workers, on_event,
+                                     evaluate)
     return search_database(database, queries, k, evaluate, backend, device,
                            "--query-h5" if query_h5 is not None else "--query")

@@ -197,6 +197,22 @@ def test_a_k_the_database_cannot_give_is_refused_before_embedding_the_queries(ga
     assert_user_error(result, expected)
 
 
+def test_eval_with_query_images_without_a_class_of_the_database_is_refused_before_embedding(gallery, tmp_path,
+                                                                                           monkeypatch):
+    import retrieval.search
+
+    monkeypatch.setattr(retrieval.search, "extract_features", lambda *a, **kw: pytest.fail("embedded"))
+    other = make_image_folder(tmp_path / "other", classes=1, per_class=2)
+    (other / "class0").rename(other / "dogs")
+    for query, expected in ((gallery["images"] / "class1", "--eval: the --query images have no labels"),
+                            (gallery["images"] / "class1" / "c1_002.png", "--eval: the --query images have no labels"),
+                            (other, f"--eval: none of the --query classes (dogs) is a class of the database "
+                                    f"{gallery['h5']}")):
+        result = run("search", gallery["h5"], "--query", query, "--checkpoint", gallery["checkpoint"], "--eval",
+                     "-k", "3", *FAST[-4:])
+        assert_user_error(result, expected)
+
+
 def test_an_empty_query_image_says_it_is_empty(gallery, tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.touch()
