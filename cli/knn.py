@@ -10,6 +10,20 @@ from .embedding import EmbeddingProgress, default_workers, model_options
 from .paths import PATH
 
 
+# what embeds images: meaningless with feature files
+CHECKPOINT_ONLY = ("train_dir", "val_dir", "save_features", "overwrite", "layer", "image_size", "resize", "batch_size",
+                   "workers", "precision")
+
+
+def _checkpoint_options_given() -> list[str]:
+    """The options of the CHECKPOINT form that the user gave (on the command line or otherwise)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return [param.opts[0] for param in ctx.command.params
+            if param.name in CHECKPOINT_ONLY and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT]
+
+
 @click.command("knn")
 @click.argument("checkpoint", required=False, type=PATH)
 @click.option("--train", "train_file", type=PATH, help="Feature file of the labelled memory bank.")
@@ -47,7 +61,12 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
         check_output(predictions, "--predictions", True,
                      inputs=[p for p in (checkpoint, train_file, val_file, train_dir, val_dir) if p])
     if checkpoint is None:
-        if not (train_file and val_file) or train_dir or val_dir or save_features:
+        ignored = _checkpoint_options_given()
+        if ignored:  # feature files were embedded already: refused, not silently ignored (--layer projector)
+            raise click.UsageError(f"{ignored[0]}: only with CHECKPOINT (simsiam knn CHECKPOINT --train-dir DIR "
+                                   "--val-dir DIR)" + ("; the --train/--val feature files are embedded already"
+                                                       if train_file or val_file else ""))
+        if not (train_file and val_file):
             raise click.UsageError("give --train FILE --val FILE, or CHECKPOINT --train-dir DIR --val-dir DIR")
         report, val_set = evaluate_files(train_file, val_file, ks, temperature, backend, device, chunk_size)
         sources = {"train": str(train_file), "val": str(val_file)}

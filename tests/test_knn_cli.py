@@ -376,6 +376,15 @@ def test_usage_errors(files):
     result = run("knn", "--train", files["train"])
     assert result.exit_code == 2 and "give --train FILE --val FILE" in result.output
     assert "Usage:" not in result.output and len(result.output.strip().splitlines()) == 1
+    # what embeds images is refused with feature files, not silently ignored (--layer projector evaluating backbone)
+    for option, value in (("--layer", "projector"), ("--image-size", "64"), ("--save-features", files["train"].parent),
+                          ("--train-dir", files["train"].parent), ("--batch-size", "8"), ("--overwrite", None)):
+        assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], option,
+                              *([value] if value else [])),
+                          f"{option}: only with CHECKPOINT (simsiam knn CHECKPOINT --train-dir DIR --val-dir DIR); "
+                          "the --train/--val feature files are embedded already")
+    assert_user_error(run("knn", "--train-dir", files["train"].parent, "--val-dir", files["train"].parent),
+                      "--train-dir: only with CHECKPOINT (simsiam knn CHECKPOINT --train-dir DIR --val-dir DIR) (see")
     for option, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "0")):
         assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], option, value),
                           f"--temperature {float(value)}: must be a positive finite number")
