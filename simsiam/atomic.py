@@ -75,7 +75,7 @@ def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
 def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()) -> Path:
     """Refuse, before any work, an output file that cannot or should not be written: a folder, a
     folder that cannot be made or written in, one of the ``inputs``, or an existing file without
-    ``overwrite``. An input folder counts with the images under it.
+    ``overwrite``. An input folder counts with the images under it, new ones included.
     Missing folders are made by the writer, once there is something to write."""
     out = Path(out)
     if out.is_dir():
@@ -87,6 +87,11 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
         raise InputError(f"{option} {out}: no permission to write in {existing}")
     if out.exists() and any(_is_or_holds(Path(p), out) for p in inputs):
         raise InputError(f"{option} {out}: is an input of this command; choose another name")
+    # a new image (search's --grid PNG) in a folder of images read: one more image there for every later scan
+    folder = next((p for p in inputs if not out.exists() and Path(p).is_dir() and _is_or_holds(Path(p), out)), None)
+    if folder is not None:
+        raise InputError(f"{option} {out}: is inside {folder}, a folder of images this command reads, where it would "
+                         "become one of its images; write it elsewhere")
     if out.exists() and not overwrite:
         raise InputError(f"{option} {out}: exists; pass --overwrite to replace it")
     return out

@@ -49,6 +49,9 @@ def test_an_input_file_or_an_image_of_an_input_folder_is_never_an_output(tmp_pat
             check_output(target, "--out", True, inputs=[checkpoint, images])
     # a file in an input folder that the command does not read may be replaced
     assert check_output(images / "notes.csv", "--out", True, inputs=[checkpoint, images]) == images / "notes.csv"
+    assert check_output(images / "new.csv", "--out", True, inputs=[checkpoint, images]) == images / "new.csv"
+    with pytest.raises(InputError, match="new.png: is inside .*images, a folder of images this command reads"):
+        check_output(images / "cat" / "new.png", "--grid", True, inputs=[checkpoint, images])
 
 
 def test_an_image_reached_through_a_symbolic_link_in_an_input_folder_is_an_input(tmp_path):

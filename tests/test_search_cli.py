@@ -112,6 +112,12 @@ def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
                               "--grid", query), "--grid", "is an input of this command")
     assert query.read_bytes() == before
     assert "could not be read" not in result.output
+    # nor added to the query folder, where it would be one more image of it for every later scan
+    for where in (gallery["images"] / "sheet.png", gallery["images"] / "class1" / "sheet.png"):
+        assert_user_error(run("search", gallery["h5"], "--query", gallery["images"], "--checkpoint",
+                              gallery["checkpoint"], "--grid", where),
+                          f"--grid {where}: is inside {gallery['images']}, a folder of images this command reads")
+        assert not where.exists()
 
 
 def test_grid_says_when_the_database_images_are_not_where_the_file_says(gallery, tmp_path):
