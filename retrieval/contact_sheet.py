@@ -67,7 +67,9 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise InputError(f"--grid {out}: must end in .png (the file written is a PNG)")
-    check_output(out, "--grid", overwrite=True)
+    # the images drawn are read from the folders the files were extracted from: never over or among them
+    roots = [features.attrs["root"] for features in (result.database, result.queries) if features.attrs.get("root")]
+    check_output(out, "--grid", overwrite=True, inputs=roots)
     rows = min(len(result.queries), max_rows)
     k = result.indices.shape[1]
     figure = Figure(figsize=((1 + k) * CELL_INCHES, rows * CELL_INCHES), dpi=DPI)

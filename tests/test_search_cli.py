@@ -118,6 +118,11 @@ def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
                               gallery["checkpoint"], "--grid", where),
                           f"--grid {where}: is inside {gallery['images']}, a folder of images this command reads")
         assert not where.exists()
+    # the folder the database was extracted from: its images are drawn, and it would get one more
+    where = gallery["images"] / "class0" / "sheet.png"
+    assert_user_error(run("search", gallery["h5"], "--query-h5", gallery["h5"], "-k", "3", "--grid", where),
+                      f"--grid {where}: is inside {gallery['images'].resolve()}, a folder of images", only_line=False)
+    assert not where.exists()
 
 
 def test_grid_says_when_the_database_images_are_not_where_the_file_says(gallery, tmp_path):
