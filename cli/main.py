@@ -50,6 +50,11 @@ class SimSiamGroup(click.Group):
         except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
             raise UserError(_os_error(err)) from None
         except (MemoryError, RuntimeError) as err:
+            if _peer_failed(err):  # its own Error line is the one that says why
+                import os
+
+                raise UserError(f"rank {os.environ['RANK']}: stopped, another process of this torchrun job "
+                                "failed (its error is above)") from None
             if not _out_of_memory(err):
                 raise
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
@@ -79,6 +84,18 @@ def _first_line(err: BaseException) -> str:
 def _os_error(err: OSError) -> str:
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{err.strerror or _first_line(err)}"
+
+
+def _peer_failed(err: BaseException) -> bool:
+    """Under torchrun, a collective that lost a peer: another rank ended (an input error of its own,
+    a crash). Checked by name and text so that this module does not import torch."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    text = str(err)
+    return (type(err).__name__ in ("DistBackendError", "DistNetworkError")
+            or "closed by peer" in text or "reset by peer" in text)
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -124,4 +141,9 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
-    simsiam(prog_name="simsiam")
+    try:
+        simsiam(prog_name="simsiam")
+    finally:
+        # the command is over, its outputs settled: a SIGTERM now (torchrun stopping the other ranks
+        # of a failed job) would only interrupt the interpreter's exit with a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -7,6 +7,7 @@ into the requested file. No features travel between processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,13 @@ def _remove_shards(out: Path) -> None:
         folder.rmdir()
 
 
+def _remove_shard(shard: Path) -> None:
+    """One rank's shard, and the shards' folder once empty (the other ranks may still be using it)."""
+    shard.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        shard.parent.rmdir()
+
+
 def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.PathLike, runtime: Runtime,
                     image_size: int | None = None, resize: int | None = None, dtype: str = "float16",
                     compression: str = "none", batch_size: int = 256, workers: int = 0, normalize: bool = False,
@@ -210,6 +218,17 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         _remove_shards(out)  # left by an interrupted multi-process extraction
         return ExtractSummary(out, writer.rows, job.skipped, model.dim, 1)
 
+    try:
+        return _merge(out, data, job, runtime, model.dim)
+    except BaseException:
+        # this rank or another failed (another's error reaches this one as a lost connection, or
+        # torchrun's SIGTERM): no shard is left behind, each rank removing its own
+        _remove_shard(target)
+        raise
+
+
+def _merge(out: Path, data, job: _Extraction, runtime: Runtime, dim: int) -> ExtractSummary:
+    """Under torchrun, once this rank's shard is written: rank 0 merges every rank's into ``out``."""
     shards = [shard_path(out, rank, runtime.world_size) for rank in range(runtime.world_size)]
     runtime.barrier()  # every shard is complete
     headers = [read_header(shard) for shard in shards]
@@ -221,4 +240,4 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         merge_shards(out, shards, {**job.attrs, "skipped_images": skipped})
         _remove_shards(out)
     runtime.barrier()  # ``out`` is in place for every rank
-    return ExtractSummary(out, rows, skipped, model.dim, runtime.world_size)
+    return ExtractSummary(out, rows, skipped, dim, runtime.world_size)

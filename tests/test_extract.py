@@ -18,6 +18,7 @@ from retrieval.features import read_features
 from simsiam.augment import eval_transform
 from simsiam.data import decode_rgb
 from simsiam.model import SimSiam
+from simsiam.runtime import Runtime
 
 from conftest import make_image_folder
 from feature_files import assert_user_error, run, save_resnet18_checkpoints
@@ -342,6 +343,63 @@ def test_torchrun_ranks_write_shards_merged_into_one_file_in_dataset_order(tmp_p
     (tmp_path / "new" / "ddp.h5.shards" / "rank00001-of-00002.h5").write_bytes(b"stale")
     assert run("extract", checkpoints["torchvision"], images, "--out", out, "--overwrite", *FAST).exit_code == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.h5"]
+
+
+class LostPeerRuntime(Runtime):
+    """Rank 0 of 2 whose peer has failed: its first collective raises what gloo raises then."""
+
+    def barrier(self) -> None:
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:190")
+
+
+def test_a_rank_whose_peer_failed_leaves_no_shard(tmp_path, images):
+    """Its shard was written; the merge never comes: the shard and the shards' folder go."""
+    from retrieval.extract import extract_to_file
+    from retrieval.feature_model import load_feature_model
+
+    model = load_feature_model(None, "backbone", random_init=True, arch="resnet18")
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        extract_to_file(model, images, tmp_path / "feats.h5", LostPeerRuntime(torch.device("cpu"), "fp32", 0, 2),
+                        image_size=16, resize=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_lost_peer_under_torchrun_is_one_line_not_a_traceback(monkeypatch):
+    """gloo's RuntimeError on the rank that outlived a failed one: one line pointing at the other's error."""
+    from cli.main import simsiam
+
+    @simsiam.command("lose-peer")
+    def lose_peer():
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:190")
+
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        assert_user_error(run("lose-peer"), "rank 0: stopped, another process of this torchrun job failed")
+        monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no peer to blame, torch's error as it is
+        with pytest.raises(RuntimeError, match="closed by peer"):
+            run("lose-peer")
+    finally:
+        simsiam.commands.pop("lose-peer")
+
+
+@pytest.mark.slow
+def test_torchrun_a_rank_that_fails_alone_ends_the_job_with_its_error_and_no_shards(tmp_path, checkpoints):
+    """--strict and one unreadable image, in rank 1's half: rank 1 says why, rank 0 says it stopped
+    for it (no traceback), and nothing is left where the file would be."""
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
+    (data / "class1" / "zzz.jpg").write_bytes(b"not an image")  # the last image: rank 1's
+    out = tmp_path / "out" / "feats.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cli",
+               "extract", str(checkpoints["torchvision"]), str(data), "--out", str(out), "--strict", *FAST]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error: ")]
+    assert done.returncode != 0 and len(errors) == 2, done.stdout + done.stderr
+    assert any("zzz.jpg: cannot decode" in line for line in errors)
+    assert any("rank 0: stopped, another process" in line for line in errors)
+    assert "[rank0]: Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert not out.parent.exists() or os.listdir(out.parent) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above check the same "
