@@ -82,6 +82,8 @@ class EmbeddingProgress:
             else:
                 self.progress.remove_task(self.task)
             self.task = self.progress.add_task(self.description, total=event["images"])
+        elif kind == "warning" and self.enabled:
+            self.console.print(f"warning: {event['message']}")
         elif kind == "batch" and self.enabled and self.task is not None:
             self.progress.advance(self.task, event["images"])
         elif kind == "unreadable":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from simsiam.atomic import atomic_write, check_output
-from simsiam.data import same_images
+from simsiam.data import same_images, split_folders_warning
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of
@@ -178,6 +178,11 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks,
                         "labels matched by class name")
     check_usable(train, train_name)
     check_usable(val, val_name)
+    for name, features in ((train_name, train), (val_name, val)):
+        root = features.attrs.get("root") or features.source
+        split_warning = split_folders_warning(f"{name} {features.source}", root, features.classes)
+        if split_warning:
+            warnings.append(split_warning)
     if same_images(train.attrs.get("root", ""), train.paths, val.attrs.get("root", ""), val.paths):
         warnings.append(f"{train_name} and {val_name} hold the same images: each is its own nearest neighbour, so the "
                         "accuracy is inflated; evaluate on held-out images")

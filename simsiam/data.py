@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,21 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     if not paths:
         raise InputError(f"{root}: no images found (expected class/*.jpg folders or image files)")
     return ImageList(root=root, paths=paths, labels=labels, classes=classes)
+
+
+# folder names of dataset splits: a dataset's top folder scanned as an ImageFolder has them as classes
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval"})
+
+
+def split_folders_warning(where: str, root: str | os.PathLike, classes: Sequence[str]) -> str | None:
+    """A warning when every class folder of ``root`` is named like a dataset split (``train/``,
+    ``test/``): the dataset's top folder was given, so each image's label would be its split, not
+    its class. ``where`` starts the message: the option and what the user gave."""
+    if len(classes) < 2 or not all(c.lower() in SPLIT_NAMES for c in classes):
+        return None
+    folders = "its class folders" if where.endswith(str(root)) else f"the class folders of {root}"
+    return (f"{where}: {folders} ({', '.join(classes)}) are dataset splits, so the labels are the splits, not "
+            f"classes; did you mean a split's folder ({Path(root) / classes[-1]})?")
 
 
 def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option: str) -> tuple[ImageList, ImageList]:

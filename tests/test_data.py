@@ -213,3 +213,16 @@ except ValueError as error:
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("ValueError: a real error") == 2 and "BrokenPipe" not in done.stderr
     assert "ConnectionReset" not in done.stderr and "EOFError" not in done.stderr
+
+
+def test_class_folders_named_like_dataset_splits_are_warned_about():
+    """A dataset's top folder given for its split (DATA holding train/ and test/): every label is a split."""
+    from simsiam.data import split_folders_warning
+
+    warning = split_folders_warning("DATA /d", "/d", ["test", "Train"])
+    assert warning == ("DATA /d: its class folders (test, Train) are dataset splits, so the labels are the splits, "
+                       "not classes; did you mean a split's folder (/d/Train)?")
+    assert "the class folders of /d (train, val)" in split_folders_warning("--train f.h5", "/d", ["train", "val"])
+    assert split_folders_warning("DATA /d", "/d", ["cat", "train"]) is None  # one class that happens to be named so
+    assert split_folders_warning("DATA /d", "/d", ["train"]) is None  # one class: nothing to confuse
+    assert split_folders_warning("DATA /d", "/d", []) is None  # a flat folder

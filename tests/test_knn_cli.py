@@ -390,3 +390,21 @@ def test_usage_errors(files):
                           f"--temperature {float(value)}: must be a positive finite number")
     assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], "--chunk-size", "-5"),
                       "--chunk-size", "-5 is not in the range x>=1", "(see: simsiam knn --help)")
+
+
+def test_a_dataset_top_folder_with_split_folders_is_warned_about_in_extract_and_knn(tmp_path):
+    """DATA holding train/ and test/ (the split folders taken for classes): extract and knn say so."""
+    data = make_image_folder(tmp_path / "cifar", classes=2, per_class=3)
+    (data / "class0").rename(data / "train")
+    (data / "class1").rename(data / "test")
+    args = ["--random-init", "--arch", "resnet18", "--image-size", "16", "--resize", "0", "--workers", "0"]
+    result = run("extract", *args, data, "--out", tmp_path / "f.h5")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: DATA {data}: its class folders (test, train) are dataset splits, so the labels are the "
+            f"splits, not classes; did you mean a split's folder ({data / 'train'})?") in result.output
+    result = run("knn", "--train", tmp_path / "f.h5", "--val", tmp_path / "f.h5", "-k", "2")
+    assert result.exit_code == 0, result.output
+    assert f"--train {tmp_path / 'f.h5'}: the class folders of {data} (test, train) are dataset splits" in result.output
+    other = make_image_folder(tmp_path / "other", classes=2, per_class=3)
+    result = run("extract", *args, other, "--out", tmp_path / "g.h5")
+    assert result.exit_code == 0 and "warning" not in result.output, result.output

@@ -558,3 +558,14 @@ def test_a_resume_on_other_validation_images_starts_the_best_anew(tmp_path, data
     torch.save(old, out / "last.pth.tar")
     output, best = lincls_run(checkpoint, train, other_val, "--resume", out, top1s=[20.0])
     assert "best starts anew" not in output and best["top1"] == 35.0
+
+
+def test_split_folders_taken_for_classes_are_warned_about(tmp_path, data):
+    checkpoint, _, _ = data
+    splits = make_image_folder(tmp_path / "dataset", classes=2, per_class=4, size=16)
+    (splits / "class0").rename(splits / "train")
+    (splits / "class1").rename(splits / "val")
+    result = run("lincls", checkpoint, splits, splits, "--out", tmp_path / "o", *TINY, "--batch-size", "8",
+                 "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert f"warning: TRAIN_DIR {splits}: its class folders (train, val) are dataset splits" in result.output

@@ -31,7 +31,8 @@ from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
-from simsiam.data import GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader
+from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader,
+                          split_folders_warning)
 from simsiam.errors import InputError, SimSiamError
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
                              check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
@@ -284,6 +285,10 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
           "world_size": runtime.world_size, "device": str(runtime.device), "precision": runtime.precision,
           "arch": weights.arch, "resumed_from": str(resume_from) if checkpoint is not None else None,
           "dropped_best_top1": dropped_best})
+    for name, images in (("TRAIN_DIR", train_images), ("VAL_DIR", val_images)):
+        split_warning = split_folders_warning(f"{name} {images.root}", images.root, images.classes)
+        if split_warning:
+            emit({"event": "warning", "message": split_warning})
     del checkpoint
 
     def keep_best(metrics: dict) -> None:
