@@ -24,7 +24,7 @@ from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
 from .data import (GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, same_images,
-                   scan_images)
+                   scan_images, split_folders_warning)
 from .device_data import pretrain_batches
 from .errors import InputError, TrainingDiverged
 from .loss import collapse_std, negative_cosine_similarity
@@ -87,6 +87,10 @@ class KnnMonitor:
         if same_images(train.root, train.paths, val.root, val.paths):
             self.warnings.append("--knn-train and --knn-val hold the same images: each is its own nearest "
                                  "neighbour, so the kNN top-1 is inflated; give held-out images as --knn-val")
+        for option, images in (("--knn-train", train), ("--knn-val", val)):
+            split_warning = split_folders_warning(f"{option} {images.root}", images.root, images.classes)
+            if split_warning:
+                self.warnings.append(split_warning)
 
     def __call__(self, encoder: nn.Module) -> float | None:
         """The top-1 on rank 0; None on the other ranks. Every rank must call it."""

@@ -568,3 +568,14 @@ def test_whether_a_checkpoint_was_saved_since_never_raises_for_one_replaced_mean
     assert run_dir.saved_since(tmp_path, 0)
     monkeypatch.setattr(run_dir, "checkpoint_files", lambda folder: [folder / "gone.pth.tar"])
     assert not run_dir.saved_since(tmp_path, 0)
+
+
+def test_knn_monitor_folders_holding_split_folders_are_warned_about(tmp_path, shared_image_folder):
+    splits = make_image_folder(tmp_path / "dataset", classes=2, per_class=3)
+    (splits / "class0").rename(splits / "train")
+    (splits / "class1").rename(splits / "test")
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--epochs", "1",
+                 "--knn-train", splits, "--knn-val", splits, "--knn-k", "2")
+    assert result.exit_code == 0, result.output
+    assert f"warning: --knn-train {splits}: its class folders (test, train) are dataset splits" in result.output
+    assert f"warning: --knn-val {splits}: its class folders (test, train) are dataset splits" in result.output
