@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from simsiam.runtime import Runtime
 
 from .extract import extract_features
 from .feature_model import load_feature_model
-from .features import FeatureSet, check_utf8_names, read_features, write_features
+from .features import FeatureSet, FeatureWriter, check_utf8_names, read_features
 from .knn import KnnReport, check_ks, check_temperature, evaluate_knn
 from .neighbours import resolve_search
 
@@ -87,6 +88,19 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size,
                           names=("--train-dir", "--val-dir"))
     if save_features is not None:
-        for name, feature_set in (("train.h5", train_set), ("val.h5", val_set)):
-            write_features(Path(save_features) / name, feature_set, dtype="float32")
+        _write_pair(Path(save_features), train_set, val_set)
     return report, val_set
+
+
+def _write_pair(folder: Path, train_set: FeatureSet, val_set: FeatureSet) -> None:
+    """train.h5 and val.h5, both written before either is renamed into place: a failure (a full disk)
+    or Ctrl-C while writing leaves the folder's pair as it was, never a new train.h5 beside an old val.h5."""
+    with contextlib.ExitStack() as stack:
+        writers = []
+        for name, feature_set in (("train.h5", train_set), ("val.h5", val_set)):
+            writer = stack.enter_context(FeatureWriter(folder / name, feature_set.dim, feature_set.attrs, "float32",
+                                                       expected_rows=len(feature_set)))
+            writer.append(feature_set.features, feature_set.labels, feature_set.paths)
+            writers.append(writer)
+        for writer in writers:
+            writer.commit()

@@ -87,6 +87,23 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     assert (saved / "train.h5").stat().st_mtime_ns == written
     assert run(*args, "--save-features", saved, "--overwrite").exit_code == 0
     assert (saved / "train.h5").stat().st_mtime_ns != written
+    # a failure while writing the pair (a full disk at val.h5) replaces neither file of the pair
+    import retrieval.features
+
+    pair = {name: (saved / name).read_bytes() for name in ("train.h5", "val.h5")}
+    append = retrieval.features.FeatureWriter.append
+
+    def full_disk_at_val(writer, *a):
+        if writer.path.name == "val.h5":
+            raise OSError(28, "No space left on device", str(writer.path))
+        append(writer, *a)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval.features.FeatureWriter, "append", full_disk_at_val)
+        assert_user_error(run(*args, "--save-features", saved, "--overwrite", "--image-size", "24"),
+                          "No space left on device", only_line=False)
+    assert {name: (saved / name).read_bytes() for name in pair} == pair
+    assert sorted(p.name for p in saved.iterdir()) == ["train.h5", "val.h5"]  # no temporary file either
     # a class of the validation folder that training lacks: refused before any image is embedded
     other = make_image_folder(tmp_path / "other", classes=3, per_class=1, seed=2)
     import retrieval.evaluate
