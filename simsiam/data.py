@@ -146,9 +146,21 @@ def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option:
     return train, ImageList(val.root, val.paths, labels, train.classes)
 
 
+# giflib's error codes (gif_lib.h), which torchvision's GIF decoder reports as bare numbers
+GIF_ERRORS = {101: "cannot open the file", 102: "reading failed (a truncated file?)", 103: "no screen descriptor",
+              104: "not a GIF file", 105: "no image descriptor", 106: "no colour map", 107: "wrong record type",
+              108: "image data larger than the image", 109: "not enough memory", 110: "cannot close the file",
+              111: "not readable", 112: "image defect", 113: "the file ends too soon"}
+
+
 def _decoder_reason(message: str) -> str:
-    """"decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated" -> the reason only."""
+    """"decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated" -> the reason only;
+    giflib's "DGifSlurp() failed - 102" -> "GIF: cannot read the file"."""
     reason = re.sub(r"^\w+, \S+:\d+, ", "", message.strip())
+    gif = re.search(r"DGif\w*\(\) failed - (\d+)", reason)
+    if gif:
+        code = int(gif.group(1))
+        return f"GIF: {GIF_ERRORS.get(code, f'giflib error {code}')}"
     return reason.split(". ")[0].rstrip(".")
 
 

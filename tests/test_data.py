@@ -226,3 +226,19 @@ def test_class_folders_named_like_dataset_splits_are_warned_about():
     assert split_folders_warning("DATA /d", "/d", ["cat", "train"]) is None  # one class that happens to be named so
     assert split_folders_warning("DATA /d", "/d", ["train"]) is None  # one class: nothing to confuse
     assert split_folders_warning("DATA /d", "/d", []) is None  # a flat folder
+
+
+def test_a_broken_gif_says_what_giflib_found_not_its_error_number(tmp_path):
+    """torchvision reports giflib's errors as "DGifSlurp() failed - 102": the code is said in words."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, "GIF")
+    (tmp_path / "cut.gif").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (tmp_path / "other.gif").write_bytes(b"GIF89a" + bytes(5))
+    with pytest.raises(OSError, match=r"^GIF: reading failed \(a truncated file\?\)$"):
+        decode_rgb(tmp_path / "cut.gif")
+    with pytest.raises(OSError, match="^GIF: not a GIF file$"):
+        decode_rgb(tmp_path / "other.gif")
