@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 
 from simsiam.atomic import check_output
-from simsiam.checkpoint import is_torch_save_file
+from simsiam.checkpoint import check_checkpoint_file, is_torch_save_file
 from simsiam.data import same_images, scan_images
 from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
@@ -57,6 +57,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     if Path(checkpoint).is_file() and h5py.is_hdf5(checkpoint):  # before scanning folders: knn's other form
         raise InputError(f"CHECKPOINT {checkpoint}: a feature file, not a checkpoint; to evaluate feature files: "
                          "simsiam knn --train TRAIN.h5 --val VAL.h5")
+    check_checkpoint_file(checkpoint)  # a missing file said before -k or the folders are checked
     if save_features is not None:
         if Path(save_features).exists() and not Path(save_features).is_dir():
             raise InputError(f"--save-features {save_features}: a file, not a folder")

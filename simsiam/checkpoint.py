@@ -53,11 +53,9 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             raise OSError(errno.EIO, f"cannot write the checkpoint ({text.splitlines()[0]}); is its disk full?") from None
 
 
-def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """Load a checkpoint safely (tensors and plain containers only) onto the CPU.
-
-    ``mmap``: map the file instead of reading it; tensors are read when touched (cheap peeks).
-    """
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """Refuse, from its first bytes, what cannot be a checkpoint: a folder, a missing file, another
+    format. Cheap: commands call it before work that comes ahead of loading the checkpoint."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a checkpoint file")
@@ -66,6 +64,15 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     problem = why_not_a_torch_save_file(path)
     if problem:
         raise InputError(f"{path}: {problem}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint safely (tensors and plain containers only) onto the CPU.
+
+    ``mmap``: map the file instead of reading it; tensors are read when touched (cheap peeks).
+    """
+    path = check_checkpoint_file(path)
     if mmap and not zipfile.is_zipfile(path):
         mmap = False  # only the zip format (torch.save's since 1.6) maps; torch's own message misleads
     try:

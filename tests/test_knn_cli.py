@@ -141,6 +141,9 @@ def test_missing_and_non_hdf5_files(files, tmp_path):
     arrays = tmp_path / "feats.npz"  # a zip archive too, but not torch.save's
     np.savez(arrays, features=np.zeros((2, 2)))
     assert_user_error(knn_error(tmp_path, arrays, files["val"]), "feats.npz: not an HDF5 file")
+    # the CHECKPOINT form: a missing checkpoint is said first, before the folders or -k are looked at
+    assert_user_error(run("knn", tmp_path / "nope.pth", "--train-dir", tmp_path / "none", "--val-dir",
+                          tmp_path / "none", "-k", "99"), "nope.pth: no such checkpoint file")
     # the other commands that read feature files say how to make one
     assert_user_error(run("index", checkpoint, "--out", tmp_path / "x.index"),
                       "ckpt.pth.tar: a checkpoint, not a feature file; simsiam extract CHECKPOINT DATA --out FILE")
