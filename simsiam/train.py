@@ -67,6 +67,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
     return lr
 
 
+def say_knn_warnings(knn: "KnnMonitor | None", emit) -> None:
+    """The monitor's warnings not said yet, as warning events."""
+    while knn is not None and knn.warnings:
+        emit({"event": "warning", "message": knn.warnings.pop(0)})
+
+
 class KnnMonitor:
     """Weighted-kNN top-1 of the backbone's pooled features on held-out labelled images.
 
@@ -83,7 +89,8 @@ class KnnMonitor:
                              f"--knn-train {config.knn_train}")
         self.config = config
         self.runtime = runtime
-        self.warnings = []
+        self.warnings = []  # said by the run as they come (simsiam.train.pretrain takes them)
+        self.said_unreadable = False
         if same_images(train.root, train.paths, val.root, val.paths):
             self.warnings.append("--knn-train and --knn-val hold the same images: each is its own nearest "
                                  "neighbour, so the kNN top-1 is inflated; give held-out images as --knn-val")
@@ -110,6 +117,14 @@ class KnnMonitor:
         if len(train_y) < config.knn_k:
             raise InputError(f"--knn-k {config.knn_k}: larger than the {len(train_y)} readable images "
                              f"(of {len(self.train)}) of --knn-train {config.knn_train}")
+        if not self.said_unreadable:  # the same images every time: said once, at the first evaluation
+            self.said_unreadable = True
+            skipped = [f"{len(dataset) - len(labels)} of the {len(dataset)} images of {option} {folder}"
+                       for option, folder, dataset, labels in (("--knn-train", config.knn_train, self.train, train_y),
+                                                               ("--knn-val", config.knn_val, self.val, val_y))
+                       if len(labels) < len(dataset)]
+            if skipped:
+                self.warnings.append(f"the kNN monitor leaves out {' and '.join(skipped)}: they could not be decoded")
         num_classes = len(self.train.images.classes)
         [result] = weighted_knn(train_x, train_y, val_x, val_y, (self.config.knn_k,), self.config.knn_temperature,
                                 num_classes=num_classes, device=self.runtime.device)
@@ -287,8 +302,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
     metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
     emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch,
           "resumed_from": str(resume_from) if checkpoint is not None else None})
-    for warning in knn.warnings if knn is not None else []:
-        emit({"event": "warning", "message": warning})
+    say_knn_warnings(knn, emit)
 
     last_good = str(resume_from) if checkpoint is not None else None  # named when the loss diverges
     # an epoch's running totals; a mid-epoch checkpoint carries them so that a resumed epoch's
@@ -364,6 +378,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
         if knn is not None and ((epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs):
             try:
                 top1 = knn(raw.encoder)  # every rank embeds its share
+                say_knn_warnings(knn, emit)
                 if runtime.is_main:
                     epoch_metrics["knn_top1"] = top1
             except Exception as err:

@@ -579,3 +579,15 @@ def test_knn_monitor_folders_holding_split_folders_are_warned_about(tmp_path, sh
     assert result.exit_code == 0, result.output
     assert f"warning: --knn-train {splits}: its class folders (test, train) are dataset splits" in result.output
     assert f"warning: --knn-val {splits}: its class folders (test, train) are dataset splits" in result.output
+
+
+def test_knn_monitor_images_that_do_not_decode_are_said_once(tmp_path, shared_image_folder):
+    """Left out of every evaluation, silently, they made the kNN top-1 one of fewer images than given."""
+    knn_val = make_image_folder(tmp_path / "val", classes=2, per_class=3)
+    (knn_val / "class1" / "broken.png").write_bytes(b"not a png")
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--epochs", "2",
+                 "--knn-train", shared_image_folder, "--knn-val", knn_val, "--knn-k", "2", "--knn-every", "1")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"warning: the kNN monitor leaves out 1 of the 7 images of --knn-val {knn_val}: they "
+                               "could not be decoded") == 1, result.output
+    assert "--knn-train" not in result.output.split("leaves out")[1].splitlines()[0]
