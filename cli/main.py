@@ -22,8 +22,14 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     import signal
+    import sys
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    if isinstance(sys.exc_info()[1], (SimSiamError, click.ClickException)):
+        # already ending on its error, on its way to the Error line (cleaning up, or printing it):
+        # under torchrun, the SIGTERM that follows when another process of the job has ended first
+        # (for the same error, most often) would replace that line with "terminated"
+        return
     raise Terminated()
 
 

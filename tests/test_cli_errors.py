@@ -168,3 +168,30 @@ def test_an_empty_path_is_one_line_and_touches_nothing(tmp_path, monkeypatch, ar
     before = sorted(tmp_path.rglob("*"))
     assert_user_error(run(*args), f"Invalid value for {name}: an empty path", f"simsiam {args[0]} --help")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_sigterm_while_ending_on_an_error_does_not_replace_its_line():
+    """torchrun sends SIGTERM to the others once one process of the job has ended: a process already on
+    its way to its own Error line (cleaning up, printing) finishes it; otherwise SIGTERM interrupts."""
+    import signal
+
+    import click
+
+    from cli.main import Terminated, _terminate
+    from simsiam.errors import InputError
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for ending in (InputError("x"), click.ClickException("x")):
+            try:
+                raise ending
+            except Exception:
+                assert _terminate(signal.SIGTERM, None) is None
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            raise KeyError("handled along the way, not an error the command ends on")
+        except KeyError:
+            with pytest.raises(Terminated):
+                _terminate(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
