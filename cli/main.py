@@ -49,22 +49,39 @@ class SimSiamGroup(click.Group):
                 click.echo(f"{'terminated' if terminated else 'interrupted'}{hint}", err=True)
             ctx.exit(143 if terminated else 130)  # the shells' 128 + signal number
         except SimSiamError as err:
-            raise UserError(str(err)) from None
+            if err.agreed and _rank() != "0":  # every process of the torchrun job failed so, and rank 0 says it
+                ctx.exit(2)
+            raise UserError(str(err) if err.agreed else _this_process(str(err))) from None
         except click.UsageError as err:  # click's own would print the usage and a hint: 4 lines
+            if _rank() != "0":  # the command line is every process's: rank 0 says what is wrong with it
+                ctx.exit(2)
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
             raise UserError(f"{err.format_message()} (see: simsiam{command} --help)") from None
         except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
-            raise UserError(_os_error(err)) from None
+            raise UserError(_this_process(_os_error(err))) from None
         except (MemoryError, RuntimeError) as err:
             if _peer_failed(err):  # its own Error line is the one that says why
-                import os
-
-                raise UserError(f"rank {os.environ['RANK']}: stopped, another process of this torchrun job "
-                                "failed (its error is above)") from None
+                raise UserError(_this_process("stopped, another process of this torchrun job failed "
+                                              "(its error is above)")) from None
             if not _out_of_memory(err):
                 raise
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            raise UserError(f"out of memory ({_first_line(err)}){_memory_hint(command)}") from None
+            raise UserError(_this_process(f"out of memory ({_first_line(err)}){_memory_hint(command)}")) from None
+
+
+def _rank() -> str:
+    """This process's rank under torchrun; "0" alone."""
+    import os
+
+    return os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+
+
+def _this_process(message: str) -> str:
+    """An error of this process alone (the processes did not agree on it): under torchrun, its rank
+    first, as every process that fails prints its own line."""
+    import os
+
+    return f"rank {_rank()}: {message}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else message
 
 
 # Options that bound a command's memory use, in the order a hint names them.

@@ -8,6 +8,17 @@ from typing import Iterator
 class SimSiamError(Exception):
     """Base class of every error the library raises on purpose."""
 
+    # Under torchrun: True when every process raises this error, having agreed on it
+    # (:func:`simsiam.runtime.agree`); the CLI then reports it once, from rank 0.
+    agreed = False
+
+
+def agreed(error: SimSiamError) -> SimSiamError:
+    """``error``, marked as raised by every process of a torchrun job alike (a check of values they
+    all reduced together, or :func:`simsiam.runtime.agree`): the CLI reports it once, from rank 0."""
+    error.agreed = True
+    return error
+
 
 class InputError(SimSiamError, ValueError):
     """Something the user gave us is wrong: a path, a file's content, an option's value.

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .atomic import atomic_write
 from .checkpoint import LAST, load_checkpoint
-from .errors import InputError
+from .errors import InputError, agreed
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -75,7 +75,7 @@ def locked_run_dir(out: Path, runtime=None):
         dist.broadcast_object_list(shared, src=0)
         refusal = shared[0]
     if refusal is not None:
-        raise InputError(refusal)
+        raise agreed(InputError(refusal))  # rank 0's, shared: every process raises it alike
     folder = RunFolder(out)
     try:
         yield folder

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, SimSiamError, agreed
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -92,6 +92,45 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
 def stop(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agree(runtime: Runtime, error: SimSiamError | None) -> None:
+    """Under torchrun, where a check can fail on some processes only (a file one node lacks, an
+    unreadable image in one rank's share): every process learns whether any failed, and if one
+    did, every process raises, none going on to wait in a collective for a peer that has left.
+
+    A collective: every process calls it at the same point, after checks that run none. The error
+    raised is marked ``agreed`` (the CLI reports it once, from rank 0): the failing process's of
+    lowest rank, named by its rank unless that is 0 (the job's own rank). One process: ``error``.
+    """
+    if not runtime.distributed:
+        if error is not None:
+            raise error
+        return
+    messages: list[str | None] = [None] * runtime.world_size
+    dist.all_gather_object(messages, None if error is None else str(error))
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if not failed:
+        return
+    rank, message = failed[0]
+    if rank != 0:
+        message = f"rank {rank}: {message}"
+    raise agreed(error if error is not None and str(error) == message else InputError(message))
+
+
+@contextlib.contextmanager
+def agreement(runtime: Runtime, when: bool = True):
+    """Run a block of checks (no collective inside) on every process, then :func:`agree` on its
+    :class:`SimSiamError`, if any. ``when`` False: the block alone, its error raised as it is."""
+    if not when:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except SimSiamError as err:
+        error = err
+    agree(runtime, error)
 
 
 def data_parallel(model: nn.Module, runtime: Runtime) -> nn.Module:

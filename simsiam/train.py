@@ -26,7 +26,7 @@ from .config import PretrainConfig, write_json_atomic
 from .data import (GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, same_images,
                    scan_images, split_folders_warning)
 from .device_data import pretrain_batches
-from .errors import InputError, TrainingDiverged
+from .errors import InputError, SimSiamError, TrainingDiverged, agreed
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
 from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
@@ -227,10 +227,11 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
     ``on_event``: called with ``{"event": "start" | "log" | "epoch" | "unreadable" | "end", ...}``
     on the main process, for progress display.
     """
-    config.validate()
-    check_out_apart_from_inputs(config, overwrite)
     runtime = rt.start(config.device, config.precision)
     try:
+        with rt.agreement(runtime):  # under torchrun: one Error line for all, see rt.agree
+            config.validate()
+            check_out_apart_from_inputs(config, overwrite)
         with locked_run_dir(Path(config.out), runtime) as run_folder:
             return _pretrain(config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None))
     finally:
@@ -240,28 +241,30 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
 def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, overwrite, on_event: Event) -> dict:
     emit = on_event if runtime.is_main else (lambda event: None)
     out = Path(config.out)
-    check_run_dir(out, resume_from, overwrite)
-    checkpoint = resume_checkpoint(config, resume_from)
-    if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch, counted from 1, is past the end
-        where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
-                 else f"has finished its {checkpoint['epoch']} epochs")
-        raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
-                         f"pass --epochs N with N > {checkpoint['epoch']} to train on")
-    images = scan_images(config.data)
-    fingerprint = images.fingerprint()
-    if checkpoint is not None:
-        check_resumed_images(checkpoint, fingerprint, config, "data", resume_from)
-    sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
-    knn = KnnMonitor(config, runtime) if config.knn_train else None
-    # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
-    # for it or auto picks it, else DataLoader workers; both yield the same batches for the sampler.
-    # Made before the folder changes: the fast path refuses images of mixed sizes.
-    dataset = loader = pretrain_batches(config, images, sampler, runtime)
-    if loader is None:
-        transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
-        dataset = ImageDataset(images, transform, seed=config.seed)
-        loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
-    runtime.barrier()  # every process has checked the folder before rank 0 changes it
+    # every process checks, then they agree (rt.agree): a check that fails on some only (a file one
+    # node lacks) stops every process, before rank 0 changes the folder
+    with rt.agreement(runtime):
+        check_run_dir(out, resume_from, overwrite)
+        checkpoint = resume_checkpoint(config, resume_from)
+        if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch (from 1) is past the end
+            where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
+                     else f"has finished its {checkpoint['epoch']} epochs")
+            raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
+                             f"pass --epochs N with N > {checkpoint['epoch']} to train on")
+        images = scan_images(config.data)
+        fingerprint = images.fingerprint()
+        if checkpoint is not None:
+            check_resumed_images(checkpoint, fingerprint, config, "data", resume_from)
+        sampler = GlobalBatchSampler(len(images), config.batch_size, config.seed, runtime.rank, runtime.world_size)
+        knn = KnnMonitor(config, runtime) if config.knn_train else None
+        # the batch source: the fast path's (decoding and augmenting on the device) when the config asks
+        # for it or auto picks it, else DataLoader workers; both yield the same batches for the sampler.
+        # Made before the folder changes: the fast path refuses images of mixed sizes.
+        dataset = loader = pretrain_batches(config, images, sampler, runtime)
+        if loader is None:
+            transform = TwoViews(pretrain_transform(config.image_size, (config.crop_min_scale, 1.0), config.blur))
+            dataset = ImageDataset(images, transform, seed=config.seed)
+            loader = make_loader(dataset, sampler, workers=config.workers, pin_memory=runtime.device.type == "cuda")
     if runtime.is_main:
         run_folder.prepare(resume_from)
     runtime.barrier()
@@ -312,6 +315,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
     metrics: dict = {}
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     model.train()
+    first_batch = True
     for epoch in range(start_epoch, config.epochs):
         lr = set_learning_rate(optimizer, config, epoch)
         sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
@@ -325,13 +329,20 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
         interval_steps, interval_start = 0, time.perf_counter()
         timed_steps, epoch_start = 0, time.perf_counter()
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
-            skipped += count_unreadable(unreadable, config.strict, announce)
-            if batch is None:
-                raise InputError(f"{config.data}: every image of a batch at step {global_step} is unreadable")
-            (view1, view2), _, _ = batch
-            if len(view1) < 2 and runtime.world_size == 1:
-                raise InputError(f"{config.data}: one readable image in the batch of step {global_step}, and "
-                                 "BatchNorm needs two; remove the unreadable images or use a larger --batch-size")
+            # the run's first batch is agreed on (one collective), as the checks before it: where one
+            # process's share of it is unreadable, every process stops with one Error line and the
+            # fresh run's files go. A later batch's error ends the others by their lost connection.
+            with rt.agreement(runtime, when=first_batch):
+                skipped += count_unreadable(unreadable, config.strict, announce)
+                if batch is None:
+                    share = "this process's share of " if runtime.distributed else ""
+                    raise InputError(f"{config.data}: every image of {share}a batch at step {global_step} "
+                                     "is unreadable")
+                (view1, view2), _, _ = batch
+                if len(view1) < 2 and runtime.world_size == 1:
+                    raise InputError(f"{config.data}: one readable image in the batch of step {global_step}, and "
+                                     "BatchNorm needs two; remove the unreadable images or use a larger --batch-size")
+            first_batch = False
             loss, z1 = train_step(model, loss_fn, optimizer, runtime, view1, view2)
 
             global_step += 1
@@ -346,9 +357,9 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             # a logging step: one synchronisation for the loss, the divergence check and the counts
             mean_loss, bad_step, skipped = _reduce_interval(loss_sum, diverged_at, skipped, runtime)
             if bad_step >= 0:
-                raise TrainingDiverged(
+                raise agreed(TrainingDiverged(  # every process reduced the same losses
                     f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}); "
-                    + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"))
+                    + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet")))
             now = time.perf_counter()
             mean_loss /= interval_steps
             metrics = {
@@ -400,11 +411,11 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             # after the last epoch a plain --resume has nothing left to train: say what does help
             then = (f"--resume {out} continues" if epoch + 1 < config.epochs else
                     f"the run's last; simsiam knn {out / LAST} --train-dir DIR --val-dir DIR evaluates it")
-            raise InputError(f"{knn_failure} (epoch {epoch + 1} is saved; {then})")
-        if knn_failure is not None:
+            knn_failure = InputError(f"{knn_failure} (epoch {epoch + 1} is saved; {then})")
+        if knn_failure is not None and not isinstance(knn_failure, SimSiamError):
             raise knn_failure
+        rt.agree(runtime, knn_failure)  # the epoch's barrier; rank 0 alone scores the monitor, every process stops
         last_good = str(out / LAST)
-        runtime.barrier()
         metrics = epoch_metrics
 
     emit({"event": "end", **metrics})

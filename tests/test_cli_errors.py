@@ -170,6 +170,40 @@ def test_an_empty_path_is_one_line_and_touches_nothing(tmp_path, monkeypatch, ar
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_under_torchrun_an_agreed_error_is_one_line_from_rank_0_and_another_is_named_by_its_rank(monkeypatch):
+    """Every process of a torchrun job runs the CLI: an error they agreed on (simsiam.runtime.agree)
+    is said once, by rank 0; an error of one process alone is said by it, named by its rank."""
+    from cli.main import simsiam
+    from simsiam.errors import InputError, agreed
+
+    raised = []
+
+    @simsiam.command("fail")
+    def fail():
+        raise raised[-1]
+
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            raised.append(agreed(InputError("--out r: already holds a run")))
+            result = run("fail")
+            if rank == "0":
+                assert_user_error(result, "Error: --out r: already holds a run")
+            else:
+                assert result.exit_code == 2 and result.output == ""
+            raised.append(InputError("x.jpg: cannot decode image"))  # this process's alone
+            assert_user_error(run("fail"), f"Error: rank {rank}: x.jpg: cannot decode image")
+            # the command line is every process's: rank 0 alone says what is wrong with it
+            result = run("extract", "--no-such-option")
+            assert result.exit_code == 2 and (result.output.startswith("Error: No such option") == (rank == "0"))
+        monkeypatch.setenv("WORLD_SIZE", "1")  # one process: never a rank
+        raised.append(agreed(InputError("--out r: already holds a run")))
+        assert_user_error(run("fail"), "Error: --out r: already holds a run")
+    finally:
+        simsiam.commands.pop("fail")
+
+
 def test_a_sigterm_while_ending_on_an_error_does_not_replace_its_line():
     """torchrun sends SIGTERM to the others once one process of the job has ended: a process already on
     its way to its own Error line (cleaning up, printing) finishes it; otherwise SIGTERM interrupts."""

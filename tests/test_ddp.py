@@ -83,5 +83,76 @@ def test_every_rank_stops_when_the_run_folder_is_locked_by_another_run(tmp_path,
                                  "-m", "cli", "pretrain", str(shared_image_folder), "--out", str(out), *ARGS],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    # each rank says it and stops (none waits for the others in a barrier until the launcher kills it)
-    assert result.stderr.count("another simsiam run is writing in this folder") == 2, result.stdout + result.stderr
+    # every rank stops (none waits for the others in a barrier until the launcher kills it); rank 0 says why, once
+    assert result.stderr.count("another simsiam run is writing in this folder") == 1, result.stdout + result.stderr
+
+
+def agree_as(rank: int, messages: list, monkeypatch, error=None):
+    """``agree`` on ``rank`` of ``len(messages)`` processes, the others' outcomes given (None: no error),
+    the all-gather faked: what it raises there."""
+    import simsiam.runtime as rt
+    from simsiam.errors import InputError
+
+    def all_gather_object(output, value):
+        assert value == (None if error is None else str(error))  # this process's outcome is what it sends
+        output[:] = [value if r == rank else m for r, m in enumerate(messages)]
+
+    monkeypatch.setattr(rt.dist, "all_gather_object", all_gather_object)
+    runtime = rt.Runtime(torch.device("cpu"), "fp32", rank, len(messages))
+    try:
+        with rt.agreement(runtime):
+            if error is not None:
+                raise error
+    except InputError as err:
+        return err
+    return None
+
+
+def test_processes_agree_on_a_failure_so_none_goes_on_alone(monkeypatch):
+    from simsiam.errors import InputError
+
+    # none failed: every process goes on
+    assert agree_as(0, [None, None], monkeypatch) is None
+    # only rank 1 failed (an unreadable image in its share): rank 0 stops too, with rank 1's error, named
+    for rank, error in ((0, None), (1, InputError("x.jpg: cannot decode image"))):
+        err = agree_as(rank, [None, "x.jpg: cannot decode image"], monkeypatch, error)
+        assert str(err) == "rank 1: x.jpg: cannot decode image" and err.agreed
+    # every process failed alike: the error itself, the failing process's own (its type kept), not renamed
+    own = InputError("--out r: already holds a run")
+    err = agree_as(1, ["--out r: already holds a run"] * 2, monkeypatch, own)
+    assert err is own and err.agreed and str(err) == "--out r: already holds a run"
+    # rank 0 failed alone, or all differently: the lowest rank's, rank 0 being the job's not named
+    assert str(agree_as(1, ["a", None, "c"], monkeypatch)) == "a"
+    assert str(agree_as(0, [None, "b", "c"], monkeypatch)) == "rank 1: b"
+    # one process: its error as it is, never gathered
+    monkeypatch.setattr("simsiam.runtime.dist.all_gather_object", None)
+    import simsiam.runtime as rt
+
+    with pytest.raises(InputError, match="^alone$") as raised, rt.agreement(rt.Runtime(torch.device("cpu"), "fp32")):
+        raise InputError("alone")
+    assert not raised.value.agreed
+
+
+@pytest.mark.slow
+def test_a_first_batch_unreadable_on_one_rank_only_stops_every_rank_with_one_line_and_no_run_files(tmp_path):
+    """Rank 1's share of the first batch unreadable, rank 0's fine: the ranks agree on the failure
+    there (rank 0 does not wait in a collective for a peer that left), one line says it, naming
+    rank 1, and the fresh run's config.json and metrics.jsonl, written by rank 0, go with its folder."""
+    from simsiam.data import GlobalBatchSampler, scan_images
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=16)
+    images = scan_images(data)
+    sampler = GlobalBatchSampler(len(images), 16, 5, rank=1, world_size=2)  # ARGS' batch size and seed
+    for index in next(iter(sampler)):
+        (images.root / images.paths[index]).write_bytes(b"not an image")
+    out = tmp_path / "runs" / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "cli", "pretrain", str(data), "--out", str(out), *ARGS],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert result.returncode != 0 and errors == [
+        f"Error: rank 1: {data}: every image of this process's share of a batch at step 0 is unreadable"], output
+    assert output.count("Traceback") == 1, output  # torchrun's own, raising ChildFailedError; none of ours
+    assert not (tmp_path / "runs").exists()

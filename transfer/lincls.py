@@ -33,7 +33,7 @@ from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backb
 from simsiam.config import write_json_atomic
 from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader,
                           split_folders_warning)
-from simsiam.errors import InputError, SimSiamError
+from simsiam.errors import InputError, SimSiamError, agreed
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
                              check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
 
@@ -109,7 +109,7 @@ class Evaluator:
             dist.all_reduce(totals)
         correct1, correctk, loss, count = totals.tolist()
         if count == 0:
-            raise InputError(f"VAL_DIR {self.root}: none of its {self.images} images could be decoded")
+            raise agreed(InputError(f"VAL_DIR {self.root}: none of its {self.images} images could be decoded"))
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correctk / count, "val_loss": loss / count,
                 "topk": self.topk, "val_images": int(count), "val_skipped": skipped}
 
@@ -206,10 +206,11 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
     ``config.json`` and, at the end, ``linear_head.pth`` (``fc.weight``, ``fc.bias`` in
     torchvision's names, the class names, the metrics).
     """
-    config.validate()
-    check_out_apart_from_inputs(config, overwrite)
     runtime = rt.start(config.device, config.precision)
     try:
+        with rt.agreement(runtime):  # under torchrun: one Error line for all, see rt.agree
+            config.validate()
+            check_out_apart_from_inputs(config, overwrite)
         with locked_run_dir(Path(config.out), runtime) as run_folder:
             return _linear_eval(config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None))
     finally:
@@ -221,31 +222,33 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     emit = on_event if runtime.is_main else (lambda event: None)
     announce = lambda bad: emit({"event": "unreadable", "path": bad.path, "reason": bad.reason})  # noqa: E731
     out = Path(config.out)
-    check_run_dir(out, resume_from, overwrite)
-    checkpoint = resume_checkpoint(config, resume_from)
-    if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
-        raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
-                         f"run folder or its {LAST}")
-    # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
-    reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
-    if reached > config.epochs:
-        raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch {reached}; "
-                         f"pass --epochs N with N >= {reached}")
-    weights = read_backbone(config.checkpoint)
-    fingerprint = backbone_fingerprint(weights)
-    if checkpoint is not None:
-        check_resumed_backbone(checkpoint, fingerprint, config, resume_from)
-    train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
-    if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
-        raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
-    image_list = train_images.fingerprint()  # not "images": the training loop's batches have that name
-    val_list = val_images.fingerprint()
-    if checkpoint is not None:
-        check_resumed_images(checkpoint, image_list, config, "train_dir", resume_from)
-    # every training image every epoch: main_lincls.py's loader keeps the last, incomplete batch
-    sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank, runtime.world_size,
-                                 drop_last=False)
-    runtime.barrier()  # every process has checked the folder before rank 0 changes it
+    # every process checks, then they agree (rt.agree): a check that fails on some only (a file one
+    # node lacks) stops every process, before rank 0 changes the folder
+    with rt.agreement(runtime):
+        check_run_dir(out, resume_from, overwrite)
+        checkpoint = resume_checkpoint(config, resume_from)
+        if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
+            raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
+                             f"run folder or its {LAST}")
+        # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
+        reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
+        if reached > config.epochs:
+            raise InputError(f"--epochs {config.epochs}: the run being resumed has reached epoch {reached}; "
+                             f"pass --epochs N with N >= {reached}")
+        weights = read_backbone(config.checkpoint)
+        fingerprint = backbone_fingerprint(weights)
+        if checkpoint is not None:
+            check_resumed_backbone(checkpoint, fingerprint, config, resume_from)
+        train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
+        if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
+            raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
+        image_list = train_images.fingerprint()  # not "images": the training loop's batches have that name
+        val_list = val_images.fingerprint()
+        if checkpoint is not None:
+            check_resumed_images(checkpoint, image_list, config, "train_dir", resume_from)
+        # every training image every epoch: main_lincls.py's loader keeps the last, incomplete batch
+        sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank,
+                                     runtime.world_size, drop_last=False)
     if runtime.is_main:
         run_folder.prepare(resume_from)
         if checkpoint is None:
@@ -302,6 +305,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / BEST_HEAD_FILE)
 
     metrics: dict = {}
+    first_batch = True
     for epoch in range(start_epoch, config.epochs):
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
@@ -313,9 +317,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         interval_start = time.perf_counter()
         epoch_sums = torch.zeros(3, device=runtime.device)
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
-            skipped += count_unreadable(unreadable, config.strict, announce)
-            if batch is None:
-                raise InputError(f"{config.train_dir}: every image of a batch at step {global_step} is unreadable")
+            # the run's first batch is agreed on, as the checks before it (see pretrain's loop)
+            with rt.agreement(runtime, when=first_batch):
+                skipped += count_unreadable(unreadable, config.strict, announce)
+                if batch is None:
+                    share = "this process's share of " if runtime.distributed else ""
+                    raise InputError(f"{config.train_dir}: every image of {share}a batch at step {global_step} "
+                                     "is unreadable")
+            first_batch = False
             images, labels, _ = batch
             images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
             logits = classify(backbone, model, images, runtime)
@@ -337,7 +346,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
                 dist.all_reduce(sums)
             loss_sum, correct, count = sums.tolist()
             if not math.isfinite(loss_sum):
-                raise SimSiamError(f"the loss became NaN or infinite at step {global_step}; lower --lr")
+                raise agreed(SimSiamError(f"the loss became NaN or infinite at step {global_step}; lower --lr"))
             now = time.perf_counter()
             step_metrics = {"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / count,
                             "train_top1": 100.0 * correct / count, "lr": lr,
@@ -374,7 +383,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch + 1, 0,
                                     global_step, metrics, best, fingerprint), out / LAST)
         if isinstance(failure, InputError):
-            raise InputError(f"{failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
+            saved = InputError(f"{failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
+            saved.agreed = failure.agreed
+            raise saved
         if failure is not None:
             raise failure
         runtime.barrier()
@@ -390,7 +401,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
                                     0, global_step, metrics, best, fingerprint), out / LAST)
     metrics["backbone_unchanged"] = backbone_unchanged(backbone, weights)
     if not metrics["backbone_unchanged"]:
-        raise SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation")
+        raise agreed(SimSiamError("sanity check failed: the backbone's weights changed during linear evaluation"))
     if runtime.is_main:
         save_atomic(_head_file(config, head, train_images.classes, weights, metrics), out / HEAD_FILE)
     emit({"event": "end", **metrics})
