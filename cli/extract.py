@@ -40,22 +40,26 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
     from retrieval.extract import extract_to_file
     from retrieval.feature_model import load_feature_model
     from simsiam.atomic import check_output
-    from simsiam.runtime import start, stop
+    from simsiam.runtime import agreement, start, stop
 
     expected = 1 if random_init else 2
     if len(inputs) != expected:
         raise click.UsageError("expected DATA with --random-init" if random_init else "expected CHECKPOINT DATA "
                                "(or --random-init --arch ARCH DATA)")
     checkpoint = None if random_init else inputs[0]
-    check_output(out, "--out", overwrite, inputs=inputs)  # before loading a model: never over an input
     runtime = start(device, precision)
-    model = load_feature_model(checkpoint, layer, random_init, arch, cifar_stem, seed)
-    with EmbeddingProgress("extract") as progress:
-        summary = extract_to_file(model, inputs[-1], out, runtime, image_size, resize, dtype, compression, batch_size,
-                                  default_workers(workers), normalize, strict, overwrite, progress, gpu_decode)
-    if runtime.is_main:
-        processes = f" by {summary.processes} processes" if summary.processes > 1 else ""
-        skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
-        click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "
-                   f"({model.arch} {layer}){processes}{skipped}")
-    stop(runtime)
+    try:
+        with agreement(runtime):  # under torchrun: every process checks, and all stop when one fails
+            check_output(out, "--out", overwrite, inputs=inputs)  # before loading a model: never over an input
+            model = load_feature_model(checkpoint, layer, random_init, arch, cifar_stem, seed)
+        with EmbeddingProgress("extract") as progress:
+            summary = extract_to_file(model, inputs[-1], out, runtime, image_size, resize, dtype, compression,
+                                      batch_size, default_workers(workers), normalize, strict, overwrite, progress,
+                                      gpu_decode)
+        if runtime.is_main:
+            processes = f" by {summary.processes} processes" if summary.processes > 1 else ""
+            skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
+            click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "
+                       f"({model.arch} {layer}){processes}{skipped}")
+    finally:  # also on an error: a process leaving with its process group in use can abort (SIGABRT)
+        stop(runtime)

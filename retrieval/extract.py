@@ -23,8 +23,8 @@ from simsiam.data import (ImageDataset, ImageList, count_unreadable, make_loader
                           split_folders_warning)
 from simsiam.atomic import check_output
 from simsiam.config import MAX_IMAGE_SIZE, check_int
-from simsiam.errors import InputError
-from simsiam.runtime import Runtime
+from simsiam.errors import InputError, agreed
+from simsiam.runtime import Runtime, agreement
 
 from .feature_model import FeatureModel
 from .features import FeatureSet, FeatureWriter, check_utf8_names, first_non_finite_row, merge_shards, read_header
@@ -208,26 +208,32 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     writes its shard (``OUT.shards/rankRRRRR-of-WWWWW.h5``), then rank 0 merges them into ``out``
     and removes them; every rank returns once ``out`` is in place.
     """
-    out = check_output(out, "--out", overwrite, inputs=[data])  # never over one of the images it reads
-    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
-    target = shard_path(out, runtime.rank, runtime.world_size) if runtime.distributed else out
-    with FeatureWriter(target, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
-        for features, labels, paths in job.batches(batch_size, workers, on_event):
-            writer.append(features, labels, paths)
-        if writer.rows == 0 and not runtime.distributed:
-            raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
-        writer.attrs["skipped_images"] = job.skipped
-        writer.commit()
+    with agreement(runtime):  # under torchrun: every process checks, and all stop when one fails (rt.agree)
+        out = check_output(out, "--out", overwrite, inputs=[data])  # never over one of the images it reads
+        job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
     if not runtime.distributed:
+        with FeatureWriter(out, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
+            for features, labels, paths in job.batches(batch_size, workers, on_event):
+                writer.append(features, labels, paths)
+            if writer.rows == 0:
+                raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
+            writer.attrs["skipped_images"] = job.skipped
+            writer.commit()
         _remove_shards(out)  # left by an interrupted multi-process extraction
         return ExtractSummary(out, writer.rows, job.skipped, model.dim, 1)
 
+    shard = shard_path(out, runtime.rank, runtime.world_size)
+    with FeatureWriter(shard, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
+        for features, labels, paths in job.batches(batch_size, workers, on_event):
+            writer.append(features, labels, paths)
+        writer.attrs["skipped_images"] = job.skipped
+        writer.commit()
     try:
         return _merge(out, data, job, runtime, model.dim)
     except BaseException:
         # this rank or another failed (another's error reaches this one as a lost connection, or
         # torchrun's SIGTERM): no shard is left behind, each rank removing its own
-        _remove_shard(target)
+        _remove_shard(shard)
         raise
 
 
@@ -239,7 +245,7 @@ def _merge(out: Path, data, job: _Extraction, runtime: Runtime, dim: int) -> Ext
     rows = sum(h[0] for h in headers)
     skipped = sum(int(h[2].get("skipped_images", 0)) for h in headers)
     if not rows:  # every rank sees it, so none is left waiting at the barrier below
-        raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
+        raise agreed(InputError(f"{data}: none of its {len(job.images)} images could be decoded"))
     if runtime.is_main:
         merge_shards(out, shards, {**job.attrs, "skipped_images": skipped})
         _remove_shards(out)

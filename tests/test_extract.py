@@ -352,7 +352,14 @@ class LostPeerRuntime(Runtime):
         raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:190")
 
 
-def test_a_rank_whose_peer_failed_leaves_no_shard(tmp_path, images):
+@pytest.fixture
+def checks_pass_on_every_rank(monkeypatch):
+    """The agreement on the checks (simsiam.runtime.agree) without a process group: no other rank failed."""
+    monkeypatch.setattr("simsiam.runtime.dist.all_gather_object", lambda output, value: output.__setitem__(
+        slice(None), [value] + [None] * (len(output) - 1)))
+
+
+def test_a_rank_whose_peer_failed_leaves_no_shard(tmp_path, images, checks_pass_on_every_rank):
     """Its shard was written; the merge never comes: the shard and the shards' folder go."""
     from retrieval.extract import extract_to_file
     from retrieval.feature_model import load_feature_model
@@ -361,6 +368,23 @@ def test_a_rank_whose_peer_failed_leaves_no_shard(tmp_path, images):
     with pytest.raises(RuntimeError, match="closed by peer"):
         extract_to_file(model, images, tmp_path / "feats.h5", LostPeerRuntime(torch.device("cpu"), "fp32", 0, 2),
                         image_size=16, resize=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_check_failed_on_another_rank_stops_this_one_before_any_work(tmp_path, images, monkeypatch):
+    """Under torchrun every rank checks its inputs, then they agree: rank 1 lacking DATA (another
+    node's disk) stops rank 0 too, with rank 1's error, before it embeds anything."""
+    from retrieval.extract import extract_to_file
+    from retrieval.feature_model import load_feature_model
+    from simsiam.errors import InputError
+
+    monkeypatch.setattr("simsiam.runtime.dist.all_gather_object", lambda output, value: output.__setitem__(
+        slice(None), [value, "DATA /data: no such folder"]))
+    model = load_feature_model(None, "backbone", random_init=True, arch="resnet18")
+    with pytest.raises(InputError, match="^rank 1: DATA /data: no such folder$") as raised:
+        extract_to_file(model, images, tmp_path / "feats.h5", Runtime(torch.device("cpu"), "fp32", 0, 2),
+                        image_size=16, resize=0)
+    assert raised.value.agreed  # rank 0 prints it, once
     assert os.listdir(tmp_path) == []
 
 
@@ -396,7 +420,7 @@ def test_torchrun_a_rank_that_fails_alone_ends_the_job_with_its_error_and_no_sha
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error: ")]
     assert done.returncode != 0 and len(errors) == 2, done.stdout + done.stderr
-    assert any("zzz.jpg: cannot decode" in line for line in errors)
+    assert any(line.startswith("Error: rank 1: ") and "zzz.jpg: cannot decode" in line for line in errors)
     assert any("rank 0: stopped, another process" in line for line in errors)
     assert "[rank0]: Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     assert not out.parent.exists() or os.listdir(out.parent) == []
