@@ -223,16 +223,17 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         return ExtractSummary(out, writer.rows, job.skipped, model.dim, 1)
 
     shard = shard_path(out, runtime.rank, runtime.world_size)
-    with FeatureWriter(shard, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
-        for features, labels, paths in job.batches(batch_size, workers, on_event):
-            writer.append(features, labels, paths)
-        writer.attrs["skipped_images"] = job.skipped
-        writer.commit()
     try:
+        with FeatureWriter(shard, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
+            for features, labels, paths in job.batches(batch_size, workers, on_event):
+                writer.append(features, labels, paths)
+            writer.attrs["skipped_images"] = job.skipped
+            writer.commit()
         return _merge(out, data, job, runtime, model.dim)
     except BaseException:
-        # this rank or another failed (another's error reaches this one as a lost connection, or
-        # torchrun's SIGTERM): no shard is left behind, each rank removing its own
+        # this rank or another failed (another's error reaches this one as a lost connection, or as
+        # torchrun's SIGTERM, maybe while this shard is still being written): no shard is left
+        # behind, nor the shards' folder, each rank removing its own
         _remove_shard(shard)
         raise
 

@@ -371,6 +371,23 @@ def test_a_rank_whose_peer_failed_leaves_no_shard(tmp_path, images, checks_pass_
     assert os.listdir(tmp_path) == []
 
 
+def test_a_rank_stopped_while_writing_its_shard_leaves_no_shards_folder(tmp_path, images, checks_pass_on_every_rank):
+    """torchrun's SIGTERM (another rank failed) mid-shard: the shard's temporary file goes, and the
+    shards' folder with it (it stayed, empty, beside where the file would be)."""
+    from retrieval.extract import extract_to_file
+    from retrieval.feature_model import load_feature_model
+
+    def stop_at_first_batch(event):
+        if event["event"] == "batch":
+            raise KeyboardInterrupt  # what the CLI's SIGTERM handler raises (cli.main.Terminated)
+
+    model = load_feature_model(None, "backbone", random_init=True, arch="resnet18")
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(model, images, tmp_path / "feats.h5", Runtime(torch.device("cpu"), "fp32", 0, 2),
+                        image_size=16, resize=0, batch_size=2, on_event=stop_at_first_batch)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_check_failed_on_another_rank_stops_this_one_before_any_work(tmp_path, images, monkeypatch):
     """Under torchrun every rank checks its inputs, then they agree: rank 1 lacking DATA (another
     node's disk) stops rank 0 too, with rank 1's error, before it embeds anything."""
