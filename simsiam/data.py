@@ -263,6 +263,16 @@ def count_unreadable(unreadable: list[Unreadable], strict: bool, announce: Calla
     return len(unreadable)
 
 
+def count_training_unreadable(batch, unreadable: list[Unreadable], strict: bool, announce: Callable[[Unreadable], None],
+                              folder, step: int, distributed: bool) -> int:
+    """:func:`count_unreadable` for a training batch of ``folder``, which must hold a readable image."""
+    skipped = count_unreadable(unreadable, strict, announce)
+    if batch is None:
+        share = "this process's share of " if distributed else ""
+        raise InputError(f"{folder}: every image of {share}a batch at step {step} is unreadable")
+    return skipped
+
+
 def collate_readable(samples: list) -> tuple[object | None, list[Unreadable]]:
     """Collate the decodable samples; return ``(batch or None, unreadable samples)``."""
     unreadable = [s for s in samples if isinstance(s, Unreadable)]

@@ -23,8 +23,8 @@ from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import (GlobalBatchSampler, ImageDataset, count_unreadable, labelled_images, make_loader, same_images,
-                   scan_images, split_folders_warning)
+from .data import (GlobalBatchSampler, ImageDataset, count_training_unreadable, labelled_images, make_loader,
+                   same_images, scan_images, split_folders_warning)
 from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
 from .loss import collapse_std, negative_cosine_similarity
@@ -333,11 +333,8 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             # process's share of it is unreadable, every process stops with one Error line and the
             # fresh run's files go. A later batch's error ends the others by their lost connection.
             with rt.agreement(runtime, when=first_batch):
-                skipped += count_unreadable(unreadable, config.strict, announce)
-                if batch is None:
-                    share = "this process's share of " if runtime.distributed else ""
-                    raise InputError(f"{config.data}: every image of {share}a batch at step {global_step} "
-                                     "is unreadable")
+                skipped += count_training_unreadable(batch, unreadable, config.strict, announce, config.data,
+                                                     global_step, runtime.distributed)
                 (view1, view2), _, _ = batch
                 if len(view1) < 2 and runtime.world_size == 1:
                     raise InputError(f"{config.data}: one readable image in the batch of step {global_step}, and "

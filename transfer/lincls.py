@@ -31,8 +31,8 @@ from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
-from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_unreadable, labelled_images, make_loader,
-                          split_folders_warning)
+from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, labelled_images,
+                          make_loader, split_folders_warning)
 from simsiam.errors import InputError, SimSiamError, agreed
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
                              check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
@@ -319,11 +319,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
             # the run's first batch is agreed on, as the checks before it (see pretrain's loop)
             with rt.agreement(runtime, when=first_batch):
-                skipped += count_unreadable(unreadable, config.strict, announce)
-                if batch is None:
-                    share = "this process's share of " if runtime.distributed else ""
-                    raise InputError(f"{config.train_dir}: every image of {share}a batch at step {global_step} "
-                                     "is unreadable")
+                skipped += count_training_unreadable(batch, unreadable, config.strict, announce, config.train_dir,
+                                                     global_step, runtime.distributed)
             first_batch = False
             images, labels, _ = batch
             images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
