@@ -214,6 +214,10 @@ def test_make_toy_voc_errors(tmp_path):
                       f"already holds a VOCdevkit file; remove {tmp_path / 'd' / 'VOCdevkit'} or give another ROOT")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "b", "--test-images", "5"), "--test-images 5")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "must be from 32 to 4096")
+    # was a run until stopped, writing images
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--train-images", str(10**8)),
+                      f"--train-images {10**8} / --test-images 20: at most 20,000 each")
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--test-images", "20001"), "at most 20,000 each")
     huge = str(10**20)  # was PIL's 'Maximum allowed dimension exceeded' traceback, after making ROOT
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", huge, huge),
                       f"--size {huge}x{huge}: width and height must be from 32 to 4096")

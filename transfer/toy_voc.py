@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw
 from simsiam.config import MAX_IMAGE_SIZE
 from simsiam.errors import InputError
 
+MAX_TOY_IMAGES = 20_000
+
 # Detectron2's detectron2/data/datasets/pascal_voc.py CLASS_NAMES, in its order.
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -104,6 +106,9 @@ def make_toy_voc(root: str | os.PathLike, train_images: int = 40, test_images: i
     built under a temporary name and renamed, so an interrupted run leaves no half dataset.
     """
     root = Path(root)
+    if train_images > MAX_TOY_IMAGES or test_images > MAX_TOY_IMAGES:  # 10**9 would run until stopped
+        raise InputError(f"--train-images {train_images} / --test-images {test_images}: at most {MAX_TOY_IMAGES:,} "
+                         "each (a toy set; real VOC07+12 has 16,551 trainval images)")
     if train_images < 1 or test_images < len(VOC_CLASSES):
         raise InputError(f"--train-images {train_images} / --test-images {test_images}: need at least 1 training "
                          f"and {len(VOC_CLASSES)} test images (one per VOC class)")
