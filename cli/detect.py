@@ -53,7 +53,12 @@ def command() -> None:
     """
 
 
-@command.command("train")
+# ignore_unknown_options lets a KEY VALUE pair take a negative value (SOLVER.MAX_ITER -5 was
+# "No such option '-5'"); options misspelt still end as click's own error, in _overrides.
+OVERRIDES = {"ignore_unknown_options": True}
+
+
+@command.command("train", context_settings=OVERRIDES)
 @_run_options
 @click.option("--weights", type=NonEmptyPath(), default=None, help="Backbone weights from simsiam convert-d2 (.pkl).")
 @click.option("--scale-schedule", is_flag=True,
@@ -70,21 +75,21 @@ def train(config, weights, data_root, output, num_gpus, num_machines, machine_ra
     """
     from transfer.detection import plan_detection, run_detection
 
-    plan = plan_detection(config, weights, str(data_root), output and str(output), opts, num_gpus, num_machines,
-                          machine_rank, dist_url, scale=scale_schedule, resume=resume, overwrite=overwrite)
+    plan = plan_detection(config, weights, str(data_root), output and str(output), _overrides(opts), num_gpus,
+                          num_machines, machine_rank, dist_url, scale=scale_schedule, resume=resume, overwrite=overwrite)
     _report_plan(plan)
     _report_results(run_detection(plan, machine_rank, dist_url), plan)
 
 
-@command.command("eval")
+@command.command("eval", context_settings=OVERRIDES)
 @_run_options
 @click.option("--weights", type=NonEmptyPath(), required=True, help="A trained detector (model_final.pth) or Detectron2 weights.")
 def evaluate(config, weights, data_root, output, num_gpus, num_machines, machine_rank, dist_url, opts) -> None:
     """Evaluate --weights on the config's test set(s) and print AP numbers."""
     from transfer.detection import plan_detection, run_detection
 
-    plan = plan_detection(config, weights, str(data_root), output and str(output), opts, num_gpus, num_machines,
-                          machine_rank, dist_url, eval_only=True)
+    plan = plan_detection(config, weights, str(data_root), output and str(output), _overrides(opts), num_gpus,
+                          num_machines, machine_rank, dist_url, eval_only=True)
     _report_plan(plan)
     _report_results(run_detection(plan, machine_rank, dist_url), plan)
 
@@ -105,6 +110,16 @@ def make_toy_voc_command(root, train_images, test_images, size, seed) -> None:
     click.echo("try it (a few minutes on a CPU):")
     click.echo(f"  simsiam detect train --config voc-r50-c4 --weights r50.pkl --data-root {root} "
                f"--output {root}/run {TOY_OVERRIDES}")
+
+
+def _overrides(opts: tuple[str, ...]) -> tuple[str, ...]:
+    """The KEY VALUE pairs, refusing a word in a KEY's place that looks like an option (a typo)."""
+    ctx = click.get_current_context()
+    for key in opts[::2]:
+        if key.startswith("-"):
+            names = [name for param in ctx.command.params for name in param.opts if name.startswith("--")]
+            raise click.NoSuchOption(key, possibilities=[n for n in names if n.startswith(key[:4])], ctx=ctx)
+    return opts
 
 
 def _report_plan(plan: "DetectionPlan") -> None:

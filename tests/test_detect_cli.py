@@ -17,7 +17,9 @@ import pytest
 import torch
 import yaml
 
-from transfer.detectron2_config import CONFIG_DIR, config_names, use_plain_batchnorm
+from simsiam.errors import InputError
+from transfer.detectron2_config import (CONFIG_DIR, check_classes, check_settings, config_names, set_key,
+                                       use_plain_batchnorm)
 from transfer.toy_voc import VOC_CLASSES, make_toy_voc
 from cli_runner import assert_user_error, run
 
@@ -160,6 +162,83 @@ def test_without_detectron2_a_clear_message_with_the_install_command(tmp_path, w
     assert_user_error(result, "Detectron2 is not installed", "pip install --no-build-isolation",
                       "git+https://github.com/facebookresearch/detectron2.git", "setuptools<81")
     assert not (tmp_path / "out").exists()
+
+
+def test_negative_override_values_reach_the_config_and_misspelt_options_stay_errors(tmp_path, weights, toy_root,
+                                                                                       monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # the overrides pass click; Detectron2's absence is next
+    base = ["detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--data-root", toy_root]
+    # click took "-5" for an option: "No such option '-5'"
+    assert_user_error(run(*base, "SOLVER.MAX_ITER", "-5"), "Detectron2 is not installed")
+    assert_user_error(run(*base, "--weigths", weights), "No such option '--weigths'. Did you mean '--weights'?")
+    assert_user_error(run(*base, "SOLVER.MAX_ITER", "3", "--bogus"), "No such option '--bogus'")
+    assert_user_error(run("detect", "eval", *base[2:], "-x", "1"), "No such option '-x'")
+
+
+class Node(dict):
+    """A stand-in for Detectron2's CfgNode (a dict whose keys read as attributes), for the checks
+    that need no Detectron2."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+def toy_settings(**changes):
+    cfg = Node(SOLVER=Node(MAX_ITER=20, IMS_PER_BATCH=2, STEPS=(15,), WARMUP_ITERS=5, CHECKPOINT_PERIOD=5000,
+                           BASE_LR=0.02, GAMMA=0.1),
+               TEST=Node(EVAL_PERIOD=0, PRECISE_BN=Node(ENABLED=True, NUM_ITER=5)),
+               INPUT=Node(MIN_SIZE_TRAIN=(120,), MAX_SIZE_TRAIN=200, MIN_SIZE_TEST=120, MAX_SIZE_TEST=200),
+               MODEL=Node(DEVICE="cuda", RPN=Node(BATCH_SIZE_PER_IMAGE=256),
+                          ROI_HEADS=Node(BATCH_SIZE_PER_IMAGE=32, NUM_CLASSES=20)),
+               DATALOADER=Node(NUM_WORKERS=0))
+    for key, value in changes.items():
+        set_key(cfg, key.replace("__", "."), value)
+    return cfg
+
+
+@pytest.mark.parametrize("key,value,message", [
+    # each failed mid-run with a traceback (ValueError, AssertionError, ZeroDivisionError, IndexError)
+    ("SOLVER.MAX_ITER", -5, "SOLVER.MAX_ITER -5: must be at least 1"),
+    ("SOLVER.IMS_PER_BATCH", 0, "SOLVER.IMS_PER_BATCH 0: must be at least 1"),
+    ("SOLVER.STEPS", (10, -1), "SOLVER.STEPS (10, -1): must be at least 1"),
+    ("SOLVER.CHECKPOINT_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD 0: must be at least 1"),
+    ("SOLVER.CHECKPOINT_PERIOD", -1, "must be at least 1"),  # saved every iteration
+    ("SOLVER.WARMUP_ITERS", -3, "SOLVER.WARMUP_ITERS -3: must be at least 0"),
+    ("SOLVER.BASE_LR", 0.0, "SOLVER.BASE_LR 0: must be a positive number"),
+    ("SOLVER.BASE_LR", float("nan"), "SOLVER.BASE_LR nan: must be a positive number"),
+    ("SOLVER.GAMMA", -1.0, "SOLVER.GAMMA -1: must be a positive number"),
+    ("TEST.EVAL_PERIOD", -1, "TEST.EVAL_PERIOD -1: must be at least 0"),
+    ("INPUT.MIN_SIZE_TRAIN", (0, -3), "INPUT.MIN_SIZE_TRAIN (0, -3): must be at least 0"),
+    ("INPUT.MAX_SIZE_TRAIN", 0, "INPUT.MAX_SIZE_TRAIN 0: must be at least 1"),
+    ("INPUT.MAX_SIZE_TEST", -1, "INPUT.MAX_SIZE_TEST -1: must be at least 1"),
+    ("DATALOADER.NUM_WORKERS", -1, "DATALOADER.NUM_WORKERS -1: must be at least 0"),
+    ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 0, "must be at least 1"),
+    ("TEST.PRECISE_BN.NUM_ITER", 0, "TEST.PRECISE_BN.NUM_ITER 0: must be at least 1; TEST.PRECISE_BN.ENABLED False"),
+    ("MODEL.DEVICE", "tpu", "MODEL.DEVICE tpu: must be cpu, cuda or cuda:N"),
+])
+def test_settings_detectron2_would_fail_on_mid_run_are_refused_naming_the_key(key, value, message):
+    check_settings(toy_settings())  # the toy settings themselves pass
+    with pytest.raises(InputError) as err:
+        check_settings(toy_settings(**{key.replace(".", "__"): value}))
+    assert str(err.value).startswith(f"{key} ") and message in str(err.value)
+
+
+def test_settings_that_mean_something_at_zero_pass_and_evaluation_checks_its_own():
+    # 0: no resize (INPUT.MIN_SIZE_*), evaluation at the end only, no warmup
+    check_settings(toy_settings(INPUT__MIN_SIZE_TRAIN=(0,), INPUT__MIN_SIZE_TEST=0, TEST__EVAL_PERIOD=0,
+                                SOLVER__WARMUP_ITERS=0, MODEL__DEVICE="cuda:1"))
+    check_settings(toy_settings(TEST__PRECISE_BN__ENABLED=False, TEST__PRECISE_BN__NUM_ITER=0))
+    check_settings(toy_settings(SOLVER__MAX_ITER=0, SOLVER__BASE_LR=0.0), eval_only=True)  # not used to evaluate
+    with pytest.raises(InputError, match="INPUT.MAX_SIZE_TEST 0"):
+        check_settings(toy_settings(INPUT__MAX_SIZE_TEST=0), eval_only=True)
+
+
+def test_the_box_head_must_predict_the_datasets_classes():
+    check_classes(toy_settings(), ["voc", "voc"])
+    with pytest.raises(InputError, match=r"^MODEL.ROI_HEADS.NUM_CLASSES 5: VOC has 20 classes$"):
+        check_classes(toy_settings(MODEL__ROI_HEADS__NUM_CLASSES=5), ["voc"])
+    with pytest.raises(InputError, match="COCO has 80 classes"):
+        check_classes(toy_settings(), ["coco"])
 
 
 def test_help_works_without_detectron2(monkeypatch):

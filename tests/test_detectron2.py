@@ -218,7 +218,30 @@ def test_unknown_override_key_is_a_one_line_error(tmp_path, r50, toy_root):
     _, weights = r50
     result = CliRunner().invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
                                           "--data-root", str(toy_root), "SOLVER.NO_SUCH_KEY", "1"])
-    assert result.exit_code == 2 and "Non-existent key: SOLVER.NO_SUCH_KEY" in result.output
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == \
+        "Error: SOLVER.NO_SUCH_KEY 1: Non-existent key: SOLVER.NO_SUCH_KEY"
+
+
+def test_an_integer_for_a_float_setting_is_taken_and_a_bad_pair_is_named_alone():
+    # yacs refused SOLVER.BASE_LR 1 ("Type mismatch ... int"), and the error repeated every pair given
+    cfg = load_config("voc-r50-c4", ["SOLVER.MAX_ITER", "10", "SOLVER.BASE_LR", "1"])
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float) and cfg.SOLVER.MAX_ITER == 10
+    with pytest.raises(InputError, match=r"^SOLVER.BASE_LR abc: Type mismatch"):
+        load_config("voc-r50-c4", ["SOLVER.MAX_ITER", "10", "SOLVER.BASE_LR", "abc"])
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["SOLVER.MAX_ITER", "-5"], "SOLVER.MAX_ITER -5: must be at least 1"),  # Detectron2: ValueError traceback
+    (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD 0: must be at least 1"),  # ZeroDivisionError
+    (["MODEL.ROI_HEADS.NUM_CLASSES", "5"], "MODEL.ROI_HEADS.NUM_CLASSES 5: VOC has 20 classes"),  # IndexError
+    (["SOLVER.BASE_LR", "-1"], "SOLVER.BASE_LR -1: must be a positive number"),
+])
+def test_absurd_settings_are_one_line_errors_before_anything_is_written(tmp_path, r50, toy_root, opts, message):
+    _, weights = r50
+    result = CliRunner().invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
+                                          "--data-root", str(toy_root), "--output", str(tmp_path / "out"), *opts])
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == f"Error: {message}", result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_weights_of_another_depth_than_the_config_are_refused(tmp_path, toy_root):
@@ -288,3 +311,17 @@ def test_detect_train_then_eval_on_the_toy_voc_set_on_cpu(tmp_path, r50, toy_roo
     assert set(numbers) == {"AP", "AP50", "AP75"} and all(0 <= v <= 100 for v in numbers.values())
     # the same weights give the same numbers as the evaluation at the end of training
     assert numbers["AP50"] == pytest.approx(trained["voc_2007_test"]["bbox"]["AP50"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_one_line_and_its_traceback_goes_to_the_log_file(tmp_path, r50, toy_root):
+    _, weights = r50
+    out = tmp_path / "run"
+    result = CliRunner().invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
+                                          "--data-root", str(toy_root), "--output", str(out), *CPU_TOY,
+                                          "SOLVER.BASE_LR", "1e30"])
+    assert result.exit_code == 2, result.output[-3000:]
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: training diverged at iteration ") and "lower SOLVER.BASE_LR (now 1e+30)" in last
+    assert "Traceback" not in result.output
+    assert "Traceback" in (out / "log.txt").read_text()  # Detectron2's own record of it, kept

@@ -18,8 +18,8 @@ from simsiam.atomic import atomic_write
 from simsiam.errors import InputError
 
 from .detection_datasets import check_data_root, locate_datasets
-from .detectron2_config import (REFERENCE_GPUS, load_config, require_detectron2, resolve_config, scale_schedule,
-                                use_plain_batchnorm)
+from .detectron2_config import (REFERENCE_GPUS, check_classes, check_settings, load_config, require_detectron2,
+                                resolve_config, scale_schedule, use_plain_batchnorm)
 from .detectron2_weights import check_detectron2_weights
 
 RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
@@ -82,6 +82,8 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     if not names:
         raise InputError(f"--config {config}: DATASETS.TEST and DATASETS.TRAIN name no dataset")
     datasets = locate_datasets(data_root, names)
+    check_settings(cfg, eval_only)
+    check_classes(cfg, [where.kind for where in datasets])
     if depth is not None and depth != cfg.MODEL.RESNETS.DEPTH:
         # Detectron2 would only warn, shape by shape, and train on a mostly random backbone
         raise InputError(f"--weights {weights}: a ResNet-{depth} backbone, but the config builds a ResNet-"

@@ -7,6 +7,7 @@ the package, and name resolution here, work without it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -24,6 +25,22 @@ NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", 
 # What Detectron2's DefaultTrainer.auto_scale_workers changes, and the precise-BN iterations.
 SCHEDULE_KEYS = ("SOLVER.IMS_PER_BATCH", "SOLVER.BASE_LR", "SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS",
                  "SOLVER.STEPS", "TEST.EVAL_PERIOD", "SOLVER.CHECKPOINT_PERIOD", "TEST.PRECISE_BN.NUM_ITER")
+
+# Settings Detectron2 takes unchecked and then fails on deep in a run, with a traceback (a zero
+# checkpoint period divides by zero, a negative MAX_ITER breaks the lr schedule), or misuses in
+# silence (a negative checkpoint period saves every iteration): (key, lowest value, training only).
+# 0 is allowed where Detectron2 gives it a meaning: INPUT.MIN_SIZE_* 0 is no resize, TEST.EVAL_PERIOD
+# 0 evaluates at the end only, SOLVER.WARMUP_ITERS 0 is no warmup.
+LOWEST = (
+    ("SOLVER.MAX_ITER", 1, True), ("SOLVER.IMS_PER_BATCH", 1, True), ("SOLVER.STEPS", 1, True),
+    ("SOLVER.WARMUP_ITERS", 0, True), ("SOLVER.CHECKPOINT_PERIOD", 1, True), ("TEST.EVAL_PERIOD", 0, True),
+    ("INPUT.MIN_SIZE_TRAIN", 0, True), ("INPUT.MAX_SIZE_TRAIN", 1, True),
+    ("MODEL.RPN.BATCH_SIZE_PER_IMAGE", 1, True), ("MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 1, True),
+    ("INPUT.MIN_SIZE_TEST", 0, False), ("INPUT.MAX_SIZE_TEST", 1, False), ("DATALOADER.NUM_WORKERS", 0, False),
+)
+POSITIVE = ("SOLVER.BASE_LR", "SOLVER.GAMMA")  # finite and above 0
+# The classes of the datasets simsiam registers (Detectron2's builtin metadata).
+DATASET_CLASSES = {"voc": 20, "coco": 80}
 
 INSTALL_HINT = ("pip install 'setuptools<81' wheel && pip install --no-build-isolation "
                 "'git+https://github.com/facebookresearch/detectron2.git'")
@@ -80,11 +97,53 @@ def load_config(name_or_yaml: str, opts: Sequence[str] = ()) -> "CfgNode":
         raise InputError(f"--config {path}: not a valid Detectron2 config ({_one_line(err)})") from None
     if len(opts) % 2:
         raise InputError(f"overrides {' '.join(opts)}: give KEY VALUE pairs (an odd number of words was given)")
-    try:
-        cfg.merge_from_list(list(opts))
-    except Exception as err:
-        raise InputError(f"overrides {' '.join(opts)}: {_one_line(err)}") from None
+    for key, value in zip(opts[::2], opts[1::2]):  # one at a time, so that an error names its pair
+        try:
+            cfg.merge_from_list([key, _as_float_where_float(cfg, key, value)])
+        except Exception as err:
+            raise InputError(f"{key} {value}: {_one_line(err)}") from None
     return cfg
+
+
+def _as_float_where_float(cfg: "CfgNode", key: str, value: str) -> str:
+    """``value`` written as a float when the setting is a float and the value an integer: yacs
+    refuses ``SOLVER.BASE_LR 1`` as an int for a float ("Type mismatch")."""
+    try:
+        current = get_key(cfg, key)
+        return repr(float(int(value))) if isinstance(current, float) else value
+    except (KeyError, ValueError):
+        return value
+
+
+def check_settings(cfg: "CfgNode", eval_only: bool = False) -> None:
+    """Refuse values of the config that Detectron2 would fail on mid-run or misuse (see :data:`LOWEST`)."""
+    for key, lowest, training_only in LOWEST:
+        value = get_key(cfg, key)
+        if (not training_only or not eval_only) and any(v < lowest for v in _values(value)):
+            raise InputError(f"{key} {_show(value)}: must be at least {lowest}" + ("" if key != "SOLVER.STEPS" else
+                             " (the iterations at which the lr drops)"))
+    for key in POSITIVE if not eval_only else ():
+        value = get_key(cfg, key)
+        if not 0 < value < math.inf:
+            raise InputError(f"{key} {_show(value)}: must be a positive number")
+    if cfg.TEST.PRECISE_BN.ENABLED and cfg.TEST.PRECISE_BN.NUM_ITER < 1:
+        raise InputError(f"TEST.PRECISE_BN.NUM_ITER {cfg.TEST.PRECISE_BN.NUM_ITER}: must be at least 1; "
+                         "TEST.PRECISE_BN.ENABLED False turns precise BN off")
+    if not (cfg.MODEL.DEVICE == "cpu" or cfg.MODEL.DEVICE.split(":")[0] == "cuda"):
+        raise InputError(f"MODEL.DEVICE {cfg.MODEL.DEVICE}: must be cpu, cuda or cuda:N")
+
+
+def check_classes(cfg: "CfgNode", kinds: Sequence[str]) -> None:
+    """The box head must predict as many classes as the datasets have: Detectron2 fails mid-run with an
+    IndexError ("Target 11 is out of bounds") when it predicts fewer, and never trains the rest when more."""
+    for kind in sorted(set(kinds)):
+        if cfg.MODEL.ROI_HEADS.NUM_CLASSES != DATASET_CLASSES[kind]:
+            raise InputError(f"MODEL.ROI_HEADS.NUM_CLASSES {cfg.MODEL.ROI_HEADS.NUM_CLASSES}: "
+                             f"{kind.upper()} has {DATASET_CLASSES[kind]} classes")
+
+
+def _values(value) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
 def _one_line(err: BaseException) -> str:

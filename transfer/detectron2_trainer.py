@@ -5,8 +5,10 @@ Imports Detectron2: only :func:`transfer.detection.run_detection` imports this m
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from argparse import Namespace
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -16,6 +18,8 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
 from . import roi_heads  # noqa: F401  registers Res5ROIHeadsExtraNorm in every process
+from simsiam.errors import TrainingDiverged
+
 from .detection import DetectionRun, write_results
 from .detection_datasets import register_datasets
 
@@ -68,4 +72,20 @@ def detection_worker(run: DetectionRun) -> None:
         return
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=run.resume)
-    trainer.train()
+    _keep_divergence_tracebacks_in_the_log_file()
+    try:
+        trainer.train()
+    except FloatingPointError as err:  # Detectron2's words for a loss or boxes gone NaN/Inf
+        raise TrainingDiverged(f"training diverged at iteration {trainer.iter} ({err}); lower SOLVER.BASE_LR "
+                               f"(now {cfg.SOLVER.BASE_LR:g}); log in {os.path.join(cfg.OUTPUT_DIR, 'log.txt')}") from None
+
+
+def _keep_divergence_tracebacks_in_the_log_file() -> None:
+    """Detectron2 logs every training exception with its traceback; on the console the CLI's one
+    line says it for a diverged run, so its traceback goes to log.txt only."""
+    def not_divergence(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+
+    for handler in logging.getLogger("detectron2").handlers:  # log.txt's is a StreamHandler too
+        if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+            handler.addFilter(not_divergence)
