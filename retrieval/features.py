@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from simsiam import __version__
-from simsiam.atomic import new_temporary
+from simsiam.atomic import discard_temporary, new_temporary
 from simsiam.errors import InputError
 
 DATASETS = ("features", "labels", "paths")
@@ -204,7 +204,7 @@ class FeatureWriter:
         except (OSError, RuntimeError):  # a full disk fails the close too; the file goes all the same
             pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            discard_temporary(self.tmp)
 
     def __enter__(self) -> "FeatureWriter":
         return self

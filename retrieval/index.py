@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from simsiam.atomic import check_output, new_temporary
+from simsiam.atomic import check_output, discard_temporary, new_temporary
 from simsiam.config import check_seed
 from simsiam.errors import InputError
 
@@ -308,8 +308,8 @@ def _write_pair(faiss, index, out: Path, description: str) -> None:
         os.replace(temporaries[0], out)
         os.replace(temporaries[1], sidecar)
     except BaseException as err:
-        for tmp in temporaries:
-            tmp.unlink(missing_ok=True)
+        for tmp in reversed(temporaries):  # the sidecar's first: the index's made the folders
+            discard_temporary(tmp)
         reason = err.strerror if isinstance(err, OSError) else _faiss_os_reason(err)
         if reason:
             raise InputError(f"--out {out}: {reason}") from None

@@ -28,13 +28,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        discard_temporary(tmp)
         if err.filename is None or err.filename == str(tmp):  # a full disk, say: name the file the user chose
             raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard_temporary(tmp)
         raise
+
+
+# The folders new_temporary made for a temporary file, which discard_temporary removes with it.
+_FOLDERS_MADE_FOR: dict[Path, list[Path]] = {}
 
 
 def new_temporary(path: str | os.PathLike) -> Path:
@@ -44,6 +48,7 @@ def new_temporary(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(21, "is a folder; give a file name", str(path))
+    missing = [folder for folder in path.parents if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,7 +56,20 @@ def new_temporary(path: str | os.PathLike) -> Path:
         os.close(fd)
     except OSError as err:
         raise OSError(err.errno, err.strerror, str(path)) from None
+    if missing:
+        _FOLDERS_MADE_FOR[Path(tmp)] = missing
     return Path(tmp)
+
+
+def discard_temporary(tmp: Path) -> None:
+    """Remove a temporary file of :func:`new_temporary`, and the folders made for it that are still
+    empty: a failed command leaves no trace of the output it did not write."""
+    tmp.unlink(missing_ok=True)
+    for folder in _FOLDERS_MADE_FOR.pop(tmp, []):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another file was written there since), or gone
+            break
 
 
 def _umask() -> int:

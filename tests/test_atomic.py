@@ -28,6 +28,22 @@ def test_atomic_write_makes_missing_folders_and_leaves_no_temporary(tmp_path):
     assert path.read_text() == "done" and [p.name for p in path.parent.iterdir()] == ["out.txt"]
 
 
+def test_a_failed_write_removes_the_folders_made_for_it_and_only_those(tmp_path):
+    with pytest.raises(ValueError), atomic_write(tmp_path / "new" / "sub" / "out.txt", "w") as f:
+        f.write("half")
+        raise ValueError("interrupted")
+    assert list(tmp_path.iterdir()) == []  # "new/sub/" stayed, empty, beside where the file would be
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError), atomic_write(tmp_path / "kept" / "new" / "out.txt", "w"):
+        (tmp_path / "kept" / "other.txt").write_text("written meanwhile")
+        raise ValueError("interrupted")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["other.txt"]  # made folder gone, the rest kept
+    with pytest.raises(ValueError), atomic_write(tmp_path / "busy" / "out.txt", "w"):
+        (tmp_path / "busy" / "another.txt").write_text("written meanwhile")
+        raise ValueError("interrupted")
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["another.txt"]  # not empty: kept
+
+
 def test_an_error_making_the_temporary_names_the_output_not_the_temporary(tmp_path, monkeypatch):
     def refused(prefix, suffix, dir):
         raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}abc{suffix}")

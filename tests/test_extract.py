@@ -271,6 +271,10 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal_with_strict(tmp_path
     strict = run("extract", checkpoints["torchvision"], data, "--out", tmp_path / "strict.h5", "--strict", *FAST)
     assert_user_error(strict, "broken.png", only_line=False)
     assert not (tmp_path / "strict.h5").exists()
+    # the folders made for the file go with it
+    strict = run("extract", checkpoints["torchvision"], data, "--out", tmp_path / "new" / "strict.h5", "--strict", *FAST)
+    assert_user_error(strict, "broken.png", only_line=False)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("name, reason", [("broken.bmp", "cannot identify image file"),  # PIL decodes BMP, TIFF
