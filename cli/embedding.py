@@ -33,6 +33,16 @@ def model_options(command):
     return command
 
 
+def options_given(names) -> list[str]:
+    """The options among ``names`` (parameter names) that the user gave, on the command line or
+    otherwise: to refuse, rather than ignore, embedding options where nothing is embedded."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return [param.opts[0] for param in ctx.command.params
+            if param.name in names and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT]
+
+
 def default_workers(workers: int | None) -> int:
     import os
 

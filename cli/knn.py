@@ -6,22 +6,13 @@ import json
 
 import click
 
-from .embedding import EmbeddingProgress, default_workers, model_options
+from .embedding import EmbeddingProgress, default_workers, model_options, options_given
 from .paths import PATH
 
 
 # what embeds images: meaningless with feature files
 CHECKPOINT_ONLY = ("train_dir", "val_dir", "save_features", "overwrite", "layer", "image_size", "resize", "batch_size",
                    "workers", "precision")
-
-
-def _checkpoint_options_given() -> list[str]:
-    """The options of the CHECKPOINT form that the user gave (on the command line or otherwise)."""
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
-    return [param.opts[0] for param in ctx.command.params
-            if param.name in CHECKPOINT_ONLY and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT]
 
 
 @click.command("knn")
@@ -61,7 +52,7 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
         check_output(predictions, "--predictions", True,
                      inputs=[p for p in (checkpoint, train_file, val_file, train_dir, val_dir) if p])
     if checkpoint is None:
-        ignored = _checkpoint_options_given()
+        ignored = options_given(CHECKPOINT_ONLY)
         if ignored:  # feature files were embedded already: refused, not silently ignored (--layer projector)
             raise click.UsageError(f"{ignored[0]}: only with CHECKPOINT (simsiam knn CHECKPOINT --train-dir DIR "
                                    "--val-dir DIR)" + ("; the --train/--val feature files are embedded already"

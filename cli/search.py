@@ -8,7 +8,7 @@ import click
 
 from simsiam.config import MAX_WORKERS
 
-from .embedding import EmbeddingProgress
+from .embedding import EmbeddingProgress, options_given
 from .paths import PATH
 
 SHOWN_QUERIES = 20  # the table; with --eval a few, as examples: the metrics are the point
@@ -61,6 +61,9 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
     """
     from retrieval.search import find_neighbours
 
+    ignored = options_given(("batch_size", "workers", "precision")) if query_h5 is not None else []
+    if ignored:  # they were silently ignored
+        raise click.UsageError(f"{ignored[0]}: embeds --query images; --query-h5 holds features already")
     if grid is not None:  # before any work, and never over an input (a query image, say)
         from simsiam.atomic import check_output
 
