@@ -217,7 +217,11 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     Written atomically: both files under temporary names, then renamed, the sidecar last (:func:`_write_pair`).
     Existing ones are replaced only with ``overwrite``, and never the feature file itself.
     """
-    for path in (out, sidecar_path(Path(out))):  # before any work
+    out = Path(out)
+    described = out.with_name(out.name[:-len(".json")])
+    if out.name.endswith(".json") and described.is_file():  # --overwrite would turn that index's description into an index
+        raise InputError(f"--out {out}: is the description of the index {described}; give the index its own name")
+    for path in (out, sidecar_path(out)):  # before any work
         check_output(path, "--out", overwrite, inputs=[features_path])
     faiss = import_faiss()
     say = on_event or (lambda message: None)

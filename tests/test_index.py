@@ -124,6 +124,11 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
     assert_user_error(run("index", clustered_file, "--out", clustered_file, "--overwrite"), "is an input of this command")
     assert run("index", clustered_file, "--out", out, "--overwrite", "--recall-sample", "200").exit_code == 0
     assert_user_error(run("index", clustered_file, "--out", tmp_path), "is a folder")
+    # nor over another index's description (--overwrite replaced it with an index)
+    description = (tmp_path / "auto.index.json").read_bytes()
+    assert_user_error(run("index", clustered_file, "--out", tmp_path / "auto.index.json", "--overwrite"),
+                      f"auto.index.json: is the description of the index {out}; give the index its own name")
+    assert (tmp_path / "auto.index.json").read_bytes() == description
     assert "exceeds --max-memory 200.0 KiB" in report["reason"]
 
 
