@@ -78,8 +78,11 @@ def test_without_stop_gradient_the_outputs_collapse_and_with_it_they_do_not(tmp_
     # The projector ends in BN without affine, so in a training batch every channel of z has zero
     # mean and unit variance and z cannot be one constant vector. A collapsed batch is N-k equal
     # outputs and k outliers: std(z/|z|) x sqrt(d) = 2 sqrt(k (N-k)) / N, 0.25 for k = 1 and
-    # N = 64 (0.09 for the paper's 512), 0.42 for k = 3. That is how far a batch can fall; measured,
-    # the tiny encoder hovers between k = 1 and k = 4 over the second half of the run.
-    second_half = collapsed[len(collapsed) // 2:]
-    assert sum(second_half) / len(second_half) < 0.55, collapsed
-    assert min(collapsed) < 0.3, collapsed
+    # N = 64 (0.09 for the paper's 512), 0.42 for k = 3. That is how far a batch can fall. The tiny
+    # encoder falls there, then partly recovers and falls again, and how far it is over the second
+    # half depends on the CPU's last bits (an exact bound of 0.55 held on one machine and not on
+    # another). Measured with seeds 0-3: second-half means 0.42-0.73 against the healthy run's
+    # 0.97-0.98, lows 0.00-0.29 against 0.91-0.95; so the bounds below keep a margin.
+    second_half, healthy_half = collapsed[len(collapsed) // 2:], healthy[len(healthy) // 2:]
+    assert sum(second_half) / len(second_half) < sum(healthy_half) / len(healthy_half) - 0.15, collapsed
+    assert min(collapsed) < 0.45, collapsed  # batches of a few outliers (k <= 3) at least once
