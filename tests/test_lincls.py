@@ -220,11 +220,34 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data):
     assert evaluation["top1"] == a["metrics"]["top1"] and "loss" not in evaluation
 
 
-def test_a_resume_compares_the_training_image_list_not_the_folder(tmp_path, data, monkeypatch):
-    import shlex
-    import shutil
+@pytest.fixture
+def ctrl_c_in_epoch_2(monkeypatch):
+    """``with ctrl_c_in_epoch_2():`` a lincls run inside is stopped by Ctrl-C as its second epoch starts."""
+    from contextlib import contextmanager
 
     import transfer.lincls
+
+    learning_rate = transfer.lincls.learning_rate
+
+    def interrupted_in_epoch_2(config, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return learning_rate(config, epoch)
+
+    @contextmanager
+    def interrupted():
+        monkeypatch.setattr(transfer.lincls, "learning_rate", interrupted_in_epoch_2)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(transfer.lincls, "learning_rate", learning_rate)
+
+    return interrupted
+
+
+def test_a_resume_compares_the_training_image_list_not_the_folder(tmp_path, data, ctrl_c_in_epoch_2):
+    import shlex
+    import shutil
 
     checkpoint, _, val = data
     train = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=16)  # 12 images: one step an epoch
@@ -250,19 +273,11 @@ def test_a_resume_compares_the_training_image_list_not_the_folder(tmp_path, data
     # the same images elsewhere resume, with another VAL_DIR too (it only decides what is evaluated); a
     # Ctrl-C before the next checkpoint offers the folders again (the checkpoints so far name the old ones)
     other_val = shutil.copytree(val, tmp_path / "val")
-    learning_rate = transfer.lincls.learning_rate
-
-    def interrupted_in_epoch_2(config, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return learning_rate(config, epoch)
-
-    monkeypatch.setattr(transfer.lincls, "learning_rate", interrupted_in_epoch_2)
-    result = run("lincls", checkpoint, moved, other_val, "--resume", out, "--epochs", "2")
+    with ctrl_c_in_epoch_2():
+        result = run("lincls", checkpoint, moved, other_val, "--resume", out, "--epochs", "2")
     hint = result.output.strip().splitlines()[-1]
     assert hint == (f"interrupted (continue: simsiam lincls --resume {out} --epochs 2 {checkpoint} {moved} "
                     f"{other_val})"), result.output
-    monkeypatch.setattr(transfer.lincls, "learning_rate", learning_rate)
     result = run(*shlex.split(hint.removeprefix("interrupted (continue: simsiam ").removesuffix(")")))
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
@@ -459,12 +474,10 @@ def test_a_resume_refuses_a_checkpoint_whose_backbone_changed(tmp_path, data):
                       f"CHECKPOINT {mine}: its backbone is not the one the run being resumed trained its head on")
 
 
-def test_a_moved_checkpoint_resumes_when_its_backbone_is_the_same(tmp_path, data, monkeypatch):
+def test_a_moved_checkpoint_resumes_when_its_backbone_is_the_same(tmp_path, data, ctrl_c_in_epoch_2):
     """CHECKPOINT is compared by its backbone's fingerprint, not its path (as TRAIN_DIR by its image list)."""
     import shlex
     import shutil
-
-    import transfer.lincls
 
     checkpoint, _, val = data
     train = make_image_folder(tmp_path / "train", classes=3, per_class=4, size=16)  # 12 images: one step an epoch
@@ -474,17 +487,9 @@ def test_a_moved_checkpoint_resumes_when_its_backbone_is_the_same(tmp_path, data
     assert run("lincls", mine, train, val, "--out", out, *args, "--epochs", "1").exit_code == 0
     moved = Path(shutil.move(mine, tmp_path / "elsewhere.pth.tar"))
     # given alone, before TRAIN_DIR and VAL_DIR; a Ctrl-C before the next checkpoint offers it again
-    learning_rate = transfer.lincls.learning_rate
-
-    def interrupted_in_epoch_2(config, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return learning_rate(config, epoch)
-
-    monkeypatch.setattr(transfer.lincls, "learning_rate", interrupted_in_epoch_2)
-    hint = run("lincls", moved, "--resume", out, "--epochs", "2").output.strip().splitlines()[-1]
+    with ctrl_c_in_epoch_2():
+        hint = run("lincls", moved, "--resume", out, "--epochs", "2").output.strip().splitlines()[-1]
     assert hint == f"interrupted (continue: simsiam lincls --resume {out} --epochs 2 {moved} {train} {val})", hint
-    monkeypatch.setattr(transfer.lincls, "learning_rate", learning_rate)
     resumed = run(*shlex.split(hint.removeprefix("interrupted (continue: simsiam ").removesuffix(")")))
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(out / "last.pth.tar")["config"]["checkpoint"] == str(moved)
