@@ -69,19 +69,24 @@ class SimSiamGroup(click.Group):
             raise UserError(_this_process(f"out of memory ({_first_line(err)}){_memory_hint(command)}")) from None
 
 
+def _under_torchrun() -> bool:
+    """Whether this process is one of several of a torchrun job."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _rank() -> str:
     """This process's rank under torchrun; "0" alone."""
     import os
 
-    return os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    return os.environ.get("RANK", "0") if _under_torchrun() else "0"
 
 
 def _this_process(message: str) -> str:
     """An error of this process alone (the processes did not agree on it): under torchrun, its rank
     first, as every process that fails prints its own line."""
-    import os
-
-    return f"rank {_rank()}: {message}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else message
+    return f"rank {_rank()}: {message}" if _under_torchrun() else message
 
 
 # Options that bound a command's memory use, in the order a hint names them.
@@ -112,9 +117,7 @@ def _os_error(err: OSError) -> str:
 def _peer_failed(err: BaseException) -> bool:
     """Under torchrun, a collective that lost a peer: another rank ended (an input error of its own,
     a crash). Checked by name and text so that this module does not import torch."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not _under_torchrun():
         return False
     text = str(err)
     return (type(err).__name__ in ("DistBackendError", "DistNetworkError")
