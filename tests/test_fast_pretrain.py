@@ -145,10 +145,12 @@ def test_two_gloo_processes_match_one_process_on_the_fast_path(tmp_path, jpeg_fo
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pth.tar")["state_dict"]
     # each rank augments its half of every global batch as the single process does (the draws
     # come from (seed, epoch, step)); the rest is test_ddp.py's argument: same function, float
-    # additions in another order, so ~1e-6 relative after 3 steps, against > 1e-2 for a wrong split
+    # additions in another order: measured ~1e-6 relative after 3 steps on one machine, 1.0e-4 on
+    # another (AVX-512: kernels chosen by batch size), against > 1e-2 for a wrong split; 5e-4 as there
     for key, a in single.items():
         if a.is_floating_point():
-            assert ((a - ddp[key]).abs().max() / a.abs().max().clamp_min(1e-3)) < 1e-4, key
+            # zero-initialised BN weights and running means near 0 have no relative scale (as test_ddp.py)
+            assert ((a - ddp[key]).abs().max() / a.abs().max().clamp_min(1e-2)) < 5e-4, key
         else:
             assert torch.equal(a, ddp[key]), key
 
