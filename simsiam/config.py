@@ -18,6 +18,7 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer, numpy's g
 MAX_IMAGE_SIZE = 4096  # crop and resize sides
 MAX_WIDTH = 65536  # projector and predictor layers
 MAX_WORKERS = 128  # DataLoader processes, per training process
+MAX_EPOCHS = 100_000  # the paper's longest is 800; --epochs 10**20 would run until stopped
 FLOAT32_MAX = 3.4028234663852886e38  # the weights' type: torch cannot step them with a larger lr or weight decay
 
 
@@ -184,7 +185,8 @@ class PretrainConfig(RunSettings):
 
     def validate(self) -> None:
         self.check_required()
-        self.check_ints(("epochs", "batch_size", "log_every", "save_every_epochs", "knn_every", "knn_k"), 1)
+        self.check_ints(("batch_size", "log_every", "save_every_epochs", "knn_every", "knn_k"), 1)
+        self.check_ints(("epochs",), 1, MAX_EPOCHS)
         self.check_ints(("warmup_epochs", "save_every_steps"), 0)
         self.check_ints(("image_size",), 1, MAX_IMAGE_SIZE)
         self.check_ints(("eval_resize",), 0, MAX_IMAGE_SIZE)

@@ -330,6 +330,8 @@ def test_errors(tmp_path, data):
                       "classes not in TRAIN_DIR", "class3")
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args[:-2], "--epochs", "0"),
                       "--epochs 0")
+    assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *args[:-2], "--epochs",
+                          str(10**20)), f"--epochs {10**20}: must be at most 100000")  # ran until stopped
     assert_user_error(run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4096"),
                       "--batch-size 4096", "larger than the dataset")
     for option, value, message in (("--momentum", "5", "--momentum 5.0: must be in [0, 1)"),

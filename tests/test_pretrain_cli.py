@@ -306,6 +306,8 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
                       "--arch vit_b_16: not a torchvision ResNet")
     assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, "--epochs", "0"),
                       "--epochs 0: must be at least 1")
+    assert_user_error(run("pretrain", shared_image_folder, "--out", tmp_path / "r", *TINY, "--epochs", str(10**20)),
+                      f"--epochs {10**20}: must be at most 100000")  # ran until stopped
     for option, value, message in (("--lr", "nan", "--lr nan: must be a finite number"),
                                    ("--lr", "inf", "--lr inf: must be a finite number"),
                                    ("--momentum", "2", "--momentum 2.0: must be in [0, 1)"),

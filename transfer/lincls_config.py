@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from simsiam.config import MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_seed
+from simsiam.config import MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_seed
 from simsiam.errors import InputError
 
 OPTIMIZERS = ("lars", "sgd")
@@ -57,7 +57,8 @@ class LinearEvalConfig(RunSettings):
 
     def validate(self) -> None:
         self.check_required()
-        self.check_ints(("epochs", "batch_size", "eval_every", "log_every"), 1)
+        self.check_ints(("batch_size", "eval_every", "log_every"), 1)
+        self.check_ints(("epochs",), 1, MAX_EPOCHS)
         self.check_ints(("save_every_steps",), 0)
         self.check_ints(("image_size",), 1, MAX_IMAGE_SIZE)
         self.check_ints(("eval_resize",), 0, MAX_IMAGE_SIZE)
