@@ -127,7 +127,8 @@ BYTES_PER_ROW = 8 + 8 + 64  # a label, a string reference, a path: with the feat
 
 def _check_free_space(path: Path, needed: int) -> None:
     """Refuse before writing when ``path``'s disk cannot hold ``needed`` bytes (and a MiB of headroom)."""
-    folder = path.parent if path.parent.exists() else Path(".")
+    # the nearest folder that exists: the disk the missing ones will be made on (not the working folder's)
+    folder = next(p for p in path.absolute().parents if p.exists())
     free = shutil.disk_usage(folder).free
     needed += 1 << 20  # the file's own structures
     if needed > free:

@@ -208,6 +208,11 @@ def test_a_disk_too_small_for_the_file_is_refused_before_writing(tmp_path, check
     assert_user_error(run("extract", checkpoints["torchvision"], images, "--out", out, *FAST),
                       f"--out {out}: needs about", "MiB, but its disk has 0.1 MiB free")
     assert not list(tmp_path.glob("*feats*")) and not list(tmp_path.glob(".*"))
+    # into folders still to be made: the disk they will be on is asked, not the working folder's
+    asked = []
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: asked.append(path) or usage(1, 1, 1 << 40))
+    assert run("extract", checkpoints["torchvision"], images, "--out", tmp_path / "a" / "b" / "f.h5", *FAST).exit_code == 0
+    assert asked == [tmp_path]
 
 
 def test_a_failing_close_still_removes_the_temporary_file(tmp_path, monkeypatch):
