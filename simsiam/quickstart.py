@@ -17,6 +17,7 @@ from PIL import Image
 
 from .backbones import build_resnet, pooled_backbone
 from .config import PretrainConfig, preset_config
+from .errors import InputError
 from .runtime import Runtime, resolve_device, resolve_precision
 
 DIGITS_IMAGE_SIZE = 32
@@ -72,6 +73,22 @@ class QuickstartResult:
     test_images: int
 
 
+def check_quickstart_folder(out: Path, arch: str) -> None:
+    """Refuse an ``out`` that holds anything but an earlier quickstart's outputs: the quickstart
+    replaces what it writes there (its run folder with ``--overwrite``), so a folder of the user's
+    own, given by mistake, could lose a run of the same name."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder")
+    ours = {"digits", "run", "features", f"{arch}-detectron2.pkl"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if others:
+        raise InputError(f"--out {out}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                         + ", not written by the quickstart, which replaces what it writes there; give a new or "
+                         "empty folder")
+
+
 def _random_init_model(config: PretrainConfig):
     """The encoder pretraining starts from (same seed, same construction as ``build_model``)."""
     from retrieval.feature_model import FeatureModel
@@ -100,6 +117,7 @@ def run_quickstart(out: str | os.PathLike, on_event=None, **overrides) -> Quicks
 
     out = Path(out)
     config = quickstart_config(out / "digits" / "train", out / "run", **overrides)
+    check_quickstart_folder(out, config.arch)
     train_dir, test_dir = write_digits(out / "digits", config.image_size)
     device = resolve_device(config.device)
     runtime = Runtime(device, resolve_precision(config.precision, device))

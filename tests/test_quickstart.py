@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import simsiam
+from cli_runner import assert_user_error
 from retrieval.features import read_features
 from retrieval.knn import evaluate_knn
 from simsiam.checkpoint import read_backbone
@@ -43,3 +44,16 @@ def test_quickstart_runs_the_whole_path(tmp_path):
     assert detectron2["matching_heuristics"] and "stem.conv1.weight" in detectron2["model"]
     assert (out / "run" / "curves.png").stat().st_size > 0
     assert f"simsiam knn --train {out / 'features' / 'train.h5'}" in result.output
+
+
+def test_a_folder_of_other_files_is_refused_before_any_work(tmp_path):
+    """The quickstart replaces what it writes (its run with --overwrite): not in a folder of the user's."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert_user_error(CliRunner().invoke(simsiam, ["quickstart", "--out", str(tmp_path / "mine")]),
+                      f"--out {tmp_path / 'mine'}: holds notes.txt, not written by the quickstart", "new or empty folder")
+    (tmp_path / "afile").write_text("keep")
+    assert_user_error(CliRunner().invoke(simsiam, ["quickstart", "--out", str(tmp_path / "afile")]),
+                      "is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine"]
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
