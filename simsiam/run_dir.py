@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,31 +24,78 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, LAST)
 LOCK_FILE = ".lock"
 
 
+# Where a fresh run keeps the files of the run it replaces (--overwrite) until its first checkpoint.
+REPLACED_RUN = ".replaced-run"
+
+
 class RunFolder:
     """The run folder while a run holds its lock (what :func:`locked_run_dir` yields)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.started_fresh = False  # whether this run replaced the folder's run files with its own
+        self.replaced: Path | None = None  # the replaced run's files, until this run saves a checkpoint
 
-    def prepare(self, resume_from: str | os.PathLike | None) -> None:
-        """Make the run folder; a fresh run first removes the files of the run it replaces."""
+    def prepare(self, resume_from: str | os.PathLike | None, also: tuple[str, ...] = ()) -> None:
+        """Make the run folder. A fresh run moves the files of the run it replaces (and ``also``,
+        names of its own outputs) aside into ``.replaced-run/``: they go for good with its first
+        checkpoint (:meth:`saved`), and come back if it ends before one (:meth:`end`), so that an
+        ``--overwrite`` run refused at its first batch does not cost the run it was to replace."""
         out = self.path
-        if not _resuming_in(out, resume_from):
-            for path in _replaced_files(out):
-                path.unlink(missing_ok=True)
-            self.started_fresh = True
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)
+        if _resuming_in(out, resume_from):
+            return
+        self.started_fresh = True
+        replaced = [p for p in (*_replaced_files(out), *(out / name for name in also)) if p.exists()]
+        if replaced:
+            self.replaced = out / REPLACED_RUN
+            self.replaced.mkdir()
+            for path in replaced:
+                os.replace(path, self.replaced / path.name)
 
-    def discard_unsaved_run(self) -> None:
-        """Remove the config.json and metrics.jsonl of a fresh run refused for bad input before its
-        first checkpoint: they would only make the folder look like it holds a run. A resumed run's
-        files are the earlier run's, and a run that diverged or was interrupted keeps its log."""
-        if self.started_fresh and not checkpoint_files(self.path):
+    def saved(self) -> None:
+        """This run saved a checkpoint: the run it replaced is gone for good."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+    def end(self, refused: bool) -> None:
+        """A fresh run that ends before its first checkpoint takes back its config.json and
+        metrics.jsonl when it was ``refused`` for bad input (they would only make the folder look
+        like it holds a run) or when the run it replaced comes back; otherwise (diverged,
+        interrupted) they stay as its log. A resumed run's files are the earlier run's."""
+        if not self.started_fresh or checkpoint_files(self.path):
+            self.saved()
+            return
+        if refused or self.replaced is not None:
             for name in RUN_FILES:
                 (self.path / name).unlink(missing_ok=True)
+        if self.replaced is not None:
+            _restore_replaced(self.path)
+            self.replaced = None
+
+
+def _restore_replaced(out: Path) -> None:
+    """Put the files of ``out/.replaced-run/`` back in ``out``, and remove the folder."""
+    folder = out / REPLACED_RUN
+    for path in folder.iterdir():
+        os.replace(path, out / path.name)
+    folder.rmdir()
+
+
+def _settle_replaced(out: Path) -> None:
+    """A ``.replaced-run/`` left by a run killed (``kill -9``) before its first checkpoint holds the
+    run it was replacing: put back; after one, it is gone for good."""
+    if not (out / REPLACED_RUN).is_dir():
+        return
+    if checkpoint_files(out):
+        shutil.rmtree(out / REPLACED_RUN, ignore_errors=True)
+    else:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        _restore_replaced(out)
 
 
 @contextmanager
@@ -60,14 +108,16 @@ def locked_run_dir(out: Path, runtime=None):
     ``kill -9`` leaves the empty lock file, harmless: the next run takes it). Under ``torchrun``
     (``runtime`` distributed) every rank learns the outcome, so none goes on alone. The lock file
     goes when the block ends, and so do the folders made here when the block left them empty;
-    an :class:`InputError` in the block first takes back a fresh run's files when it saved no
-    checkpoint (:meth:`RunFolder.discard_unsaved_run`), so bad input leaves the folder as it was.
+    a fresh run that saved no checkpoint first takes back its files on an :class:`InputError`, and
+    puts back those of the run it replaced (:meth:`RunFolder.end`), so bad input leaves the folder
+    as it was.
     """
     refusal, lock, made = None, None, []
     if runtime is None or runtime.is_main:
         try:
             made = [folder for folder in (out, *out.parents) if not folder.exists()]
             lock = _lock(out)
+            _settle_replaced(out)
         except InputError as err:
             refusal = str(err)
     if runtime is not None and runtime.distributed:
@@ -77,12 +127,14 @@ def locked_run_dir(out: Path, runtime=None):
     if refusal is not None:
         raise agreed(InputError(refusal))  # rank 0's, shared: every process raises it alike
     folder = RunFolder(out)
+    refused = False
     try:
         yield folder
     except InputError:
-        folder.discard_unsaved_run()
+        refused = True
         raise
     finally:
+        folder.end(refused)  # acts where the folder was prepared: rank 0's process
         if lock is not None:
             (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
             lock.close()

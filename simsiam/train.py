@@ -374,6 +374,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             if save_now and runtime.is_main:
                 state = _checkpoint(config, fingerprint, raw, optimizer, epoch, step + 1, global_step, metrics)
                 save_atomic({**state, "epoch_totals": totals.to_dict()}, out / LAST)
+                run_folder.saved()
                 last_good = str(out / LAST)
 
         epoch_metrics = {
@@ -404,6 +405,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
                 link_atomic(numbered, out / LAST)
             else:
                 save_atomic(state, out / LAST)
+            run_folder.saved()
         if isinstance(knn_failure, InputError):
             # after the last epoch a plain --resume has nothing left to train: say what does help
             then = (f"--resume {out} continues" if epoch + 1 < config.epochs else

@@ -317,6 +317,23 @@ def test_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, data):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_an_overwrite_run_refused_at_its_first_batch_gives_the_replaced_run_back(tmp_path, data):
+    checkpoint, train, val = data
+    out = tmp_path / "run"
+    args = [*TINY, "--batch-size", "48", "--epochs", "1"]
+    assert run("lincls", checkpoint, train, val, "--out", out, *args).exit_code == 0
+    old = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert {"last.pth.tar", "linear_head.pth", "linear_head_best.pth"} <= set(old)
+    broken = tmp_path / "broken"
+    for name in ("class0", "class1", "class2"):  # TRAIN_DIR's classes, not one image decodes
+        (broken / name).mkdir(parents=True)
+        for i in range(16):
+            (broken / name / f"{i}.png").write_bytes(b"not a png")
+    assert_user_error(run("lincls", checkpoint, broken, val, "--out", out, *args, "--overwrite"),
+                      "every image", only_line=False)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old  # heads included
+
+
 def test_errors(tmp_path, data):
     checkpoint, train, val = data
     args = [*TINY, "--batch-size", "16", "--epochs", "1"]

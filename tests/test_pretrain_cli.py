@@ -113,6 +113,62 @@ def test_bad_input_found_during_a_run_leaves_the_folder_as_it_was_unless_a_check
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "2", "--strict"), "cannot decode image",
                       only_line=False)
     assert sorted(os.listdir(out)) == before and (out / "metrics.jsonl").read_text()
+    # an --overwrite run refused at its first batch does not cost the run it was to replace
+    files = {name: (out / name).read_bytes() for name in before if name != "notes.txt"}
+    assert_user_error(run("pretrain", nothing_decodes, "--out", out, *TINY, "--overwrite"),
+                      "every image of a batch at step 0", only_line=False)
+    assert sorted(os.listdir(out)) == before  # no .replaced-run/ left either
+    assert all((out / name).read_bytes() == data for name, data in files.items())
+
+
+def test_an_overwrite_run_replaces_the_old_run_at_its_first_checkpoint_or_gives_it_back(tmp_path,
+                                                                                        shared_image_folder):
+    import simsiam.train
+    from simsiam.config import PretrainConfig
+
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "2", "--save-every-epochs", "1",
+               "--seed", "1").exit_code == 0
+    old = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert {"checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar", "last.pth.tar"} <= set(old)
+    config = PretrainConfig.from_dict(json.loads(old["config.json"]))
+    config.seed, config.epochs = 2, 1
+
+    def ctrl_c_at_the_first_step(event):
+        if event["event"] == "log":  # before the run's first checkpoint (the epoch's end)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simsiam.train.pretrain(config, overwrite=True, on_event=ctrl_c_at_the_first_step)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old  # given back, byte for byte
+
+    seen = []
+
+    def look_after_the_first_checkpoint(event):
+        if event["event"] == "epoch":
+            seen.append(sorted(os.listdir(out)))
+
+    simsiam.train.pretrain(config, overwrite=True, on_event=look_after_the_first_checkpoint)
+    assert json.loads((out / "config.json").read_text())["seed"] == 2
+    # the old run's checkpoints went with the new run's first one; none of them is left
+    assert sorted(os.listdir(out)) == ["checkpoint_0000.pth.tar", "config.json", "last.pth.tar", "metrics.jsonl"]
+    assert load_checkpoint(out / "checkpoint_0000.pth.tar")["config"]["seed"] == 2
+    assert ".replaced-run" in seen[0]  # kept while the first epoch ran, before its checkpoint
+
+
+def test_a_replaced_run_left_by_a_killed_overwrite_run_is_given_back(tmp_path, shared_image_folder):
+    """kill -9 before the new run's first checkpoint: the next start finds the old run in its place."""
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    old = sorted(os.listdir(out))
+    (out / ".replaced-run").mkdir()
+    for name in old:
+        (out / name).rename(out / ".replaced-run" / name)
+    (out / "config.json").write_text("{}")  # the killed run's config and log
+    (out / "metrics.jsonl").write_text("")
+    assert_user_error(run("pretrain", shared_image_folder, "--out", out, *TINY, "--seed", "5"),
+                      "already holds a run", "--overwrite")
+    assert sorted(os.listdir(out)) == old and load_checkpoint(out / "last.pth.tar")["epoch"] == 1
 
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shared_image_folder, monkeypatch):

@@ -250,10 +250,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         sampler = GlobalBatchSampler(len(train_images), config.batch_size, config.seed, runtime.rank,
                                      runtime.world_size, drop_last=False)
     if runtime.is_main:
-        run_folder.prepare(resume_from)
-        if checkpoint is None:
-            for name in (HEAD_FILE, BEST_HEAD_FILE):  # the heads of a run being started over
-                (out / name).unlink(missing_ok=True)
+        run_folder.prepare(resume_from, also=(HEAD_FILE, BEST_HEAD_FILE))  # a run started over: its heads too
     runtime.barrier()
 
     torch.manual_seed(config.seed)
@@ -355,6 +352,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             if save_now and runtime.is_main:
                 save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch,
                                         step + 1, global_step, step_metrics, best, fingerprint), out / LAST)
+                run_folder.saved()
 
         if runtime.distributed:
             dist.all_reduce(epoch_sums)
@@ -379,6 +377,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         if runtime.is_main:
             save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch + 1, 0,
                                     global_step, metrics, best, fingerprint), out / LAST)
+            run_folder.saved()
         if isinstance(failure, InputError):
             saved = InputError(f"{failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
             saved.agreed = failure.agreed
