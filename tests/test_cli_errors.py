@@ -11,7 +11,7 @@ from cli_runner import assert_user_error, run
 def test_a_file_where_a_folder_is_needed_is_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    assert_user_error(run("quickstart", "--out", afile), str(afile), "Not a directory")
+    assert_user_error(run("quickstart", "--out", afile), f"--out {afile}: is a file, not a folder")  # before any work
     assert afile.read_text() == "not a folder"
 
 
