@@ -114,11 +114,13 @@ def make_toy_voc_command(root, train_images, test_images, size, seed) -> None:
 
 def _overrides(opts: tuple[str, ...]) -> tuple[str, ...]:
     """The KEY VALUE pairs, refusing a word in a KEY's place that looks like an option (a typo)."""
+    import difflib
+
     ctx = click.get_current_context()
     for key in opts[::2]:
-        if key.startswith("-"):
-            names = [name for param in ctx.command.params for name in param.opts if name.startswith("--")]
-            raise click.NoSuchOption(key, possibilities=[n for n in names if n.startswith(key[:4])], ctx=ctx)
+        if key.startswith("-"):  # suggestions as click's parser makes them
+            names = [name for param in ctx.command.params for name in param.opts]
+            raise click.NoSuchOption(key, possibilities=difflib.get_close_matches(key, names), ctx=ctx)
     return opts
 
 

@@ -69,16 +69,22 @@ class RunFolder:
         if not self.started_fresh or checkpoint_files(self.path):
             self.saved()
             return
-        if refused or self.replaced is not None:
-            for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
         if self.replaced is not None:
-            _restore_replaced(self.path)
+            _give_back_replaced(self.path)
             self.replaced = None
+        elif refused:
+            _remove_run_files(self.path)
 
 
-def _restore_replaced(out: Path) -> None:
-    """Put the files of ``out/.replaced-run/`` back in ``out``, and remove the folder."""
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _give_back_replaced(out: Path) -> None:
+    """Put the files of ``out/.replaced-run/`` back in ``out``, in place of the run files there
+    (those of a run that saved no checkpoint), and remove the folder."""
+    _remove_run_files(out)
     folder = out / REPLACED_RUN
     for path in folder.iterdir():
         os.replace(path, out / path.name)
@@ -93,9 +99,7 @@ def _settle_replaced(out: Path) -> None:
     if checkpoint_files(out):
         shutil.rmtree(out / REPLACED_RUN, ignore_errors=True)
     else:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        _restore_replaced(out)
+        _give_back_replaced(out)
 
 
 @contextmanager
