@@ -16,7 +16,8 @@ from simsiam.runtime import Runtime
 
 from .extract import extract_features
 from .feature_model import load_feature_model
-from .features import FeatureSet, FeatureWriter, check_utf8_names, read_features
+from .features import (FeatureSet, FeatureWriter, check_free_space, check_utf8_names, feature_file_bytes,
+                       read_features)
 from .knn import KnnReport, check_ks, check_temperature, evaluate_knn
 from .neighbours import resolve_search
 
@@ -96,6 +97,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
 def _write_pair(folder: Path, train_set: FeatureSet, val_set: FeatureSet) -> None:
     """train.h5 and val.h5, both written before either is renamed into place: a failure (a full disk)
     or Ctrl-C while writing leaves the folder's pair as it was, never a new train.h5 beside an old val.h5."""
+    # the pair's room, before either is written (each writer alone would ask for its own file only)
+    needed = sum(feature_file_bytes(len(features), features.dim, "float32") for features in (train_set, val_set))
+    check_free_space(folder, needed, "--save-features")
     with contextlib.ExitStack() as stack:
         writers = []
         for name, feature_set in (("train.h5", train_set), ("val.h5", val_set)):

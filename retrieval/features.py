@@ -125,14 +125,20 @@ def check_utf8_names(root: str | os.PathLike, paths: Sequence[str]) -> None:
 BYTES_PER_ROW = 8 + 8 + 64  # a label, a string reference, a path: with the features, what a row takes
 
 
-def _check_free_space(path: Path, needed: int) -> None:
+def feature_file_bytes(rows: int, dim: int, dtype: str) -> int:
+    """About the size of an uncompressed feature file of ``rows`` x ``dim`` features."""
+    return rows * (dim * np.dtype(dtype).itemsize + BYTES_PER_ROW)
+
+
+def check_free_space(path: Path, needed: int, option: str = "--out") -> None:
     """Refuse before writing when ``path``'s disk cannot hold ``needed`` bytes (and a MiB of headroom)."""
-    # the nearest folder that exists: the disk the missing ones will be made on (not the working folder's)
-    folder = next(p for p in path.absolute().parents if p.exists())
+    # the nearest folder that exists (``path`` itself, given a folder): the disk the missing ones will be
+    # made on, not the working folder's
+    folder = next(p for p in (path.absolute(), *path.absolute().parents) if p.is_dir())
     free = shutil.disk_usage(folder).free
     needed += 1 << 20  # the file's own structures
     if needed > free:
-        raise InputError(f"--out {path}: needs about {needed / 2**20:,.1f} MiB, but its disk has "
+        raise InputError(f"{option} {path}: needs about {needed / 2**20:,.1f} MiB, but its disk has "
                          f"{free / 2**20:,.1f} MiB free")
 
 
@@ -158,7 +164,7 @@ class FeatureWriter:
         storage = _compression_args(compression)
         chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
         if compression == "none":  # a full disk found by HDF5 mid-write leaves it in a state that can crash at exit
-            _check_free_space(self.path, expected_rows * (dim * np.dtype(dtype).itemsize + BYTES_PER_ROW))
+            check_free_space(self.path, feature_file_bytes(expected_rows, dim, dtype))
         self.file = None
         self.tmp = new_temporary(self.path)
         try:

@@ -104,6 +104,16 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
                           "No space left on device", only_line=False)
     assert {name: (saved / name).read_bytes() for name in pair} == pair
     assert sorted(p.name for p in saved.iterdir()) == ["train.h5", "val.h5"]  # no temporary file either
+    # room for train.h5 but not for the pair: refused before either is written, naming the option
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    one_file = 6 * (512 * 4 + retrieval.features.BYTES_PER_ROW) + (1 << 20) + 1000  # 6 training images, headroom
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval.features.shutil, "disk_usage", lambda path: usage(1 << 40, 0, one_file))
+        assert_user_error(run(*args, "--save-features", saved, "--overwrite"),
+                          f"--save-features {saved}: needs about", only_line=False)
+    assert {name: (saved / name).read_bytes() for name in pair} == pair
     # a class of the validation folder that training lacks: refused before any image is embedded
     other = make_image_folder(tmp_path / "other", classes=3, per_class=1, seed=2)
     import retrieval.evaluate
