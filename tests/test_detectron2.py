@@ -197,6 +197,16 @@ def test_scale_schedule_applies_the_linear_scaling_rule_and_says_so(tmp_path, r5
     assert any("--scale-schedule" in note for note in unscaled.notes)
 
 
+def test_a_schedule_scaled_down_to_zero_iterations_is_refused(tmp_path, r50, toy_root, monkeypatch):
+    _, weights = r50
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # planning only: nothing runs on them
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 16)
+    with pytest.raises(InputError, match=r"^--scale-schedule for 16 GPUs: SOLVER.MAX_ITER 0: must be at least 1"):
+        plan_detection("voc-r50-c4", str(weights), str(toy_root), str(tmp_path / "out"), num_gpus=16, scale=True,
+                       opts=["SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "0"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_data_root_must_hold_every_dataset_the_config_reads(tmp_path, r50):
     _, weights = r50
     make_toy_voc(tmp_path / "only2007", train_images=1, test_images=20, width=40, height=40)

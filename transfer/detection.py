@@ -108,6 +108,10 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     if not eval_only:
         if scale:
             notes += scale_schedule(cfg, world_size)
+            try:  # a short schedule scaled to more GPUs than the reference can round down to 0
+                check_settings(cfg)
+            except InputError as err:
+                raise InputError(f"--scale-schedule for {world_size} GPUs: {err}") from None
         elif world_size != REFERENCE_GPUS and cfg.SOLVER.REFERENCE_WORLD_SIZE in (0, world_size):
             notes.append(f"batch {cfg.SOLVER.IMS_PER_BATCH} over {world_size} GPU(s) instead of {REFERENCE_GPUS}: "
                          f"{cfg.SOLVER.IMS_PER_BATCH // world_size} images per GPU; --scale-schedule applies "
