@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from simsiam.checkpoint import is_torch_save_file
+from simsiam.config import MAX_IMAGE_SIZE, check_int
 from simsiam.data import ImageList, scan_images
 from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
@@ -127,6 +128,9 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
 
     image_size = int(database.attrs.get("image_size") or model.image_size)
     resize = int(database.attrs.get("resize", model.resize))
+    # the database's transform, which the queries must share: a broken value is the file's, not an option's
+    check_int(f"{database.source}: its image_size", image_size, 1, MAX_IMAGE_SIZE)
+    check_int(f"{database.source}: its resize", resize, 0, MAX_IMAGE_SIZE)
     return extract_features(model, images, runtime, image_size, resize, batch_size, workers,
                             on_event=refuse_unreadable)
 

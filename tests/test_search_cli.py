@@ -305,6 +305,19 @@ def test_conflicting_options_and_another_network_are_refused_before_any_work(gal
     assert_user_error(run("search", gallery["h5"], "--query-h5", nan), f"--query-h5 {nan}")
 
 
+def test_a_broken_transform_in_the_database_file_is_blamed_on_the_file(gallery, tmp_path):
+    import shutil
+
+    import h5py
+
+    database = shutil.copy(gallery["h5"], tmp_path / "db.h5")
+    with h5py.File(database, "r+") as f:
+        f.attrs["image_size"] = 10**6  # was reported as "--image-size 1000000", an option not given
+    query = gallery["images"] / "class1" / "c1_002.png"
+    assert_user_error(run("search", database, "--query", query, "--checkpoint", gallery["checkpoint"]),
+                      f"{database}: its image_size 1000000: must be at most 4096")
+
+
 def test_projector_features_with_a_checkpoint_without_projector_advise_what_search_can_do(gallery, tmp_path):
     """search has no --layer: the database's layer is the one used, so the advice is another checkpoint or database."""
     projector = feature_file(tmp_path / "proj.h5", *clustered(6, classes=2, dim=64), layer="projector",
