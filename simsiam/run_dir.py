@@ -9,12 +9,14 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 
 from .atomic import atomic_write
 from .checkpoint import LAST, load_checkpoint
 from .errors import InputError, agreed
+from .runtime import Runtime, agreement, start, stop
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -100,6 +102,22 @@ def _settle_replaced(out: Path) -> None:
         shutil.rmtree(out / REPLACED_RUN, ignore_errors=True)
     else:
         _give_back_replaced(out)
+
+
+def run_in_folder(config, overwrite: bool, body: Callable[[Runtime, "RunFolder"], dict]) -> dict:
+    """What ``pretrain`` and ``lincls`` share around their training: start the runtime; check the
+    settings and that ``--out`` is apart from the inputs (agreed under torchrun, one Error line
+    for all); hold the folder's lock while ``body(runtime, run_folder)`` runs; stop the runtime
+    however it ends."""
+    runtime = start(config.device, config.precision)
+    try:
+        with agreement(runtime):
+            config.validate()
+            check_out_apart_from_inputs(config, overwrite)
+        with locked_run_dir(Path(config.out), runtime) as run_folder:
+            return body(runtime, run_folder)
+    finally:
+        stop(runtime)
 
 
 @contextmanager

@@ -29,8 +29,8 @@ from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
-                      check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
+from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumed_images,
+                      check_run_dir, resume_checkpoint, run_in_folder)
 
 Event = Callable[[dict], None]
 
@@ -227,15 +227,8 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
     ``on_event``: called with ``{"event": "start" | "log" | "epoch" | "unreadable" | "end", ...}``
     on the main process, for progress display.
     """
-    runtime = rt.start(config.device, config.precision)
-    try:
-        with rt.agreement(runtime):  # under torchrun: one Error line for all, see rt.agree
-            config.validate()
-            check_out_apart_from_inputs(config, overwrite)
-        with locked_run_dir(Path(config.out), runtime) as run_folder:
-            return _pretrain(config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None))
-    finally:
-        rt.stop(runtime)
+    return run_in_folder(config, overwrite, lambda runtime, run_folder: _pretrain(
+        config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None)))
 
 
 def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, overwrite, on_event: Event) -> dict:

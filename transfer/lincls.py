@@ -34,8 +34,8 @@ from simsiam.config import write_json_atomic
 from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, labelled_images,
                           make_loader, split_folders_warning)
 from simsiam.errors import InputError, SimSiamError, agreed
-from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_out_apart_from_inputs,
-                             check_resumed_images, check_run_dir, locked_run_dir, resume_checkpoint)
+from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumed_images,
+                             check_run_dir, resume_checkpoint, run_in_folder)
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -206,15 +206,8 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
     ``config.json`` and, at the end, ``linear_head.pth`` (``fc.weight``, ``fc.bias`` in
     torchvision's names, the class names, the metrics).
     """
-    runtime = rt.start(config.device, config.precision)
-    try:
-        with rt.agreement(runtime):  # under torchrun: one Error line for all, see rt.agree
-            config.validate()
-            check_out_apart_from_inputs(config, overwrite)
-        with locked_run_dir(Path(config.out), runtime) as run_folder:
-            return _linear_eval(config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None))
-    finally:
-        rt.stop(runtime)
+    return run_in_folder(config, overwrite, lambda runtime, run_folder: _linear_eval(
+        config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None)))
 
 
 def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunFolder, resume_from, overwrite,
