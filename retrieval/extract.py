@@ -211,24 +211,25 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     with agreement(runtime):  # under torchrun: every process checks, and all stop when one fails (rt.agree)
         out = check_output(out, "--out", overwrite, inputs=[data])  # never over one of the images it reads
         job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
-    if not runtime.distributed:
-        with FeatureWriter(out, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
+    def write(path: Path) -> int:
+        """This process's images into the feature file ``path``; its rows."""
+        with FeatureWriter(path, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
             for features, labels, paths in job.batches(batch_size, workers, on_event):
                 writer.append(features, labels, paths)
-            if writer.rows == 0:
+            if writer.rows == 0 and not runtime.distributed:  # a rank's empty shard: _merge decides
                 raise InputError(f"{data}: none of its {len(job.images)} images could be decoded")
             writer.attrs["skipped_images"] = job.skipped
             writer.commit()
+        return writer.rows
+
+    if not runtime.distributed:
+        rows = write(out)
         _remove_shards(out)  # left by an interrupted multi-process extraction
-        return ExtractSummary(out, writer.rows, job.skipped, model.dim, 1)
+        return ExtractSummary(out, rows, job.skipped, model.dim, 1)
 
     shard = shard_path(out, runtime.rank, runtime.world_size)
     try:
-        with FeatureWriter(shard, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
-            for features, labels, paths in job.batches(batch_size, workers, on_event):
-                writer.append(features, labels, paths)
-            writer.attrs["skipped_images"] = job.skipped
-            writer.commit()
+        write(shard)
         return _merge(out, data, job, runtime, model.dim)
     except BaseException:
         # this rank or another failed (another's error reaches this one as a lost connection, or as
