@@ -17,9 +17,9 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 
-from . import roi_heads  # noqa: F401  registers Res5ROIHeadsExtraNorm in every process
 from simsiam.errors import TrainingDiverged
 
+from . import roi_heads  # noqa: F401  registers Res5ROIHeadsExtraNorm in every process
 from .detection import DetectionRun, write_results
 from .detection_datasets import register_datasets
 
