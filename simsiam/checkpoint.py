@@ -58,7 +58,9 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     format. Cheap: commands call it before work that comes ahead of loading the checkpoint."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a checkpoint file")
+        newest = newest_checkpoint(path)  # a run folder given for one of its checkpoints
+        hint = f"; its newest checkpoint is {newest}" if newest else ""
+        raise InputError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     problem = why_not_a_torch_save_file(path)
@@ -228,19 +230,22 @@ def build_backbone(weights: BackboneWeights) -> nn.Module:
 
 
 def find_resume_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint to resume from: a file as given, or a run folder's newest complete one.
-
-    Temporary files of a write that was interrupted are never picked: they are renamed into place
-    only when complete.
-    """
+    """The checkpoint to resume from: a file as given, or a run folder's newest complete one."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise InputError(f"--resume {path}: no such checkpoint file or run folder")
-    if (path / LAST).is_file():
-        return path / LAST
-    epochs = sorted((int(m.group(1)), f) for f in path.iterdir() if (m := _EPOCH_FILE.match(f.name)))
-    if not epochs:
+    newest = newest_checkpoint(path)
+    if newest is None:
         raise InputError(f"--resume {path}: the folder holds no checkpoint to resume from")
-    return epochs[-1][1]
+    return newest
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """A run folder's newest complete checkpoint: ``last.pth.tar``, else the highest-numbered one;
+    None in a folder without one. Temporary files of an interrupted write never match."""
+    if (folder / LAST).is_file():
+        return folder / LAST
+    epochs = sorted((int(m.group(1)), f) for f in folder.iterdir() if (m := _EPOCH_FILE.match(f.name)))
+    return epochs[-1][1] if epochs else None

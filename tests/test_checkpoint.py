@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from simsiam.backbones import build_resnet, infer_resnet_arch
-from simsiam.checkpoint import (build_backbone, find_resume_checkpoint, load_checkpoint, read_backbone,
-                                save_atomic, to_official_layout)
+from simsiam.checkpoint import (build_backbone, check_checkpoint_file, find_resume_checkpoint, load_checkpoint,
+                                read_backbone, save_atomic, to_official_layout)
 from simsiam.errors import InputError
 from simsiam.model import SimSiam
 
@@ -174,3 +174,16 @@ def test_resume_picks_last_then_the_newest_numbered_checkpoint_never_temporaries
     assert find_resume_checkpoint(tmp_path).name == "last.pth.tar"
     with pytest.raises(InputError, match="no such checkpoint file or run folder"):
         find_resume_checkpoint(tmp_path / "missing")
+
+
+def test_a_run_folder_given_for_a_checkpoint_file_is_refused_naming_its_newest_checkpoint(tmp_path):
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}: is a folder, not a checkpoint file")) as refused:
+        check_checkpoint_file(tmp_path)
+    assert "newest" not in str(refused.value)  # nothing to point at in an empty folder
+    for epoch in (2, 10):
+        save_atomic({"epoch": epoch}, tmp_path / f"checkpoint_{epoch:04d}.pth.tar")
+    with pytest.raises(InputError, match=re.escape(f"its newest checkpoint is {tmp_path / 'checkpoint_0010.pth.tar'}")):
+        check_checkpoint_file(tmp_path)
+    save_atomic({"epoch": 11}, tmp_path / "last.pth.tar")
+    with pytest.raises(InputError, match=re.escape(f"its newest checkpoint is {tmp_path / 'last.pth.tar'}")):
+        check_checkpoint_file(tmp_path)
