@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from simsiam import __version__
-from simsiam.atomic import discard_temporary, new_temporary
+from simsiam.atomic import discard_temporary, new_temporary, settle_temporary
 from simsiam.errors import InputError
 
 DATASETS = ("features", "labels", "paths")
@@ -201,7 +201,7 @@ class FeatureWriter:
         for name, value in self.attrs.items():
             self.file.attrs[name] = _encode_attr(name, value)
         self.file.close()
-        os.replace(self.tmp, self.path)
+        settle_temporary(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from simsiam.atomic import check_output, discard_temporary, new_temporary
+from simsiam.atomic import check_output, discard_temporary, new_temporary, settle_temporary
 from simsiam.config import check_seed
 from simsiam.errors import InputError
 
@@ -309,8 +309,8 @@ def _write_pair(faiss, index, out: Path, description: str) -> None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         sidecar.unlink(missing_ok=True)
-        os.replace(temporaries[0], out)
-        os.replace(temporaries[1], sidecar)
+        settle_temporary(temporaries[0], out)
+        settle_temporary(temporaries[1], sidecar)
     except BaseException as err:
         for tmp in reversed(temporaries):  # the sidecar's first: the index's made the folders
             discard_temporary(tmp)

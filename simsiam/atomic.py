@@ -26,7 +26,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        settle_temporary(tmp, path)
     except OSError as err:
         discard_temporary(tmp)
         if err.filename is None or err.filename == str(tmp):  # a full disk, say: name the file the user chose
@@ -70,6 +70,13 @@ def discard_temporary(tmp: Path) -> None:
             folder.rmdir()
         except OSError:  # not empty (another file was written there since), or gone
             break
+
+
+def settle_temporary(tmp: Path, path: str | os.PathLike) -> None:
+    """Rename a complete temporary file of :func:`new_temporary` into place at ``path``; the
+    folders made for it now hold a file, and are no longer the temporary's to remove."""
+    os.replace(tmp, path)
+    _FOLDERS_MADE_FOR.pop(tmp, None)
 
 
 def _umask() -> int:

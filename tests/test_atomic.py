@@ -3,8 +3,10 @@
 import errno
 import tempfile
 
+import numpy as np
 import pytest
 
+from simsiam import atomic
 from simsiam.atomic import atomic_write, check_output, new_temporary
 from simsiam.errors import InputError
 
@@ -42,6 +44,20 @@ def test_a_failed_write_removes_the_folders_made_for_it_and_only_those(tmp_path)
         (tmp_path / "busy" / "another.txt").write_text("written meanwhile")
         raise ValueError("interrupted")
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["another.txt"]  # not empty: kept
+
+
+def test_a_finished_write_forgets_the_folders_it_made(tmp_path):
+    # they hold its file now; the record of them would only grow with every output of a long process
+    before = dict(atomic._FOLDERS_MADE_FOR)  # what other tests' unfinished writes left, if any
+    with atomic_write(tmp_path / "new" / "sub" / "out.txt", "w") as f:
+        f.write("done")
+        assert len(atomic._FOLDERS_MADE_FOR) == len(before) + 1
+    assert atomic._FOLDERS_MADE_FOR == before
+    from retrieval.features import FeatureSet, write_features  # the feature file's writer renames its own way
+
+    features = FeatureSet(np.zeros((2, 3), np.float32), np.array([0, 1]), ["a.jpg", "b.jpg"], {"classes": ["x", "y"]})
+    write_features(tmp_path / "other" / "f.h5", features)
+    assert (tmp_path / "other" / "f.h5").is_file() and atomic._FOLDERS_MADE_FOR == before
 
 
 def test_an_error_making_the_temporary_names_the_output_not_the_temporary(tmp_path, monkeypatch):
