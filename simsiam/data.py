@@ -215,7 +215,8 @@ _AUGMENT, _SHUFFLE = 0, 1  # separate random streams
 
 def derived_seed(seed: int, epoch: int, index: int, stream: int = _AUGMENT) -> int:
     """A well-mixed 63-bit seed for one image (or, for ``_SHUFFLE``, the order) of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0] >> 1)
+    # shifted as a Python int: NumPy 1.x has no uint64 >> int (it promotes the pair to float64)
+    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class ImageDataset(Dataset):
