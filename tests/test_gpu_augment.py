@@ -21,6 +21,14 @@ from simsiam import gpu_augment as G
 from simsiam.augment import BLUR_KERNEL, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 
 ALPHA = 1e-3
+# torchvision 0.21 made a v2 transform's _get_params and _transform public as make_params and
+# transform; pyproject allows 0.19
+TRANSFORM = "transform" if hasattr(v2.Transform, "make_params") else "_transform"
+
+
+def make_params(transform: v2.Transform, inputs: list) -> dict:
+    """The parameters ``transform`` draws for ``inputs``, as it draws them when it runs."""
+    return (transform.make_params if TRANSFORM == "transform" else transform._get_params)(inputs)
 
 
 def ks_p(sample: np.ndarray, reference: np.ndarray) -> float:
@@ -107,10 +115,10 @@ def test_the_cpu_recipes_own_parameters_give_its_views(blur, monkeypatch, one_th
     drawn = {}
     for cls, name in [(v2.RandomResizedCrop, "crop"), (v2.ColorJitter, "jitter"), (v2.RandomGrayscale, "gray"),
                       (v2.GaussianBlur, "blur"), (v2.RandomHorizontalFlip, "flip")]:
-        def recording(self, inpt, params, name=name, transform=cls.transform):
+        def recording(self, inpt, params, name=name, transform=getattr(cls, TRANSFORM)):
             drawn[name] = params
             return transform(self, inpt, params)
-        monkeypatch.setattr(cls, "transform", recording)  # a random step calls it only when it applies
+        monkeypatch.setattr(cls, TRANSFORM, recording)  # a random step calls it only when it applies
     recipe = pretrain_transform(16, blur=blur)
     images = textured_images(150, 30, 26, seed=7)
     seen = set()
@@ -198,7 +206,7 @@ def torchvision_boxes(height: int, width: int, n: int, scale=(0.2, 1.0)) -> np.n
     crop = cpu_recipe(blur=True, crop_scale=scale)["crop"]
     image = torch.zeros(3, height, width, dtype=torch.uint8)
     torch.manual_seed(0)
-    return np.array([list(crop.make_params([image]).values()) for _ in range(n)], dtype=float)
+    return np.array([list(make_params(crop, [image]).values()) for _ in range(n)], dtype=float)
 
 
 def box_statistics(boxes: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
@@ -233,14 +241,14 @@ def torchvision_photometric_draws(n: int) -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     recipe = cpu_recipe(blur=True)
     jitter, blur = recipe["jitter"].transforms[0], recipe["blur"].transforms[0]
-    params = [jitter.make_params([]) for _ in range(n)]
+    params = [make_params(jitter, []) for _ in range(n)]
     return {
         "brightness": np.array([p["brightness_factor"] for p in params]),
         "contrast": np.array([p["contrast_factor"] for p in params]),
         "saturation": np.array([p["saturation_factor"] for p in params]),
         "hue": np.array([p["hue_factor"] for p in params]),
         "order": np.array([p["fn_idx"].tolist() for p in params]),
-        "sigma": np.array([blur.make_params([])["sigma"][0] for _ in range(n)]),
+        "sigma": np.array([make_params(blur, [])["sigma"][0] for _ in range(n)]),
     }
 
 
