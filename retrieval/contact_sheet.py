@@ -1,8 +1,9 @@
 """A contact sheet of search results: each query in a row, beside its k nearest images and their scores.
 
 Drawn with matplotlib's object API (no pyplot state, no display needed). The PNG is exactly
-``(1 + k) * CELL_INCHES * DPI`` pixels wide and ``rows * CELL_INCHES * DPI`` high. With labels,
-a neighbour's frame is green when it shares the query's class and red when not.
+``(1 + k) * CELL_INCHES * DPI`` pixels wide and ``rows * CELL_INCHES * DPI`` high. A neighbour's
+title is its similarity, and its class when the database is labelled; with query labels too, its
+frame is green when it shares the query's class and red when not.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def _thumbnail(path: Path) -> np.ndarray | None:
             return np.asarray(image)
     except (OSError, ValueError):
         return None  # moved or unreadable since extraction: drawn as an empty cell, not fatal
+
+
+def _class_of(features, index: int) -> str:
+    """" cat": the class of row ``index`` of a labelled feature file, for its cell's title ("" unlabelled)."""
+    label = int(features.labels[index])
+    if label < 0 or label >= len(features.classes):
+        return ""
+    name = features.classes[label]
+    return " " + (name if len(name) <= 14 else name[:13] + "…")  # a cell is 1.6 inches wide
 
 
 def _cell(ax, image: np.ndarray | None, title: str, frame: str | None) -> None:
@@ -99,7 +109,7 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
             if labelled[row]:
                 frame = "tab:green" if result.database.labels[index] == result.query_labels[row] else "tab:red"
             _cell(ax, thumbnail(result.database.root / result.database.paths[index]),
-                  f"{result.scores[row, col]:.3f}", frame)
+                  f"{result.scores[row, col]:.3f}{_class_of(result.database, index)}", frame)
     with atomic_write(out) as f:
         figure.savefig(f, format="png", dpi=DPI)
     return missing

@@ -125,6 +125,20 @@ def test_grid_png_decodes_and_has_the_expected_size(gallery, tmp_path):
     assert not where.exists()
 
 
+def test_grid_titles_name_each_neighbours_score_and_class(gallery, tmp_path, monkeypatch):
+    from retrieval import contact_sheet
+
+    titles, draw = [], contact_sheet._cell
+    monkeypatch.setattr(contact_sheet, "_cell", lambda ax, image, title, frame: (titles.append(title),
+                                                                                 draw(ax, image, title, frame)))
+    result = run("search", gallery["h5"], "--query-h5", gallery["h5"], "-k", "2", "--json",
+                 "--grid", tmp_path / "grid.png", "--grid-rows", "3")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output.strip().splitlines()[-1])["queries"][:3]
+    assert titles == [title for q in found for title in
+                      [q["path"], *(f"{n['score']:.3f} {n['path'].split('/')[0]}" for n in q["neighbours"])]]
+
+
 def test_grid_says_when_the_database_images_are_not_where_the_file_says(gallery, tmp_path):
     import shutil
 
