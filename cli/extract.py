@@ -48,6 +48,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
                                "(or --random-init --arch ARCH DATA)")
     checkpoint = None if random_init else inputs[0]
     runtime = start(device, precision)
+    finished = False
     try:
         with agreement(runtime):  # under torchrun: every process checks, and all stop when one fails
             check_output(out, "--out", overwrite, inputs=inputs)  # before loading a model: never over an input
@@ -61,5 +62,6 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
             skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
             click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "
                        f"({model.arch} {layer}){processes}{skipped}")
+        finished = True
     finally:  # also on an error: a process leaving with its process group in use can abort (SIGABRT)
-        stop(runtime)
+        stop(runtime, finished)

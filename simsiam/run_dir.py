@@ -110,14 +110,17 @@ def run_in_folder(config, overwrite: bool, body: Callable[[Runtime, "RunFolder"]
     for all); hold the folder's lock while ``body(runtime, run_folder)`` runs; stop the runtime
     however it ends."""
     runtime = start(config.device, config.precision)
+    finished = False
     try:
         with agreement(runtime):
             config.validate()
             check_out_apart_from_inputs(config, overwrite)
         with locked_run_dir(Path(config.out), runtime) as run_folder:
-            return body(runtime, run_folder)
+            result = body(runtime, run_folder)
+        finished = True
+        return result
     finally:
-        stop(runtime)
+        stop(runtime, finished)
 
 
 @contextmanager

@@ -89,8 +89,14 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(dev, resolve_precision(precision, dev), rank, world_size, local_rank)
 
 
-def stop(runtime: Runtime) -> None:
+def stop(runtime: Runtime, finished: bool = False) -> None:
+    """End the process group. After a ``finished`` command the processes first wait for each
+    other: one tearing the group down while another still writes its last file can hang the
+    teardown (pytorch/pytorch#75097; seen once with torch 2.4 on CPU). After an error a peer may
+    be gone, and a barrier would wait for it."""
     if runtime.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

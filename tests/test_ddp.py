@@ -175,6 +175,21 @@ def agree_as(rank: int, messages: list, monkeypatch, error=None):
     return None
 
 
+def test_the_processes_wait_for_each_other_before_ending_their_group_only_after_a_finished_command(monkeypatch):
+    # one tearing the group down while another still writes its last file can hang (seen with torch
+    # 2.4); after an error a peer may be gone, and a barrier would wait for it for the timeout
+    from simsiam import runtime as rt
+
+    calls = []
+    monkeypatch.setattr(rt.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(rt.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(rt.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    two = rt.Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
+    rt.stop(two, finished=True)
+    rt.stop(two)
+    assert calls == ["barrier", "destroy", "destroy"]
+
+
 def test_processes_agree_on_a_failure_so_none_goes_on_alone(monkeypatch):
     from simsiam.errors import InputError
 
