@@ -87,10 +87,12 @@ def _tiny_simsiam():
     return SimSiam(build_resnet("resnet18", num_classes=64, zero_init_residual=True, cifar_stem=True), 64, 16)
 
 
-def _sgd_steps(model, optimizer, steps: int, share: slice = slice(None)) -> None:
-    """``steps`` SimSiam steps on fixed random batches of 16 (``share``: a rank's rows of each)."""
+def _sgd_steps(model, params, steps: int, share: slice = slice(None)) -> None:
+    """``steps`` SimSiam steps of SGD with momentum and weight decay over ``params``, on fixed
+    random batches of 16 (``share``: a rank's rows of each)."""
     from simsiam.loss import negative_cosine_similarity
 
+    optimizer = torch.optim.SGD(params, 0.05, momentum=0.9, weight_decay=5e-4)
     for step in range(steps):
         views = torch.rand(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(step))[:, share]
         loss = negative_cosine_similarity(*model(views[0], views[1]))
@@ -108,8 +110,7 @@ def _ddp_rank(rank: int, port: int, steps: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     runtime = Runtime(torch.device("cpu"), "fp32", rank, 2, rank)
     raw = sync_batchnorm(_tiny_simsiam(), runtime)
-    optimizer = torch.optim.SGD(raw.parameters(), 0.05, momentum=0.9, weight_decay=5e-4)
-    _sgd_steps(data_parallel(raw, runtime), optimizer, steps, slice(8 * rank, 8 * rank + 8))
+    _sgd_steps(data_parallel(raw, runtime), raw.parameters(), steps, slice(8 * rank, 8 * rank + 8))
     if rank == 0:
         torch.save(raw.state_dict(), out)
     dist.destroy_process_group()
@@ -130,7 +131,7 @@ def test_ddp_steps_give_the_weights_of_one_process(tmp_path):
         port = free.getsockname()[1]
     mp.spawn(_ddp_rank, args=(port, 4, str(tmp_path / "ddp.pt")), nprocs=2)
     single = _tiny_simsiam()
-    _sgd_steps(single, torch.optim.SGD(single.parameters(), 0.05, momentum=0.9, weight_decay=5e-4), 4)
+    _sgd_steps(single, single.parameters(), 4)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for key, a in single.state_dict().items():
         if a.is_floating_point():
