@@ -191,6 +191,42 @@ def test_the_processes_wait_for_each_other_before_ending_their_group_only_after_
     assert calls == ["barrier", "destroy", "destroy"]
 
 
+class _BareConfig:
+    """What ``run_in_folder`` reads of a config, with nothing to check."""
+    device, precision, PATHS = "cpu", "fp32", ()
+
+    def __init__(self, out):
+        self.out = str(out)
+
+    def validate(self):
+        pass
+
+
+@pytest.mark.parametrize("failure", [None, RuntimeError("a bug"), "InputError"])
+def test_a_run_ends_its_group_as_finished_only_when_its_body_returned(monkeypatch, tmp_path, failure):
+    # after an error no barrier: a peer that failed first may be gone, and the others would wait for
+    # it until the timeout instead of reporting the error
+    from simsiam import run_dir
+    from simsiam.errors import InputError
+
+    if failure == "InputError":
+        failure = InputError("x.jpg: cannot decode image")
+    stopped = []
+    monkeypatch.setattr(run_dir, "stop", lambda runtime, finished=False: stopped.append(finished))
+
+    def body(runtime, folder):
+        if failure is not None:
+            raise failure
+        return {"done": True}
+
+    if failure is None:
+        assert run_dir.run_in_folder(_BareConfig(tmp_path / "run"), False, body) == {"done": True}
+    else:
+        with pytest.raises(type(failure)):
+            run_dir.run_in_folder(_BareConfig(tmp_path / "run"), False, body)
+    assert stopped == [failure is None]
+
+
 def test_processes_agree_on_a_failure_so_none_goes_on_alone(monkeypatch):
     from simsiam.errors import InputError
 
