@@ -129,6 +129,21 @@ def test_torchvision_r18_matches_detectron2_r18_fpn_and_says_to_use_fpn(tmp_path
     assert any("FPN" in note for note in weights.notes)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_are_written_as_float32_as_detectron2s_own(tmp_path, dtype):
+    # NumPy has no bfloat16 (the conversion was a TypeError traceback); Detectron2's model zoo
+    # weights are float32, and so are its parameters
+    with torch.device("meta"):
+        resnet = build_resnet("resnet18")
+    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in random_state(resnet, seed=2).items()}
+    torch.save(state, tmp_path / "half.pth")
+    weights = convert_checkpoint(tmp_path / "half.pth")
+    assert_loads_exactly(weights.model, detectron2_reference("R18-FPN"))
+    for name, array in weights.model.items():
+        assert array.dtype == np.float32, name
+        assert np.array_equal(array, state[source_name(name, state)].float().numpy()), name
+
+
 def test_backbone_depth_is_read_from_the_parameter_names():
     """detect refuses weights of another depth than its config (test_detectron2 checks that part)."""
     for model in ("R50-C4", "R50-FPN", "R101-C4", "R18-FPN"):

@@ -112,7 +112,9 @@ def convert_backbone(weights: BackboneWeights, where: str) -> Detectron2Weights:
         raise InputError(
             f"{where}: a {weights.arch} with the CIFAR 3x3 stem; Detectron2's ResNet stem is a 7x7/2 conv "
             "with max-pool, so these weights cannot be loaded into it")
-    model = {name: tensor.detach().cpu().numpy() for name, tensor in to_detectron2_names(weights.backbone).items()}
+    # float32 whatever the checkpoint's precision, as Detectron2's own weights (NumPy has no bfloat16)
+    model = {name: (tensor.float() if tensor.is_floating_point() else tensor).detach().cpu().numpy()
+             for name, tensor in to_detectron2_names(weights.backbone).items()}
     broken = [name for name, array in model.items() if array.dtype.kind == "f" and not np.isfinite(array).all()]
     if broken:  # a diverged run's weights: they would train a detector on NaNs
         raise InputError(f"{where}: {len(broken)} tensor(s) hold NaN or infinite values ({broken[0]}, ...); "
