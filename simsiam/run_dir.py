@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from .atomic import atomic_write
@@ -205,6 +206,43 @@ def resume_checkpoint(config, resume_from: str | os.PathLike | None) -> dict | N
     if isinstance(checkpoint.get("config"), dict):
         config.check_resumes(checkpoint["config"], str(resume_from))
     return checkpoint
+
+
+def check_resumable(checkpoint: dict, where, also: tuple[str, ...] = ()) -> None:
+    """Refuse a checkpoint without what a resume loads (one edited to drop its optimizer state to
+    save space, one another tool wrote): ``epoch``, ``state_dict`` and ``optimizer``, and ``also``."""
+    missing = [name for name in ("epoch", "state_dict", "optimizer", *also) if name not in checkpoint]
+    if missing:
+        raise InputError(f"--resume {where}: holds no {' or '.join(map(repr, missing))}, which resuming a run "
+                         "loads; give a checkpoint the run saved whole")
+    epoch = checkpoint["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise InputError(f"--resume {where}: its 'epoch' is {epoch!r}, not a count of epochs")
+
+
+def check_resumed_state(checkpoint: dict, where, rename: Callable[[dict], dict], model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a resumable checkpoint (:func:`check_resumable`) whose state dict, renamed by
+    ``rename``, lacks or misshapes a tensor of ``model``, or whose optimizer state is not for
+    ``optimizer``'s parameter groups: loading it would be a traceback. ``model`` and ``optimizer``
+    may be built on the meta device: only shapes are compared."""
+    state = checkpoint["state_dict"]
+    saved = ({name: tuple(tensor.shape) for name, tensor in rename(state).items() if isinstance(tensor, torch.Tensor)}
+             if isinstance(state, dict) else {})
+    wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if saved != wanted:
+        lacking, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        resized = sorted(name for name in wanted.keys() & saved.keys() if wanted[name] != saved[name])
+        detail = (f"no {lacking[0]}" if lacking else f"an unexpected {unexpected[0]}" if unexpected else
+                  f"{resized[0]} of shape {list(saved[resized[0]])}, not {list(wanted[resized[0]])}")
+        raise InputError(f"--resume {where}: its 'state_dict' does not fit the run's model ({detail})")
+    saved_optimizer = checkpoint["optimizer"]
+    groups = saved_optimizer.get("param_groups") if isinstance(saved_optimizer, dict) else None
+    fits = (isinstance(groups, list) and isinstance(saved_optimizer.get("state"), dict)
+            and [len(group.get("params", ())) if isinstance(group, dict) else -1 for group in groups]
+            == [len(group["params"]) for group in optimizer.param_groups])
+    if not fits:
+        raise InputError(f"--resume {where}: its 'optimizer' is not the saved state of the run's optimizer")
 
 
 def check_resumed_images(checkpoint: dict, fingerprint: dict, config, name: str, where) -> None:

@@ -29,8 +29,8 @@ from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
-from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumed_images,
-                      check_run_dir, resume_checkpoint, run_in_folder)
+from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable, check_resumed_images,
+                      check_resumed_state, check_run_dir, resume_checkpoint, run_in_folder)
 
 Event = Callable[[dict], None]
 
@@ -239,6 +239,11 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
     with rt.agreement(runtime):
         check_run_dir(out, resume_from, overwrite)
         checkpoint = resume_checkpoint(config, resume_from)
+        if checkpoint is not None:
+            with torch.device("meta"):  # shapes only
+                shapes = build_model(config)
+            check_resumable(checkpoint, resume_from)
+            check_resumed_state(checkpoint, resume_from, from_official_layout, shapes, build_optimizer(shapes, config))
         if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch (from 1) is past the end
             where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
                      else f"has finished its {checkpoint['epoch']} epochs")

@@ -372,6 +372,28 @@ def test_errors(tmp_path, data):
 
 
 
+def test_a_resume_refuses_a_checkpoint_without_what_it_loads(tmp_path, data):
+    # a KeyError or load_state_dict traceback before
+    checkpoint, train, val = data
+    out = tmp_path / "run"
+    assert run("lincls", checkpoint, train, val, "--out", out, *TINY, "--batch-size", "16", "--epochs", "1").exit_code == 0
+    edits = [
+        (lambda c: c.pop("global_step"), "holds no 'global_step', which resuming a run loads"),
+        (lambda c: c.pop("rng"), "holds no 'rng'"),
+        (lambda c: c.update(epoch=-1), "its 'epoch' is -1, not a count of epochs"),
+        (lambda c: c["state_dict"].update({"fc.bias": torch.zeros(4)}), "(fc.bias of shape [4], not [3])"),
+        (lambda c: c["state_dict"].pop("fc.weight"), "does not fit the run's model (no fc.weight)"),
+        (lambda c: c.update(optimizer={"state": {}}), "its 'optimizer' is not the saved state of the run's optimizer"),
+    ]
+    for edit, message in edits:
+        saved = torch.load(out / "last.pth.tar", weights_only=True)
+        edit(saved)
+        torch.save(saved, tmp_path / "edited.pth.tar")
+        assert_user_error(run("lincls", "--resume", tmp_path / "edited.pth.tar", "--out", tmp_path / "resumed",
+                              "--epochs", "2"), f"--resume {tmp_path / 'edited.pth.tar'}: ", message)
+        assert not (tmp_path / "resumed").exists()
+
+
 @pytest.mark.parametrize("epochs", [2, 1])
 def test_a_val_dir_where_nothing_decodes_fails_in_one_line_after_saving_the_epoch(tmp_path, data, epochs):
     """How many VAL_DIR images decode is known only at the first evaluation, after an epoch of

@@ -239,6 +239,29 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert load_checkpoint(other / "last.pth.tar")["epoch"] == 3
 
 
+def test_a_resume_refuses_a_checkpoint_without_what_it_loads(tmp_path, shared_image_folder):
+    # e.g. a checkpoint whose optimizer state was dropped to save space: a KeyError traceback before
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    edits = [
+        (lambda c: c.pop("optimizer"), "holds no 'optimizer', which resuming a run loads"),
+        (lambda c: [c.pop("epoch"), c.pop("state_dict")], "holds no 'epoch' or 'state_dict'"),
+        (lambda c: c.update(epoch="1"), "its 'epoch' is '1', not a count of epochs"),
+        (lambda c: c["state_dict"].pop("module.predictor.0.weight"), "does not fit the run's model (no predictor.0.weight)"),
+        (lambda c: c["state_dict"].update(extra=torch.zeros(1)), "does not fit the run's model (an unexpected extra)"),
+        (lambda c: c["state_dict"].update({"module.predictor.0.weight": torch.zeros(16, 63)}),
+         "(predictor.0.weight of shape [16, 63], not [16, 64])"),
+        (lambda c: c["optimizer"]["param_groups"].pop(), "its 'optimizer' is not the saved state of the run's optimizer"),
+    ]
+    for edit, message in edits:
+        checkpoint = torch.load(out / "last.pth.tar", weights_only=True)
+        edit(checkpoint)
+        torch.save(checkpoint, tmp_path / "edited.pth.tar")
+        assert_user_error(run("pretrain", "--resume", tmp_path / "edited.pth.tar", "--out", tmp_path / "resumed",
+                              "--epochs", "2"), f"--resume {tmp_path / 'edited.pth.tar'}: ", message)
+        assert not (tmp_path / "resumed").exists()
+
+
 def test_a_resume_compares_the_image_list_not_the_folder(tmp_path, monkeypatch):
     import shutil
 

@@ -34,8 +34,8 @@ from simsiam.config import write_json_atomic
 from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, labelled_images,
                           make_loader, split_folders_warning)
 from simsiam.errors import InputError, SimSiamError, agreed
-from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumed_images,
-                             check_run_dir, resume_checkpoint, run_in_folder)
+from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable,
+                             check_resumed_images, check_resumed_state, check_run_dir, resume_checkpoint, run_in_folder)
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -198,6 +198,11 @@ def _head_file(config, head, classes, weights, metrics) -> dict:
             "metrics": metrics, "config": config.to_dict(), "simsiam_version": __version__}
 
 
+def _head_names(state_dict: dict) -> dict:
+    """The head's own names of its weights, saved as torchvision's classifier (``fc.weight``)."""
+    return {k.removeprefix("fc."): v for k, v in state_dict.items()}
+
+
 def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None = None, overwrite: bool = False,
                 on_event: Event | None = None) -> dict:
     """Train and evaluate the linear classifier as ``config`` says; returns the final metrics.
@@ -223,6 +228,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
             raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
                              f"run folder or its {LAST}")
+        if checkpoint is not None:
+            check_resumable(checkpoint, resume_from, also=("global_step", "rng"))
         # a finished run resumed with its own --epochs is evaluated again; fewer epochs than it has reached
         reached = checkpoint["epoch"] + (1 if checkpoint.get("step_in_epoch") else 0) if checkpoint is not None else 0
         if reached > config.epochs:
@@ -235,6 +242,12 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         train_images, val_images = labelled_images(config.train_dir, config.val_dir, "TRAIN_DIR", "VAL_DIR")
         if checkpoint is not None and checkpoint.get("classes") != train_images.classes:
             raise InputError(f"--resume {resume_from}: its classes differ from those of TRAIN_DIR {config.train_dir}")
+        if checkpoint is not None:
+            with torch.device("meta"):  # shapes only
+                shapes = build_head(feature_dim(weights.arch), len(train_images.classes))
+            # compared in the names the checkpoint saves (fc.weight), so that a refusal names what is there
+            check_resumed_state(checkpoint, resume_from, lambda state: state, nn.ModuleDict({"fc": shapes}),
+                                build_optimizer(shapes, config))
         image_list = train_images.fingerprint()  # not "images": the training loop's batches have that name
         val_list = val_images.fingerprint()
         if checkpoint is not None:
@@ -257,7 +270,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     # the best validation top-1 so far and VAL_DIR's image list it was measured on (None: no evaluation yet)
     best, dropped_best = {"best_top1": 0.0, "best_val_images": None}, None
     if checkpoint is not None:
-        head.load_state_dict({k.removeprefix("fc."): v for k, v in checkpoint["state_dict"].items()})
+        head.load_state_dict(_head_names(checkpoint["state_dict"]))
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
         global_step = checkpoint["global_step"]
