@@ -348,8 +348,13 @@ def _open_checked(path: Path):
         with h5py.File(path, "r") as f:
             _check_datasets(f, path)
             yield f
-    except OSError as err:
-        raise InputError(f"{path}: unreadable HDF5 file ({str(err).splitlines()[0]})") from None
+    except InputError:  # a ValueError too: said as it is
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+        # what HDF5's errors become in h5py when the file's structures are damaged: "message type not
+        # found" (KeyError), "wrong B-tree signature" (RuntimeError), an impossible dtype (ValueError)...
+        reason = str(err.args[0] if err.args else err).strip().splitlines()
+        raise InputError(f"{path}: unreadable HDF5 file ({reason[0] if reason else type(err).__name__})") from None
 
 
 def read_features(path: str | os.PathLike, with_features: bool = True) -> FeatureSet:
@@ -398,7 +403,7 @@ def rows_fingerprint(paths: Sequence[str], row: Callable[[int], np.ndarray]) -> 
 
 def file_rows_fingerprint(path: str | os.PathLike, paths: Sequence[str]) -> str:
     """:func:`rows_fingerprint` of a feature file, reading only the sampled rows."""
-    with h5py.File(path, "r") as f:
+    with _open_checked(Path(path)) as f:
         return rows_fingerprint(paths, lambda i: f["features"][i])
 
 

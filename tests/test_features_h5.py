@@ -204,3 +204,28 @@ def test_a_foreign_feature_file_is_refused_in_one_line_by_every_command(tmp_path
                     ["index", bad, "--out", tmp_path / "bad.index"], ["search", bad, "--query-h5", good]):
         assert_user_error(run(*command), f"bad.h5: {message}; not a feature file written by simsiam extract")
     assert not list(tmp_path.glob("*.index*"))
+
+
+def test_a_feature_file_with_damaged_structures_is_refused_in_one_line(tmp_path):
+    # HDF5's errors reach h5py as KeyError, RuntimeError, ValueError or TypeError, not only OSError:
+    # each was a traceback. Every byte of the file's first 2 KiB (its superblock, object headers,
+    # B-trees and heaps) flipped in turn: each file reads, or is refused as an InputError
+    good = feature_file(tmp_path / "good.h5", *clustered(40, classes=4, dim=8))
+    data = good.read_bytes()
+    bad = tmp_path / "bad.h5"
+    unreadable = []  # the positions refused as damaged
+    for position in range(2048):
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        bad.write_bytes(damaged)
+        try:
+            read_features(bad)
+        except InputError as err:
+            if str(err).startswith(f"{bad}: unreadable HDF5 file ("):
+                unreadable.append(position)
+    assert unreadable
+    # and through a command, as one line
+    damaged = bytearray(data)
+    damaged[unreadable[len(unreadable) // 2]] ^= 0xFF
+    bad.write_bytes(damaged)
+    assert_user_error(run("knn", "--train", good, "--val", bad, "-k", "3"), f"{bad}: unreadable HDF5 file")
