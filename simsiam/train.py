@@ -23,8 +23,8 @@ from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import (GlobalBatchSampler, ImageDataset, count_training_unreadable, labelled_images, make_loader,
-                   same_images, scan_images, split_folders_warning)
+from .data import (GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, labelled_images,
+                   make_loader, same_images, scan_images, split_folders_warning)
 from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
 from .loss import collapse_std, negative_cosine_similarity
@@ -67,10 +67,11 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, 
     return lr
 
 
-def say_knn_warnings(knn: "KnnMonitor | None", emit) -> None:
-    """The monitor's warnings not said yet, as warning events."""
-    while knn is not None and knn.warnings:
-        emit({"event": "warning", "message": knn.warnings.pop(0)})
+def say_warnings(monitor, emit) -> None:
+    """The warnings a monitor (the kNN monitor, lincls's evaluator; or None) has not said yet, as
+    warning events."""
+    while monitor is not None and monitor.warnings:
+        emit({"event": "warning", "message": monitor.warnings.pop(0)})
 
 
 class KnnMonitor:
@@ -104,12 +105,13 @@ class KnnMonitor:
         from retrieval.knn import weighted_knn
 
         backbone = pooled_backbone(encoder)
-        train_x, train_y = self._embed_share(backbone, self.train)
-        val_x, val_y = self._embed_share(backbone, self.val)
+        train_x, train_y, train_bad = self._embed_share(backbone, self.train)
+        val_x, val_y, val_bad = self._embed_share(backbone, self.val)
         if not self.runtime.is_main:
             return None
         # how many images decode is known only now (checking before training would decode them twice)
         config = self.config
+        count_unreadable((train_bad + val_bad)[:1], config.strict, lambda bad: None)  # --strict: the first one
         for option, folder, dataset, labels in (("--knn-train", config.knn_train, self.train, train_y),
                                                 ("--knn-val", config.knn_val, self.val, val_y)):
             if not len(labels):
@@ -130,23 +132,27 @@ class KnnMonitor:
                                 num_classes=num_classes, device=self.runtime.device)
         return result.top1
 
-    def _embed_share(self, backbone: nn.Module, dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's features and labels; on rank 0, those of every rank (row order does not matter to kNN)."""
+    def _embed_share(self, backbone: nn.Module, dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray, list]:
+        """This rank's features, labels and first unreadable image (a list of at most one
+        :class:`Unreadable`); on rank 0, those of every rank (row order does not matter to kNN)."""
         from retrieval.extract import embed
 
         runtime = self.runtime
         share = Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
-        features, labels, _ = embed(backbone, share, runtime, min(256, self.config.batch_size), self.config.workers)
+        unreadable = []
+        features, labels, _ = embed(backbone, share, runtime, min(256, self.config.batch_size), self.config.workers,
+                                    on_batch=lambda batch, bad: unreadable.extend(bad))
         if not runtime.distributed:
-            return features, labels
+            return features, labels, unreadable[:1]
         shares = [None] * runtime.world_size if runtime.is_main else None
-        dist.gather_object((features, labels), shares, dst=0)
+        dist.gather_object((features, labels, unreadable[:1]), shares, dst=0)
         if not runtime.is_main:
-            return features, labels
-        shares = [(f, y) for f, y in shares if len(y)]  # a share where nothing decoded has no width
+            return features, labels, unreadable[:1]
+        first_bad = [bad for _, _, bad in shares for bad in bad][:1]
+        shares = [(f, y) for f, y, _ in shares if len(y)]  # a share where nothing decoded has no width
         if not shares:
-            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        return np.concatenate([f for f, _ in shares]), np.concatenate([y for _, y in shares])
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), first_bad
+        return np.concatenate([f for f, _ in shares]), np.concatenate([y for _, y in shares]), first_bad
 
 
 @dataclass
@@ -303,7 +309,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
     metrics_log = MetricsLog(out / METRICS_FILE, runtime.is_main, global_step if checkpoint else None)
     emit({"event": "start", **resolved, "global_step": global_step, "epoch": start_epoch,
           "resumed_from": str(resume_from) if checkpoint is not None else None})
-    say_knn_warnings(knn, emit)
+    say_warnings(knn, emit)
 
     last_good = str(resume_from) if checkpoint is not None else None  # named when the loss diverges
     # an epoch's running totals; a mid-epoch checkpoint carries them so that a resumed epoch's
@@ -385,7 +391,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
         if knn is not None and ((epoch + 1) % config.knn_every == 0 or epoch + 1 == config.epochs):
             try:
                 top1 = knn(raw.encoder)  # every rank embeds its share
-                say_knn_warnings(knn, emit)
+                say_warnings(knn, emit)
                 if runtime.is_main:
                     epoch_metrics["knn_top1"] = top1
             except Exception as err:

@@ -275,3 +275,42 @@ def test_a_first_batch_unreadable_on_one_rank_only_stops_every_rank_with_one_lin
         f"Error: rank 1: {data}: every image of this process's share of a batch at step 0 is unreadable"], output
     assert output.count("Traceback") == 1, output  # torchrun's own, raising ChildFailedError; none of ours
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_lincls_ranks_agree_on_an_unreadable_validation_image_of_one_share(tmp_path):
+    """The evaluation's shares: rank r takes every W-th VAL_DIR image. One unreadable image in rank
+    1's share is counted over both ranks, or, under --strict, stops both with one line naming rank 1."""
+    from simsiam.backbones import build_resnet
+    from simsiam.checkpoint import to_official_layout
+    from simsiam.data import scan_images
+    from simsiam.model import SimSiam
+
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=8, size=16)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=4, size=16, seed=1)
+    broken = val / scan_images(val).paths[1]  # the second image: rank 1's first
+    broken.write_bytes(b"not an image")
+    torch.manual_seed(0)
+    model = SimSiam(build_resnet("resnet18", num_classes=32), 32, 8)
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": to_official_layout(model.state_dict())},
+               tmp_path / "checkpoint.pth.tar")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def lincls(out, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "cli", "lincls", str(tmp_path / "checkpoint.pth.tar"), str(train), str(val),
+                               "--out", str(out), "--image-size", "16", "--eval-resize", "0", "--batch-size", "8",
+                               "--epochs", "1", "--workers", "0", "--device", "cpu", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    result = lincls(tmp_path / "run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"top1"' in l]
+    assert (line["val_images"], line["val_skipped"]) == (7, 1)
+    result = lincls(tmp_path / "strict", "--strict")
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert result.returncode != 0 and len(errors) == 1, output
+    assert errors[0].startswith(f"Error: rank 1: {broken}: cannot decode image ("), output
+    assert errors[0].endswith(f"; drop --strict to skip such images (epoch 1 is saved; --resume {tmp_path / 'strict'} "
+                              "continues)"), output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -419,6 +420,24 @@ def test_a_val_dir_where_nothing_decodes_fails_in_one_line_after_saving_the_epoc
     final = load_checkpoint(out / HEAD_FILE)["metrics"]
     assert final["epoch"] == epochs and final["best_top1"] == final["top1"]
     assert load_checkpoint(out / BEST_HEAD_FILE)["metrics"]["top1"] == final["top1"]
+
+
+def test_unreadable_val_dir_images_are_said_once_or_stop_the_run_under_strict(tmp_path, data):
+    # they were left out of every evaluation silently, --strict or not
+    checkpoint, train, val = data
+    flawed = tmp_path / "flawed"
+    shutil.copytree(val, flawed)
+    (flawed / "class1" / "broken.jpg").write_bytes(b"not an image")
+    args = [*TINY, "--batch-size", "16", "--epochs", "2"]
+    result = run("lincls", checkpoint, train, flawed, "--out", tmp_path / "run", *args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"warning: VAL_DIR {flawed}: 1 of its 25 images could not be decoded; the evaluation "
+                               "leaves them out") == 1, result.output
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"top1"' in l]
+    assert [(line["val_images"], line["val_skipped"]) for line in lines] == [(24, 1), (24, 1)]
+    result = run("lincls", checkpoint, train, flawed, "--out", tmp_path / "strict", *args, "--strict")
+    assert_user_error(result, f"{flawed / 'class1' / 'broken.jpg'}: cannot decode image", "drop --strict",
+                      f"(epoch 1 is saved; --resume {tmp_path / 'strict'} continues)", only_line=False)
 
 
 def test_an_out_folder_among_the_inputs_is_refused(tmp_path, data):

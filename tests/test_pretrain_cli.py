@@ -672,3 +672,8 @@ def test_knn_monitor_images_that_do_not_decode_are_said_once(tmp_path, shared_im
     assert result.output.count(f"warning: the kNN monitor leaves out 1 of the 7 images of --knn-val {knn_val}: they "
                                "could not be decoded") == 1, result.output
     assert "--knn-train" not in result.output.split("leaves out")[1].splitlines()[0]
+    # --strict stops at it instead, once the epoch is saved, as at an unreadable training image
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "strict", *TINY, "--strict",
+                 "--knn-train", shared_image_folder, "--knn-val", knn_val, "--knn-k", "2")
+    assert_user_error(result, f"{knn_val / 'class1' / 'broken.png'}: cannot decode image", "drop --strict",
+                      "(epoch 1 is saved", only_line=False)

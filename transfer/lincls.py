@@ -31,11 +31,12 @@ from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
-from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, labelled_images,
-                          make_loader, split_folders_warning)
+from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, count_unreadable,
+                          labelled_images, make_loader, split_folders_warning)
 from simsiam.errors import InputError, SimSiamError, agreed
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable,
                              check_resumed_images, check_resumed_state, check_run_dir, resume_checkpoint, run_in_folder)
+from simsiam.train import say_warnings
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -86,15 +87,23 @@ class Evaluator:
                                   pin_memory=runtime.device.type == "cuda")
         self.topk = min(5, len(images.classes))
         self.runtime = runtime
+        self.strict = config.strict
         self.root, self.images = images.root, len(images)
+        self.warnings = []  # said by the run as they come
+        self.said_unreadable = False
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, head: nn.Module) -> dict:
         device = self.runtime.device
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@k, loss, count
-        skipped = 0
+        # correct@1, correct@k, loss, count, unreadable
+        totals = torch.zeros(5, dtype=torch.float64, device=device)
+        error = None
         for batch, unreadable in self.loader:
-            skipped += len(unreadable)
+            try:
+                totals[4] += count_unreadable(unreadable, self.strict, lambda bad: None)
+            except InputError as err:  # --strict: the first unreadable image
+                error = err
+                break
             if batch is None:
                 continue
             images, labels, _ = batch
@@ -102,16 +111,21 @@ class Evaluator:
             logits = classify(backbone, head, images, self.runtime)
             top = logits.topk(self.topk, dim=1).indices
             hits = top == labels[:, None]
-            totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
-                                   F.cross_entropy(logits, labels, reduction="sum"),
-                                   torch.tensor(len(labels), device=device)]).double()
+            totals[:4] += torch.stack([hits[:, 0].sum(), hits.any(1).sum(),
+                                       F.cross_entropy(logits, labels, reduction="sum"),
+                                       torch.tensor(len(labels), device=device)]).double()
+        rt.agree(self.runtime, error)  # under torchrun: an image one process found unreadable stops them all
         if self.runtime.distributed:
             dist.all_reduce(totals)
-        correct1, correctk, loss, count = totals.tolist()
+        correct1, correctk, loss, count, skipped = totals.tolist()
         if count == 0:
             raise agreed(InputError(f"VAL_DIR {self.root}: none of its {self.images} images could be decoded"))
+        if skipped and not self.said_unreadable:  # the same images every time: said once
+            self.said_unreadable = True
+            self.warnings.append(f"VAL_DIR {self.root}: {int(skipped)} of its {self.images} images could not be "
+                                 "decoded; the evaluation leaves them out (--strict stops instead)")
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correctk / count, "val_loss": loss / count,
-                "topk": self.topk, "val_images": int(count), "val_skipped": skipped}
+                "topk": self.topk, "val_images": int(count), "val_skipped": int(skipped)}
 
 
 def classify(backbone: nn.Module, head: nn.Module, images: torch.Tensor, runtime: rt.Runtime) -> torch.Tensor:
@@ -372,6 +386,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             try:
                 metrics.update(evaluate(backbone, head))
+                say_warnings(evaluate, emit)
             except Exception as err:
                 # raised once the trained epoch's line and checkpoint (without validation numbers) are
                 # saved, so that --resume continues once VAL_DIR is fixed (as pretrain's kNN monitor)
@@ -395,6 +410,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     if not metrics:  # resumed a finished run: evaluate it again (its last evaluation may have failed)
         rng = torch.get_rng_state()  # before the evaluation's loader draws from it
         metrics = {"kind": "epoch", "step": global_step, "epoch": config.epochs, **evaluate(backbone, head)}
+        say_warnings(evaluate, emit)
         keep_best(metrics)
         metrics_log.write(metrics)  # after the last epoch's own line: the evaluation alone, no training numbers
         torch.set_rng_state(rng)
