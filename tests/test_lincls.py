@@ -316,6 +316,11 @@ def test_a_mid_epoch_checkpoint_resumes_to_the_same_weights(tmp_path, data):
     b = load_checkpoint(tmp_path / "b" / HEAD_FILE)["state_dict"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # and so are the epochs' lines: the resumed epoch's counts the steps before the interruption too
+    epochs = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+               for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in line]
+              for run in ("a", "b")]
+    assert len(epochs[0]) == 2 and epochs[0] == epochs[1]
 
 
 def test_an_overwrite_run_refused_at_its_first_batch_gives_the_replaced_run_back(tmp_path, data):

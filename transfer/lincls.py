@@ -42,6 +42,8 @@ from .lars import LARS
 from .lincls_config import LinearEvalConfig
 
 HEAD_FILE = "linear_head.pth"
+# What a training epoch sums: the loss (times the batch), correct top-1, images, unreadable images.
+EPOCH_TOTALS = ("loss_sum", "correct", "images", "skipped")
 BEST_HEAD_FILE = "linear_head_best.pth"  # the head of the best validation top-1 (model_best.pth.tar there)
 Event = Callable[[dict], None]
 
@@ -281,12 +283,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     head = build_head(feature_dim(weights.arch), len(train_images.classes)).to(runtime.device)
     optimizer = build_optimizer(head, config)
     start_epoch = start_step = global_step = 0
+    resumed_totals = [0.0] * len(EPOCH_TOTALS)  # the EPOCH_TOTALS of a resumed epoch's steps before the checkpoint
     # the best validation top-1 so far and VAL_DIR's image list it was measured on (None: no evaluation yet)
     best, dropped_best = {"best_top1": 0.0, "best_val_images": None}, None
     if checkpoint is not None:
         head.load_state_dict(_head_names(checkpoint["state_dict"]))
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
+        resumed_totals = [float(checkpoint.get("epoch_totals", {}).get(name, 0.0)) for name in EPOCH_TOTALS]
         global_step = checkpoint["global_step"]
         best, dropped_best = resumed_best(checkpoint, val_list, out / BEST_HEAD_FILE)
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -329,15 +333,16 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             group["lr"] = lr
         sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
         dataset.set_epoch(epoch)
-        skipped = 0
-        sums = torch.zeros(3, device=runtime.device)  # loss, correct, images since the last log line
+        sums = torch.zeros(len(EPOCH_TOTALS), device=runtime.device)  # EPOCH_TOTALS since the last log line
         interval_start = time.perf_counter()
-        epoch_sums = torch.zeros(3, device=runtime.device)
+        # the epoch's, of every rank: the sums of its log lines. A mid-epoch checkpoint carries them, so
+        # that a resumed epoch's line is the uninterrupted run's (its log lines fall on the same steps)
+        epoch_totals = resumed_totals if epoch == start_epoch and start_step else [0.0] * len(EPOCH_TOTALS)
         for step, (batch, unreadable) in enumerate(loader, start=sampler.start_step):
             # the run's first batch is agreed on, as the checks before it (see pretrain's loop)
             with rt.agreement(runtime, when=first_batch):
-                skipped += count_training_unreadable(batch, unreadable, config.strict, announce, config.train_dir,
-                                                     global_step, runtime.distributed)
+                skipped = count_training_unreadable(batch, unreadable, config.strict, announce, config.train_dir,
+                                                    global_step, runtime.distributed)
             first_batch = False
             images, labels, _ = batch
             images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
@@ -348,17 +353,18 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             optimizer.step()
 
             global_step += 1
-            batch_sums = torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
-                                      torch.tensor(len(labels), device=runtime.device)]).float()
-            sums += batch_sums
-            epoch_sums += batch_sums
+            sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
+                                 torch.tensor(len(labels), device=runtime.device),
+                                 torch.tensor(skipped, device=runtime.device)]).float()
             end_of_epoch = step + 1 == sampler.steps_per_epoch
             save_now = config.save_every_steps and global_step % config.save_every_steps == 0 and not end_of_epoch
             if global_step % config.log_every and not end_of_epoch and not save_now:
                 continue
             if runtime.distributed:
                 dist.all_reduce(sums)
-            loss_sum, correct, count = sums.tolist()
+            interval = sums.tolist()
+            epoch_totals = [total + value for total, value in zip(epoch_totals, interval)]
+            loss_sum, correct, count, _ = interval
             if not math.isfinite(loss_sum):
                 raise agreed(SimSiamError(f"the loss became NaN or infinite at step {global_step}; lower --lr"))
             now = time.perf_counter()
@@ -370,18 +376,14 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             sums.zero_()
             interval_start = now
             if save_now and runtime.is_main:
-                save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch,
-                                        step + 1, global_step, step_metrics, best, fingerprint), out / LAST)
+                state = _checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch, step + 1,
+                                    global_step, step_metrics, best, fingerprint)
+                save_atomic({**state, "epoch_totals": dict(zip(EPOCH_TOTALS, epoch_totals))}, out / LAST)
                 run_folder.saved()
 
-        if runtime.distributed:
-            dist.all_reduce(epoch_sums)
-            counts = torch.tensor([skipped], device=runtime.device)
-            dist.all_reduce(counts)
-            skipped = int(counts.item())
-        loss_sum, correct, count = epoch_sums.tolist()
+        loss_sum, correct, count, skipped = epoch_totals
         metrics = {"kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / max(count, 1),
-                   "train_top1": 100.0 * correct / max(count, 1), "lr": lr, "skipped_images": skipped}
+                   "train_top1": 100.0 * correct / max(count, 1), "lr": lr, "skipped_images": int(skipped)}
         failure = None
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             try:
