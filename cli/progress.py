@@ -38,9 +38,8 @@ class TrainingProgress:
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
-            self.say(
-                f"{event['images']} images, {event['steps_per_epoch']} steps per epoch, "
-                f"{event['world_size']} process(es) on {event['device']} ({event['precision']})")
+            self.say(f"{_count(event['images'], 'image')}, {_count(event['steps_per_epoch'], 'step')} per epoch, "
+                     f"{_count(event['world_size'], 'process', 'es')} on {event['device']} ({event['precision']})")
             if event.get("resumed_from"):
                 self.say(_resuming(event))
             self.progress.start()
@@ -68,3 +67,8 @@ def _resuming(event: dict) -> str:
         return f"resuming {event['resumed_from']}: its {epochs} epochs are done; evaluating it again"
     return (f"resuming {event['resumed_from']}: epoch {event['epoch'] + 1} of {epochs}, "
             f"step {event['global_step']:,} of {event['total_steps']:,}")
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    """"1 image", "8 images"."""
+    return f"{n:,} {noun}{'' if n == 1 else plural}"

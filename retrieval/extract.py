@@ -19,8 +19,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from simsiam.augment import eval_transform
-from simsiam.data import (ImageDataset, ImageList, count_unreadable, make_loader, scan_images,
-                          split_folders_warning)
+from simsiam.data import ImageDataset, ImageList, count_unreadable, folder_warnings, make_loader, scan_images
 from simsiam.atomic import check_output
 from simsiam.config import MAX_IMAGE_SIZE, check_int
 from simsiam.errors import InputError, agreed
@@ -139,9 +138,8 @@ class _Extraction:
         _notify(on_event, {"event": "start", "images": len(self.dataset), "total_images": len(self.images),
                            "rank": self.runtime.rank, "world_size": self.runtime.world_size,
                            "device": str(self.runtime.device), "precision": self.runtime.precision})
-        split_warning = split_folders_warning(f"DATA {self.images.root}", self.images.root, self.images.classes)
-        if split_warning:
-            _notify(on_event, {"event": "warning", "message": split_warning})
+        for warning in folder_warnings(f"DATA {self.images.root}", self.images):
+            _notify(on_event, {"event": "warning", "message": warning})
         batches = None
         if self.gpu_decode:  # the fast path's decoding on the device, same pixels (simsiam.device_data)
             from simsiam.device_data import EvalBatches

@@ -8,6 +8,7 @@ the middle of an epoch sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -38,6 +39,7 @@ class ImageList:
     paths: list[str]
     labels: list[int]
     classes: list[str]
+    loose: int = 0  # images lying directly in ``root``, left out because it has class folders
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,12 +109,12 @@ def scan_images(root: str | os.PathLike) -> ImageList:
             paths += [os.path.relpath(f, root) for f in files]
             labels += [len(classes)] * len(files)
             classes.append(name)
+    top_level = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name))
     if not paths:
-        paths = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name))
-        labels = [-1] * len(paths)
+        paths, labels = top_level, [-1] * len(top_level)
     if not paths:
         raise InputError(f"{root}: no images found (expected class/*.jpg folders or image files)")
-    return ImageList(root=root, paths=paths, labels=labels, classes=classes)
+    return ImageList(root=root, paths=paths, labels=labels, classes=classes, loose=len(top_level) if classes else 0)
 
 
 # folder names of dataset splits: a dataset's top folder scanned as an ImageFolder has them as classes
@@ -130,6 +132,19 @@ def split_folders_warning(where: str, root: str | os.PathLike, classes: Sequence
             f"classes; did you mean a split's folder ({Path(root) / classes[-1]})?")
 
 
+def folder_warnings(where: str, images: ImageList, labels_used: bool = True) -> list[str]:
+    """What may be wrong with a scanned folder, worth a warning before it is used: class folders
+    named like dataset splits, when the labels are used (:func:`split_folders_warning`); images
+    lying beside class folders (left out, as torchvision's ImageFolder leaves them). ``where``
+    starts each message."""
+    warnings = [split_folders_warning(where, images.root, images.classes) if labels_used else None]
+    if images.loose:
+        folders = ", ".join(images.classes[:3]) + (f" and {len(images.classes) - 3} more" if len(images.classes) > 3 else "")
+        warnings.append(f"{where}: {images.loose} image(s) lying directly in it are left out: it has class folders "
+                        f"({folders}), and only the images inside them are read (class/*.jpg)")
+    return [warning for warning in warnings if warning]
+
+
 def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option: str) -> tuple[ImageList, ImageList]:
     """Both folders as ImageFolders, the validation labels indexing the training classes (matched by
     name, so a validation folder may hold some of the classes, in any order)."""
@@ -143,7 +158,7 @@ def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option:
                          + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
     index = {c: i for i, c in enumerate(train.classes)}
     labels = [index[val.classes[label]] for label in val.labels]
-    return train, ImageList(val.root, val.paths, labels, train.classes)
+    return train, dataclasses.replace(val, labels=labels, classes=train.classes)
 
 
 # giflib's error codes (gif_lib.h), which torchvision's GIF decoder reports as bare numbers
@@ -299,7 +314,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
             )
         if num_samples < global_batch_size:
             raise InputError(
-                f"--batch-size {global_batch_size}: larger than the dataset ({num_samples} images)"
+                f"--batch-size {global_batch_size}: larger than the dataset ({num_samples} image"
+                f"{'' if num_samples == 1 else 's'})"
             )
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size

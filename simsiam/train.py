@@ -23,8 +23,8 @@ from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import (GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, labelled_images,
-                   make_loader, same_images, scan_images, split_folders_warning)
+from .data import (GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
+                   labelled_images, make_loader, same_images, scan_images)
 from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
 from .loss import collapse_std, negative_cosine_similarity
@@ -96,9 +96,7 @@ class KnnMonitor:
             self.warnings.append("--knn-train and --knn-val hold the same images: each is its own nearest "
                                  "neighbour, so the kNN top-1 is inflated; give held-out images as --knn-val")
         for option, images in (("--knn-train", train), ("--knn-val", val)):
-            split_warning = split_folders_warning(f"{option} {images.root}", images.root, images.classes)
-            if split_warning:
-                self.warnings.append(split_warning)
+            self.warnings += folder_warnings(f"{option} {images.root}", images)
 
     def __call__(self, encoder: nn.Module) -> float | None:
         """The top-1 on rank 0; None on the other ranks. Every rank must call it."""
@@ -256,6 +254,8 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
                              f"pass --epochs N with N > {checkpoint['epoch']} to train on")
         images = scan_images(config.data)
+        for warning in folder_warnings(f"DATA {images.root}", images, labels_used=False):  # before a refusal it explains
+            emit({"event": "warning", "message": warning})
         fingerprint = images.fingerprint()
         if checkpoint is not None:
             check_resumed_images(checkpoint, fingerprint, config, "data", resume_from)

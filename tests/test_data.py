@@ -228,6 +228,28 @@ def test_class_folders_named_like_dataset_splits_are_warned_about():
     assert split_folders_warning("DATA /d", "/d", []) is None  # a flat folder
 
 
+def test_images_beside_class_folders_are_counted_and_warned_about(tmp_path):
+    """Left out, as torchvision's ImageFolder leaves them: silently, a folder of 1,000 images with one
+    small subfolder trained on the subfolder alone."""
+    from cli_runner import assert_user_error, run
+    from simsiam.data import folder_warnings, scan_images
+
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=3, labelled=False)  # 3 loose images
+    make_image_folder(data / "extra", classes=1, per_class=1, labelled=False)
+    images = scan_images(data)
+    assert (len(images), images.classes, images.loose) == (1, ["extra"], 3)
+    warning = (f"DATA {data}: 3 image(s) lying directly in it are left out: it has class folders (extra), and only "
+               "the images inside them are read (class/*.jpg)")
+    assert folder_warnings(f"DATA {data}", images) == [warning]
+    assert scan_images(data / "extra").loose == 0  # a flat folder: they are its images
+    assert folder_warnings("DATA /d", scan_images(make_image_folder(tmp_path / "classes", classes=2, per_class=1))) == []
+    # said before the refusal it explains
+    result = run("pretrain", data, "--out", tmp_path / "run", "--preset", "cifar", "--batch-size", "2", "--device", "cpu")
+    assert result.output.splitlines()[0] == f"warning: {warning}"
+    assert result.output.splitlines()[1] == "Error: --batch-size 2: larger than the dataset (1 image)"
+    assert_user_error(result, only_line=False)
+
+
 def test_a_broken_gif_says_what_giflib_found_not_its_error_number(tmp_path):
     """torchvision reports giflib's errors as "DGifSlurp() failed - 102": the code is said in words."""
     import io

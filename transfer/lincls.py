@@ -32,7 +32,7 @@ from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
 from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, count_unreadable,
-                          labelled_images, make_loader, split_folders_warning)
+                          folder_warnings, labelled_images, make_loader)
 from simsiam.errors import InputError, SimSiamError, agreed
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable,
                              check_resumed_images, check_resumed_state, check_run_dir, resume_checkpoint, run_in_folder)
@@ -310,9 +310,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
           "arch": weights.arch, "resumed_from": str(resume_from) if checkpoint is not None else None,
           "dropped_best_top1": dropped_best})
     for name, images in (("TRAIN_DIR", train_images), ("VAL_DIR", val_images)):
-        split_warning = split_folders_warning(f"{name} {images.root}", images.root, images.classes)
-        if split_warning:
-            emit({"event": "warning", "message": split_warning})
+        for warning in folder_warnings(f"{name} {images.root}", images):
+            emit({"event": "warning", "message": warning})
     del checkpoint
 
     def keep_best(metrics: dict) -> None:
