@@ -65,8 +65,10 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
     if ignored:  # they were silently ignored
         raise click.UsageError(f"{ignored[0]}: embeds --query images; --query-h5 holds features already")
     if grid is not None:  # before any work, and never over an input (a query image, say)
+        from retrieval.contact_sheet import check_grid_name
         from simsiam.atomic import check_output
 
+        check_grid_name(grid)
         check_output(grid, "--grid", True, inputs=[p for p in (database, query, checkpoint, query_h5) if p])
     with EmbeddingProgress("queries") as progress:
         result = find_neighbours(database, k, query, checkpoint, query_h5, evaluate, backend, device, precision,

@@ -65,6 +65,14 @@ def _cell(ax, image: np.ndarray | None, title: str, frame: str | None) -> None:
             spine.set_linewidth(3)
 
 
+def check_grid_name(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; refused unless it ends in .png, the format written."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--grid {out}: must end in .png (the file written is a PNG)")
+    return out
+
+
 def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: int = MAX_ROWS) -> list[Path]:
     """Write the PNG contact sheet of ``result`` (the first ``max_rows`` queries); atomic.
 
@@ -74,9 +82,7 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--grid {out}: must end in .png (the file written is a PNG)")
+    out = check_grid_name(out)
     # the images drawn are read from the folders the files were extracted from: never over or among them
     roots = [features.attrs["root"] for features in (result.database, result.queries) if features.attrs.get("root")]
     check_output(out, "--grid", overwrite=True, inputs=roots)

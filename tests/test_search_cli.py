@@ -197,6 +197,15 @@ def test_undecodable_query_image(gallery, tmp_path):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_a_grid_that_is_not_a_png_is_refused_before_any_work(gallery, tmp_path, monkeypatch):
+    # it was refused only once every query was embedded and searched
+    import retrieval.search
+
+    monkeypatch.setattr(retrieval.search, "find_neighbours", lambda *a, **k: pytest.fail("searched"))
+    assert_user_error(run("search", gallery["h5"], "--query-h5", gallery["h5"], "--grid", tmp_path / "g.jpg"),
+                      f"--grid {tmp_path / 'g.jpg'}: must end in .png")
+
+
 def test_a_feature_file_as_query_image_points_to_query_h5_before_loading_the_checkpoint(gallery, monkeypatch):
     import retrieval.search
 
