@@ -14,6 +14,7 @@ when healthy, 0 when the representation has collapsed (the paper's Fig. 2, middl
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | No
             ax.legend(fontsize=8)
         if key == "collapse_std" and (x or ex):
             ax.axhline(1.0, color="0.6", ls="--", lw=0.8)  # the healthy value, 1/sqrt(d) before scaling
-            ax.set_ylim(0, max(1.1, 1.05 * max(y + ey)))  # from 0: a collapse is a fall towards it
+            # from 0: a collapse is a fall towards it; up to the finite values (a diverged run's are not)
+            ax.set_ylim(0, max([1.1] + [1.05 * v for v in y + ey if math.isfinite(v)]))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     for ax in axes[2:]:

@@ -38,6 +38,19 @@ def test_plot_writes_a_png_of_the_four_curves(tmp_path):
         assert image.format == "PNG" and image.size == (1000, 700)
 
 
+def test_plot_of_a_diverged_run_with_infinite_values(tmp_path):
+    # json writes float("inf") as Infinity, and reads it back: the collapse panel's limits were a ValueError
+    write_metrics(tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    whole_lines = metrics.read_text().rsplit("\n", 1)[0]  # without the line a kill cut
+    metrics.write_text(whole_lines + '\n{"kind": "step", "step": 13, "epoch": 4, "loss": Infinity, "lr": 0.01, '
+                       '"collapse_std": Infinity}\n')
+    result = run("plot", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "run" / "curves.png") as image:
+        assert image.size == (1000, 700)
+
+
 def test_plot_without_knn_monitor_and_to_another_file(tmp_path):
     write_metrics(tmp_path / "run", knn=False)
     out = tmp_path / "c.png"
