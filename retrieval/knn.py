@@ -71,15 +71,16 @@ def ranked_classes(scores: torch.Tensor, top: int = 5) -> torch.Tensor:
     return scores.sort(dim=1, descending=True, stable=True).indices[:, :min(top, scores.shape[1])]
 
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, float, float]:
-    """``(top-5 predictions, top-1 accuracy, top-5 accuracy)`` of the class scores of k neighbours.
+def correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """``(top-5 predictions, top-1 correct, top-5 correct)`` of the class scores of k neighbours:
+    counts, so that the accuracy is one exact division however many chunks there are.
 
     As DINO's ``eval_knn.py``: only the first min(5, k) classes count, since k neighbours vote for
     at most k classes and the rest would be filled with classes no neighbour voted for.
     """
     predictions = ranked_classes(scores, min(5, k))
     hits = predictions == labels[:, None]
-    return predictions, hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()
+    return predictions, int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
 
 
 def check_ks(ks) -> list[int]:
@@ -137,14 +138,14 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     labels = train_labels[torch.from_numpy(neighbours.indices)]
     results = []
     for k in ks:
-        predictions, top1_hits, top5_hits = [], 0.0, 0.0
+        predictions, top1_hits, top5_hits = [], 0, 0
         for start in range(0, len(val_labels), VOTE_CHUNK):
             part = slice(start, start + VOTE_CHUNK)
             scores = vote(sims[part], labels[part], k, temperature, num_classes)
-            chunk_predictions, top1, top5 = accuracy(scores, val_labels[part], k)
+            chunk_predictions, top1, top5 = correct(scores, val_labels[part], k)
             predictions.append(chunk_predictions)
-            top1_hits += top1 * len(chunk_predictions)
-            top5_hits += top5 * len(chunk_predictions)
+            top1_hits += top1
+            top5_hits += top5
         results.append(KnnResult(k, top1_hits / len(val_labels), top5_hits / len(val_labels),
                                  torch.cat(predictions).numpy()))
     return results
