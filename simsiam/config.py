@@ -102,6 +102,10 @@ class RunSettings:
                 same = not os.path.isabs(saved[name]) or os.path.realpath(saved[name]) == os.path.realpath(value)
             else:
                 same = saved[name] == value
+            if not same and isinstance(value, bool):  # a flag: --blur or --no-blur, not "--blur False"
+                flag = cls.label(name) if value else f"--no-{cls.label(name)[2:]}"
+                raise InputError(f"{flag}: the run being resumed ({where}) did not use it; a resumed run continues "
+                                 "with its own settings")
             if not same:
                 raise InputError(f"{cls.label(name)} {shown[name]}: the run being resumed ({where}) used "
                                  f"{saved[name]}; a resumed run continues with its own settings")

@@ -222,6 +222,9 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--batch-size", "4"),
                       "--batch-size 4: the run being resumed", "used 8")
     assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", "--lr", "0.1"), "--lr 0.1", "used 0.03")
+    for flag in ("--blur", "--no-stop-grad"):  # flags as typed: not "--blur True: ... used False"
+        assert_user_error(run("pretrain", "--resume", out, "--epochs", "3", flag),
+                          f"{flag}: the run being resumed ({out / 'last.pth.tar'}) did not use it")
     other_images = make_image_folder(tmp_path / "other_images", classes=2, per_class=4)
     assert_user_error(run("pretrain", other_images, "--resume", out, "--epochs", "3"),
                       f"DATA {other_images}: 8 images, 56 fewer than the 64 the run being resumed")
