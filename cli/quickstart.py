@@ -44,4 +44,5 @@ def command(out, epochs):
     click.echo("next:")
     click.echo(f"  simsiam knn --train {result.train_features} --val {result.test_features} -k 10 -k 20")
     click.echo(f"  simsiam search {result.train_features} --query-h5 {result.test_features} --eval")
-    click.echo(f"  simsiam pretrain --resume {result.checkpoint.parent} --epochs 20   # train longer")
+    click.echo(f"  simsiam pretrain --resume {result.checkpoint.parent} --epochs {max(20, 2 * result.epochs)}"
+               "   # train longer")

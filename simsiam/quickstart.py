@@ -71,6 +71,7 @@ class QuickstartResult:
     curves: Path
     train_images: int
     test_images: int
+    epochs: int  # pretrained for
 
 
 def check_quickstart_folder(out: Path, arch: str) -> None:
@@ -140,4 +141,4 @@ def run_quickstart(out: str | os.PathLike, on_event=None, **overrides) -> Quicks
     detectron2_weights = write_detectron2_pickle(convert_checkpoint(checkpoint), out / f"{config.arch}-detectron2.pkl",
                                                  overwrite=True)
     return QuickstartResult(random_result.top1, trained_result.top1, checkpoint, files[0], files[1],
-                            detectron2_weights, curves, len(random_sets[0]), len(random_sets[1]))
+                            detectron2_weights, curves, len(random_sets[0]), len(random_sets[1]), config.epochs)

@@ -57,3 +57,18 @@ def test_a_folder_of_other_files_is_refused_before_any_work(tmp_path):
                       "is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine"]
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_the_suggested_longer_run_is_longer_than_the_one_just_run(tmp_path, monkeypatch):
+    # "--epochs 20" was suggested whatever --epochs the quickstart ran, and refused after 20 or more
+    from simsiam import quickstart as library
+
+    def quickstart(out, on_event, epochs=6):
+        return library.QuickstartResult(0.1, 0.7, tmp_path / "run" / "last.pth.tar", tmp_path / "a.h5", tmp_path / "b.h5",
+                                tmp_path / "r.pkl", tmp_path / "run" / "curves.png", 10, 5, epochs)
+
+    monkeypatch.setattr(library, "run_quickstart", quickstart)
+    for given, suggested in ((None, 20), ("30", 60)):
+        result = CliRunner().invoke(simsiam, ["quickstart", "--out", str(tmp_path)] + (["--epochs", given] if given else []),
+                                    catch_exceptions=False)
+        assert f"simsiam pretrain --resume {tmp_path / 'run'} --epochs {suggested}   # train longer" in result.output
