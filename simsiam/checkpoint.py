@@ -58,15 +58,28 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     format. Cheap: commands call it before work that comes ahead of loading the checkpoint."""
     path = Path(path)
     if path.is_dir():
-        newest = newest_checkpoint(path)  # a run folder given for one of its checkpoints
-        hint = f"; its newest checkpoint is {newest}" if newest else ""
-        raise InputError(f"{path}: is a folder, not a checkpoint file{hint}")
+        raise InputError(f"{path}: is a folder, not a checkpoint file{_run_folder_hint(path)}")
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     problem = why_not_a_torch_save_file(path)
     if problem:
         raise InputError(f"{path}: {problem}")
     return path
+
+
+def _run_folder_hint(folder: Path) -> str:
+    """For a run folder given where a checkpoint of weights is wanted: its newest checkpoint, or,
+    for a linear evaluation's folder (whose checkpoints hold a linear head), the backbone's."""
+    newest = newest_checkpoint(folder)
+    if newest is None:
+        return ""
+    try:
+        config = load_checkpoint(newest, mmap=True).get("config")
+    except InputError:
+        config = None
+    if isinstance(config, dict) and "train_dir" in config:  # simsiam lincls's run config
+        return f"; it holds a linear evaluation of {config.get('checkpoint')}"
+    return f"; its newest checkpoint is {newest}"
 
 
 def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:

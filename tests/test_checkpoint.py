@@ -187,3 +187,9 @@ def test_a_run_folder_given_for_a_checkpoint_file_is_refused_naming_its_newest_c
     save_atomic({"epoch": 11}, tmp_path / "last.pth.tar")
     with pytest.raises(InputError, match=re.escape(f"its newest checkpoint is {tmp_path / 'last.pth.tar'}")):
         check_checkpoint_file(tmp_path)
+    # a linear evaluation's folder: its checkpoints hold a linear head, not weights to extract or evaluate
+    save_atomic({"epoch": 1, "config": {"checkpoint": "/runs/r50/checkpoint_0099.pth.tar", "train_dir": "/d/train"}},
+                tmp_path / "last.pth.tar")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path}: is a folder, not a checkpoint file; it holds a linear "
+                                                   "evaluation of /runs/r50/checkpoint_0099.pth.tar")):
+        check_checkpoint_file(tmp_path)
