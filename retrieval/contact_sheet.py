@@ -9,6 +9,7 @@ frame is green when it shares the query's class and red when not.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,8 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
                 frame = "tab:green" if result.database.labels[index] == result.query_labels[row] else "tab:red"
             _cell(ax, thumbnail(result.database.root / result.database.paths[index]),
                   f"{result.scores[row, col]:.3f}{_class_of(result.database, index)}", frame)
-    with atomic_write(out) as f:
+    with atomic_write(out) as f, warnings.catch_warnings():
+        # names in scripts the default font lacks (CJK, say) are drawn as boxes: a UserWarning per glyph
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
         figure.savefig(f, format="png", dpi=DPI)
     return missing

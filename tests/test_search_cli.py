@@ -197,6 +197,22 @@ def test_undecodable_query_image(gallery, tmp_path):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_a_grid_of_names_the_font_cannot_draw_warns_nothing(gallery, tmp_path, recwarn):
+    # matplotlib's UserWarning per missing glyph, with a source line, came out among our own lines
+    import shutil
+    import warnings
+
+    warnings.simplefilter("always")
+    (tmp_path / "q").mkdir()
+    query = tmp_path / "q" / "猫の写真.png"
+    shutil.copy(gallery["images"] / "class1" / "c1_002.png", query)
+    result = run("search", gallery["h5"], "--query", query, "--checkpoint", gallery["checkpoint"], "-k", "2",
+                 "--grid", tmp_path / "g.png", "--workers", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+
+
 def test_a_grid_that_is_not_a_png_is_refused_before_any_work(gallery, tmp_path, monkeypatch):
     # it was refused only once every query was embedded and searched
     import retrieval.search
