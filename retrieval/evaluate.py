@@ -89,6 +89,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
         val_set = train_set if same else extract_features(model, val_images, runtime, **common)
     report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size,
                           names=("--train-dir", "--val-dir"))
+    for name, folder, images, features in (("--train-dir", train_dir, train_images, train_set),
+                                           ("--val-dir", val_dir, val_images, val_set)):
+        if len(features) < len(images):  # said as they came too; this one goes in the report (--json)
+            report.warnings.append(f"{name} {folder}: {len(images) - len(features)} of its {len(images)} images could "
+                                   "not be decoded and are left out")
     if save_features is not None:
         _write_pair(Path(save_features), train_set, val_set)
     return report, val_set

@@ -334,6 +334,19 @@ def test_k_larger_than_the_decodable_images_of_train_dir_names_it_and_the_unread
                       "be decoded)", only_line=False)
 
 
+def test_unreadable_images_of_the_folders_are_in_the_json_report(tmp_path):
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=3)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=2, seed=1)
+    (val / "class1" / "broken.png").write_bytes(b"not a png")
+    result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "3", "--image-size", "16",
+                 "--resize", "0", "--workers", "0", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["val_size"] == 4
+    assert report["warnings"] == [f"--val-dir {val}: 1 of its 5 images could not be decoded and are left out"]
+
+
 @pytest.mark.parametrize("temperature", ["0", "-1", "nan", "inf"])
 def test_a_temperature_that_is_not_positive_is_refused_before_reading_or_embedding(tmp_path, monkeypatch, temperature):
     import retrieval.evaluate
