@@ -17,6 +17,7 @@ shard per rank and merges them into one such file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -302,10 +303,29 @@ def _check_datasets(f: h5py.File, where: Path) -> None:
                          f"{f['paths'].shape} do not describe the same images")
     if f["features"].dtype.kind != "f":
         raise InputError(f"{where}: features are {f['features'].dtype}, expected float16 or float32")
+    _check_stored(f["features"], where)
     if f["labels"].dtype.kind not in "iu":
         raise InputError(f"{where}: labels are {f['labels'].dtype}, expected integers (class indices)")
     if h5py.check_string_dtype(f["paths"].dtype) is None:
         raise InputError(f"{where}: 'paths' is not a dataset of strings; {NOT_OURS}")
+
+
+def _check_stored(features: h5py.Dataset, where: Path) -> None:
+    """Refuse a features dataset whose shape claims more values than the file stores: a damaged
+    header (one flipped byte made a 40 x 512 file claim 40 x 4,278,190,088 features, 638 GiB to
+    read), or a writer that stopped before writing them all. Chunked: each chunk of the shape must
+    be allocated; contiguous: all its bytes."""
+    if features.is_virtual:
+        return
+    rows, dim = features.shape
+    if features.chunks:
+        expected = math.ceil(rows / features.chunks[0]) * math.ceil(dim / features.chunks[1])
+        stored = features.id.get_num_chunks()
+    else:
+        expected, stored = rows * dim * features.dtype.itemsize, features.id.get_storage_size()
+    if stored < expected:
+        raise InputError(f"{where}: damaged: its 'features' claim {rows:,} x {dim:,} values, more than the file "
+                         "stores")
 
 
 def _decode_paths(raw: np.ndarray, where: Path) -> list[str]:

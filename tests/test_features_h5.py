@@ -229,3 +229,20 @@ def test_a_feature_file_with_damaged_structures_is_refused_in_one_line(tmp_path)
     damaged[unreadable[len(unreadable) // 2]] ^= 0xFF
     bad.write_bytes(damaged)
     assert_user_error(run("knn", "--train", good, "--val", bad, "-k", "3"), f"{bad}: unreadable HDF5 file")
+
+
+def test_features_a_file_claims_but_does_not_store_are_refused_not_allocated(tmp_path):
+    # a damaged shape (h5py 3.8 went on to allocate 638 GiB for it), or a writer that stopped early:
+    # chunks never written, which HDF5 would read as zeros
+    good = feature_file(tmp_path / "good.h5", *clustered(40, classes=4, dim=8))
+    bad = tmp_path / "bad.h5"
+    for chunks, written in (((4, 8), 10), (None, 0)):  # contiguous: allocated at the first write, whole
+        shutil.copy(good, bad)
+        with h5py.File(bad, "r+") as f:
+            del f["features"]
+            f.create_dataset("features", shape=(40, 8), dtype="float32", chunks=chunks)
+            if written:
+                f["features"][:written] = 1.0
+        with pytest.raises(InputError, match="bad.h5: damaged: its 'features' claim 40 x 8 values, more than the file "
+                                             "stores"):
+            read_features(bad)
