@@ -125,8 +125,9 @@ def plan_index(rows: int, dim: int, kind: str = "auto", max_memory: int | None =
                    else f"{rows:,} vectors")
             ivf_pq.reason = f"{why}; {ivf_pq.reason}"
             return ivf_pq
-        raise InputError(f"{limit or 'memory'}: too small for any index of {rows:,} x {dim} vectors "
-                         f"(Flat needs {human_bytes(flat.estimated_bytes)})")
+        smallest = min((p for p in (flat, hnsw, ivf_pq) if p is not None), key=lambda p: p.estimated_bytes)
+        raise InputError(f"{limit or 'memory'}: too small for any index of {rows:,} x {dim} vectors (the smallest, "
+                         f"{smallest.factory}, needs about {human_bytes(smallest.estimated_bytes)})")
     plan = {"flat": flat, "hnsw": hnsw, "ivf-pq": ivf_pq}[kind]
     if plan is None:
         raise InputError(f"--kind ivf-pq: {rows} vectors are too few to train IVF-PQ (needs at least "

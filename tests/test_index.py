@@ -92,8 +92,12 @@ def test_auto_chooses_by_size_and_memory():
     assert imagenet.kind == "ivf-pq" and imagenet.factory == "IVF4096,PQ64x8np,Refine(SQ8)"
     with pytest.raises(InputError, match="--kind flat: needs about 390.6 MiB, more than --max-memory 100.0 MiB"):
         plan_index(50_000, 2048, "flat", parse_memory("100M"))
-    with pytest.raises(InputError, match="too small"):
+    # the least it would take: the smallest IVF-PQ here, not the Flat index (390 MiB) it named before
+    smallest = plan_index(50_000, 2048, "ivf-pq")
+    with pytest.raises(InputError, match=r"--max-memory 1000 B: too small for any index of 50,000 x 2048 vectors \(the "
+                                         r"smallest, IVF\d+,PQ1x8np, needs about .* MiB\)") as refused:
         plan_index(50_000, 2048, max_memory=1000)
+    assert float(str(refused.value).split("needs about ")[1].split()[0]) < 10 < smallest.estimated_bytes / 2**20
     # asked for IVF-PQ: the budget, not the number of vectors, is what is short
     with pytest.raises(InputError, match=r"--kind ivf-pq: needs about .*KiB, more than --max-memory 97.7 KiB"):
         plan_index(5000, 64, "ivf-pq", 100_000)
