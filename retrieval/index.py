@@ -210,6 +210,16 @@ def sidecar_path(index_path: Path) -> Path:
     return index_path.with_name(index_path.name + ".json")
 
 
+def _is_description(path: Path) -> bool:
+    """Whether ``path`` is the sidecar of an index beside it (the index's name plus .json)."""
+    if not (path.name.endswith(".json") and path.is_file() and path.with_name(path.name[:-len(".json")]).is_file()):
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == SIDECAR_FORMAT
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return False
+
+
 def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
                 max_memory: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000,
                 seed: int = 0, on_event: Callable[[str], None] | None = None, overwrite: bool = False) -> IndexReport:
@@ -219,9 +229,9 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     Existing ones are replaced only with ``overwrite``, and never the feature file itself.
     """
     out = Path(out)
-    described = out.with_name(out.name[:-len(".json")])
-    if out.name.endswith(".json") and described.is_file():  # --overwrite would turn that index's description into an index
-        raise InputError(f"--out {out}: is the description of the index {described}; give the index its own name")
+    if _is_description(out):  # --overwrite would turn that index's description into an index
+        raise InputError(f"--out {out}: is the description of the index {out.with_name(out.name[:-len('.json')])}; "
+                         "give the index its own name")
     for path in (out, sidecar_path(out)):  # before any work
         check_output(path, "--out", overwrite, inputs=[features_path])
     faiss = import_faiss()

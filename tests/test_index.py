@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import faiss
 import numpy as np
@@ -134,6 +135,11 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
                       f"auto.index.json: is the description of the index {out}; give the index its own name")
     assert (tmp_path / "auto.index.json").read_bytes() == description
     assert "exceeds --max-memory 200.0 KiB" in report["reason"]
+    # a feature file's name plus .json is no index's description: it was refused as one
+    features = tmp_path / "mine.h5"
+    shutil.copy(clustered_file, features)
+    result = run("index", features, "--out", tmp_path / "mine.h5.json", "--recall-sample", "200")
+    assert result.exit_code == 0, result.output
 
 
 def test_cli_errors(clustered_file, tmp_path):
