@@ -29,7 +29,8 @@ CHECKPOINT_ONLY = ("train_dir", "val_dir", "save_features", "overwrite", "layer"
               help="auto: faiss on GPU when faiss has GPUs, else torch on CUDA; on CPU faiss, or torch without it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
-              help="torch backend: queries per matrix product (memory: chunk x train size x 4 bytes). [default: auto]")
+              help="torch backend (chosen by giving it): queries per matrix product (memory: chunk x train size x "
+                   "4 bytes). [default: auto]")
 @click.option("--predictions", type=PATH, default=None, help="Write one CSV row per image and k (an existing file is replaced; never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--overwrite", is_flag=True, help="Replace train.h5 and val.h5 in the --save-features folder.")
@@ -46,6 +47,10 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
     from retrieval.evaluate import evaluate_checkpoint, evaluate_files
     from retrieval.knn import write_predictions
 
+    if chunk_size is not None:  # the torch backend's: silently ignored by faiss, which auto picks on CPU
+        if backend == "faiss":
+            raise click.UsageError("--chunk-size: sets the torch backend's chunks; --backend faiss has none")
+        backend = "torch"
     if predictions is not None:  # before any work, and never over an input
         from simsiam.atomic import check_output
 

@@ -433,6 +433,11 @@ def test_usage_errors(files):
                           f"--temperature {float(value)}: must be a positive finite number")
     assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], "--chunk-size", "-5"),
                       "--chunk-size", "-5 is not in the range x>=1", "(see: simsiam knn --help)")
+    # the torch backend's option: silently ignored by faiss (auto's choice on CPU) before
+    assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], "--chunk-size", "5", "--backend",
+                          "faiss"), "--chunk-size: sets the torch backend's chunks; --backend faiss has none")
+    result = run("knn", "--train", files["train"], "--val", files["val"], "--chunk-size", "5", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["backend"].startswith("torch"), result.output
 
 
 def test_a_dataset_top_folder_with_split_folders_is_warned_about_in_extract_and_knn(tmp_path):
