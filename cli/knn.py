@@ -56,6 +56,8 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
 
         check_output(predictions, "--predictions", True,
                      inputs=[p for p in (checkpoint, train_file, val_file, train_dir, val_dir) if p])
+        if predictions.suffix.lower() != ".csv":  # it replaces what is there: not a feature file given by mistake
+            raise click.UsageError(f"--predictions {predictions}: must end in .csv (the file written is CSV)")
     if checkpoint is None:
         ignored = options_given(CHECKPOINT_ONLY)
         if ignored:  # feature files were embedded already: refused, not silently ignored (--layer projector)

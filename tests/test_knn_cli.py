@@ -229,6 +229,12 @@ def test_predictions_never_replace_an_input(files, tmp_path):
     assert_user_error(run("knn", "--train", files["train"], "--val", val, "--predictions", val),
                       "--predictions", "is an input of this command")
     assert val.read_bytes() == before
+    # nor any other file but a .csv: it replaces what is there (a feature file given for --train.h5, say)
+    other = tmp_path / "other.h5"
+    shutil.copyfile(files["val"], other)
+    assert_user_error(run("knn", "--train", files["train"], "--val", files["val"], "--predictions", other),
+                      f"--predictions {other}: must end in .csv")
+    assert other.read_bytes() == before
     # the library's writer refuses it too
     from retrieval.features import read_features
     from retrieval.knn import evaluate_knn, write_predictions
