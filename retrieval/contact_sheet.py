@@ -119,6 +119,6 @@ def draw_contact_sheet(result: SearchResult, out: str | os.PathLike, max_rows: i
                   f"{result.scores[row, col]:.3f}{_class_of(result.database, index)}", frame)
     with atomic_write(out) as f, warnings.catch_warnings():
         # names in scripts the default font lacks (CJK, say) are drawn as boxes: a UserWarning per glyph
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
         figure.savefig(f, format="png", dpi=DPI)
     return missing
