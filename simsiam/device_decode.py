@@ -107,6 +107,30 @@ def _decode_on_cpu(payload: torch.Tensor) -> torch.Tensor:
         raise OSError(str(err).rsplit(", ", 1)[-1].strip()) from None
 
 
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _decode_jpegs(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``decode_jpeg`` of a list onto ``device``. On CUDA, on a side stream of our own: torchvision
+    allocates the images on the current stream but has nvjpeg write them on a stream of its own that
+    does not wait for the current one, so the caching allocator can hand it a block freed while
+    kernels queued on the current stream still read it, and the decode overwrites their input
+    (pytorch/vision#9606; our training loop queues a step ahead). Blocks allocated on the side
+    stream are not the current stream's; the current stream then waits for the decode, and each
+    image is marked as used there, so that its block is not reused before that use is done."""
+    if device.type != "cuda":
+        return decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    current = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        images = decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(side)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
 def decode_batch(payloads: list[torch.Tensor], paths: list[str], device: torch.device):
     """Decode a batch's payloads onto ``device``: ``(images, failed)``, ``images`` holding a uint8
     ``[3, H, W]`` tensor per payload, None where it cannot be decoded, and ``failed`` mapping the
@@ -118,12 +142,16 @@ def decode_batch(payloads: list[torch.Tensor], paths: list[str], device: torch.d
             images[i] = p.to(device, non_blocking=True)
     if jpeg:
         try:
-            decoded = decode_jpeg([payloads[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            decoded = _decode_jpegs([payloads[i] for i in jpeg], device)
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but not a file's fault
+            raise
         except RuntimeError:  # one bad file fails the whole batch: decode one at a time
             decoded = []
             for i in jpeg:
                 try:
-                    decoded.append(decode_jpeg(payloads[i], mode=ImageReadMode.RGB, device=device))
+                    decoded += _decode_jpegs([payloads[i]], device)
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError:
                     decoded.append(None)
         for i, image in zip(jpeg, decoded):

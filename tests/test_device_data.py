@@ -249,3 +249,71 @@ def test_embedding_with_device_decoded_batches_gives_the_plain_features(tmp_path
     # a rank's slice, in its order
     part = list(EvalBatches(images, 16, 20, CPU, batch_size=3, indices=[7, 1, 5, 9]))
     assert [i for (batch, _) in part if batch is not None for i in batch[2].tolist()] == [7, 1, 9]  # 5: truncated.jpg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the race is between CUDA streams; "
+                    "on a CPU there is one stream and nothing to race")
+def test_gpu_decoding_never_overwrites_memory_that_queued_kernels_still_read():
+    """pytorch/vision#9606's check: kernels queued on the current stream read tensors that are then
+    freed; the decode that follows must not be handed (and overwrite) their blocks before they ran."""
+    from torchvision.io import encode_jpeg
+
+    device = torch.device("cuda")
+    payload = encode_jpeg(torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8))
+    size = 3 * 224 * 224  # the decoded image's bytes: the blocks the allocator would hand the decoder
+    slow = torch.randn(4096, 4096, device=device)
+    wrong = 0
+    for _ in range(20):
+        held = [torch.full((size,), 7, dtype=torch.uint8, device=device) for _ in range(16)]
+        torch.cuda.synchronize()
+        for _ in range(8):  # keeps the stream busy, so that the sums below are still queued
+            slow = slow @ slow / 4096
+        sums = [t.sum(dtype=torch.int64) for t in held]
+        del held  # freed while their sums are queued
+        images, failed = decode_batch([payload] * 16, ["x.jpg"] * 16, device)
+        torch.cuda.synchronize()
+        assert not failed and all(image.shape == (3, 224, 224) for image in images)
+        wrong += sum(int(s) != 7 * size for s in sums)
+    assert wrong == 0
+
+
+def test_gpu_decoding_runs_on_a_side_stream_that_the_current_one_waits_for(monkeypatch):
+    """The order of the CUDA calls of the fix checked above on a GPU, with the CUDA API faked: the
+    decode allocates on a side stream, the current stream waits for it, and each image is marked
+    as used on the current stream."""
+    from contextlib import contextmanager
+
+    from simsiam import device_decode
+
+    calls, active = [], ["current"]
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(f"{self.name} waits for {other.name}")
+
+    class Image:
+        def record_stream(self, stream):
+            calls.append(f"image used on {stream.name}")
+
+    @contextmanager
+    def stream(side):
+        active.append(side.name)
+        yield
+        active.pop()
+
+    def decode_jpeg(payloads, mode, device):
+        calls.append(f"decode {len(payloads)} on {active[-1]}")
+        return [Image() for _ in payloads]
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream(name="current"))
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(device_decode, "_SIDE_STREAMS", {})
+    images = device_decode._decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, torch.device("cuda"))
+    assert len(images) == 2
+    assert calls == ["decode 2 on side", "current waits for side", "image used on current", "image used on current"]
