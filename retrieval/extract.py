@@ -135,6 +135,8 @@ class _Extraction:
             _notify(on_event, {"event": "batch", "images": done})
 
         module = self.model.module.to(self.runtime.device)
+        if self.runtime.channels_last:  # as embed_batches lays out the images (CUDA): no conversion per layer
+            module.to(memory_format=torch.channels_last)
         _notify(on_event, {"event": "start", "images": len(self.dataset), "total_images": len(self.images),
                            "rank": self.runtime.rank, "world_size": self.runtime.world_size,
                            "device": str(self.runtime.device), "precision": self.runtime.precision})

@@ -512,3 +512,24 @@ def test_a_random_init_baseline_leaves_the_callers_random_generator_alone():
     torch.manual_seed(123)
     load_feature_model(random_init=True, arch="resnet18", seed=7)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_model_takes_the_memory_layout_of_the_images_it_is_given(tmp_path, images):
+    """On CUDA with bf16 the images come channels_last; the model is laid out alike (it was not,
+    and every convolution converted its input), with the same features."""
+    from retrieval.extract import extract_to_file
+    from retrieval.feature_model import load_feature_model
+
+    class ChannelsLast(Runtime):
+        channels_last = True
+
+    runs = {}
+    for name, runtime in (("plain", Runtime(torch.device("cpu"), "fp32")),
+                          ("channels_last", ChannelsLast(torch.device("cpu"), "fp32"))):
+        model = load_feature_model(None, "backbone", True, "resnet18", False, 0)
+        extract_to_file(model, images, tmp_path / f"{name}.h5", runtime, image_size=16, resize=0, dtype="float32",
+                        batch_size=4)
+        runs[name] = (model, read_features(tmp_path / f"{name}.h5").features)
+    weight = next(p for p in runs["channels_last"][0].module.parameters() if p.dim() == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(runs["channels_last"][1], runs["plain"][1], rtol=1e-4, atol=1e-5)
