@@ -154,8 +154,14 @@ def passes_needed(images: int, batch_size: int, steps: int, workers: int, prefet
     return max(1, -(-(window + 2) * batch_size // max(1, images)))
 
 
-class CompileTimeout(Exception):
-    """Compiling (the first steps of a ``torch.compile`` d model) took longer than allowed."""
+class CompileTimeout(BaseException):
+    """Compiling (the first steps of a ``torch.compile`` d model) took longer than allowed. A
+    BaseException, as KeyboardInterrupt: the library's ``except Exception`` around the compiled
+    augmentation (its eager fallback) would otherwise take it for a compile error, redo the batch
+    eager, and leave the model's compiling, the one-shot alarm spent, with no limit."""
+
+
+RING_AGAIN_S = 5.0  # after a CompileTimeout, until disarmed
 
 
 def arm_alarm(seconds: float, what: str = "compiling") -> bool:
@@ -165,6 +171,9 @@ def arm_alarm(seconds: float, what: str = "compiling") -> bool:
         return False
 
     def ring(signum, frame):
+        # rings again until disarmed: raised where Python ignores exceptions (a weakref callback of
+        # dynamo's, seen on a CPU run), it would be lost, and compiling would go on unlimited
+        signal.setitimer(signal.ITIMER_REAL, RING_AGAIN_S)
         raise CompileTimeout(f"{what} took over {seconds:.0f} s")
 
     signal.signal(signal.SIGALRM, ring)

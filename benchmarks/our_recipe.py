@@ -26,7 +26,7 @@ from simsiam.device_data import pretrain_batches
 from simsiam.loss import negative_cosine_similarity
 from simsiam.train import build_model, build_optimizer, train_step
 
-from .harness import Method, compile_failure, loader_queue, time_limit
+from .harness import CompileTimeout, Method, compile_failure, loader_queue, time_limit
 
 
 class _Trainer:
@@ -55,7 +55,7 @@ class _Trainer:
         try:
             with time_limit(self.compile_timeout):
                 return self._step(batch)
-        except Exception as err:  # noqa: BLE001 - whatever compiling raised, eager is the answer
+        except (Exception, CompileTimeout) as err:  # noqa: BLE001 - whatever compiling raised, eager is the answer
             self.compile_note = compile_failure(err)
             self.compiled = False
             self.model, self.loss_fn = self.eager

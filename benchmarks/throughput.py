@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import (PROTOCOL, REPO, append_jsonl, command_line, environment, markdown_section, passes_needed,
-                      time_steps, write_markdown)
+from .harness import (PROTOCOL, REPO, CompileTimeout, append_jsonl, command_line, environment, markdown_section,
+                      passes_needed, time_steps, write_markdown)
 
 CONFIGS = {"cifar-r18": ("cifar", 512), "r50-224": ("imagenet", 256)}
 METHODS = ("official", "lightly", "plain", "fast")
@@ -93,7 +93,7 @@ def run_child(method: str, args) -> None:
             result = time_steps(variant, device, args.warmup, args.steps)
             append_jsonl(Path(args.out) / "throughput.jsonl", {**base, **result})
             print(json.dumps(result), flush=True)
-    except Exception as err:  # recorded, so that one broken method does not hide the others
+    except (Exception, CompileTimeout) as err:  # recorded, so that one broken method does not hide the others
         append_jsonl(Path(args.out) / "throughput.jsonl", {**base, "method": method, "error": f"{type(err).__name__}: {err}"})
         raise
 

@@ -25,8 +25,8 @@ import torch
 
 from simsiam.config import preset_config
 
-from .harness import (REPO, append_jsonl, arm_alarm, command_line, compile_failure, disarm_alarm, environment,
-                      markdown_section, peak_memory, write_markdown)
+from .harness import (REPO, CompileTimeout, append_jsonl, arm_alarm, command_line, compile_failure, disarm_alarm,
+                      environment, markdown_section, peak_memory, write_markdown)
 
 
 class OutOfTime(Exception):
@@ -101,7 +101,7 @@ def _pretrain_run(args, compile_model: bool, deadline: float | None) -> dict:
         pretrain(config, on_event=clock)
     except OutOfTime as err:
         stopped = str(err)
-    except Exception as err:
+    except (Exception, CompileTimeout) as err:
         err.past_first_step = clock.past_first_step
         raise
     finally:
@@ -124,7 +124,7 @@ def run_ours(args) -> dict:
     if args.compile:
         try:
             return _pretrain_run(args, True, deadline)
-        except Exception as err:  # noqa: BLE001 - compile failures come in many types
+        except (Exception, CompileTimeout) as err:  # noqa: BLE001 - compile failures come in many types
             if getattr(err, "past_first_step", True):
                 raise
             note = compile_failure(err)
