@@ -12,13 +12,16 @@
 #   requirements, pytorch_lightning and hydra, are not imported by them):
 #     pip download --no-deps --only-binary=:all: lightly==1.6.0 lightning-utilities==0.15.3 \
 #       packaging==26.4 -d benchmarks/data/wheels
+#   and, for the CUDA-only tests run first (skipped without them): pytest and what it imports
+#     pip download --no-deps --only-binary=:all: pytest pluggy iniconfig pygments exceptiongroup \
+#       -d benchmarks/data/wheels
 # Checked in a venv with only those packages (torch 2.14.1, torchvision 0.29.1, h5py,
 # scikit-learn, click, rich, tqdm) plus these wheels: the suite's cpu-smoke ran every step.
 # Device call (repository root):
 #   run(command="bash benchmarks/gpu_suite.sh", carry=["benchmarks/data"], timeout_s=540)
-# Results land in $OUT (at most 6 files): RESULTS-gpu.md (sections to paste into
+# Results land in $OUT (at most 7 files): RESULTS-gpu.md (sections to paste into
 # benchmarks/RESULTS.md), throughput.jsonl, time_to_accuracy.jsonl, extraction.jsonl, suite.log,
-# nvidia-smi.txt.
+# nvidia-smi.txt, cuda-tests.txt.
 #
 # A reduced run on a CPU, to check the script itself (15 minutes on 2 busy cores, tiny batches;
 # the wheels are installed as on the GPU machine), in a venv that mimics the lent machine:
@@ -138,6 +141,21 @@ if [ "$MODE" != gpu ]; then  # a few images per class, so that the CPU gets thro
 fi
 [ -d "$WORK/jpeg" ] || $PYTHON -m benchmarks.make_jpeg_folder "$TRAIN" "$WORK/jpeg" --images $JPEGS
 echo "== setup done at $(elapsed) s"
+
+# The CUDA-only tests of the fast path (nvjpeg's stream race, the GPU augmentation against the CPU,
+# bf16 extraction, kNN on CUDA; not the compile test, which takes a minute), when pytest travelled.
+if $PYTHON -c "import pytest" 2> /dev/null; then
+  echo "== CUDA-only tests, at $(elapsed) s"
+  timeout 45 $PYTHON -m pytest -q -p no:cacheprovider -rs tests/test_device_data.py tests/test_gpu_augment.py \
+    tests/test_extract.py tests/test_knn.py \
+    -k "overwrites_memory or side_stream or gpu_computes or cuda_extraction or torch_on_cuda" \
+    > "$OUT/cuda-tests.txt" 2>&1
+  echo "== CUDA-only tests: exit $?, at $(elapsed) s: $(tail -1 "$OUT/cuda-tests.txt")"
+  printf '\n- CUDA-only tests (`pytest ... -k "overwrites_memory or side_stream or gpu_computes or cuda_extraction or torch_on_cuda"`): %s\n' \
+    "$(tail -1 "$OUT/cuda-tests.txt")" >> "$MD"
+else
+  echo "== CUDA-only tests: not run (no pytest; see the header for its wheels)"
+fi
 
 COMMON=(--device $DEVICE --workers $WORKERS --out "$OUT" --results-md "$MD")
 step "CIFAR-10 ResNet-18 throughput (ours fast + compute bound, lightly, official, ours plain)" \
