@@ -180,9 +180,14 @@ def _decoder_reason(message: str) -> str:
 
 
 def first_frame(decoded: torch.Tensor) -> torch.Tensor:
-    """[3, H, W] of what torchvision decoded: an animated GIF comes as [frames, 3, H, W]; its first
-    frame is the image, as PIL's ``Image.open`` sees it."""
-    return decoded[0] if decoded.ndim == 4 else decoded
+    """[3, H, W] uint8 of what torchvision decoded: an animated GIF comes as [frames, 3, H, W]; its
+    first frame is the image, as PIL's ``Image.open`` sees it. A 16-bit PNG comes as uint16: its
+    top 8 bits, since every path stores, pads and augments uint8 (the fast paths' uint8 tensors
+    kept its low byte: a black image)."""
+    image = decoded[0] if decoded.ndim == 4 else decoded
+    if image.dtype != torch.uint8:  # uint16: few ops exist for it, so shifted as int32
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
 
 
 def unreadable_reason(err: Exception, path: str) -> str:

@@ -233,6 +233,34 @@ def test_extraction_batches_decoded_on_the_device_equal_the_plain_loaders(tmp_pa
             assert torch.equal(got, want)
 
 
+def _png16(path: Path, value: int = 150) -> None:
+    """A 16-bit grayscale PNG (PIL mode I;16) of ``value`` x 256 + 77 everywhere."""
+    Image.fromarray(np.full((24, 24), value * 256 + 77, np.uint16)).save(path)
+
+
+def test_a_16_bit_png_is_its_8_bit_image_on_every_path(tmp_path):
+    """torchvision decodes it to uint16: the fast paths stored its low byte into their uint8
+    tensors (a black image), and batched it with 8-bit images into a traceback."""
+    from simsiam.data import decode_rgb
+    from simsiam.device_data import load_to_device
+
+    folder = make_image_folder(tmp_path / "imgs", classes=1, per_class=3, size=24, ext="jpg")
+    _png16(folder / "class0" / "deep.png")
+    try:
+        deep = decode_rgb(folder / "class0" / "deep.png")
+    except OSError as err:  # torchvision before 0.20: "At most 8-bit PNG images are supported"
+        pytest.skip(f"this torchvision does not decode 16-bit PNGs ({err}); it skips them as unreadable")
+    assert deep.dtype == torch.uint8 and torch.equal(deep, torch.full((3, 24, 24), 150, dtype=torch.uint8))
+    images = scan_images(folder)
+    held, unreadable = load_to_device(images, CPU)
+    assert not unreadable and torch.equal(held[images.paths.index("class0/deep.png")], deep)
+    plain = list(make_loader(ImageDataset(images, eval_transform(16, 20)), batch_size=4))
+    ours = list(EvalBatches(images, 16, 20, CPU, batch_size=4))  # the PNG beside JPEGs in one batch
+    for (batch, _), (expected, _) in zip(ours, plain):
+        for got, want in zip(batch, expected):
+            assert torch.equal(got, want)
+
+
 def test_embedding_with_device_decoded_batches_gives_the_plain_features(tmp_path):
     from retrieval.extract import embed
     from simsiam.backbones import build_resnet, pooled_backbone
