@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from simsiam import __version__
-from simsiam.errors import SimSiamError
+from simsiam.errors import SimSiamError, lost_peer
 
 
 class UserError(click.ClickException):
@@ -115,13 +115,8 @@ def _os_error(err: OSError) -> str:
 
 
 def _peer_failed(err: BaseException) -> bool:
-    """Under torchrun, a collective that lost a peer: another rank ended (an input error of its own,
-    a crash). Checked by name and text so that this module does not import torch."""
-    if not _under_torchrun():
-        return False
-    text = str(err)
-    return (type(err).__name__ in ("DistBackendError", "DistNetworkError")
-            or "closed by peer" in text or "reset by peer" in text)
+    """Under torchrun, a collective that lost a peer (:func:`simsiam.errors.lost_peer`)."""
+    return _under_torchrun() and lost_peer(err)
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -20,6 +20,15 @@ def agreed(error: SimSiamError) -> SimSiamError:
     return error
 
 
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective's failure on losing a peer of its torchrun job: another rank
+    ended (an input error of its own, a crash). Checked by name and text, so that the CLI need not
+    import torch."""
+    text = str(err)
+    return (type(err).__name__ in ("DistBackendError", "DistNetworkError")
+            or "closed by peer" in text or "reset by peer" in text)
+
+
 class InputError(SimSiamError, ValueError):
     """Something the user gave us is wrong: a path, a file's content, an option's value.
 

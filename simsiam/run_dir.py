@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .atomic import atomic_write
 from .checkpoint import LAST, load_checkpoint
-from .errors import InputError, agreed
+from .errors import InputError, agreed, lost_peer
 from .runtime import Runtime, agreement, start, stop
 
 CONFIG_FILE = "config.json"
@@ -158,6 +158,10 @@ def locked_run_dir(out: Path, runtime=None):
         yield folder
     except InputError:
         refused = True
+        raise
+    except Exception as err:
+        # under torchrun, rank 0's collective lost a peer that was refused (its own line says why)
+        refused = runtime is not None and runtime.distributed and lost_peer(err)
         raise
     finally:
         folder.end(refused)  # acts where the folder was prepared: rank 0's process

@@ -314,3 +314,26 @@ def test_lincls_ranks_agree_on_an_unreadable_validation_image_of_one_share(tmp_p
     assert errors[0].startswith(f"Error: rank 1: {broken}: cannot decode image ("), output
     assert errors[0].endswith(f"; drop --strict to skip such images (epoch 1 is saved; --resume {tmp_path / 'strict'} "
                               "continues)"), output
+
+
+@pytest.mark.slow
+def test_a_fresh_run_refused_on_another_rank_later_leaves_no_run_files(tmp_path):
+    """--strict, an unreadable image in rank 1's share of the second batch: rank 1 is refused, rank
+    0's collective loses it. Rank 0, which wrote config.json and metrics.jsonl, takes them back as
+    it does for a refusal of its own (they stayed, making the folder look like it held a run)."""
+    from simsiam.data import GlobalBatchSampler, scan_images
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=16)
+    images = scan_images(data)
+    batches = iter(GlobalBatchSampler(len(images), 16, 5, rank=1, world_size=2))  # ARGS' batch size and seed
+    next(batches)
+    for index in next(batches):
+        (images.root / images.paths[index]).write_bytes(b"not an image")
+    out = tmp_path / "runs" / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "cli", "pretrain", str(data), "--out", str(out), *ARGS, "--strict"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Error: rank 1: " in output and "cannot decode image" in output, output
+    assert not (tmp_path / "runs").exists(), sorted(p.name for p in out.iterdir())
