@@ -67,6 +67,7 @@ class EmbeddingProgress:
         self.task = None
         self.unreadable = 0
         self.enabled = True
+        self.share = ""  # under torchrun, the unreadable images counted are rank 0's share's
 
     def __enter__(self) -> "EmbeddingProgress":
         return self
@@ -75,7 +76,7 @@ class EmbeddingProgress:
         if self.task is not None:
             self.progress.stop()
         if self.unreadable and self.enabled:
-            self.console.print(f"warning: skipped {self.unreadable} unreadable image(s) in all")
+            self.console.print(f"warning: skipped {self.unreadable} unreadable image(s) in all{self.share}")
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
@@ -85,6 +86,7 @@ class EmbeddingProgress:
                 return
             where = (f", rank 0 of {event['world_size']} embeds its {event['images']:,}"
                      if event["world_size"] > 1 else "")
+            self.share = " of rank 0's share" if event["world_size"] > 1 else ""
             self.console.print(f"{self.description}: {event['total_images']:,} images on {event['device']} "
                                f"({event['precision']}){where}")
             if self.task is None:

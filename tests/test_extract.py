@@ -533,3 +533,22 @@ def test_the_model_takes_the_memory_layout_of_the_images_it_is_given(tmp_path, i
     weight = next(p for p in runs["channels_last"][0].module.parameters() if p.dim() == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(runs["channels_last"][1], runs["plain"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_the_unreadable_count_of_the_progress_says_whose_share_it_is():
+    # under torchrun the bar shows rank 0's share: its count of unreadable images was said "in all"
+    # beside the final line's total of every rank
+    import io
+
+    from rich.console import Console
+
+    from cli.embedding import EmbeddingProgress
+
+    for world_size, expected in ((1, "in all"), (2, "in all of rank 0's share")):
+        text = io.StringIO()
+        with EmbeddingProgress("extract", Console(file=text, width=200)) as progress:
+            progress({"event": "start", "rank": 0, "world_size": world_size, "images": 4, "total_images": 8,
+                      "device": "cpu", "precision": "fp32"})
+            for name in ("a.jpg", "b.jpg"):
+                progress({"event": "unreadable", "path": name, "reason": "not an image"})
+        assert text.getvalue().splitlines()[-1] == f"warning: skipped 2 unreadable image(s) {expected}"
