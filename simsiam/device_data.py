@@ -158,8 +158,8 @@ def load_to_device(images: ImageList, device: torch.device, workers: int = 0):
                 data = torch.zeros((len(images), *image.shape), dtype=torch.uint8, device=device)
             if image.shape != data.shape[1:]:
                 raise MixedImageSizes(
-                    f"{images.root / images.paths[i]}: {image.shape[1]}x{image.shape[2]} pixels, but the first "
-                    f"image is {data.shape[2]}x{data.shape[3]}; --data-on-gpu needs images of one size "
+                    f"{images.root / images.paths[i]}: {image.shape[2]}x{image.shape[1]} pixels (width x height), "
+                    f"but the first image is {data.shape[3]}x{data.shape[2]}; --data-on-gpu needs images of one size "
                     "(use --no-data-on-gpu, with --gpu-decode to decode on the GPU)")
             data[i] = image
     if data is None:

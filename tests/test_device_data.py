@@ -199,7 +199,7 @@ def test_mixed_sizes_are_refused_when_asked_for_and_left_to_other_sources_by_aut
     sampler = GlobalBatchSampler(len(images), 4, 0)
     runtime = Runtime(CPU, "fp32")
     config = preset_config("cifar", image_size=16, data_on_gpu=True)
-    with pytest.raises(MixedImageSizes, match="other_size.jpg: 20x12 pixels.*--data-on-gpu needs images of one size"):
+    with pytest.raises(MixedImageSizes, match=r"other_size.jpg: 12x20 pixels \(width x height\).*--data-on-gpu needs images of one size"):
         pretrain_batches(config, images, sampler, runtime)
     # auto never holds data on a CPU; --gpu-decode takes images of any size
     assert pretrain_batches(preset_config("cifar", image_size=16), images, sampler, runtime) is None
