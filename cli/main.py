@@ -25,10 +25,12 @@ def _terminate(signum, frame):
     import sys
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    if isinstance(sys.exc_info()[1], (SimSiamError, click.ClickException)):
+    ending = sys.exc_info()[1]
+    if isinstance(ending, (SimSiamError, click.ClickException)) or (ending is not None and _peer_failed(ending)):
         # already ending on its error, on its way to the Error line (cleaning up, or printing it):
         # under torchrun, the SIGTERM that follows when another process of the job has ended first
-        # (for the same error, most often) would replace that line with "terminated"
+        # (for the same error, most often) would replace that line with "terminated", and cut its
+        # cleanup short (the run files of a run refused on another rank were left half removed)
         return
     raise Terminated()
 

@@ -221,6 +221,15 @@ def test_a_sigterm_while_ending_on_an_error_does_not_replace_its_line():
                 raise ending
             except Exception:
                 assert _terminate(signal.SIGTERM, None) is None
+        # a collective that lost its peer, under torchrun: rank 0 taking back the files of a run
+        # refused on another rank (cut short, they were left half removed)
+        signal.signal(signal.SIGTERM, _terminate)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("WORLD_SIZE", "2")
+            try:
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+            except RuntimeError:
+                assert _terminate(signal.SIGTERM, None) is None
         signal.signal(signal.SIGTERM, _terminate)
         try:
             raise KeyError("handled along the way, not an error the command ends on")
