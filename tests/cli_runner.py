@@ -24,3 +24,19 @@ def assert_user_error(result, *fragments, only_line: bool = True):
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     assert "Traceback" not in result.output
+
+
+def assert_resume_refuses_edited(command: str, checkpoint, folder, edits) -> None:
+    """``simsiam COMMAND --resume`` of ``checkpoint`` edited by each ``(edit, message)`` of
+    ``edits`` (a function changing the loaded dict in place) is refused in one line naming the
+    file and saying ``message``, and makes no run folder."""
+    import torch
+
+    edited, out = folder / "edited.pth.tar", folder / "resumed"
+    for edit, message in edits:
+        saved = torch.load(checkpoint, weights_only=True)
+        edit(saved)
+        torch.save(saved, edited)
+        assert_user_error(run(command, "--resume", edited, "--out", out, "--epochs", "2"), f"--resume {edited}: ",
+                          message)
+        assert not out.exists()

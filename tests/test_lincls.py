@@ -20,7 +20,7 @@ from transfer.lincls import HEAD_FILE
 from transfer.lincls_config import PRESETS, LinearEvalConfig, preset_linear_config
 
 from conftest import make_image_folder
-from cli_runner import assert_user_error, run
+from cli_runner import assert_resume_refuses_edited, assert_user_error, run
 
 TINY = ["--image-size", "16", "--eval-resize", "0", "--crop-min-scale", "0.6", "--workers", "0", "--device", "cpu",
         "--log-every", "2"]
@@ -391,13 +391,7 @@ def test_a_resume_refuses_a_checkpoint_without_what_it_loads(tmp_path, data):
         (lambda c: c["state_dict"].pop("fc.weight"), "does not fit the run's model (no fc.weight)"),
         (lambda c: c.update(optimizer={"state": {}}), "its 'optimizer' is not the saved state of the run's optimizer"),
     ]
-    for edit, message in edits:
-        saved = torch.load(out / "last.pth.tar", weights_only=True)
-        edit(saved)
-        torch.save(saved, tmp_path / "edited.pth.tar")
-        assert_user_error(run("lincls", "--resume", tmp_path / "edited.pth.tar", "--out", tmp_path / "resumed",
-                              "--epochs", "2"), f"--resume {tmp_path / 'edited.pth.tar'}: ", message)
-        assert not (tmp_path / "resumed").exists()
+    assert_resume_refuses_edited("lincls", out / "last.pth.tar", tmp_path, edits)
 
 
 @pytest.mark.parametrize("epochs", [2, 1])

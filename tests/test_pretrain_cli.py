@@ -9,7 +9,7 @@ import torch
 
 from simsiam.checkpoint import load_checkpoint
 
-from cli_runner import assert_user_error, run
+from cli_runner import assert_resume_refuses_edited, assert_user_error, run
 from conftest import make_image_folder
 
 TINY = ["--preset", "cifar", "--no-cifar-stem", "--image-size", "16", "--dim", "64", "--pred-dim", "16", "--batch-size", "8",
@@ -256,13 +256,7 @@ def test_a_resume_refuses_a_checkpoint_without_what_it_loads(tmp_path, shared_im
          "(predictor.0.weight of shape [16, 63], not [16, 64])"),
         (lambda c: c["optimizer"]["param_groups"].pop(), "its 'optimizer' is not the saved state of the run's optimizer"),
     ]
-    for edit, message in edits:
-        checkpoint = torch.load(out / "last.pth.tar", weights_only=True)
-        edit(checkpoint)
-        torch.save(checkpoint, tmp_path / "edited.pth.tar")
-        assert_user_error(run("pretrain", "--resume", tmp_path / "edited.pth.tar", "--out", tmp_path / "resumed",
-                              "--epochs", "2"), f"--resume {tmp_path / 'edited.pth.tar'}: ", message)
-        assert not (tmp_path / "resumed").exists()
+    assert_resume_refuses_edited("pretrain", out / "last.pth.tar", tmp_path, edits)
 
 
 def test_a_resume_compares_the_image_list_not_the_folder(tmp_path, monkeypatch):
