@@ -146,7 +146,7 @@ class KnnMonitor:
         dist.gather_object((features, labels, unreadable[:1]), shares, dst=0)
         if not runtime.is_main:
             return features, labels, unreadable[:1]
-        first_bad = [bad for _, _, bad in shares for bad in bad][:1]
+        first_bad = [bad for _, _, share_bad in shares for bad in share_bad][:1]
         shares = [(f, y) for f, y, _ in shares if len(y)]  # a share where nothing decoded has no width
         if not shares:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), first_bad

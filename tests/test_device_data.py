@@ -345,3 +345,16 @@ def test_gpu_decoding_runs_on_a_side_stream_that_the_current_one_waits_for(monke
     images = device_decode._decode_jpegs([torch.zeros(4, dtype=torch.uint8)] * 2, torch.device("cuda"))
     assert len(images) == 2
     assert calls == ["decode 2 on side", "current waits for side", "image used on current", "image used on current"]
+
+
+def test_running_out_of_device_memory_while_decoding_is_not_taken_for_a_bad_file(monkeypatch):
+    # an OutOfMemoryError is a RuntimeError, as nvjpeg's decoding errors: it was caught, and the
+    # batch decoded again one image at a time, then on the CPU
+    from simsiam import device_decode
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        decode_batch([torch.zeros(8, dtype=torch.uint8)], ["x.jpg"], CPU)
