@@ -332,7 +332,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             group["lr"] = lr
         sampler.set_epoch(epoch, start_step if epoch == start_epoch else 0)
         dataset.set_epoch(epoch)
-        sums = torch.zeros(len(EPOCH_TOTALS), device=runtime.device)  # EPOCH_TOTALS since the last log line
+        # since the last log line: the loss and correct sums on the device (a step does not wait for
+        # it), the images and unreadable ones as counts (no copy to the device each step)
+        sums, counts = torch.zeros(2, device=runtime.device), [0, 0]
         interval_start = time.perf_counter()
         # the epoch's, of every rank: the sums of its log lines. A mid-epoch checkpoint carries them, so
         # that a resumed epoch's line is the uninterrupted run's (its log lines fall on the same steps)
@@ -352,16 +354,16 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             optimizer.step()
 
             global_step += 1
-            sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(),
-                                 torch.tensor(len(labels), device=runtime.device),
-                                 torch.tensor(skipped, device=runtime.device)]).float()
+            sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()]).float()
+            counts = [counts[0] + len(labels), counts[1] + skipped]
             end_of_epoch = step + 1 == sampler.steps_per_epoch
             save_now = config.save_every_steps and global_step % config.save_every_steps == 0 and not end_of_epoch
             if global_step % config.log_every and not end_of_epoch and not save_now:
                 continue
+            interval = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=sums.device)])  # EPOCH_TOTALS
             if runtime.distributed:
-                dist.all_reduce(sums)
-            interval = sums.tolist()
+                dist.all_reduce(interval)
+            interval = interval.tolist()
             epoch_totals = [total + value for total, value in zip(epoch_totals, interval)]
             loss_sum, correct, count, _ = interval
             if not math.isfinite(loss_sum):
@@ -373,6 +375,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             metrics_log.write(step_metrics)
             emit({"event": "log", **step_metrics})
             sums.zero_()
+            counts = [0, 0]
             interval_start = now
             if save_now and runtime.is_main:
                 state = _checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch, step + 1,
