@@ -279,8 +279,7 @@ def test_embedding_with_device_decoded_batches_gives_the_plain_features(tmp_path
     assert [i for (batch, _) in part if batch is not None for i in batch[2].tolist()] == [7, 1, 9]  # 5: truncated.jpg
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the race is between CUDA streams; "
-                    "on a CPU there is one stream and nothing to race")
+@pytest.mark.cuda(reason="the race is between CUDA streams; on a CPU there is one stream and nothing to race")
 def test_gpu_decoding_never_overwrites_memory_that_queued_kernels_still_read():
     """pytorch/vision#9606's check: kernels queued on the current stream read tensors that are then
     freed; the decode that follows must not be handed (and overwrite) their blocks before they ran."""

@@ -465,8 +465,7 @@ def test_torchrun_a_rank_that_fails_alone_ends_the_job_with_its_error_and_no_sha
     assert not out.parent.exists() or os.listdir(out.parent) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above check the same "
-                                                          "features in fp32")
+@pytest.mark.cuda(reason="the CPU tests above check the same features in fp32")
 def test_cuda_extraction_runs_in_bf16_and_stays_close_to_fp32(tmp_path, checkpoints, images):
     cpu, gpu = tmp_path / "cpu.h5", tmp_path / "gpu.h5"
     common = [checkpoints["torchvision"], images, "--dtype", "float32", "--image-size", "16", "--resize", "0",

@@ -155,7 +155,8 @@ def test_two_gloo_processes_match_one_process_on_the_fast_path(tmp_path, jpeg_fo
             assert torch.equal(a, ddp[key]), key
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above run the same path")
+@pytest.mark.slow  # a minute of compiling on a GPU
+@pytest.mark.cuda(reason="the CPU tests above run the same path")
 def test_on_a_gpu_auto_holds_cifar_sized_data_there_and_compile_runs(tmp_path, jpeg_folder):
     events = []
     pretrain(tiny_config(jpeg_folder, tmp_path / "gpu", device="cuda", data_on_gpu=None, compile=True, epochs=1),

@@ -192,7 +192,7 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     assert torch.equal(views, eager([images[0], images[1]], draws.rows([0, 1])))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above cover the same code")
+@pytest.mark.cuda(reason="the CPU tests above cover the same code")
 def test_the_gpu_computes_what_the_cpu_computes():
     augment = G.BatchAugment(32, blur=True)
     images = textured_images(64, 40, 48)

@@ -112,7 +112,7 @@ def test_faiss_runs_on_gpu_only_when_it_reports_gpus():
     assert faiss_placement(4, "cpu") == "cpu"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU tests above cover the protocol")
+@pytest.mark.cuda(reason="the CPU tests above cover the protocol")
 def test_torch_on_cuda_matches_the_cpu_backends(data):
     train, train_labels, val, val_labels = data
     cpu = weighted_knn(train, train_labels, val, val_labels, ks=(20,), backend="faiss", device="cpu")
