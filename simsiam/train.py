@@ -365,7 +365,8 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             mean_loss /= interval_steps
             metrics = {
                 "kind": "step", "step": global_step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr,
-                "collapse_std": collapse_std(z1).item() * math.sqrt(z1.shape[1]),
+                "collapse_std": collapse_std(z1, dist.all_reduce if runtime.distributed else None).item()
+                * math.sqrt(z1.shape[1]),
                 "images_per_s": interval_steps * config.batch_size / (now - interval_start),
             }
             metrics_log.write(metrics)

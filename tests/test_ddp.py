@@ -68,6 +68,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     first_losses = [[json.loads(line)["loss"] for line in run if json.loads(line)["kind"] == "step"][:2]
                     for run in lines]
     assert first_losses[0] == pytest.approx(first_losses[1], rel=0, abs=1e-6)
+    # the collapse monitor is the global batch's too, not rank 0's half (1.015 against 1.001 here)
+    first_stds = [[json.loads(line)["collapse_std"] for line in run if json.loads(line)["kind"] == "step"][0]
+                  for run in lines]
+    assert first_stds[0] == pytest.approx(first_stds[1], rel=1e-4)
 
     # The sharded monitor scores what one process scores on the same weights: the DDP run's last
     # checkpoint, evaluated here by one process over all images.

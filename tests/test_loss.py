@@ -57,3 +57,20 @@ def test_collapse_std_is_one_over_sqrt_d_for_spread_outputs_and_zero_for_collaps
     assert math.isclose(collapse_std(spread).item() * math.sqrt(d), 1.0, rel_tol=0.03)
     collapsed = torch.randn(1, d).expand(64, d) + 1e-6 * torch.randn(64, d)
     assert collapse_std(collapsed).item() * math.sqrt(d) < 1e-3
+
+
+def test_collapse_std_over_ranks_is_the_global_batchs_even_with_one_image_per_rank():
+    """Under torchrun each rank holds a share of the batch; the monitor sums every rank's moments."""
+    torch.manual_seed(0)
+    z = torch.randn(9, 32) + 3 * torch.randn(1, 32)  # outputs with a common direction: std well below 1/sqrt(d)
+    for shares in ([4, 5], [1, 8], [1, 1, 7], [1] * 9):
+        parts = z.split(shares)
+        captured = []
+        for part in parts[1:]:  # the other ranks' moments, as all_reduce would add them
+            collapse_std(part, sum_over_ranks=captured.append)
+        others = torch.stack(captured).sum(dim=0)
+        global_std = collapse_std(parts[0], sum_over_ranks=lambda moments: moments.add_(others))
+        assert math.isclose(global_std.item(), collapse_std(z).item(), rel_tol=1e-5), shares
+    # one rank alone: the same as without ranks
+    alone = collapse_std(z, sum_over_ranks=lambda moments: None)
+    assert math.isclose(alone.item(), collapse_std(z).item(), rel_tol=1e-5)
