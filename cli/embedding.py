@@ -26,7 +26,7 @@ def model_options(command):
         click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per forward pass."),
         click.option("--workers", type=click.IntRange(min=0, max=MAX_WORKERS), default=None, help="DataLoader worker processes. [default: min(8, CPUs)]"),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-                     help="auto: bf16 autocast on CUDA, fp32 on CPU."),
+                     help="auto: bf16 autocast on a CUDA GPU from Ampere on (bf16 tensor cores), else fp32."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -64,7 +64,7 @@ class LinearEvalProgress(TrainingProgress):
 @click.option("--seed", type=int, default=None, help="Random seed. [default: 0]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="auto: the frozen backbone in bf16 autocast on CUDA, fp32 on CPU; the head is always fp32. "
+              help="auto: the frozen backbone in bf16 autocast on a CUDA GPU from Ampere on, else fp32; the head is always fp32. "
                    "[default: auto]")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")

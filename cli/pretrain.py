@@ -48,7 +48,7 @@ def _from_preset(key: str, help_text: str) -> str:
 @click.option("--seed", type=int, default=None, help="Random seed. [default: 0]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="[default: auto]")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
-              help="auto: bf16 autocast and channels_last on CUDA, fp32 on CPU. [default: auto]")
+              help="auto: bf16 autocast and channels_last on a CUDA GPU from Ampere on (bf16 tensor cores), else fp32. [default: auto]")
 @click.option("--compile/--no-compile", default=None,
               help="torch.compile the model, the loss and the GPU augmentation (the first steps then take a minute or more). [default: off]")
 @click.option("--data-on-gpu/--no-data-on-gpu", default=None,  # 25%: simsiam.device_data.DATA_ON_GPU_MEMORY_FRACTION

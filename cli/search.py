@@ -48,7 +48,7 @@ def _as_dict(result) -> dict:
               help="Exact search of a feature file (an index searches itself).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-              help="Of embedding the --query images; auto: bf16 autocast on CUDA, fp32 on CPU.")
+              help="Of embedding the --query images; auto: bf16 autocast on a CUDA GPU from Ampere on (bf16 tensor cores), else fp32.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Query images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0, max=MAX_WORKERS), default=0, help="DataLoader worker processes for the query images.")
 def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows, as_json, backend, device, precision,

@@ -64,11 +64,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA (autocast) and fp32 elsewhere."""
+    """``auto`` is bf16 (autocast) on a CUDA GPU that computes in bf16 natively, and fp32 elsewhere.
+
+    GPUs before Ampere (compute capability < 8: V100, T4) have no bf16 tensor cores: autocast there
+    emulates bf16, slower than fp32, so ``auto`` keeps fp32; ``--precision bf16`` still asks for it.
+    """
     if name not in PRECISIONS:
         raise InputError(f"--precision {name}: choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return "bf16" if native_bf16 else "fp32"
     return name
 
 

@@ -15,6 +15,7 @@ from cli.main import simsiam
 from simsiam.checkpoint import load_checkpoint
 from simsiam.config import preset_config
 from simsiam.errors import InputError
+from simsiam.runtime import resolve_precision
 from simsiam.train import pretrain
 
 from conftest import make_image_folder
@@ -153,6 +154,17 @@ def test_two_gloo_processes_match_one_process_on_the_fast_path(tmp_path, jpeg_fo
             assert ((a - ddp[key]).abs().max() / a.abs().max().clamp_min(1e-2)) < 5e-4, key
         else:
             assert torch.equal(a, ddp[key]), key
+
+
+@pytest.mark.parametrize("capability, auto", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp32"), ((7, 5), "fp32")])
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, auto):
+    """An H100 (9.0) or A100 (8.0) trains in bf16; a V100 (7.0) or T4 (7.5) would emulate it, slower than fp32."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    gpu = torch.device("cuda", 1)
+    assert resolve_precision("auto", gpu) == auto and asked == [gpu]
+    assert resolve_precision("bf16", gpu) == "bf16"  # asked for, it is kept
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 @pytest.mark.slow  # a minute of compiling on a GPU
