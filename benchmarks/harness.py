@@ -199,6 +199,11 @@ def time_limit(seconds: float, what: str = "compiling"):
 
 def compile_failure(err: BaseException) -> str:
     """One line for a row's notes on why compiling was given up, with the traceback on stderr."""
+    return f"compile failed ({give_up_compiling(err)[:100]}), eager instead"
+
+
+def give_up_compiling(err: BaseException) -> str:
+    """What made compiling fail, as ``Type: first line``; prints the traceback and resets dynamo."""
     traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     root = err  # dynamo wraps what the backend raised (BackendCompilerFailed(... CompileTimeout ...))
     for _ in range(10):
@@ -214,7 +219,7 @@ def compile_failure(err: BaseException) -> str:
         torch._dynamo.reset()
     except Exception:  # noqa: BLE001 - the eager model does not need it
         pass
-    return f"compile failed ({type(root).__name__}: {first[:80]}), eager instead"
+    return f"{type(root).__name__}: {first[:80]}"
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -26,7 +26,7 @@ from simsiam.device_data import pretrain_batches
 from simsiam.loss import negative_cosine_similarity
 from simsiam.train import build_model, build_optimizer, train_step
 
-from .harness import CompileTimeout, Method, compile_failure, loader_queue, time_limit
+from .harness import CompileTimeout, Method, _drop, compile_failure, give_up_compiling, loader_queue, time_limit
 
 
 class _Trainer:
@@ -141,10 +141,29 @@ def build_fast(config, device: torch.device, compile_model: bool = True, passes:
     if source is None:
         raise RuntimeError("the config asks for no fast-path source (data_on_gpu / gpu_decode)")
     workers, queue = loader_queue(source.loader) if hasattr(source, "loader") else (0, 0)
-    fast = Method("ours-fast", _epochs(source, sampler), trainer.step, config.batch_size,
-                  setup_s=built + time.perf_counter() - start, workers=workers, queue=queue,
-                  notes=lambda: f"{precision}, {trainer.compile_note}, {source.name}")
+    epochs = _epochs(source, sampler)
+    if compile_model:
+        _compile_augmentation(source.augment, epochs, compile_timeout)
+
+    def notes():
+        augmentation = f", augmentation eager ({source.augment.eager_because})" if source.augment.eager_because else ""
+        return f"{precision}, {trainer.compile_note}{augmentation}, {source.name}"
+    fast = Method("ours-fast", epochs, trainer.step, config.batch_size,
+                  setup_s=built + time.perf_counter() - start, workers=workers, queue=queue, notes=notes)
     return [bound, fast]
+
+
+def _compile_augmentation(augment, epochs, seconds: float) -> None:
+    """Draw one batch, which compiles the augmentation, under the time limit: the timed loop would
+    compile it inside ``next(batches)``, where no limit holds. Past the limit it runs eager."""
+    batches = iter(epochs())
+    try:
+        with time_limit(seconds, "compiling the augmentation"):
+            next(batches)
+    except CompileTimeout as err:
+        augment.run_eager(give_up_compiling(err))
+    finally:
+        _drop(batches)
 
 
 def fast_config(config):

@@ -15,7 +15,8 @@ iterator whose first batch is untimed, then N timed steps, N at least ``--steps`
 methods fed by DataLoader workers (official, lightly, ours-plain, ours-fast on a JPEG folder),
 at least 2 x workers x prefetch_factor batches; every dataset is listed enough times over that
 no epoch ends inside the window. With ``--compile``, a fast path whose compiling fails or takes
-over ``--compile-timeout`` seconds runs eager, and its rows say so.
+over ``--compile-timeout`` seconds runs eager, and its rows say so: the model's, in each step,
+and the augmentation's, on one batch drawn before the timing.
 """
 
 from __future__ import annotations

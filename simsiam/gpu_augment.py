@@ -77,6 +77,7 @@ class BatchAugment:
         # costs more host time than a CIFAR-sized training step; compiled, a few fused ones.
         self._on_device = torch.compile(crop_and_photometric, dynamic=None) if compile else crop_and_photometric
         self._photometric = torch.compile(photometric, dynamic=None) if compile else photometric
+        self.eager_because: str | None = None  # why a compiled augmentation went eager
 
     def __repr__(self) -> str:
         return f"BatchAugment(image_size={self.image_size}, crop_scale={self.crop_scale}, blur={self.blur})"
@@ -110,10 +111,16 @@ class BatchAugment:
         except Exception as err:  # noqa: BLE001  whatever compiling raised, the eager functions are the answer
             if self._on_device is crop_and_photometric:
                 raise
-            warnings.warn(f"torch.compile of the GPU augmentation failed ({type(err).__name__}: "
-                          f"{str(err).strip()[:200]}); it runs eager from now on", RuntimeWarning, stacklevel=3)
-            self._on_device, self._photometric = crop_and_photometric, photometric
+            because = f"{type(err).__name__}: {str(err).strip()[:200]}"
+            warnings.warn(f"torch.compile of the GPU augmentation failed ({because}); it runs eager from now on",
+                          RuntimeWarning, stacklevel=3)
+            self.run_eager(because)
             return getattr(self, part)(*args)
+
+    def run_eager(self, because: str) -> None:
+        """The eager functions from now on, when compiling failed (or, in the benchmarks, took too long)."""
+        self._on_device, self._photometric = crop_and_photometric, photometric
+        self.eager_because = because
 
 
 def crop_and_photometric(images: torch.Tensor, boxes: torch.Tensor, settings: torch.Tensor, size: int,
