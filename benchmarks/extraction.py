@@ -35,8 +35,8 @@ from simsiam.data import ImageDataset, make_loader, scan_images
 from simsiam.device_data import EvalBatches
 
 from . import our_recipe
-from .harness import (PROTOCOL, REPO, Method, append_jsonl, command_line, environment, loader_queue, markdown_section,
-                      passes_needed, time_steps, write_markdown)
+from .harness import (PROTOCOL, REPO, CompileTimeout, Method, append_jsonl, command_line, environment, loader_queue,
+                      markdown_section, passes_needed, time_limit, time_steps, write_markdown)
 
 IMAGE_SIZE, RESIZE = 224, 256
 
@@ -99,7 +99,8 @@ def main(argv=None) -> None:
                         help="of our rows (auto: bf16 and channels_last on CUDA, as simsiam extract); "
                              "the official-style row is always fp32")
     parser.add_argument("--deadline", type=float, default=0,
-                        help="a time.time() after which no method is started (it is listed as not run)")
+                        help="a time.time() after which no method is started (it is listed as not run), and "
+                             "at which a running one is stopped (listed as unfinished)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--results-md", default=None)
     args = parser.parse_args(argv)
@@ -124,7 +125,11 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(runtime.device)
         try:
-            row = time_steps(builders[name](), runtime.device, args.warmup, args.steps)
+            # stopped at the deadline (the suite's hard timeout follows it) so that the rows so far reach the table
+            with time_limit(args.deadline - time.time() if args.deadline else 0, f"{name}, until the --deadline,"):
+                row = time_steps(builders[name](), runtime.device, args.warmup, args.steps)
+        except CompileTimeout as err:
+            row = {"method": name, "error": f"stopped: {err}", "notes": "stopped at the --deadline, unfinished"}
         except Exception as err:  # recorded, so that one broken method does not hide the others
             row = {"method": name, "error": f"{type(err).__name__}: {err}", "notes": f"{type(err).__name__}: {err}"[:120]}
         append_jsonl(Path(args.out) / "extraction.jsonl", {"benchmark": "extraction", **row})

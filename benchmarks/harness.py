@@ -155,10 +155,11 @@ def passes_needed(images: int, batch_size: int, steps: int, workers: int, prefet
 
 
 class CompileTimeout(BaseException):
-    """Compiling (the first steps of a ``torch.compile`` d model) took longer than allowed. A
-    BaseException, as KeyboardInterrupt: the library's ``except Exception`` around the compiled
-    augmentation (its eager fallback) would otherwise take it for a compile error, redo the batch
-    eager, and leave the model's compiling, the one-shot alarm spent, with no limit."""
+    """Compiling (the first steps of a ``torch.compile`` d model) took longer than allowed; also
+    what stops an extraction method at its ``--deadline``. A BaseException, as KeyboardInterrupt:
+    the library's ``except Exception`` around the compiled augmentation (its eager fallback) would
+    otherwise take it for a compile error, redo the batch eager, and leave the model's compiling,
+    the one-shot alarm spent, with no limit."""
 
 
 RING_AGAIN_S = 5.0  # after a CompileTimeout, until disarmed
