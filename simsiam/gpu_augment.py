@@ -232,24 +232,52 @@ def resized_crops(images, boxes: torch.Tensor, size: int) -> torch.Tensor:
         rows = resample_weights(top, height, images.shape[-2], size) / 255  # [N, size, H]
         cols = resample_weights(left, width, images.shape[-1], size)  # [N, size, W]
         return rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)
-    # Mixed sizes: the images zero-padded to the largest, then batched products as above. A
-    # window lies inside its image, so the padding gets zero weight. (One product per image costs
-    # ~0.1 ms of host time each: 50 ms for ImageNet's 512 views of a step.) An image listed twice
-    # (the two views of a step) is padded once.
+    # Mixed sizes: images of similar sizes zero-padded to their group's largest, then batched
+    # products as above. A window lies inside its image, so the padding gets zero weight. (One
+    # product per image costs ~0.1 ms of host time each: 50 ms for ImageNet's 512 views of a step.)
+    # An image listed twice (the two views of a step) is padded once. Padding the whole batch to its
+    # largest image would take GBs for one multi-megapixel photo among ImageNet's.
     unique, index = _distinct(images)
-    padded = unique[0].new_zeros(len(unique), 3, max(i.shape[-2] for i in unique), max(i.shape[-1] for i in unique))
-    for slot, image in zip(padded, unique):
-        slot[:, : image.shape[-2], : image.shape[-1]] = image
-    rows = resample_weights(top, height, padded.shape[-2], size) / 255
-    cols = resample_weights(left, width, padded.shape[-1], size)
-    index = to_device(torch.tensor(index), padded.device)
-    # in chunks, so that the float copies stay near 512 MB whatever the batch
-    chunk = max(1, (1 << 27) // padded[0].numel())
-    out = []
-    for begin in range(0, len(index), chunk):
-        views = slice(begin, begin + chunk)
-        out.append(rows[views, None] @ padded[index[views]].float() @ cols[views, None].transpose(-1, -2))
-    return torch.cat(out)
+    views_of: list[list[int]] = [[] for _ in unique]
+    for view, image in enumerate(index):
+        views_of[image].append(view)
+    out = torch.empty(len(index), 3, size, size, device=unique[0].device)
+    for group in _size_groups([image.shape[-2:] for image in unique], PAD_BUDGET):
+        padded = unique[0].new_zeros(len(group), 3, max(unique[u].shape[-2] for u in group),
+                                     max(unique[u].shape[-1] for u in group))
+        for slot, u in zip(padded, group):
+            slot[:, : unique[u].shape[-2], : unique[u].shape[-1]] = unique[u]
+        views = [view for u in group for view in views_of[u]]
+        local = [slot for slot, u in enumerate(group) for _ in views_of[u]]
+        views, local = to_device(torch.tensor([views, local]), padded.device)  # one copy for both
+        rows = resample_weights(top[views], height[views], padded.shape[-2], size) / 255
+        cols = resample_weights(left[views], width[views], padded.shape[-1], size)
+        # in chunks, so that the float copies stay near 512 MB whatever the batch
+        chunk = max(1, PAD_BUDGET // padded[0].numel())
+        for begin in range(0, len(views), chunk):
+            part = slice(begin, begin + chunk)
+            out[views[part]] = rows[part, None] @ padded[local[part]].float() @ cols[part, None].transpose(-1, -2)
+    return out
+
+
+PAD_BUDGET = 1 << 27  # values: a group's padded uint8 images (128 MB), and its float views at a time (512 MB)
+
+
+def _size_groups(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Indices of ``sizes`` (height, width) in groups of similar sizes, in increasing area, each
+    group's images padded to its largest height and width holding at most ``budget`` values (a
+    group of one image may hold more)."""
+    groups: list[list[int]] = []
+    height = width = 0
+    for i in sorted(range(len(sizes)), key=lambda i: (sizes[i][0] * sizes[i][1], i)):
+        h, w = max(height, sizes[i][0]), max(width, sizes[i][1])
+        if groups and (len(groups[-1]) + 1) * 3 * h * w <= budget:
+            groups[-1].append(i)
+            height, width = h, w
+        else:
+            groups.append([i])
+            height, width = sizes[i]
+    return groups
 
 
 def _distinct(images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:

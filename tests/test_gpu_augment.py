@@ -75,6 +75,38 @@ def test_resized_crops_are_torchvisions_antialiased_resized_crop():
     torch.testing.assert_close(G.resized_crops(mixed, mixed_boxes, 16), expected, atol=1e-5, rtol=0)
 
 
+def test_mixed_sizes_are_padded_in_groups_of_similar_sizes_under_a_budget(monkeypatch):
+    """One large photo among small ones must not pad the whole batch to its size (GBs on ImageNet)."""
+    sizes = [(30, 20), (300, 400), (20, 30), (25, 25), (31, 19), (24, 26)]
+    groups = G._size_groups(sizes, budget=3 * 31 * 30 * 4)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    assert [5] not in groups and [1] in groups  # the large one alone, last (increasing area)
+    assert groups[-1] == [1]
+    for group in groups[:-1]:
+        assert len(group) * 3 * max(sizes[i][0] for i in group) * max(sizes[i][1] for i in group) <= 3 * 31 * 30 * 4
+
+    # the same crops whatever the grouping; each image listed twice, as the two views of a step
+    images = [textured_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)]
+    views = images + images
+    g = torch.Generator().manual_seed(0)
+    heights = torch.tensor([v.shape[-2] for v in views])
+    widths = torch.tensor([v.shape[-1] for v in views])
+    tops = (torch.rand(12, generator=g) * heights / 2).long()
+    lefts = (torch.rand(12, generator=g) * widths / 2).long()
+    boxes = torch.stack([tops, lefts, heights - tops, widths - lefts], dim=1)
+    expected = torch.stack([TF.resized_crop(v.float() / 255, *b.tolist(), [16, 16], antialias=True)
+                            for v, b in zip(views, boxes)])
+    padded = []
+    real_zeros = torch.Tensor.new_zeros
+    monkeypatch.setattr(torch.Tensor, "new_zeros", lambda self, *shape, **kw: padded.append(shape) or real_zeros(self, *shape, **kw))
+    for budget, allocations in ((1 << 27, 1), (3 * 31 * 30 * 2, 4), (1, 6)):  # one group, several, one image each
+        monkeypatch.setattr(G, "PAD_BUDGET", budget)
+        padded.clear()
+        torch.testing.assert_close(G.resized_crops(views, boxes, 16), expected, atol=1e-5, rtol=0)
+        assert len(padded) == allocations and sum(shape[0] for shape in padded) == len(sizes)  # each image once
+        assert all(n == 1 or n * c * h * w <= budget for n, c, h, w in padded)
+
+
 def test_color_jitter_applies_each_images_factors_in_its_own_order():
     x = textured_images(24, 12, 10).float() / 255
     draws = uniform_draws(24, seed=1)
