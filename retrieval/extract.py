@@ -143,7 +143,7 @@ class _Extraction:
         for warning in folder_warnings(f"DATA {self.images.root}", self.images):
             _notify(on_event, {"event": "warning", "message": warning})
         batches = None
-        if self.gpu_decode:  # the fast path's decoding on the device, same pixels (simsiam.device_data)
+        if self.gpu_decode:  # the fast path's decoding on the device (simsiam.device_data.EvalBatches)
             from simsiam.device_data import EvalBatches
 
             batches = EvalBatches(self.images, self.image_size, self.resize or None, self.runtime.device,

@@ -207,7 +207,9 @@ def pretrain_batches(config: PretrainConfig, images: ImageList, sampler: GlobalB
 class EvalBatches:
     """Extraction's batches, decoded on the device and put through
     :func:`simsiam.augment.eval_transform` there (resize the short side, centre crop, normalise),
-    image by image with torchvision's own functions, so the pixels are the plain path's.
+    image by image with torchvision's own functions, so the pixels are the plain path's on a CPU.
+    On CUDA they differ by a level or two on some pixels: nvjpeg's decoder is not libjpeg's, and
+    torchvision resizes uint8 through float there (on a CPU with a uint8 kernel).
 
     Yields ``((images, labels, indices), unreadable)`` in dataset order, ``batch_size`` at a time,
     as ``make_loader(ImageDataset(images, eval_transform(image_size, resize)))`` does; images
