@@ -51,8 +51,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _projector_shape(projector: dict[str, torch.Tensor]) -> tuple[int, int, int]:
-    """``(layers, hidden width, output dim)`` of a projector from its ``fc.N.weight`` matrices."""
-    linear = sorted((int(k.split(".")[0]), v.shape) for k, v in projector.items() if k.endswith("weight") and v.dim() == 2)
+    """``(layers, hidden width, output dim)`` of a projector from its ``fc.N.weight`` matrices (a
+    single Linear, as MoCo v1's ``fc.weight``, counts as one layer)."""
+    linear = sorted((int(index) if index.isdigit() else -1, v.shape) for k, v in projector.items()
+                    if k.endswith("weight") and v.dim() == 2 for index in [k.split(".")[0]])
+    if not linear:
+        return 0, 0, 0
     return len(linear), linear[0][1][0], linear[-1][1][0]
 
 
@@ -61,14 +65,17 @@ def _with_projector(weights: BackboneWeights, where: str, hint: str) -> nn.Modul
         raise InputError(f"{where}: has no SimSiam projector ({weights.layout} layout); {hint}")
     layers, hidden, dim = _projector_shape(weights.projector)
     if layers not in (2, 3):
-        raise InputError(f"{where}: a projector of {layers} linear layers; SimSiam's has 2 or 3")
+        raise InputError(f"{where}: a projector of {layers} linear layer{'' if layers == 1 else 's'}; "
+                         "SimSiam's has 2 or 3")
     model = SimSiam(build_resnet(weights.arch, num_classes=dim, cifar_stem=weights.cifar_stem), dim=dim,
                     proj_layers=layers, proj_hidden_dim=hidden)
     state = {**weights.backbone, **{f"fc.{k}": v for k, v in weights.projector.items()}}
     try:
         model.encoder.load_state_dict(state)
     except RuntimeError as err:
-        raise InputError(f"{where}: its projector does not fit SimSiam's layout ({str(err).splitlines()[0]})") from None
+        # torch's first line only says "Error(s) in loading state_dict for ResNet:"; the next says which
+        detail = [line.strip() for line in str(err).splitlines() if line.strip()][1:2] or [str(err).strip()]
+        raise InputError(f"{where}: its projector does not fit SimSiam's layout ({detail[0][:200]})") from None
     return model.encoder
 
 

@@ -103,6 +103,21 @@ def test_projector_of_a_checkpoint_without_one_is_refused(tmp_path, checkpoints,
     assert not (tmp_path / "z.h5").exists()
 
 
+@pytest.mark.parametrize("fc, says", [
+    ({"fc.weight": (128, 512), "fc.bias": (128,)}, "a projector of 1 linear layer;"),  # MoCo v1
+    ({"fc.0.weight": (512, 512), "fc.0.bias": (512,), "fc.2.weight": (128, 512), "fc.2.bias": (128,)},
+     "Missing key(s)"),  # MoCo v2: two Linear layers, no BN
+])
+def test_projector_of_a_moco_checkpoint_is_refused_with_what_does_not_fit(tmp_path, fc, says, images):
+    backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    state = {**backbone, **{k: torch.zeros(shape) for k, shape in fc.items()}}
+    moco = tmp_path / "moco.pth.tar"
+    torch.save({"arch": "resnet18", "state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, moco)
+    result = run("extract", moco, images, "--out", tmp_path / "z.h5", "--layer", "projector", *FAST)
+    assert_user_error(result, says)
+    assert not (tmp_path / "z.h5").exists()
+
+
 def test_default_transform_resizes_to_256_and_crops_224_for_imagenet_checkpoints(tmp_path, checkpoints):
     big = tmp_path / "big"
     big.mkdir()
