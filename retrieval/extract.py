@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 from simsiam.augment import eval_transform
 from simsiam.data import ImageDataset, ImageList, count_unreadable, folder_warnings, make_loader, scan_images
 from simsiam.atomic import check_output
-from simsiam.config import MAX_IMAGE_SIZE, check_int
+from simsiam.config import MAX_IMAGE_SIZE, check_crop_fits, check_int
 from simsiam.errors import InputError, agreed
 from simsiam.runtime import Runtime, agreement
 
@@ -104,10 +104,11 @@ class _Extraction:
         self.image_size = model.image_size if image_size is None else image_size
         self.resize = model.resize if resize is None else resize
         # a size not given comes from the checkpoint: name it, not an option the user did not type
-        for option, given, value, low in (("--image-size", image_size, self.image_size, 1),
-                                          ("--resize", resize, self.resize, 0)):
-            check_int(option if given is not None else f"{model.checkpoint}: its {option[2:]}", value, low,
-                      MAX_IMAGE_SIZE)
+        labels = {option: option if given is not None else f"{model.checkpoint}: its {option[2:]}"
+                  for option, given in (("--image-size", image_size), ("--resize", resize))}
+        check_int(labels["--image-size"], self.image_size, 1, MAX_IMAGE_SIZE)
+        check_int(labels["--resize"], self.resize, 0, MAX_IMAGE_SIZE)
+        check_crop_fits(labels["--resize"], self.resize, labels["--image-size"], self.image_size)
         dataset = ImageDataset(self.images, eval_transform(self.image_size, self.resize or None))
         # contiguous slices in rank order: the shards concatenated are the images in order
         mine = np.array_split(np.arange(len(dataset)), runtime.world_size)[runtime.rank]

@@ -35,6 +35,15 @@ def check_int(label: str, value: int, low: int, high: int | None = None) -> None
         raise InputError(f"{label} {value}: must be at most {high}")
 
 
+def check_crop_fits(resize_label: str, resize: int, size_label: str, image_size: int) -> None:
+    """Refuse a resize (0: none) smaller than the centre crop: torchvision's CenterCrop would pad
+    the crop with black, and every feature would carry the border."""
+    if resize and resize < image_size:
+        raise InputError(f"{resize_label} {resize}: smaller than {size_label} {image_size}, the centre crop would be "
+                         f"padded with black; resize to at least {image_size} (the ImageNet recipe's 256/224: "
+                         f"{round(image_size * 256 / 224)}), or 0 for none")
+
+
 class RunSettings:
     """What the settings dataclasses of runs share: a JSON round trip and the lr scaling rule."""
 
@@ -194,6 +203,7 @@ class PretrainConfig(RunSettings):
         self.check_ints(("warmup_epochs", "save_every_steps"), 0)
         self.check_ints(("image_size",), 1, MAX_IMAGE_SIZE)
         self.check_ints(("eval_resize",), 0, MAX_IMAGE_SIZE)
+        check_crop_fits(self.label("eval_resize"), self.eval_resize, self.label("image_size"), self.image_size)
         self.check_ints(("dim", "pred_dim"), 1, MAX_WIDTH)
         self.check_ints(("proj_hidden_dim",), 0, MAX_WIDTH)
         self.check_ints(("workers",), 0, MAX_WORKERS)

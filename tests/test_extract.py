@@ -118,6 +118,18 @@ def test_projector_of_a_moco_checkpoint_is_refused_with_what_does_not_fit(tmp_pa
     assert not (tmp_path / "z.h5").exists()
 
 
+def test_a_resize_smaller_than_the_crop_is_refused_not_padded_with_black(tmp_path, checkpoints, images):
+    fast = FAST[4:]  # without --image-size and --resize
+    result = run("extract", checkpoints["official"], images, "--out", tmp_path / "z.h5", *fast, "--image-size", "16",
+                 "--resize", "12")
+    assert_user_error(result, "--resize 12: smaller than --image-size 16, the centre crop would be padded with black")
+    # the checkpoint's own resize (256, ImageNet's) with a larger crop asked for
+    result = run("extract", checkpoints["official"], images, "--out", tmp_path / "z.h5", *fast, "--image-size", "288")
+    assert_user_error(result, f"{checkpoints['official']}: its resize 256: smaller than --image-size 288",
+                      "at least 288 (the ImageNet recipe's 256/224: 329)")
+    assert not (tmp_path / "z.h5").exists()
+
+
 def test_default_transform_resizes_to_256_and_crops_224_for_imagenet_checkpoints(tmp_path, checkpoints):
     big = tmp_path / "big"
     big.mkdir()

@@ -390,6 +390,8 @@ def test_unknown_arch_and_bad_values(tmp_path, shared_image_folder):
                                    ("--momentum", "-1", "--momentum -1.0: must be in [0, 1)"),
                                    ("--proj-hidden-dim", "-1", "--proj-hidden-dim -1: must be at least 0"),
                                    ("--eval-resize", "-3", "--eval-resize -3: must be at least 0"),
+                                   ("--eval-resize", "12", "--eval-resize 12: smaller than --image-size 16, the centre "
+                                    "crop would be padded with black; resize to at least 16"),
                                    ("--warmup-epochs", "-1", "--warmup-epochs -1: must be at least 0"),
                                    ("--batch-size", "1", "--batch-size 1: BatchNorm needs at least 2"),
                                    ("--seed", "-1", "--seed -1: must be from 0 to"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from simsiam.config import MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_seed
+from simsiam.config import MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_crop_fits, check_seed
 from simsiam.errors import InputError
 
 OPTIMIZERS = ("lars", "sgd")
@@ -70,8 +70,7 @@ class LinearEvalConfig(RunSettings):
             raise InputError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if not 0 < self.crop_min_scale <= 1:
             raise InputError(f"--crop-min-scale {self.crop_min_scale}: must be in (0, 1]")
-        if self.eval_resize and self.eval_resize < self.image_size:
-            raise InputError(f"--eval-resize {self.eval_resize}: smaller than --image-size {self.image_size}")
+        check_crop_fits(self.label("eval_resize"), self.eval_resize, self.label("image_size"), self.image_size)
         check_seed(self.seed)
 
 
