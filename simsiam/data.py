@@ -171,7 +171,7 @@ GIF_ERRORS = {101: "cannot open the file", 102: "reading failed (a truncated fil
 def _decoder_reason(message: str) -> str:
     """"decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated" -> the reason only;
     giflib's "DGifSlurp() failed - 102" -> "GIF: cannot read the file"."""
-    reason = re.sub(r"^\w+, \S+:\d+, ", "", message.strip())
+    reason = re.sub(r"^[\w:]+(\(\))?, \S+:\d+, ", "", message.strip())  # "operator(), ...png.cpp:79, " too
     gif = re.search(r"DGif\w*\(\) failed - (\d+)", reason)
     if gif:
         code = int(gif.group(1))
@@ -216,11 +216,23 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
             try:
                 return first_frame(decode_image(data, mode=ImageReadMode.RGB))
             except RuntimeError as err:
-                raise OSError(_decoder_reason(str(err))) from None
+                if "Unsupported image file" not in str(err):
+                    raise OSError(_decoder_reason(str(err))) from None
+                # another format under a .jpg/.png name (a BMP, a TIFF): PIL tells formats by content
         with Image.open(path) as image:
-            return TF.pil_to_tensor(image.convert("RGB"))
+            return _pil_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise OSError(unreadable_reason(err, path)) from None
+
+
+def _pil_rgb(image: Image.Image) -> torch.Tensor:
+    """uint8 RGB [3, H, W] of a PIL image. 16-bit grey (a TIFF's "I;16") keeps its top 8 bits, as
+    :func:`first_frame` does for torchvision's 16-bit PNGs: PIL's convert clips it at 255, which
+    turns most of such an image white."""
+    if image.mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        return torch.from_numpy(grey.astype(np.uint8)).expand(3, -1, -1).contiguous()
+    return TF.pil_to_tensor(image.convert("RGB"))
 
 
 class Unreadable(NamedTuple):

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,43 @@ def test_an_image_whose_name_is_not_utf8_decodes(tmp_path):
     dataset = ImageDataset(scan_images(root), eval_transform(16, None))
     batch, unreadable = collate_readable([dataset[i] for i in range(len(dataset))])
     assert not unreadable and batch[0].shape == (2, 3, 16, 16)
+
+
+def test_an_image_under_another_formats_extension_is_read_by_its_content(tmp_path):
+    """A BMP named .jpg, a TIFF named .png: torchvision's decoders reject them, PIL (as ImageFolder) reads them."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    expected = torch.from_numpy(pixels).permute(2, 0, 1)
+    for name, format in (("bmp.jpg", "BMP"), ("tiff.png", "TIFF"), ("tiff.jpeg", "TIFF")):
+        Image.fromarray(pixels).save(tmp_path / name, format=format)
+        assert torch.equal(decode_rgb(tmp_path / name), expected), name
+    (tmp_path / "text.jpg").write_bytes(b"this is not an image")
+    with pytest.raises(OSError, match="cannot identify image file"):
+        decode_rgb(tmp_path / "text.jpg")
+
+
+def test_a_16_bit_tiff_keeps_its_top_8_bits_not_clipped_white(tmp_path):
+    from PIL import Image
+
+    deep = np.linspace(0, 65535, 400).reshape(20, 20).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as image:
+        assert image.mode.startswith("I;16")
+    decoded = decode_rgb(tmp_path / "deep.tif")
+    assert decoded.shape == (3, 20, 20) and decoded.dtype == torch.uint8
+    assert torch.equal(decoded, torch.from_numpy((deep >> 8).astype(np.uint8)).expand(3, -1, -1))
+
+
+def test_a_cut_png_gives_the_decoders_reason_without_its_source_location(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError) as raised:
+        decode_rgb(tmp_path / "cut.png")
+    assert ".cpp" not in str(raised.value) and "operator()" not in str(raised.value), raised.value
 
 
 def animated_gif(path: Path) -> Path:
