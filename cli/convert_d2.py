@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from .paths import PATH
+from .paths import OUTPUT_FILE, PATH
 
 
 @click.command("convert-d2")
 @click.argument("checkpoint", type=PATH)
-@click.option("--out", required=True, type=PATH,
+@click.option("--out", required=True, type=OUTPUT_FILE,
               help="The Detectron2 pickle to write; must end in .pkl.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def command(checkpoint: Path, out: Path, overwrite: bool) -> None:

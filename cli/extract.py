@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from .embedding import EmbeddingProgress, default_workers, model_options
-from .paths import PATH
+from .paths import OUTPUT_FILE, PATH
 
 
 @click.command("extract")
 @click.argument("inputs", nargs=-1, required=True, type=PATH, metavar="[CHECKPOINT] DATA")
-@click.option("--out", type=PATH, required=True, help="The feature file to write (.h5).")
+@click.option("--out", type=OUTPUT_FILE, required=True, help="The feature file to write (.h5).")
 @click.option("--random-init", is_flag=True, help="No checkpoint: a randomly initialised encoder (a baseline).")
 @click.option("--arch", default=None, help="The ResNet of --random-init (e.g. resnet50).")
 @click.option("--cifar-stem", is_flag=True, help="With --random-init: the 3x3 stem without max-pool of the CIFAR recipe.")

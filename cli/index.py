@@ -6,12 +6,12 @@ import json
 
 import click
 
-from .paths import PATH
+from .paths import OUTPUT_FILE, PATH
 
 
 @click.command("index")
 @click.argument("features", type=PATH)
-@click.option("--out", type=PATH, required=True,
+@click.option("--out", type=OUTPUT_FILE, required=True,
               help="The index file; OUT.json beside it records its feature file and settings.")
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-pq"]), default="auto",
               help="auto: Flat (exact) up to 100,000 vectors, HNSW up to 1,000,000, else IVF-PQ, within --max-memory.")

@@ -7,7 +7,7 @@ import json
 import click
 
 from .embedding import EmbeddingProgress, default_workers, model_options, options_given
-from .paths import PATH
+from .paths import OUTPUT_FILE, PATH
 
 
 # what embeds images: meaningless with feature files
@@ -21,7 +21,7 @@ CHECKPOINT_ONLY = ("train_dir", "val_dir", "save_features", "overwrite", "layer"
 @click.option("--val", "val_file", type=PATH, help="Feature file of the labelled images to classify.")
 @click.option("--train-dir", type=PATH, help="With CHECKPOINT: labelled images (class/*.jpg) of the memory bank.")
 @click.option("--val-dir", type=PATH, help="With CHECKPOINT: labelled images to classify.")
-@click.option("--save-features", type=PATH, default=None,
+@click.option("--save-features", type=OUTPUT_FILE, default=None,
               help="With CHECKPOINT: also write train.h5 and val.h5 into this folder.")
 @click.option("-k", "ks", type=int, multiple=True, default=(20,), help="Neighbours; repeat for several (-k 10 -k 20 -k 200).")
 @click.option("--temperature", type=float, default=0.07, help="T of the exp(sim / T) votes.")
@@ -31,7 +31,7 @@ CHECKPOINT_ONLY = ("train_dir", "val_dir", "save_features", "overwrite", "layer"
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
               help="torch backend (chosen by giving it): queries per matrix product (memory: chunk x train size x "
                    "4 bytes). [default: auto]")
-@click.option("--predictions", type=PATH, default=None, help="Write one CSV row per image and k (an existing file is replaced; never an input).")
+@click.option("--predictions", type=OUTPUT_FILE, default=None, help="Write one CSV row per image and k (an existing file is replaced; never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--overwrite", is_flag=True, help="Replace train.h5 and val.h5 in the --save-features folder.")
 @model_options

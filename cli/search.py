@@ -9,7 +9,7 @@ import click
 from simsiam.config import MAX_WORKERS
 
 from .embedding import EmbeddingProgress, options_given
-from .paths import PATH
+from .paths import OUTPUT_FILE, PATH
 
 SHOWN_QUERIES = 20  # the table; with --eval a few, as examples: the metrics are the point
 
@@ -41,7 +41,7 @@ def _as_dict(result) -> dict:
 @click.option("--query-h5", type=PATH, default=None, help="Query features from a feature file instead.")
 @click.option("-k", "k", type=int, default=10, help="Neighbours per query.")
 @click.option("--eval", "evaluate", is_flag=True, help="Also recall@1/5/10 and mAP@k, from the labels.")
-@click.option("--grid", type=PATH, default=None, help="Draw a PNG contact sheet: each query beside its k nearest (an existing file is replaced).")
+@click.option("--grid", type=OUTPUT_FILE, default=None, help="Draw a PNG contact sheet: each query beside its k nearest (an existing file is replaced).")
 @click.option("--grid-rows", type=click.IntRange(min=1), default=16, help="Queries drawn on the --grid sheet.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every query) instead of a table.")
 @click.option("--backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto",

@@ -102,9 +102,9 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
     folder that cannot be made or written in, one of the ``inputs``, or an existing file without
     ``overwrite``. An input folder counts with the images under it, new ones included.
     Missing folders are made by the writer, once there is something to write."""
-    out = Path(out)
-    if out.is_dir():
+    if str(out).endswith(os.sep) or Path(out).is_dir():  # "new/" names a folder, which Path() forgets
         raise InputError(f"{option} {out}: is a folder; give a file name")
+    out = Path(out)
     existing = next(folder for folder in out.parents if folder.exists() or folder == folder.parent)
     if not existing.is_dir():
         raise InputError(f"{option} {out}: {existing} is a file, not a folder")

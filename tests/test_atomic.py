@@ -17,6 +17,10 @@ def test_check_output_accepts_missing_folders_and_refuses_a_file_in_the_way(tmp_
     (tmp_path / "afile").write_text("x")
     with pytest.raises(InputError, match="--out .*afile/b/out.h5: .*afile is a file, not a folder"):
         check_output(tmp_path / "afile" / "b" / "out.h5", "--out", False)
+    # "new/" names a folder, even one that does not exist yet: a file called "new" is not what was meant
+    with pytest.raises(InputError, match="--out .*new/: is a folder; give a file name"):
+        check_output(f"{tmp_path}/new/", "--out", False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_atomic_write_makes_missing_folders_and_leaves_no_temporary(tmp_path):
