@@ -15,15 +15,16 @@ nvidia-smi -L 2>/dev/null
 [ -d "$WORK/cifar10/train" ] || { mkdir -p "$WORK/cifar10" && tar xzf benchmarks/data/cifar10-jpeg.tar.gz -C "$WORK/cifar10"; } || exit 1
 IMAGES=2048; STEPS=(--warmup 3 --steps 64); R50_STEPS=(--warmup 2 --steps 16); BATCH=(); R50_BATCH=(); PROFILE=()
 if [ "$SMALL" = 1 ]; then IMAGES=64; STEPS=(--warmup 1 --steps 2 --batch-size 16); R50_STEPS=(--warmup 1 --steps 1 --batch-size 4); PROFILE=(--batch-size 16 --no-compile); fi
-[ -d "$WORK/jpeg" ] || $PYTHON -m benchmarks.make_jpeg_folder "$WORK/cifar10/train" "$WORK/jpeg" --images $IMAGES
+JPEG=$WORK/jpeg-$IMAGES; rm -rf "$JPEG.partial"  # named by its count; an interrupted one is remade
+[ -d "$JPEG" ] || $PYTHON -m benchmarks.make_jpeg_folder "$WORK/cifar10/train" "$JPEG" --images $IMAGES || exit 1
 echo "== setup done at $(( $(date +%s) - START )) s"
-timeout 70 $PYTHON -m benchmarks.fast_path_profile --jpeg "$WORK/jpeg" --out "$OUT" --device $DEVICE --workers $WORKERS "${PROFILE[@]}" \
+timeout 70 $PYTHON -m benchmarks.fast_path_profile --jpeg "$JPEG" --out "$OUT" --device $DEVICE --workers $WORKERS "${PROFILE[@]}" \
   || echo "== profile: exit $?"
 echo "== profile done at $(( $(date +%s) - START )) s"
 COMMON=(--device $DEVICE --workers $WORKERS --out "$OUT" --results-md "$OUT/RESULTS-gpu.md")
 timeout 130 $PYTHON -m benchmarks.throughput --config cifar-r18 --data "$WORK/cifar10/train" --methods fast "${STEPS[@]}" \
   "${COMMON[@]}" --compile-timeout 100 --deadline $(( $(date +%s) + 120 )) || echo "== cifar fast: exit $?"
 echo "== cifar done at $(( $(date +%s) - START )) s"
-timeout 80 $PYTHON -m benchmarks.throughput --config r50-224 --data "$WORK/jpeg" --methods fast "${R50_STEPS[@]}" \
+timeout 80 $PYTHON -m benchmarks.throughput --config r50-224 --data "$JPEG" --methods fast "${R50_STEPS[@]}" \
   "${COMMON[@]}" --workers $(( WORKERS < 8 ? WORKERS : 8 )) --no-compile --deadline $(( $(date +%s) + 70 )) || echo "== r50 fast: exit $?"
 echo "== all done at $(( $(date +%s) - START )) s"

@@ -35,26 +35,37 @@ def _make(job) -> int:
 
 
 def make_folder(source: Path, target: Path, images: int, processes: int | None = None) -> float:
-    """Write ``images`` images (taken in turn from each class of ``source``); returns the mean kB."""
-    classes = sorted(p for p in source.iterdir() if p.is_dir())
+    """Write ``images`` images (taken in turn from each class of ``source``); returns the mean kB.
+    They are written into a temporary folder renamed to ``target`` at the end, so that a folder
+    named ``target`` is always whole."""
+    classes = sorted(p for p in source.iterdir() if p.is_dir()) if source.is_dir() else []
     files = [sorted(c.glob("*.jpg")) for c in classes]
+    if not classes or min(len(f) for f in files) * len(classes) < images:
+        have = sum(len(f) for f in files)
+        raise SystemExit(f"{source}: {len(classes)} class folders of JPEGs ({have} images, the smallest class "
+                         f"{min((len(f) for f in files), default=0)}); {images} images taken in turn from each class "
+                         "need more")
+    partial = target.with_name(target.name + ".partial")
     jobs = []
     for i in range(images):
         c = i % len(classes)
-        folder = target / classes[c].name
+        folder = partial / classes[c].name
         folder.mkdir(parents=True, exist_ok=True)
         jobs.append((i, files[c][i // len(classes)], folder / f"{i:06d}.jpg"))
     with Pool(processes or os.cpu_count()) as pool:
         sizes = pool.map(_make, jobs, chunksize=32)
+    partial.rename(target)
     return sum(sizes) / len(sizes) / 1000
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="CIFAR-10 JPEGs in class folders")
-    parser.add_argument("target", type=Path)
+    parser.add_argument("target", type=Path, help="a new folder")
     parser.add_argument("--images", type=int, default=4096)
     args = parser.parse_args(argv)
+    if args.target.exists():
+        raise SystemExit(f"{args.target}: exists; give a new folder")
     mean_kb = make_folder(args.source, args.target, args.images)
     print(f"{args.images} images in {args.target}, {mean_kb:.0f} kB on average", flush=True)
 
