@@ -35,8 +35,8 @@ from simsiam.data import ImageDataset, make_loader, scan_images
 from simsiam.device_data import EvalBatches
 
 from . import our_recipe
-from .harness import (PROTOCOL, REPO, CompileTimeout, Method, append_jsonl, command_line, environment, loader_queue,
-                      markdown_section, passes_needed, time_limit, time_steps, write_markdown)
+from .harness import (PROTOCOL, REPO, CompileTimeout, Method, append_jsonl, checked_inputs, command_line, environment,
+                      loader_queue, markdown_section, passes_needed, time_limit, time_steps, write_markdown)
 
 IMAGE_SIZE, RESIZE = 224, 256
 
@@ -104,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     parser.add_argument("--results-md", default=None)
     args = parser.parse_args(argv)
+    checked_inputs(parser, args.device, args.data)
 
     runtime = rt.start(args.device, args.precision)
     passes = passes_needed(len(scan_images(args.data)), args.batch_size, args.steps, args.workers)

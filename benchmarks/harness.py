@@ -250,11 +250,29 @@ def _version(package: str) -> str | None:
 
 
 def _commit() -> str | None:
+    """The commit, with "-dirty" when tracked files differ from it: numbers of uncommitted code say so."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def checked_inputs(parser, device: str, *folders: str) -> torch.device:
+    """The device a benchmark runs on, and its image folders listed, before any work: a missing
+    GPU or folder is one line (exit 2), not a traceback in every method's process, nor CPU rows
+    under --device cuda."""
+    from simsiam.data import scan_images
+    from simsiam.errors import InputError
+    from simsiam.runtime import resolve_device
+
+    try:
+        for folder in folders:
+            scan_images(folder)
+        return resolve_device(device)
+    except InputError as err:
+        parser.error(str(err))
 
 
 def environment(device: torch.device) -> dict:

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.knn import weighted_knn  # noqa: E402
+from retrieval.neighbours import resolve_search  # noqa: E402
 
 
 def clustered_features(train: int, val: int, dim: int, classes: int, noise: float, seed: int, device: str):
@@ -151,6 +152,9 @@ def main() -> None:
         args.train, args.val, args.dim, args.backend, args.skip_sklearn, device = (
             1_281_167, 50_000, 2048, "torch", True, "cuda")
 
+    if args.val < 100:  # DINO's knn_classifier, as published, splits the queries into 100 chunks (a zero step below)
+        parser.error(f"--val {args.val}: at least 100 queries (DINO's classifier takes them in 100 chunks)")
+    args.backend = resolve_search(args.backend, device)[0]  # "auto" named as what it picked, and not timed twice
     header = machine(device)
     train, train_labels, val, val_labels = clustered_features(args.train, args.val, args.dim, args.classes,
                                                               args.noise, args.seed, device)

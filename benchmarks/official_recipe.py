@@ -18,8 +18,10 @@ augmentation (App. D: 32x32 crops, no blur), which the official script does not 
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 import time
 
@@ -69,9 +71,10 @@ def official_augmentation(image_size: int, blur: bool) -> transforms.Compose:
 def _process_group_of_one(device: torch.device) -> None:
     if dist.is_initialized():
         return
-    rendezvous = os.path.join(tempfile.mkdtemp(), "rendezvous")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{rendezvous}",
-                            world_size=1, rank=0)
+    folder = tempfile.mkdtemp()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{os.path.join(folder, 'rendezvous')}", world_size=1, rank=0)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a process's benchmark leaves no folder behind
 
 
 def build(config, device: torch.device, passes: int = 1) -> Method:

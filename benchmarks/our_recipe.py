@@ -128,14 +128,16 @@ def build_fast(config, device: torch.device, compile_model: bool = True, passes:
     # its peak memory includes the fast row's dataset when that is held on the GPU (built below)
     held = (", peak includes the dataset held on the GPU for the fast row"
             if config.data_on_gpu and trainer.runtime.device.type == "cuda" else "")
+    where = "on the GPU" if trainer.runtime.device.type == "cuda" else "in memory"
     bound = Method("compute-bound", ready_batches, trainer.step, config.batch_size, setup_s=built,
-                   notes=lambda: f"{precision}, {trainer.compile_note}, batches already on the GPU{held}")
+                   notes=lambda: f"{precision}, {trainer.compile_note}, batches already {where}{held}")
 
     start = time.perf_counter()
     config = dataclasses.replace(config, compile=compile_model)  # the augmentation compiles with the step
     images = scan_images(config.data)
-    if not config.data_on_gpu:
-        images = repeat_images(images, passes)
+    # a source held on the device runs into its next epoch without restarting anything; it only
+    # needs a batch's worth of images, as the others do with their passes
+    images = repeat_images(images, -(-config.batch_size // len(images.paths)) if config.data_on_gpu else passes)
     sampler = _sampler(config, images)
     source = pretrain_batches(config, images, sampler, trainer.runtime)
     if source is None:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import (PROTOCOL, REPO, CompileTimeout, append_jsonl, command_line, environment, markdown_section,
-                      passes_needed, time_steps, write_markdown)
+from .harness import (PROTOCOL, REPO, CompileTimeout, append_jsonl, checked_inputs, command_line, environment,
+                      markdown_section, passes_needed, time_steps, write_markdown)
 
 CONFIGS = {"cifar-r18": ("cifar", 512), "r50-224": ("imagenet", 256)}
 METHODS = ("official", "lightly", "plain", "fast")
@@ -56,8 +56,10 @@ def data_passes(args) -> int:
 
 
 def build(method: str, args):
+    from simsiam.runtime import resolve_device
+
     config = pretrain_config(args)
-    device = torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     passes = data_passes(args)
     if method == "official":
         from . import official_recipe
@@ -99,7 +101,7 @@ def run_child(method: str, args) -> None:
         raise
 
 
-def summarise(args, command: str) -> None:
+def summarise(args, command: str, device: torch.device) -> None:
     rows = [r for r in map(json.loads, (Path(args.out) / "throughput.jsonl").read_text().splitlines())
             if r.get("run") == args.run]
     by_name = {r["method"].removesuffix(" (data only)"): r for r in rows if "images_per_s" in r}
@@ -115,7 +117,6 @@ def summarise(args, command: str) -> None:
     for r in rows:
         if "error" in r:
             r["notes"] = r["error"][:120]
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     for r in rows:
         if "images_per_s_2nd_half" in r:
             r["2nd_half"] = r["images_per_s_2nd_half"]
@@ -154,6 +155,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         return run_child(args.child, args)
+    device = checked_inputs(parser, args.device, args.data)
 
     command = command_line()
     args.run = uuid.uuid4().hex[:8]
@@ -176,7 +178,7 @@ def main(argv=None) -> None:
             status = "timed out"
             append_jsonl(Path(args.out) / "throughput.jsonl", {**failure, "error": f"timed out after {timeout:.0f} s"})
         print(f"== {method}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
-    summarise(args, command)
+    summarise(args, command, device)
 
 
 if __name__ == "__main__":
