@@ -161,7 +161,7 @@ if $PYTHON -c "import pytest" 2> /dev/null; then
   timeout 30 $PYTHON -m pytest -q -p no:cacheprovider -rs -m "cuda and not slow" \
     $(grep -l "pytest.mark.cuda(" tests/test_*.py) > "$OUT/cuda-tests.txt" 2>&1
   echo "== CUDA-only tests: exit $?, at $(elapsed) s: $(tail -1 "$OUT/cuda-tests.txt")"
-  printf '\n- CUDA-only tests (`pytest -m "cuda and not slow" tests`): %s\n' \
+  printf '\n- CUDA-only tests (`pytest -m "cuda and not slow"` over the modules that have them): %s\n' \
     "$(tail -1 "$OUT/cuda-tests.txt")" >> "$MD"
 else
   echo "== CUDA-only tests: not run (no pytest; see the header for its wheels)"
