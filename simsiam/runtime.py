@@ -97,11 +97,14 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
 def stop(runtime: Runtime, finished: bool = False) -> None:
     """End the process group. After a ``finished`` command the processes first wait for each
     other: one tearing the group down while another still writes its last file can hang the
-    teardown (pytorch/pytorch#75097; seen once with torch 2.4 on CPU). After an error a peer may
-    be gone, and a barrier would wait for it."""
+    teardown (pytorch/pytorch#75097; seen once with torch 2.4 on CPU). After an error the group
+    is left to the process's exit: a peer may be gone, and a barrier would wait for it, and with
+    torch 2.4's gloo so did ``destroy_process_group`` itself (1 run in 6 of a refusal agreed by two
+    processes hung there until torchrun killed it, its Error line unprinted)."""
     if runtime.distributed and dist.is_initialized():
-        if finished:
-            dist.barrier()
+        if not finished:
+            return
+        dist.barrier()
         dist.destroy_process_group()
 
 

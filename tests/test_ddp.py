@@ -182,7 +182,8 @@ def agree_as(rank: int, messages: list, monkeypatch, error=None):
 
 def test_the_processes_wait_for_each_other_before_ending_their_group_only_after_a_finished_command(monkeypatch):
     # one tearing the group down while another still writes its last file can hang (seen with torch
-    # 2.4); after an error a peer may be gone, and a barrier would wait for it for the timeout
+    # 2.4); after an error a peer may be gone, and a barrier would wait for it for the timeout, as
+    # did destroy_process_group with torch 2.4's gloo (1 run in 6 of the locked-folder test below)
     from simsiam import runtime as rt
 
     calls = []
@@ -192,7 +193,7 @@ def test_the_processes_wait_for_each_other_before_ending_their_group_only_after_
     two = rt.Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
     rt.stop(two, finished=True)
     rt.stop(two)
-    assert calls == ["barrier", "destroy", "destroy"]
+    assert calls == ["barrier", "destroy"]  # after an error, the group is left to the process's exit
 
 
 class _BareConfig:
