@@ -17,7 +17,10 @@ def saved_run(resume: Path, preset: str | None, command: str, required: str) -> 
     config. Refused: a checkpoint of another command (its config lacks ``required``) and a
     ``--preset`` other than the run's own, since a preset decides settings a resume cannot change."""
     from simsiam.checkpoint import find_resume_checkpoint, load_checkpoint
+    from simsiam.run_dir import settle_before_resume
 
+    if resume.is_dir():
+        settle_before_resume(resume)
     checkpoint_path = find_resume_checkpoint(resume)
     saved = load_checkpoint(checkpoint_path, mmap=True).get("config")
     if not isinstance(saved, dict) or required not in saved:

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -103,6 +104,29 @@ def _settle_replaced(out: Path) -> None:
         shutil.rmtree(out / REPLACED_RUN, ignore_errors=True)
     else:
         _give_back_replaced(out)
+
+
+def settle_before_resume(folder: Path, wait_s: float = 10.0) -> None:
+    """What a start into ``folder`` does first, done before ``--resume`` looks for its checkpoint:
+    put back the run that an ``--overwrite`` run killed (``kill -9``) before its first checkpoint
+    was replacing, else ``--resume`` finds no checkpoint. Under the folder's lock. Under torchrun
+    every process gets here: the first takes the lock and settles, the others wait for it (at
+    most ``wait_s``, the time a live run holding the lock is given before the refusal)."""
+    deadline = time.monotonic() + wait_s
+    while (folder / REPLACED_RUN).is_dir():
+        try:
+            lock = _lock(folder)
+        except InputError:
+            if time.monotonic() > deadline:
+                raise InputError(f"--resume {folder}: another simsiam run is writing in this folder; wait for it "
+                                 "to end") from None
+            time.sleep(0.1)
+            continue
+        try:
+            _settle_replaced(folder)
+        finally:
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
+            lock.close()
 
 
 def run_in_folder(config, overwrite: bool, body: Callable[[Runtime, "RunFolder"], dict]) -> dict:

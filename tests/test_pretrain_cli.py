@@ -170,6 +170,29 @@ def test_a_replaced_run_left_by_a_killed_overwrite_run_is_given_back(tmp_path, s
                       "already holds a run", "--overwrite")
     assert sorted(os.listdir(out)) == old and load_checkpoint(out / "last.pth.tar")["epoch"] == 1
 
+    # so does --resume, the first thing one tries after a crash: it continues the old run
+    (out / ".replaced-run").mkdir()
+    for name in old:
+        (out / name).rename(out / ".replaced-run" / name)
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    result = run("pretrain", "--resume", out, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2 and not (out / ".replaced-run").exists()
+
+
+def test_resume_leaves_a_replaced_run_alone_while_its_replacing_run_is_alive(tmp_path):
+    """The replacing run holds the lock until its first checkpoint: --resume must not put the old run back under it."""
+    from simsiam.errors import InputError
+    from simsiam.run_dir import locked_run_dir, settle_before_resume
+
+    out = tmp_path / "run"
+    with locked_run_dir(out):
+        (out / ".replaced-run").mkdir()
+        with pytest.raises(InputError, match=f"--resume {out}: another simsiam run is writing in this folder"):
+            settle_before_resume(out, wait_s=0.3)
+        assert (out / ".replaced-run").is_dir()
+
 
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shared_image_folder, monkeypatch):
     import simsiam.train
