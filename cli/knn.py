@@ -21,7 +21,7 @@ CHECKPOINT_ONLY = ("train_dir", "val_dir", "save_features", "overwrite", "layer"
 @click.option("--val", "val_file", type=PATH, help="Feature file of the labelled images to classify.")
 @click.option("--train-dir", type=PATH, help="With CHECKPOINT: labelled images (class/*.jpg) of the memory bank.")
 @click.option("--val-dir", type=PATH, help="With CHECKPOINT: labelled images to classify.")
-@click.option("--save-features", type=OUTPUT_FILE, default=None,
+@click.option("--save-features", type=PATH, default=None,
               help="With CHECKPOINT: also write train.h5 and val.h5 into this folder.")
 @click.option("-k", "ks", type=int, multiple=True, default=(20,), help="Neighbours; repeat for several (-k 10 -k 20 -k 200).")
 @click.option("--temperature", type=float, default=0.07, help="T of the exp(sim / T) votes.")

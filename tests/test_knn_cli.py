@@ -72,7 +72,7 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     args = ["knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "3", "--image-size", "16",
             "--resize", "0", "--workers", "0", "--device", "cpu", "--json"]
     saved = tmp_path / "saved" / "new"  # made, as every output folder
-    result = run(*args, "--save-features", saved)
+    result = run(*args, "--save-features", f"{saved}/")  # a folder, as a shell's completion writes it
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["train_size"] == 6 and report["val_size"] == 4 and report["results"][0]["k"] == 3
