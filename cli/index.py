@@ -44,4 +44,7 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     click.echo(f"{report.kind}: {report.factory}{settings}, {report.rows:,} x {report.dim}, "
                f"about {human_bytes(report.estimated_bytes)}; {report.reason}")
     click.echo(f"recall@10 vs exact search: {report.recall_at_10:.4f} on {report.recall_sample:,} sampled queries")
+    if not report.target_reached:
+        click.echo(f"warning: no search setting of this index reached --target-recall {report.target_recall}; the "
+                   "best one is kept (a flat index is exact; more --max-memory allows a finer one)", err=True)
     click.echo(f"wrote {report.path} in {report.seconds:.1f} s")

@@ -47,7 +47,7 @@ def test_flat_is_exact(clustered_file, tmp_path):
 def test_approximate_kinds_reach_recall_at_10_of_090(clustered_file, tmp_path, kind):
     out = tmp_path / f"{kind}.index"
     report = build_index(clustered_file, out, kind=kind, target_recall=0.9, recall_sample=300)
-    assert report.kind == kind and report.recall_at_10 >= 0.9 and report.search_parameters
+    assert report.kind == kind and report.recall_at_10 >= 0.9 and report.search_parameters and report.target_reached
     # the reported recall is real: measure it again over every vector with the saved settings
     loaded = load_index(out)
     assert loaded.meta["search_parameters"] == report.search_parameters
@@ -121,7 +121,12 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
                  "--recall-sample", "200", "--target-recall", "0.9")
     assert memory.exit_code == 0, memory.output
     report = json.loads(memory.output)
-    assert report["kind"] == "ivf-pq" and report["estimated_bytes"] <= 200 * 1024
+    assert report["kind"] == "ivf-pq" and report["estimated_bytes"] <= 200 * 1024 and report["target_reached"]
+    # a target no setting reaches is said, not passed over
+    unreachable = run("index", clustered_file, "--out", tmp_path / "small.index", "--max-memory", "200K", "--overwrite",
+                      "--recall-sample", "200", "--target-recall", "1")
+    assert unreachable.exit_code == 0, unreachable.output
+    assert "warning: no search setting of this index reached --target-recall 1.0; the best one is kept" in unreachable.output
     # an index is never written over an existing file without --overwrite, nor over its input
     before = out.read_bytes()
     assert_user_error(run("index", clustered_file, "--out", out), "auto.index: exists; pass --overwrite")
