@@ -59,6 +59,8 @@ class SimSiamGroup(click.Group):
                 ctx.exit(2)
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
             raise UserError(f"{err.format_message()} (see: simsiam{command} --help)") from None
+        except BrokenPipeError:  # stdout piped into a reader that stopped (| head): not an error; click's main ends it quietly
+            raise
         except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
             raise UserError(_this_process(_os_error(err))) from None
         except (MemoryError, RuntimeError) as err:

@@ -38,6 +38,24 @@ def test_plot_writes_a_png_of_the_four_curves(tmp_path):
         assert image.format == "PNG" and image.size == (1000, 700)
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``simsiam ... | head -1``: the reader gone is not the user's error ("Error: Broken pipe", exit 2)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_metrics(tmp_path / "run")
+    read, write = os.pipe()
+    os.close(read)  # the reader has stopped: the first write fails with EPIPE
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "cli", "plot", str(tmp_path / "run")], stdout=write,
+                          stderr=subprocess.PIPE, text=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    os.close(write)
+    assert "Error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and (tmp_path / "run" / "curves.png").is_file()
+
+
 def test_plot_of_a_diverged_run_with_infinite_values(tmp_path):
     # json writes float("inf") as Infinity, and reads it back: the collapse panel's limits were a ValueError
     write_metrics(tmp_path / "run")
