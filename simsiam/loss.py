@@ -29,7 +29,7 @@ def collapse_std(z: torch.Tensor, sum_over_ranks: Callable[[torch.Tensor], None]
 
     Under torchrun, ``sum_over_ranks`` (``torch.distributed.all_reduce``) makes it the std of the
     global batch, from every rank's count, sums and sums of squares, rather than of one rank's
-    share (which reads lower, and is NaN for a share of one image).
+    share (which reads otherwise, and is NaN for a share of one image).
     """
     unit = F.normalize(z.float(), dim=1)
     if sum_over_ranks is None:
