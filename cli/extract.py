@@ -40,6 +40,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
     from retrieval.extract import extract_to_file
     from retrieval.feature_model import load_feature_model
     from simsiam.atomic import check_output
+    from simsiam.errors import SimSiamError
     from simsiam.runtime import agreement, start, stop
 
     expected = 1 if random_init else 2
@@ -48,7 +49,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
                                "(or --random-init --arch ARCH DATA)")
     checkpoint = None if random_init else inputs[0]
     runtime = start(device, precision)
-    finished = False
+    together = False  # every process ends here: finished, or on an error they agreed on
     try:
         with agreement(runtime):  # under torchrun: every process checks, and all stop when one fails
             check_output(out, "--out", overwrite, inputs=inputs)  # before loading a model: never over an input
@@ -62,6 +63,9 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
             skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
             click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "
                        f"({model.arch} {layer}){processes}{skipped}")
-        finished = True
+        together = True
+    except SimSiamError as err:
+        together = err.agreed
+        raise
     finally:  # also on an error: a process leaving with its process group in use can abort (SIGABRT)
-        stop(runtime, finished)
+        stop(runtime, together)

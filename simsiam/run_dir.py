@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .atomic import atomic_write
 from .checkpoint import LAST, load_checkpoint
-from .errors import InputError, agreed, lost_peer
+from .errors import InputError, SimSiamError, agreed, lost_peer
 from .runtime import Runtime, agreement, start, stop
 
 CONFIG_FILE = "config.json"
@@ -135,17 +135,20 @@ def run_in_folder(config, overwrite: bool, body: Callable[[Runtime, "RunFolder"]
     for all); hold the folder's lock while ``body(runtime, run_folder)`` runs; stop the runtime
     however it ends."""
     runtime = start(config.device, config.precision)
-    finished = False
+    together = False  # every process ends here: finished, or on an error they agreed on
     try:
         with agreement(runtime):
             config.validate()
             check_out_apart_from_inputs(config, overwrite)
         with locked_run_dir(Path(config.out), runtime) as run_folder:
             result = body(runtime, run_folder)
-        finished = True
+        together = True
         return result
+    except SimSiamError as err:
+        together = err.agreed
+        raise
     finally:
-        stop(runtime, finished)
+        stop(runtime, together)
 
 
 @contextmanager

@@ -94,17 +94,17 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(dev, resolve_precision(precision, dev), rank, world_size, local_rank)
 
 
-def stop(runtime: Runtime, finished: bool = False) -> None:
-    """End the process group. After a ``finished`` command the processes first wait for each
-    other: one tearing the group down while another still writes its last file can hang the
-    teardown (pytorch/pytorch#75097; seen once with torch 2.4 on CPU). After an error the group
-    is left to the process's exit: a peer may be gone, and a barrier would wait for it, and with
-    torch 2.4's gloo so did ``destroy_process_group`` itself (1 run in 6 of a refusal agreed by two
-    processes hung there until torchrun killed it, its Error line unprinted)."""
+def stop(runtime: Runtime, together: bool = False) -> None:
+    """End the process group. ``together``: every process ends here (a finished command, or an
+    error they agreed on), so they first wait for each other: one tearing the group down while
+    another still works, or has already left, can hang the teardown (pytorch/pytorch#75097; with
+    torch 2.4's gloo, 1 run in 6 of a refusal agreed by two processes hung there until torchrun
+    killed it, its Error line unprinted). After an error of this process alone a peer may be gone,
+    and a barrier would wait for it: the group is destroyed at once, since a process leaving with
+    its group up can abort ('terminate called without an active exception', 1 run in 8)."""
     if runtime.distributed and dist.is_initialized():
-        if not finished:
-            return
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

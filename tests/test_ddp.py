@@ -180,10 +180,10 @@ def agree_as(rank: int, messages: list, monkeypatch, error=None):
     return None
 
 
-def test_the_processes_wait_for_each_other_before_ending_their_group_only_after_a_finished_command(monkeypatch):
-    # one tearing the group down while another still writes its last file can hang (seen with torch
-    # 2.4); after an error a peer may be gone, and a barrier would wait for it for the timeout, as
-    # did destroy_process_group with torch 2.4's gloo (1 run in 6 of the locked-folder test below)
+def test_the_processes_wait_for_each_other_before_ending_their_group_only_when_all_end_there(monkeypatch):
+    # one tearing the group down while another still works or has left can hang (seen with torch
+    # 2.4, after a finished command and after an agreed refusal); after an error of one process a
+    # peer may be gone, and a barrier would wait for it for the timeout
     from simsiam import runtime as rt
 
     calls = []
@@ -191,9 +191,9 @@ def test_the_processes_wait_for_each_other_before_ending_their_group_only_after_
     monkeypatch.setattr(rt.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(rt.dist, "destroy_process_group", lambda: calls.append("destroy"))
     two = rt.Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
-    rt.stop(two, finished=True)
+    rt.stop(two, together=True)
     rt.stop(two)
-    assert calls == ["barrier", "destroy"]  # after an error, the group is left to the process's exit
+    assert calls == ["barrier", "destroy", "destroy"]  # destroyed either way: a process leaving with it up can abort
 
 
 class _BareConfig:
@@ -207,17 +207,21 @@ class _BareConfig:
         pass
 
 
-@pytest.mark.parametrize("failure", [None, RuntimeError("a bug"), "InputError"])
-def test_a_run_ends_its_group_as_finished_only_when_its_body_returned(monkeypatch, tmp_path, failure):
-    # after an error no barrier: a peer that failed first may be gone, and the others would wait for
-    # it until the timeout instead of reporting the error
+@pytest.mark.parametrize("failure", [None, RuntimeError("a bug"), "InputError", "agreed"])
+def test_a_run_ends_its_group_together_only_when_its_body_returned_or_the_error_was_agreed(monkeypatch, tmp_path,
+                                                                                            failure):
+    # after an error of this process alone no barrier: a peer that failed first may be gone, and the
+    # others would wait for it until the timeout instead of reporting the error
     from simsiam import run_dir
-    from simsiam.errors import InputError
+    from simsiam.errors import InputError, agreed
 
+    together = failure in (None, "agreed")
     if failure == "InputError":
         failure = InputError("x.jpg: cannot decode image")
+    if failure == "agreed":
+        failure = agreed(InputError("--out run: another simsiam run is writing in this folder"))
     stopped = []
-    monkeypatch.setattr(run_dir, "stop", lambda runtime, finished=False: stopped.append(finished))
+    monkeypatch.setattr(run_dir, "stop", lambda runtime, together=False: stopped.append(together))
 
     def body(runtime, folder):
         if failure is not None:
@@ -229,7 +233,7 @@ def test_a_run_ends_its_group_as_finished_only_when_its_body_returned(monkeypatc
     else:
         with pytest.raises(type(failure)):
             run_dir.run_in_folder(_BareConfig(tmp_path / "run"), False, body)
-    assert stopped == [failure is None]
+    assert stopped == [together]
 
 
 def test_processes_agree_on_a_failure_so_none_goes_on_alone(monkeypatch):

@@ -155,13 +155,13 @@ def test_random_init_baseline_is_seeded(tmp_path, images):
     assert a.features.dtype == np.float16  # the default --dtype
 
 
-def test_extract_ends_its_group_as_finished_only_after_writing(tmp_path, images, monkeypatch):
+def test_extract_ends_its_group_together_only_after_writing(tmp_path, images, monkeypatch):
     # under torchrun the processes wait for each other before ending their group, but not after an
-    # error: a peer that failed may be gone (simsiam.runtime.stop)
+    # error of one process: a peer that failed may be gone (simsiam.runtime.stop)
     import simsiam.runtime
 
     stopped = []
-    monkeypatch.setattr(simsiam.runtime, "stop", lambda runtime, finished=False: stopped.append(finished))
+    monkeypatch.setattr(simsiam.runtime, "stop", lambda runtime, together=False: stopped.append(together))
     args = ["extract", "--random-init", "--arch", "resnet18", *FAST]
     assert run(*args, images, "--out", tmp_path / "a.h5").exit_code == 0
     assert_user_error(run(*args, tmp_path / "missing", "--out", tmp_path / "b.h5"), "missing")
