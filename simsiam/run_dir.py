@@ -116,17 +116,18 @@ def settle_before_resume(folder: Path, wait_s: float = 10.0) -> None:
     while (folder / REPLACED_RUN).is_dir():
         try:
             lock = _lock(folder)
-        except InputError:
+        except FolderBusy:
             if time.monotonic() > deadline:
                 raise InputError(f"--resume {folder}: another simsiam run is writing in this folder; wait for it "
                                  "to end") from None
             time.sleep(0.1)
             continue
         try:
-            _settle_replaced(folder)
+            _settle_replaced(folder)  # once: what it cannot remove, the start's own settling meets again
         finally:
             (folder / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
             lock.close()
+        return
 
 
 def run_in_folder(config, overwrite: bool, body: Callable[[Runtime, "RunFolder"], dict]) -> dict:
@@ -202,6 +203,10 @@ def locked_run_dir(out: Path, runtime=None):
                     break
 
 
+class FolderBusy(InputError):
+    """Another run holds the folder's lock."""
+
+
 def _lock(out: Path):
     """The open, locked ``out/.lock``. Its holder deletes it before releasing it, so a lock taken
     on a file no longer at that name (opened just before the deletion) is dropped and retaken."""
@@ -217,7 +222,7 @@ def _lock(out: Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise InputError(f"--out {out}: another simsiam run is writing in this folder; wait for it to end "
+            raise FolderBusy(f"--out {out}: another simsiam run is writing in this folder; wait for it to end "
                              "or choose another --out") from None
         try:
             current = os.stat(out / LOCK_FILE).st_ino == os.fstat(lock.fileno()).st_ino

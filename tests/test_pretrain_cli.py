@@ -194,6 +194,18 @@ def test_resume_leaves_a_replaced_run_alone_while_its_replacing_run_is_alive(tmp
         assert (out / ".replaced-run").is_dir()
 
 
+def test_resume_settles_a_replaced_run_once_even_when_it_cannot_be_removed(tmp_path, monkeypatch):
+    """A .replaced-run/ that stays (a file held open on NFS) must not make --resume settle it forever."""
+    from simsiam import run_dir
+
+    out = tmp_path / "run"
+    (out / ".replaced-run").mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(run_dir, "_settle_replaced", lambda folder: calls.append(folder))  # removes nothing
+    run_dir.settle_before_resume(out, wait_s=0.3)
+    assert calls == [out] and not (out / ".lock").exists()
+
+
 def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, shared_image_folder, monkeypatch):
     import simsiam.train
 
