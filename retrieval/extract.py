@@ -98,7 +98,7 @@ class _Extraction:
     """What one call extracts: the images (this rank's slice of them), the transform, the attributes."""
 
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
-                 normalize: bool, strict: bool, gpu_decode: bool = False):
+                 normalize: bool, strict: bool, gpu_decode: bool = False, check_crop: bool = True):
         self.images = data if isinstance(data, ImageList) else scan_images(data)
         check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size
@@ -108,7 +108,8 @@ class _Extraction:
                   for option, given in (("--image-size", image_size), ("--resize", resize))}
         check_int(labels["--image-size"], self.image_size, 1, MAX_IMAGE_SIZE)
         check_int(labels["--resize"], self.resize, 0, MAX_IMAGE_SIZE)
-        check_crop_fits(labels["--resize"], self.resize, labels["--image-size"], self.image_size)
+        if check_crop:
+            check_crop_fits(labels["--resize"], self.resize, labels["--image-size"], self.image_size)
         dataset = ImageDataset(self.images, eval_transform(self.image_size, self.resize or None))
         # contiguous slices in rank order: the shards concatenated are the images in order
         mine = np.array_split(np.arange(len(dataset)), runtime.world_size)[runtime.rank]
@@ -162,11 +163,13 @@ class _Extraction:
 
 def extract_features(model: FeatureModel, data: str | os.PathLike | ImageList, runtime: Runtime, image_size: int | None = None,
                      resize: int | None = None, batch_size: int = 256, workers: int = 0, normalize: bool = False,
-                     strict: bool = False, on_event: EventHandler | None = None, gpu_decode: bool = False) -> FeatureSet:
-    """Embed the images of ``data`` (an ImageFolder, a flat folder, or an ImageList) into memory (float32)."""
+                     strict: bool = False, on_event: EventHandler | None = None, gpu_decode: bool = False,
+                     check_crop: bool = True) -> FeatureSet:
+    """Embed the images of ``data`` (an ImageFolder, a flat folder, or an ImageList) into memory (float32).
+    ``check_crop`` False takes a resize smaller than the crop (queries made as an older database was)."""
     if runtime.distributed:
         raise InputError("in-memory extraction runs in one process; under torchrun use simsiam extract --out")
-    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
+    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode, check_crop)
     parts = list(job.batches(batch_size, workers, on_event))
     if not parts:
         raise InputError(f"{job.images.root}: none of its {len(job.images)} images could be decoded")

@@ -131,8 +131,10 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     # the database's transform, which the queries must share: a broken value is the file's, not an option's
     check_int(f"{database.source}: its image_size", image_size, 1, MAX_IMAGE_SIZE)
     check_int(f"{database.source}: its resize", resize, 0, MAX_IMAGE_SIZE)
+    # the queries must share it even when its resize is smaller than its crop (a file made before
+    # extract refused that): padded alike, they match its rows
     return extract_features(model, images, runtime, image_size, resize, batch_size, workers,
-                            on_event=refuse_unreadable)
+                            on_event=refuse_unreadable, check_crop=False)
 
 
 @dataclass

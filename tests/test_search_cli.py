@@ -56,6 +56,22 @@ def test_query_image_of_the_database_finds_its_neighbours_not_itself(gallery):
     assert rows[0][0].strip() == "c1_002.png" and "1 of them database images, left out" in table.output
 
 
+def test_query_images_follow_a_database_made_before_extract_refused_a_resize_below_the_crop(gallery, tmp_path):
+    """Such a file's rows were padded by the centre crop; the queries must be made the same way, not refused."""
+    import shutil
+
+    import h5py
+
+    old = tmp_path / "old.h5"
+    shutil.copy(gallery["h5"], old)
+    with h5py.File(old, "r+") as f:
+        f.attrs["image_size"], f.attrs["resize"] = 20, 18
+    query = gallery["images"] / "class1" / "c1_002.png"
+    result = run("search", old, "--query", query, "--checkpoint", gallery["checkpoint"], "-k", "2", "--workers", "0",
+                 "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+
+
 def test_the_database_images_reached_another_way_do_not_find_themselves(gallery, tmp_path):
     """A copy of the database file, or its image folder embedded again: --eval is not inflated by self-matches."""
     import shutil
