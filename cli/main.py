@@ -59,9 +59,9 @@ class SimSiamGroup(click.Group):
                 ctx.exit(2)
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
             raise UserError(f"{err.format_message()} (see: simsiam{command} --help)") from None
-        except BrokenPipeError:  # stdout piped into a reader that stopped (| head): not an error; click's main ends it quietly
-            raise
         except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
+            if isinstance(err, BrokenPipeError) and _stdout_closed():
+                raise  # piped into a reader that stopped (| head): not an error; click's main ends it quietly
             raise UserError(_this_process(_os_error(err))) from None
         except (MemoryError, RuntimeError) as err:
             if _peer_failed(err):  # its own Error line is the one that says why
@@ -71,6 +71,20 @@ class SimSiamGroup(click.Group):
                 raise
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             raise UserError(_this_process(f"out of memory ({_first_line(err)}){_memory_hint(command)}")) from None
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end), as
+    opposed to another pipe of the command's (a worker's) that broke."""
+    import select
+    import sys
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (OSError, ValueError, AttributeError):  # no real file (a test runner's), no poll
+        return False
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _under_torchrun() -> bool:

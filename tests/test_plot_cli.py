@@ -56,6 +56,17 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     assert done.returncode == 1 and (tmp_path / "run" / "curves.png").is_file()
 
 
+def test_a_broken_pipe_other_than_stdout_is_still_an_error(tmp_path, monkeypatch):
+    import simsiam.training_curves
+
+    def broken(*args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(simsiam.training_curves, "plot_training_curves", broken)
+    write_metrics(tmp_path / "run")
+    assert_user_error(run("plot", tmp_path / "run"), "Broken pipe")
+
+
 def test_plot_of_a_diverged_run_with_infinite_values(tmp_path):
     # json writes float("inf") as Infinity, and reads it back: the collapse panel's limits were a ValueError
     write_metrics(tmp_path / "run")
