@@ -21,7 +21,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         marker = item.get_closest_marker("cuda")
         if marker is not None:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; " + marker.kwargs["reason"]))
+            why = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU" + (f"; {why}" if why else "")))
 
 
 def make_image_folder(root: Path, classes: int = 2, per_class: int = 16, size: int = 16,
