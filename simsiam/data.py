@@ -226,12 +226,14 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _pil_rgb(image: Image.Image) -> torch.Tensor:
-    """uint8 RGB [3, H, W] of a PIL image. 16-bit grey (a TIFF's "I;16") keeps its top 8 bits, as
-    :func:`first_frame` does for torchvision's 16-bit PNGs: PIL's convert clips it at 255, which
-    turns most of such an image white."""
-    if image.mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
-        return torch.from_numpy(grey.astype(np.uint8)).expand(3, -1, -1).contiguous()
+    """uint8 RGB [3, H, W] of a PIL image. 16-bit grey (a TIFF's "I;16"; a 16-bit PGM or an integer
+    TIFF as "I", when its values pass 255) keeps its top 8 bits, as :func:`first_frame` does for
+    torchvision's 16-bit PNGs: PIL's convert clips it at 255, which turns most of such an image white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image).astype(np.int64)
+        if image.mode != "I" or grey.max() > 255:  # an "I" image of 8-bit values converts as it is
+            grey = grey.clip(0, 65535) >> 8
+            return torch.from_numpy(grey.astype(np.uint8)).expand(3, -1, -1).contiguous()
     return TF.pil_to_tensor(image.convert("RGB"))
 
 

@@ -115,11 +115,19 @@ def test_a_16_bit_tiff_keeps_its_top_8_bits_not_clipped_white(tmp_path):
 
     deep = np.linspace(0, 65535, 400).reshape(20, 20).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.tif")
+    # a 16-bit PGM, written out (Pillow 9.3 cannot save one); opened as "I" by Pillow 13
+    (tmp_path / "deep.pgm").write_bytes(b"P5\n20 20\n65535\n" + deep.astype(">u2").tobytes())
+    Image.fromarray(deep.astype(np.int32)).save(tmp_path / "int32.tif")  # "I"
     with Image.open(tmp_path / "deep.tif") as image:
         assert image.mode.startswith("I;16")
-    decoded = decode_rgb(tmp_path / "deep.tif")
-    assert decoded.shape == (3, 20, 20) and decoded.dtype == torch.uint8
-    assert torch.equal(decoded, torch.from_numpy((deep >> 8).astype(np.uint8)).expand(3, -1, -1))
+    for name in ("deep.tif", "deep.pgm", "int32.tif"):
+        decoded = decode_rgb(tmp_path / name)
+        assert decoded.shape == (3, 20, 20) and decoded.dtype == torch.uint8
+        assert torch.equal(decoded, torch.from_numpy((deep >> 8).astype(np.uint8)).expand(3, -1, -1)), name
+    # 8-bit values in an "I" image are taken as they are
+    low = (deep >> 8).astype(np.int32)
+    Image.fromarray(low).save(tmp_path / "low.tif")
+    assert torch.equal(decode_rgb(tmp_path / "low.tif"), torch.from_numpy(low.astype(np.uint8)).expand(3, -1, -1))
 
 
 def test_a_cut_png_gives_the_decoders_reason_without_its_source_location(tmp_path):
