@@ -199,7 +199,7 @@ class IndexReport:
     recall_at_10: float
     recall_sample: int
     target_recall: float
-    target_reached: bool  # by a setting of the ladder, on the tuning sample; else the best one is kept
+    target_reached: bool  # by the recall reported; else the best setting found is kept
     estimated_bytes: int
     reason: str
     rows: int
@@ -272,7 +272,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     tune_ids, report_ids = np.sort(sampled[:per_sample]), np.sort(sampled[per_sample:])
     say(f"measuring recall@{RECALL_AT} against exact search on {per_sample:,} sampled vectors "
         f"(each query's own row left out)")
-    chosen, best, reached = "", -1.0, False
+    chosen, best = "", -1.0
     space = faiss.ParameterSpace()
     tuning = _RecallSample(faiss, vectors, tune_ids)
     for parameters in _parameter_ladder(plan):
@@ -282,14 +282,14 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
         if measured > best:
             chosen, best = parameters, measured
         if measured >= target_recall:
-            chosen, reached = parameters, True
+            chosen = parameters
             break
     if chosen:
         space.set_index_parameters(index, chosen)
     recall = _RecallSample(faiss, vectors, report_ids).recall(index)
 
     report = IndexReport(str(out), str(Path(features_path)), plan.kind, plan.factory, chosen, recall, per_sample,
-                         target_recall, reached, plan.estimated_bytes, plan.reason, rows, dim, time.perf_counter() - start)
+                         target_recall, recall >= target_recall, plan.estimated_bytes, plan.reason, rows, dim, time.perf_counter() - start)
     sidecar = {"format": SIDECAR_FORMAT, **asdict(report),
                "features": os.path.relpath(Path(features_path).resolve(), out.resolve().parent),
                "features_absolute": str(Path(features_path).resolve()),

@@ -126,7 +126,7 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
     unreachable = run("index", clustered_file, "--out", tmp_path / "small.index", "--max-memory", "200K", "--overwrite",
                       "--recall-sample", "200", "--target-recall", "1")
     assert unreachable.exit_code == 0, unreachable.output
-    assert "warning: no search setting of this index reached --target-recall 1.0; the best one is kept" in unreachable.output
+    assert "is below --target-recall 1.0: the best search setting found is kept" in unreachable.output
     # an index is never written over an existing file without --overwrite, nor over its input
     before = out.read_bytes()
     assert_user_error(run("index", clustered_file, "--out", out), "auto.index: exists; pass --overwrite")
