@@ -44,6 +44,16 @@ def check_crop_fits(resize_label: str, resize: int, size_label: str, image_size:
                          f"{round(image_size * 256 / 224)}), or 0 for none")
 
 
+def preset_values(preset: dict, overrides: dict) -> dict:
+    """A preset's settings with ``overrides`` (None values are ignored) on top. A crop larger than
+    the preset's evaluation resize, without ``eval_resize`` given, gets the resize at the preset's
+    ratio (the ImageNet recipe's 256/224: 288 -> 329), where the preset's own would pad it."""
+    values = {**preset, **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("eval_resize") is None and 0 < preset["eval_resize"] < values["image_size"]:
+        values["eval_resize"] = round(values["image_size"] * preset["eval_resize"] / preset["image_size"])
+    return values
+
+
 class RunSettings:
     """What the settings dataclasses of runs share: a JSON round trip and the lr scaling rule."""
 
@@ -256,8 +266,7 @@ def preset_config(name: str, **overrides) -> PretrainConfig:
     """The preset's settings with ``overrides`` (None values are ignored) on top."""
     if name not in PRESETS:
         raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return PretrainConfig(preset=name, **values).with_absolute_paths()
+    return PretrainConfig(preset=name, **preset_values(PRESETS[name], overrides)).with_absolute_paths()
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from simsiam.config import MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_crop_fits, check_seed
+from simsiam.config import (MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_WORKERS, RunSettings, check_crop_fits, check_seed,
+                            preset_values)
 from simsiam.errors import InputError
 
 OPTIMIZERS = ("lars", "sgd")
@@ -90,5 +91,4 @@ def preset_linear_config(name: str, **overrides) -> LinearEvalConfig:
     """The preset's settings with ``overrides`` (None values are ignored) on top."""
     if name not in PRESETS:
         raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return LinearEvalConfig(preset=name, **values).with_absolute_paths()
+    return LinearEvalConfig(preset=name, **preset_values(PRESETS[name], overrides)).with_absolute_paths()
