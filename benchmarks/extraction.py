@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--methods", default="official-style,ours-plain,ours-gpu-decode")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="of our rows (auto: bf16 and channels_last on CUDA, as simsiam extract); "
+                        help="of our rows (auto: bf16 and channels_last on CUDA from Ampere on, as simsiam extract); "
                              "the official-style row is always fp32")
     parser.add_argument("--deadline", type=float, default=0,
                         help="a time.time() after which no method is started (it is listed as not run), and "

@@ -79,7 +79,7 @@ class EpochTooShort(RuntimeError):
     pass
 
 
-def _drop(iterator) -> None:
+def drop_iterator(iterator) -> None:
     """Stop an iterator's DataLoader workers now (a generator is closed, which releases the
     loader iterator it holds; the last reference going shuts the workers down)."""
     close = getattr(iterator, "close", None)
@@ -116,7 +116,7 @@ def time_steps(method: Method, device: torch.device, warmup: int, steps: int) ->
         for _ in range(warmup):
             method.step(next(batches))
         synchronize(device)
-        _drop(batches)
+        drop_iterator(batches)
         warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     batches = _batches(method, n + 1)
@@ -132,7 +132,7 @@ def time_steps(method: Method, device: torch.device, warmup: int, steps: int) ->
         method.step(next(batches))
     synchronize(device)
     end = time.perf_counter()
-    _drop(batches)
+    drop_iterator(batches)
     elapsed = end - start
     notes = method.notes() if callable(method.notes) else method.notes
     result = {

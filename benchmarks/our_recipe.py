@@ -26,7 +26,7 @@ from simsiam.device_data import pretrain_batches
 from simsiam.loss import negative_cosine_similarity
 from simsiam.train import build_model, build_optimizer, train_step
 
-from .harness import CompileTimeout, Method, _drop, compile_failure, give_up_compiling, loader_queue, time_limit
+from .harness import CompileTimeout, Method, drop_iterator, compile_failure, give_up_compiling, loader_queue, time_limit
 
 
 class _Trainer:
@@ -113,7 +113,8 @@ def build_fast(config, device: torch.device, compile_model: bool = True, passes:
     """The compute bound first (it also pays for the compilation), then the fast path, on one
     compiled model. ``config.data_on_gpu`` / ``config.gpu_decode`` say which fast source; a
     source with DataLoader workers (GPU decoding) lists the images ``passes`` times, one held on
-    the device does not (its epoch ends without restarting anything)."""
+    the device only up to a batch (its epoch ends without restarting anything). Compiled, the fast
+    row's setup_s includes compiling the augmentation (on one batch, under the time limit)."""
     start = time.perf_counter()
     trainer = _Trainer(config, compile_model, compile_timeout)
     built = time.perf_counter() - start
@@ -165,7 +166,7 @@ def _compile_augmentation(augment, epochs, seconds: float) -> None:
     except CompileTimeout as err:
         augment.run_eager(give_up_compiling(err))
     finally:
-        _drop(batches)
+        drop_iterator(batches)
 
 
 def fast_config(config):

@@ -100,7 +100,7 @@ class BatchAugment:
         boxes, settings = params[:, :4].long(), params[:, 4:]
         if isinstance(images, torch.Tensor):
             return self._run("_on_device", images, boxes, settings, self.image_size, self.blur)
-        # images of mixed sizes: padded to the largest for the crops (eager), then the batched rest
+        # images of mixed sizes: padded in groups of similar sizes for the crops (eager), then the batched rest
         return self._run("_photometric", resized_crops(images, boxes, self.image_size), settings, self.blur)
 
     def _run(self, part: str, *args) -> torch.Tensor:
