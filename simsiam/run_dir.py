@@ -125,8 +125,7 @@ def settle_before_resume(folder: Path, wait_s: float = 10.0) -> None:
         try:
             _settle_replaced(folder)  # once: what it cannot remove, the start's own settling meets again
         finally:
-            (folder / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
-            lock.close()
+            _unlock(folder, lock)
         return
 
 
@@ -194,13 +193,17 @@ def locked_run_dir(out: Path, runtime=None):
     finally:
         folder.end(refused)  # acts where the folder was prepared: rank 0's process
         if lock is not None:
-            (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
-            lock.close()
+            _unlock(out, lock)
             for folder in made:  # innermost first: a run that failed before writing leaves no folder
                 try:
                     folder.rmdir()
                 except OSError:  # not empty (or gone): the run's own error is the one to report
                     break
+
+
+def _unlock(out: Path, lock) -> None:
+    (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
+    lock.close()
 
 
 class FolderBusy(InputError):
