@@ -345,9 +345,22 @@ def _written_by_a_run(config_file: Path) -> bool:
     return isinstance(values, dict) and {"preset", "batch_size", "epochs"} <= values.keys()
 
 
-def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool) -> None:
+def _run_command(config_file: Path) -> str | None:
+    """Which command's run wrote ``config_file``: "pretrain" (its config names DATA), "lincls"
+    (TRAIN_DIR), or None when unreadable."""
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    return "pretrain" if "data" in values else "lincls" if "train_dir" in values else None
+
+
+def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: bool, command: str) -> None:
     """Refuse a folder that holds another run unless resuming it (from a checkpoint inside it) or
-    told to overwrite it. Only reads: every process checks, before any slow work."""
+    told to overwrite it. Only reads: every process checks, before any slow work. ``command``
+    (pretrain, lincls): a run of the other one is named, since resuming it is no answer."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
     if _resuming_in(out, resume_from) and overwrite:
@@ -356,6 +369,10 @@ def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: b
     if _resuming_in(out, resume_from) or overwrite:
         return
     if holds_run(out):
+        other = _run_command(out / CONFIG_FILE)
+        if other is not None and other != command:
+            raise InputError(f"--out {out}: already holds a simsiam {other} run; choose another --out, or pass "
+                             "--overwrite to replace it")
         raise InputError(f"--out {out}: already holds a run; pass --resume {out} to continue it "
                          "or --overwrite to start over")
     strays = [n for n in RUN_FILES if (out / n).exists()]

@@ -241,7 +241,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
     # every process checks, then they agree (rt.agree): a check that fails on some only (a file one
     # node lacks) stops every process, before rank 0 changes the folder
     with rt.agreement(runtime):
-        check_run_dir(out, resume_from, overwrite)
+        check_run_dir(out, resume_from, overwrite, "pretrain")
         checkpoint = resume_checkpoint(config, resume_from)
         if checkpoint is not None:
             with torch.device("meta"):  # shapes only

@@ -340,6 +340,17 @@ def test_an_overwrite_run_refused_at_its_first_batch_gives_the_replaced_run_back
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old  # heads included
 
 
+def test_a_folder_holding_a_pretraining_run_is_named_as_such_not_offered_to_resume(tmp_path, data):
+    checkpoint, train, val = data
+    out = tmp_path / "pretrained"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"data": str(train), "preset": "cifar", "batch_size": 8, "epochs": 1}))
+    (out / "last.pth.tar").write_bytes(b"a pretraining checkpoint")
+    result = run("lincls", checkpoint, train, val, "--out", out, *TINY, "--batch-size", "16", "--epochs", "1")
+    assert_user_error(result, f"--out {out}: already holds a simsiam pretrain run; choose another --out, or pass "
+                              "--overwrite to replace it")
+
+
 def test_errors(tmp_path, data):
     checkpoint, train, val = data
     args = [*TINY, "--batch-size", "16", "--epochs", "1"]

@@ -239,7 +239,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     # every process checks, then they agree (rt.agree): a check that fails on some only (a file one
     # node lacks) stops every process, before rank 0 changes the folder
     with rt.agreement(runtime):
-        check_run_dir(out, resume_from, overwrite)
+        check_run_dir(out, resume_from, overwrite, "lincls")
         checkpoint = resume_checkpoint(config, resume_from)
         if checkpoint is not None and "optimizer" not in checkpoint:  # linear_head.pth: it holds a config too
             raise InputError(f"--resume {resume_from}: the finished linear head, not a checkpoint to resume; give the "
