@@ -336,24 +336,24 @@ def saved_since(folder: Path, since: float) -> bool:
     return False
 
 
-def _written_by_a_run(config_file: Path) -> bool:
-    """Whether ``config_file`` is the config.json of a simsiam run (pretrain or lincls)."""
+def _read_config(config_file: Path) -> dict:
+    """A run folder's config.json; empty when missing, unreadable or not an object."""
     try:
         values = json.loads(config_file.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"preset", "batch_size", "epochs"} <= values.keys()
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def _written_by_a_run(config_file: Path) -> bool:
+    """Whether ``config_file`` is the config.json of a simsiam run (pretrain or lincls)."""
+    return {"preset", "batch_size", "epochs"} <= _read_config(config_file).keys()
 
 
 def _run_command(config_file: Path) -> str | None:
     """Which command's run wrote ``config_file``: "pretrain" (its config names DATA), "lincls"
     (TRAIN_DIR), or None when unreadable."""
-    try:
-        values = json.loads(config_file.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(values, dict):
-        return None
+    values = _read_config(config_file)
     return "pretrain" if "data" in values else "lincls" if "train_dir" in values else None
 
 
