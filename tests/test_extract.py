@@ -55,6 +55,15 @@ def torchvision_backbone(checkpoints) -> torch.nn.Module:
     return model
 
 
+def test_the_file_records_the_checkpoint_and_root_as_absolute_paths(tmp_path, checkpoints, images, monkeypatch):
+    # typed relative, they would name nothing from another folder, and `knn` compares them
+    monkeypatch.chdir(checkpoints["official"].parent)
+    result = run("extract", checkpoints["official"].name, os.path.relpath(images), "--out", tmp_path / "f.h5", *FAST)
+    assert result.exit_code == 0, result.output
+    attrs = read_features(tmp_path / "f.h5").attrs
+    assert attrs["checkpoint"] == str(checkpoints["official"].resolve()) and attrs["root"] == str(images.resolve())
+
+
 @pytest.mark.parametrize("layout", ["official", "torchvision"])
 def test_features_equal_the_torchvision_resnet_run_directly(tmp_path, checkpoints, images, layout):
     out = tmp_path / "feats.h5"
