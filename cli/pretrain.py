@@ -41,7 +41,9 @@ def _from_preset(key: str, help_text: str) -> str:
 @click.option("--eval-resize", type=int, default=None,
               help=_from_preset("eval_resize", "Short side before the center crop of the kNN monitor; 0: none."))
 @click.option("--fix-pred-lr/--no-fix-pred-lr", default=None, help=_from_preset("fix_pred_lr", "Keep the predictor's lr constant."))
-@click.option("--warmup-epochs", type=int, default=None, help="Linear lr warmup epochs before the cosine. [default: 0]")
+@click.option("--warmup-epochs", type=int, default=None,
+              help="Linear lr warmup epochs before the cosine (epoch e of N at (e+1)/(N+1) of the lr, the "
+                   "predictor's fixed lr too; not in the official recipe). [default: 0]")
 @click.option("--no-stop-grad", "stop_grad", flag_value=False, default=None,
               help="Remove the stop-gradient: the paper's collapse ablation (Sec. 4.1).")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: min(8, CPUs)]")

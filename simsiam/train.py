@@ -52,18 +52,26 @@ def build_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, config.init_lr, momentum=config.momentum, weight_decay=config.wd)
 
 
+def warmup_fraction(config: PretrainConfig, epoch: int) -> float:
+    """The share of the lr a warmup epoch runs at (1 after it): a linear ramp of ``warmup_epochs``
+    steps whose next step is the cosine's first epoch, at the peak (not a peak held twice)."""
+    return (epoch + 1) / (config.warmup_epochs + 1) if epoch < config.warmup_epochs else 1.0
+
+
 def learning_rate(config: PretrainConfig, epoch: int) -> float:
-    """Cosine decay per epoch, as the official ``adjust_learning_rate``, after optional linear warmup."""
+    """Cosine decay per epoch, as the official ``adjust_learning_rate``, after optional linear warmup
+    (not in the official script, which has none)."""
     if epoch < config.warmup_epochs:
-        return config.init_lr * (epoch + 1) / config.warmup_epochs
+        return config.init_lr * warmup_fraction(config, epoch)
     progress = (epoch - config.warmup_epochs) / (config.epochs - config.warmup_epochs)
     return config.init_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: PretrainConfig, epoch: int) -> float:
     lr = learning_rate(config, epoch)
+    fixed = config.init_lr * warmup_fraction(config, epoch)  # a fixed lr is not decayed, but is warmed up
     for group in optimizer.param_groups:
-        group["lr"] = config.init_lr if group.get("fix_lr") else lr
+        group["lr"] = fixed if group.get("fix_lr") else lr
     return lr
 
 

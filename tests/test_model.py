@@ -1,5 +1,8 @@
 """The model matches the official implementation: parameter counts and checkpoint keys."""
 
+import math
+
+import pytest
 import torch
 
 from simsiam.backbones import build_resnet
@@ -78,3 +81,22 @@ def test_cifar_variant_has_a_3x3_stem_no_maxpool_and_a_2_layer_projector():
     assert [tuple(m.weight.shape) for m in linears] == [(2048, 512), (2048, 2048)]
     p1, p2, z1, z2 = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert p1.shape == z2.shape == (4, 2048)
+
+
+@pytest.mark.parametrize("fix_pred_lr", [True, False])
+def test_warmup_ramps_every_group_to_the_cosines_peak_reached_once(fix_pred_lr):
+    from simsiam.config import preset_config
+    from simsiam.train import build_model, build_optimizer, set_learning_rate
+
+    config = preset_config("cifar", epochs=10, warmup_epochs=3, fix_pred_lr=fix_pred_lr, arch="resnet18")
+    optimizer = build_optimizer(build_model(config), config)
+    peak, lrs = config.init_lr, []
+    for epoch in range(10):
+        set_learning_rate(optimizer, config, epoch)
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+    encoder = [lr[0] for lr in lrs]
+    assert encoder[:4] == pytest.approx([peak / 4, peak / 2, 3 * peak / 4, peak])  # then the official cosine
+    assert all(a > b for a, b in zip(encoder[3:], encoder[4:]))
+    assert encoder[4] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi / 7)))
+    if fix_pred_lr:  # the predictor: the same warmup, then held at the peak (never decayed)
+        assert [lr[1] for lr in lrs] == pytest.approx(encoder[:4] + [peak] * 6)
