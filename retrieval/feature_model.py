@@ -17,9 +17,10 @@ from torch import nn
 
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import BackboneWeights, build_backbone, read_backbone
-from simsiam.config import check_seed
+from simsiam.config import check_seed, preset_config
 from simsiam.errors import InputError
 from simsiam.model import SimSiam
+from simsiam.train import build_model
 
 LAYERS = ("backbone", "projector")
 # The evaluation transform of the two recipes: ImageNet resizes to 256 and center-crops 224;
@@ -116,14 +117,15 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
             raise InputError("--random-init: needs --arch (e.g. --arch resnet50)")
         seed = 0 if seed is None else seed
         check_seed(seed)
-        with torch.random.fork_rng(devices=[]):  # seeded here without resetting the caller's generator
+        # the very model `simsiam pretrain --seed` starts from (the preset of that stem), seeded here
+        # without resetting the caller's generator; the projector is drawn after the backbone, as there
+        config = preset_config("cifar" if cifar_stem else "imagenet", arch=arch, seed=seed)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            resnet = build_resnet(arch, num_classes=2048, cifar_stem=cifar_stem, zero_init_residual=True)
-        if layer == "projector":
-            module = SimSiam(resnet, dim=2048, proj_layers=2 if cifar_stem else 3).encoder
-        else:
-            resnet.fc = nn.Identity()
-            module = resnet
+            encoder = build_model(config).encoder
+        if layer == "backbone":
+            encoder.fc = nn.Identity()
+        module = encoder
         image_size, resize = CIFAR_EVAL if cifar_stem else IMAGENET_EVAL
         description = f"random-init {arch}{' cifar-stem' if cifar_stem else ''} seed {seed}"
         return FeatureModel(module.eval(), arch, layer, _output_dim(module, 32), description, "", image_size, resize)

@@ -549,6 +549,23 @@ def test_a_random_init_baseline_leaves_the_callers_random_generator_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("preset, cifar_stem", [("imagenet", False), ("cifar", True)])
+def test_a_random_init_projector_is_the_one_pretraining_starts_from_seeded(preset, cifar_stem):
+    # the projector too: drawn from the seed, not the caller's generator, with the preset's widths
+    from retrieval.feature_model import load_feature_model
+    from simsiam.config import preset_config
+    from simsiam.train import build_model
+
+    torch.manual_seed(5)
+    pretraining_starts = build_model(preset_config(preset, arch="resnet18")).encoder.state_dict()
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        model = load_feature_model(layer="projector", random_init=True, arch="resnet18", cifar_stem=cifar_stem, seed=5)
+        state = model.module.state_dict()
+        assert state.keys() == pretraining_starts.keys()
+        assert all(torch.equal(state[k], pretraining_starts[k]) for k in state)
+
+
 def test_the_model_takes_the_memory_layout_of_the_images_it_is_given(tmp_path, images):
     """On CUDA with bf16 the images come channels_last; the model is laid out alike (it was not,
     and every convolution converted its input), with the same features."""
