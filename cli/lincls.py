@@ -47,7 +47,7 @@ class LinearEvalProgress(TrainingProgress):
                    "folder/lincls]")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar"]), default=None,
               help="imagenet: the official recipe at 224; cifar: the same at 32x32, batch 512, 100 epochs, lr 1.0 "
-                   "[default: imagenet]")
+                   "[default: cifar for a checkpoint with the CIFAR stem, else imagenet]")
 @click.option("--epochs", type=int, default=None, help=_from_preset("epochs", "Epochs."))
 @click.option("--batch-size", type=int, default=None, help=_from_preset("batch_size", "Global batch size over all processes."))
 @click.option("--lr", type=float, default=None, help=_from_preset("lr", "Base lr; the optimizer uses lr x batch / 256."))
@@ -84,6 +84,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     Resume:    simsiam lincls --resume runs/r50/lincls
     """
     from transfer.lincls import BEST_HEAD_FILE, HEAD_FILE, linear_eval
+    from simsiam.checkpoint import read_backbone
     from transfer.lincls_config import LinearEvalConfig, preset_linear_config
 
     from .resume import epochs_option, resume_hint, saved_run
@@ -98,7 +99,9 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     else:
         if val_dir is None:
             raise click.UsageError("Missing arguments: CHECKPOINT TRAIN_DIR VAL_DIR (needed unless --resume is given).")
-        config = preset_linear_config(preset or "imagenet", checkpoint=str(checkpoint), train_dir=str(train_dir),
+        if preset is None:  # the checkpoint's own recipe, as extract and knn take its evaluation transform
+            preset = "cifar" if read_backbone(checkpoint).cifar_stem else "imagenet"
+        config = preset_linear_config(preset, checkpoint=str(checkpoint), train_dir=str(train_dir),
                                       val_dir=str(val_dir), **explicit)
         config.out = str(out or Path(checkpoint).parent / "lincls")
         checkpoint_path, saved = None, None

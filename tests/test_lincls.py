@@ -351,6 +351,21 @@ def test_a_folder_holding_a_pretraining_run_is_named_as_such_not_offered_to_resu
                               "--overwrite to replace it")
 
 
+def test_without_a_preset_a_cifar_stem_checkpoint_gets_the_cifar_recipe(tmp_path, data):
+    # as extract and knn take a checkpoint's evaluation transform: not 32-px images upsampled to 224
+    _, train, val = data
+    torch.manual_seed(0)
+    model = SimSiam(build_resnet("resnet18", num_classes=32, cifar_stem=True), 32, 8)
+    cifar = tmp_path / "cifar.pth.tar"
+    torch.save({"arch": "resnet18", "state_dict": to_official_layout(model.state_dict())}, cifar)
+    args = ["--workers", "0", "--device", "cpu", "--batch-size", "16", "--epochs", "1"]
+    assert run("lincls", cifar, train, val, "--out", tmp_path / "c", *args).exit_code == 0
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (config["preset"], config["image_size"], config["eval_resize"]) == ("cifar", 32, 0)
+    assert run("lincls", cifar, train, val, "--out", tmp_path / "i", *args, *TINY, "--preset", "imagenet").exit_code == 0
+    assert json.loads((tmp_path / "i" / "config.json").read_text())["preset"] == "imagenet"  # when asked
+
+
 def test_errors(tmp_path, data):
     checkpoint, train, val = data
     args = [*TINY, "--batch-size", "16", "--epochs", "1"]
