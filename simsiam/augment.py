@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
+import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -15,9 +16,68 @@ CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratio range
 JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 JITTER_P, GRAYSCALE_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 BLUR_SIGMA = (0.1, 2.0)
-# PIL's GaussianBlur(radius=sigma) in the official recipe has no kernel size; 2*ceil(3*sigma)+1
-# covers +-3 sigma of the widest blur, so nothing is cut off.
-BLUR_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+
+
+def _box_radius(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole part, fraction) of the radius of each of the three box blurs PIL's GaussianBlur(radius=
+    sigma) runs: Pillow's ``_gaussian_blur_radius`` (BoxBlur.c, after Gwosdek et al., SSVM 2011),
+    whose boxes have a variance of sigma^2 / 3 each."""
+    variance = sigma**2 / 3
+    whole = torch.floor((torch.sqrt(12 * variance + 1) - 1) / 2)
+    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
+    return whole, fraction
+
+
+BOX_REACH = int(_box_radius(torch.tensor(BLUR_SIGMA[1]))[0]) + 1  # the widest box's last (fractional) tap: 2
+
+
+def pil_box_kernels(sigma: torch.Tensor) -> torch.Tensor:
+    """``[N, 2 * BOX_REACH + 1]``: the box (fractional ends) that PIL's ``GaussianBlur(radius=sigma)``
+    runs three times along each axis, for ``[N]`` sigmas."""
+    whole, fraction = (v[:, None] for v in _box_radius(sigma.float()))
+    distance = torch.arange(-BOX_REACH, BOX_REACH + 1, device=sigma.device).abs()[None]
+    box = torch.where(distance <= whole, 1.0, torch.where(distance == whole + 1, fraction, 0.0))
+    return box / (2 * (whole + fraction) + 1)
+
+
+def blur_like_pil(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` float images blurred as PIL's ``GaussianBlur(radius=sigma[i])``, the official
+    recipe's blur: three box blurs along each axis, each pass repeating the edge pixels, as PIL's
+    box blur does (PIL also rounds to uint8 after every pass, which this leaves out).
+
+    torchvision's GaussianBlur samples a Gaussian at the pixels instead, and for sigma under about
+    0.6 blurs far less than PIL (at 0.2 not at all, where PIL moves 2 % of a pixel to each side).
+    """
+    n, c, h, w = x.shape
+    box = pil_box_kernels(sigma).to(x.dtype).repeat_interleave(c, dim=0)  # [N*C, k], one per image channel
+    flat = x.reshape(1, n * c, h, w)
+    for weight, pad in ((box[:, None, None, :], [BOX_REACH, BOX_REACH, 0, 0]),
+                        (box[:, None, :, None], [0, 0, BOX_REACH, BOX_REACH])):
+        for _ in range(3):
+            flat = F.conv2d(F.pad(flat, pad, mode="replicate"), weight, groups=n * c)
+    return flat.reshape(n, c, h, w)
+
+
+class PILGaussianBlur(v2.GaussianBlur):
+    """torchvision's GaussianBlur (its draw of sigma in ``sigma``, so the same random numbers), but
+    blurring as the official recipe's PIL ``GaussianBlur(radius=sigma)``: see :func:`blur_like_pil`."""
+
+    def __init__(self, sigma: tuple[float, float] = BLUR_SIGMA):
+        if sigma[1] > BLUR_SIGMA[1]:
+            raise ValueError(f"sigma {sigma}: the boxes reach {BOX_REACH} pixels, enough up to {BLUR_SIGMA[1]}")
+        super().__init__(2 * 3 * BOX_REACH + 1, sigma)  # the kernel size is torchvision's to check; not used
+
+    def _blur(self, inpt, params: dict):
+        image = inpt if inpt.is_floating_point() else inpt.float()
+        blurred = blur_like_pil(image.reshape(-1, *image.shape[-3:]), torch.tensor([params["sigma"][0]]))
+        blurred = blurred.reshape(image.shape)
+        if not inpt.is_floating_point():  # uint8 in, uint8 out, rounded as torchvision's kernels round
+            blurred = blurred.round_().clamp_(0, 255).to(inpt.dtype)
+        return tv_tensors.wrap(blurred, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else blurred
+
+
+# torchvision 0.21 renamed a v2 transform's _transform to transform; pyproject allows 0.19
+setattr(PILGaussianBlur, "transform" if hasattr(v2.Transform, "make_params") else "_transform", PILGaussianBlur._blur)
 
 
 def _to_normalized_float() -> list[v2.Transform]:
@@ -36,7 +96,7 @@ def pretrain_transform(image_size: int, crop_scale: tuple[float, float] = (0.2, 
         v2.RandomGrayscale(p=GRAYSCALE_P),
     ]
     if blur:
-        steps.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=BLUR_SIGMA)], p=BLUR_P))
+        steps.append(v2.RandomApply([PILGaussianBlur(BLUR_SIGMA)], p=BLUR_P))
     steps.append(v2.RandomHorizontalFlip(p=FLIP_P))
     return v2.Compose(steps + _to_normalized_float())
 

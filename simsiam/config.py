@@ -218,12 +218,6 @@ class PretrainConfig(RunSettings):
         self.check_ints(("proj_hidden_dim",), 0, MAX_WIDTH)
         self.check_ints(("workers",), 0, MAX_WORKERS)
         self.check_optimizer_values(("lr", "wd"))
-        from .augment import BLUR_KERNEL  # here: the CLI reads the presets for --help without importing torch
-
-        if self.blur and self.image_size <= BLUR_KERNEL // 2:  # the blur pads by half its kernel, reflecting
-            raise InputError(f"--image-size {self.image_size}: the Gaussian blur (--blur, a {BLUR_KERNEL}-pixel "
-                             f"kernel) needs crops of at least {BLUR_KERNEL // 2 + 1} pixels; use --no-blur or a "
-                             "larger --image-size")
         if not 0 <= self.momentum < 1:
             raise InputError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.batch_size < 2:

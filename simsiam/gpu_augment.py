@@ -5,7 +5,7 @@ It is MoCo v2's recipe that SimSiam uses (Sec. 4, "Baseline settings"), step for
 torchvision implements it: RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3, 10 tries, then the
 centre-crop fallback), ColorJitter(0.4, 0.4, 0.4, 0.1) with its four adjustments in a random order
 per image, applied with p=0.8, grayscale with p=0.2, Gaussian blur sigma 0.1-2 with p=0.5 (off
-for CIFAR, App. D), horizontal flip, ImageNet normalisation.
+for CIFAR, App. D; PIL's blur, as the official loader's), horizontal flip, ImageNet normalisation.
 
 The random numbers of a view are drawn on the CPU (:meth:`BatchAugment.draw`) and depend only on
 the generator, not on the images or the device: a batch source draws those of a whole global batch
@@ -22,10 +22,9 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from .augment import (BLUR_KERNEL, BLUR_P, BLUR_SIGMA, CROP_RATIO, FLIP_P, GRAYSCALE_P, IMAGENET_MEAN, IMAGENET_STD,
-                      JITTER_P, JITTER_STRENGTH)
+from .augment import (BLUR_P, BLUR_SIGMA, CROP_RATIO, FLIP_P, GRAYSCALE_P, IMAGENET_MEAN, IMAGENET_STD, JITTER_P,
+                      JITTER_STRENGTH, blur_like_pil)
 from .runtime import to_device
 
 CROP_TRIES = 10  # RandomResizedCrop tries 10 boxes before falling back to a centre crop
@@ -344,23 +343,10 @@ def grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     return torch.where(apply[:, None, None, None], _luma(x).expand_as(x), x)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
-    """GaussianBlur(kernel_size) with a per-image sigma, for the images where ``apply``.
-
-    The kernel and the reflect padding of torchvision's ``gaussian_blur``; the 2-D kernel is an
-    outer product, so two 1-D passes (a grouped convolution, one group per image channel) give
-    the same result.
-    """
-    n, c, h, w = x.shape
-    half = (kernel_size - 1) / 2
-    offsets = torch.linspace(-half, half, kernel_size, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [N*C, k]
-    pad = kernel_size // 2
-    flat = F.pad(x.reshape(1, n * c, h, w), [pad, pad, pad, pad], mode="reflect")
-    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)
-    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)
-    return torch.where(apply[:, None, None, None], flat.reshape(n, c, h, w), x)
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """The CPU recipe's blur (PIL's GaussianBlur, :func:`simsiam.augment.blur_like_pil`) with a
+    per-image sigma, for the images where ``apply``."""
+    return torch.where(apply[:, None, None, None], blur_like_pil(x, sigma), x)
 
 
 def horizontal_flip(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
