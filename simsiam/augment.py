@@ -48,14 +48,13 @@ def blur_like_pil(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     torchvision's GaussianBlur samples a Gaussian at the pixels instead, and for sigma under about
     0.6 blurs far less than PIL (at 0.2 not at all, where PIL moves 2 % of a pixel to each side).
     """
-    n, c, h, w = x.shape
-    box = pil_box_kernels(sigma).to(x.dtype).repeat_interleave(c, dim=0)  # [N*C, k], one per image channel
-    flat = x.reshape(1, n * c, h, w)
-    for weight, pad in ((box[:, None, None, :], [BOX_REACH, BOX_REACH, 0, 0]),
-                        (box[:, None, :, None], [0, 0, BOX_REACH, BOX_REACH])):
+    box = pil_box_kernels(sigma).to(x.dtype)[:, :, None, None, None]  # [N, taps, 1, 1, 1]
+    for axis, pad in ((3, [BOX_REACH, BOX_REACH, 0, 0]), (2, [0, 0, BOX_REACH, BOX_REACH])):
         for _ in range(3):
-            flat = F.conv2d(F.pad(flat, pad, mode="replicate"), weight, groups=n * c)
-    return flat.reshape(n, c, h, w)
+            # a weighted sum of shifted copies: on a CPU several times faster than a grouped convolution
+            padded = F.pad(x, pad, mode="replicate")
+            x = sum(box[:, tap] * padded.narrow(axis, tap, x.shape[axis]) for tap in range(2 * BOX_REACH + 1))
+    return x
 
 
 class PILGaussianBlur(v2.GaussianBlur):
