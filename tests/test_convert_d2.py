@@ -18,9 +18,12 @@ import torch
 
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import to_official_layout
+from simsiam.errors import InputError
 from simsiam.model import SimSiam
 from transfer import detectron2_weights
-from transfer.detectron2_weights import backbone_depth, convert_checkpoint, detectron2_name
+from transfer import detectron2_fit
+from transfer.detectron2_fit import check_weights_fit, misfits
+from transfer.detectron2_weights import WeightsFile, convert_checkpoint, detectron2_name
 from cli_runner import assert_user_error, run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "detectron2-resnet-parameters.json"
@@ -144,14 +147,49 @@ def test_half_precision_weights_are_written_as_float32_as_detectron2s_own(tmp_pa
         assert np.array_equal(array, state[source_name(name, state)].float().numpy()), name
 
 
-def test_backbone_depth_is_read_from_the_parameter_names():
-    """detect refuses weights of another depth than its config (test_detectron2 checks that part)."""
-    for model in ("R50-C4", "R50-FPN", "R101-C4", "R18-FPN"):
-        names = detectron2_reference(model)
-        expected = int(model[1:].split("-")[0])
-        assert backbone_depth(names) == expected, model
-        assert backbone_depth({name.removeprefix("backbone.").removeprefix("bottom_up."): 0 for name in names}) == expected
-    assert backbone_depth(["res2_0_branch2a_w", "conv1_w"]) is None  # a Caffe2 blobs pickle: not judged
+def converted_shapes(arch: str, folder: Path) -> dict[str, tuple]:
+    with torch.device("meta"):
+        resnet = build_resnet(arch)
+    torch.save(random_state(resnet, seed=0), folder / f"{arch}.pth")
+    return {name: array.shape for name, array in convert_checkpoint(folder / f"{arch}.pth").model.items()}
+
+
+@pytest.mark.parametrize("arch, model, fits", [
+    ("resnet50", "R50-C4", True), ("resnet50", "R50-FPN", True), ("resnet101", "R101-C4", True),
+    ("resnet18", "R18-FPN", True),
+    ("resnet18", "R50-FPN", False), ("resnet18", "R50-C4", False), ("resnet50", "R101-C4", False),
+    ("resnet101", "R50-C4", False), ("resnext50_32x4d", "R50-C4", False), ("wide_resnet50_2", "R50-FPN", False),
+    ("resnet50", "R18-FPN", False)])
+def test_weights_fit_the_model_only_when_detectron2_loads_every_resnet_tensor(tmp_path, arch, model, fits):
+    """What detect checks before a run (Detectron2 itself loads what matches and only warns)."""
+    problems = misfits(detectron2_reference(model), converted_shapes(arch, tmp_path), heuristics=True,
+                       whole_model=False)
+    assert (problems == []) == fits, problems[:3]
+
+
+def test_a_misfit_is_named_with_what_the_weights_need(tmp_path, monkeypatch):
+    r18 = WeightsFile("r18.pkl", converted_shapes("resnet18", tmp_path), True, "resnet18", False)
+    monkeypatch.setattr(detectron2_fit, "model_shapes", lambda cfg: detectron2_reference("R50-C4"))
+    with pytest.raises(InputError) as refused:
+        check_weights_fit(None, r18, whole_model=False)
+    message = str(refused.value)
+    assert message.startswith("--weights r18.pkl: backbone.res2.0.conv1.weight is (64, 64, 3, 3) in the weights, "
+                              "(64, 64, 1, 1) in the model and ")
+    assert message.endswith("a resnet18 needs MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64 and an FPN "
+                            "config (the C4 head builds res5 from bottleneck blocks)")
+    # a backbone alone does not evaluate: the heads would be random
+    heads = {**detectron2_reference("R50-C4"), "roi_heads.box_predictor.cls_score.weight": (21, 2048)}
+    monkeypatch.setattr(detectron2_fit, "model_shapes", lambda cfg: heads)
+    r50 = WeightsFile("r50.pkl", converted_shapes("resnet50", tmp_path), True, None, False)
+    check_weights_fit(None, r50, whole_model=False)
+    with pytest.raises(InputError, match="cls_score.weight is not in the weights; .* train one from it first"):
+        check_weights_fit(None, r50, whole_model=True)
+    # a detector is paired by its exact names: one trained with another config is refused
+    detector = WeightsFile("model_final.pth", {**heads, "roi_heads.box_predictor.cls_score.weight": (81, 2048)},
+                           False, None, True)
+    with pytest.raises(InputError, match=r"is \(81, 2048\) in the weights, \(21, 2048\) in the model; .*"
+                                         "train_config.yaml"):
+        check_weights_fit(None, detector, whole_model=True)
 
 
 def test_moco_r101_matches_detectron2_r101_c4(tmp_path):

@@ -53,6 +53,16 @@ def r50(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def r50_c4_detector(tmp_path_factory):
+    """A whole voc-r50-c4 detector, saved as training saves it (random weights): what detect eval takes."""
+    from detectron2.modeling import build_model
+
+    path = tmp_path_factory.mktemp("detector") / "model_final.pth"
+    torch.save({"model": build_model(load_config("voc-r50-c4", ["MODEL.DEVICE", "cpu"])).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     make_toy_voc(root, train_images=4, test_images=20, width=64, height=48)
@@ -207,7 +217,7 @@ def test_a_schedule_scaled_down_to_zero_iterations_is_refused(tmp_path, r50, toy
     assert not (tmp_path / "out").exists()
 
 
-def test_data_root_must_hold_every_dataset_the_config_reads(tmp_path, r50):
+def test_data_root_must_hold_every_dataset_the_config_reads(tmp_path, r50, r50_c4_detector):
     _, weights = r50
     make_toy_voc(tmp_path / "only2007", train_images=1, test_images=20, width=40, height=40)
     import shutil
@@ -216,12 +226,13 @@ def test_data_root_must_hold_every_dataset_the_config_reads(tmp_path, r50):
     with pytest.raises(InputError, match="no VOCdevkit/VOC2012 folder, needed for voc_2012_trainval"):
         plan_detection("voc-r50-c4", str(weights), str(tmp_path / "only2007"), str(tmp_path / "out"))
     # evaluation reads only the test set
-    plan = plan_detection("voc-r50-c4", str(weights), str(tmp_path / "only2007"), str(tmp_path / "out"),
+    plan = plan_detection("voc-r50-c4", str(r50_c4_detector), str(tmp_path / "only2007"), str(tmp_path / "out"),
                           eval_only=True)
     assert [d.name for d in plan.run.datasets] == ["voc_2007_test"]
     with pytest.raises(InputError, match="coco_2017_val needs annotations/instances_val2017.json, val2017"):
         (tmp_path / "coco" / "annotations").mkdir(parents=True)
-        plan_detection("coco-r50-c4-1x", str(weights), str(tmp_path / "coco"), str(tmp_path / "out"), eval_only=True)
+        plan_detection("coco-r50-c4-1x", str(r50_c4_detector), str(tmp_path / "coco"), str(tmp_path / "out"),
+                       eval_only=True)
 
 
 def test_unknown_override_key_is_a_one_line_error(tmp_path, r50, toy_root):
@@ -254,17 +265,37 @@ def test_absurd_settings_are_one_line_errors_before_anything_is_written(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_weights_of_another_depth_than_the_config_are_refused(tmp_path, toy_root):
-    """Detectron2 itself would only warn shape by shape and train on a mostly random backbone."""
+def test_weights_that_do_not_fit_the_configs_model_are_refused(tmp_path, toy_root):
+    """Detectron2 itself would only warn tensor by tensor and run a mostly random network."""
     with torch.device("meta"):
         resnet = build_resnet("resnet18")
     torch.save({k: torch.zeros(v.shape) for k, v in resnet.state_dict().items()}, tmp_path / "r18.pth")
-    write_detectron2_pickle(convert_checkpoint(tmp_path / "r18.pth"), tmp_path / "r18.pkl")
-    with pytest.raises(InputError, match="a ResNet-18 backbone, but the config builds a ResNet-50.*FPN config"):
-        plan_detection("voc-r50-c4", str(tmp_path / "r18.pkl"), str(toy_root), str(tmp_path / "out"))
-    plan = plan_detection("voc-r50-fpn", str(tmp_path / "r18.pkl"), str(toy_root), str(tmp_path / "out"),
-                          opts=["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    r18 = str(write_detectron2_pickle(convert_checkpoint(tmp_path / "r18.pth"), tmp_path / "r18.pkl"))
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError, match="in the weights, .* in the model and .*a resnet18 needs MODEL.RESNETS.DEPTH 18 "
+                                         "MODEL.RESNETS.RES2_OUT_CHANNELS 64 and an FPN config"):
+        plan_detection("voc-r50-c4", r18, str(toy_root), out)
+    # the depth alone is not enough for the C4 head's res5, which is built of bottleneck blocks
+    with pytest.raises(InputError, match="roi_heads.res5.0.conv1.weight is .* in the weights"):
+        plan_detection("voc-r50-c4", r18, str(toy_root), out,
+                       opts=["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    with pytest.raises(InputError, match="cannot be built by Detectron2 .*RES2_OUT_CHANNELS = 64 for R18/R34"):
+        plan_detection("voc-r50-fpn", r18, str(toy_root), out, opts=["MODEL.RESNETS.DEPTH", "18"])
+    r18_fpn = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"]
+    plan = plan_detection("voc-r50-fpn", r18, str(toy_root), out, opts=r18_fpn)
     assert "DEPTH: 18" in plan.run.config_yaml
+    # a detector evaluated under another config than its own (R18-FPN's model under plain voc-r50-fpn)
+    from detectron2.modeling import build_model
+
+    cfg = load_config("voc-r50-fpn", [*r18_fpn, "MODEL.DEVICE", "cpu"])
+    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "model_final.pth")
+    detector = str(tmp_path / "model_final.pth")
+    with pytest.raises(InputError, match="in the weights, .* in the model .*train_config.yaml"):
+        plan_detection("voc-r50-fpn", detector, str(toy_root), out, eval_only=True)
+    assert plan_detection("voc-r50-fpn", detector, str(toy_root), out, opts=r18_fpn, eval_only=True).run.eval_only
+    # a backbone alone evaluates nothing: its heads would be random
+    with pytest.raises(InputError, match="is not in the weights and .*train one from it first"):
+        plan_detection("voc-r50-fpn", r18, str(toy_root), out, opts=r18_fpn, eval_only=True)
     assert not (tmp_path / "out").exists()
 
 

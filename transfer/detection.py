@@ -20,6 +20,7 @@ from simsiam.errors import InputError
 from .detection_datasets import check_data_root, locate_datasets
 from .detectron2_config import (REFERENCE_GPUS, check_classes, check_settings, load_config, require_detectron2,
                                 resolve_config, scale_schedule, use_plain_batchnorm)
+from .detectron2_fit import check_weights_fit
 from .detectron2_weights import check_detectron2_weights
 
 RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
@@ -67,9 +68,9 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     if num_machines > 1 and dist_url == "auto":
         raise InputError("--dist-url: a multi-machine run needs the tcp://HOST:PORT of machine 0")
     config_file = resolve_config(config)
-    depth = None
+    weights_file = None
     if weights is not None:
-        depth = check_detectron2_weights(weights)
+        weights_file = check_detectron2_weights(weights)
     elif eval_only or not resume:
         raise InputError("--weights: needed (a convert-d2 .pkl to train from, a model_final.pth to evaluate)")
     check_data_root(data_root)
@@ -84,12 +85,8 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     datasets = locate_datasets(data_root, names)
     check_settings(cfg, eval_only)
     check_classes(cfg, [where.kind for where in datasets])
-    if depth is not None and depth != cfg.MODEL.RESNETS.DEPTH:
-        # Detectron2 would only warn, shape by shape, and train on a mostly random backbone
-        raise InputError(f"--weights {weights}: a ResNet-{depth} backbone, but the config builds a ResNet-"
-                         f"{cfg.MODEL.RESNETS.DEPTH}" + (" (ResNet-18/34: an FPN config with MODEL.RESNETS.DEPTH "
-                         f"{depth} MODEL.RESNETS.RES2_OUT_CHANNELS 64, as convert-d2 prints)" if depth < 50 else
-                         f"; add MODEL.RESNETS.DEPTH {depth}"))
+    if weights_file is not None:  # Detectron2 would only warn, tensor by tensor, and run a mostly random network
+        check_weights_fit(cfg, weights_file, whole_model=eval_only)
 
     notes: list[str] = []
     world_size = num_gpus * num_machines

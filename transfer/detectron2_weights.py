@@ -179,53 +179,67 @@ def _read_arrays_pickle(path: Path) -> dict:
         raise InputError(f"--weights {path}: not a Detectron2 pickle ({str(err) or type(err).__name__})") from None
 
 
-# ResNet depth from (bottleneck blocks?, blocks in res4): torchvision's 18/34/50/101/152
-_DEPTHS = {(False, 2): 18, (False, 6): 34, (True, 6): 50, (True, 23): 101, (True, 36): 152}
+@dataclass
+class WeightsFile:
+    """What a ``--weights`` file holds, to check against the model a config builds
+    (:mod:`transfer.detectron2_fit`)."""
+
+    path: str
+    shapes: dict[str, tuple]  # tensor name -> shape
+    heuristics: bool  # Detectron2 pairs names by suffix (convert-d2's pickles), else by equality
+    arch: str | None  # the torchvision arch convert-d2 converted, when it wrote the file
+    detector: bool  # a whole detector (backbone.*, roi_heads.* names), not a backbone alone
 
 
-def backbone_depth(names) -> int | None:
-    """The ResNet depth of Detectron2 backbone parameter names as ``convert-d2`` writes them
-    (``res4.5.conv3.weight``, optionally under ``backbone.bottom_up.`` or ``backbone.``); None
-    when the names are not of that form (a Caffe2 ``blobs`` pickle, say)."""
-    blocks, bottleneck = set(), False
-    for name in names:
-        match = re.match(r"^(?:backbone\.(?:bottom_up\.)?)?res4\.(\d+)\.(conv\d)\.", name)
-        if match:
-            blocks.add(int(match.group(1)))
-            bottleneck |= match.group(2) == "conv3"
-    return _DEPTHS.get((bottleneck, len(blocks))) if blocks else None
+_CONVERTED_BY = re.compile(r"^simsiam \S+ \((\w+)\)$")  # to_pickle_dict's __author__
 
 
-def check_detectron2_weights(weights: str) -> int | None:
-    """Check that ``--weights`` is something Detectron2's checkpointer loads; return the ResNet
-    depth of a ``.pkl`` in convert-d2's names (:func:`backbone_depth`), else None.
+def _shapes(state: dict) -> dict[str, tuple]:
+    return {str(k): tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def check_detectron2_weights(weights: str) -> WeightsFile | None:
+    """Check that ``--weights`` is something Detectron2's checkpointer loads, and say what it holds;
+    None where that is not read here: a URL (Detectron2 downloads it itself) or a Caffe2 pickle
+    (Detectron2 renames its blobs first).
 
     Accepted: a ``.pkl`` in the Detectron2 format (``convert-d2``'s output, Detectron2's model zoo,
     or a Caffe2 ``blobs`` pickle), a Detectron2 ``.pth`` checkpoint (``model_final.pth``), or a URL
-    (``detectron2://...``, ``https://...``) that Detectron2 downloads itself.
+    (``detectron2://...``, ``https://...``).
     """
     if "://" in weights:
         return None
     path = Path(weights)
+    if path.is_dir():
+        raise InputError(f"--weights {path}: is a folder; give a file in it (model_final.pth, or the newest "
+                         "model_*.pth of an unfinished run)")
     if not path.is_file():
-        raise InputError(f"--weights {path}: no such file")
+        hint = ""
+        if path.name == "model_final.pth" and sorted(path.parent.glob("model_*.pth")):
+            hint = (f" (the run there did not finish; its newest checkpoint is "
+                    f"{sorted(path.parent.glob('model_*.pth'))[-1].name})")
+        raise InputError(f"--weights {path}: no such file{hint}")
     if path.suffix == ".pkl":
         data = _read_arrays_pickle(path)
         state = data.get("model", data.get("blobs")) if isinstance(data, dict) else None
         if not isinstance(state, dict) or not state or not all(isinstance(v, np.ndarray) for v in state.values()):
             raise InputError(f"--weights {path}: not a Detectron2 pickle (expected a dict with a 'model' dict of "
                              "numpy arrays, as simsiam convert-d2 writes)")
-        return backbone_depth(state)
+        if not ("model" in data and "__author__" in data):  # Detectron2 reads it as Caffe2 blobs
+            return None
+        converted = _CONVERTED_BY.match(str(data["__author__"]))
+        arch = converted.group(1) if converted and converted.group(1) in DETECTRON2_RESNETS else None
+        return WeightsFile(str(path), _shapes(state), bool(data.get("matching_heuristics")), arch,
+                           any(str(k).startswith(_DETECTRON2_PREFIXES) for k in state))
     if not zipfile.is_zipfile(path):  # torch.save's format since PyTorch 1.6
         raise InputError(f"--weights {path}: neither a Detectron2 .pkl nor a PyTorch checkpoint "
                          "(convert a SimSiam checkpoint with simsiam convert-d2 first)")
     checkpoint = load_checkpoint(path, mmap=True)
     model = checkpoint.get("model", checkpoint)  # Detectron2 also loads a bare state dict
     if isinstance(model, dict) and any(str(k).startswith(_DETECTRON2_PREFIXES) for k in model):
-        return None  # a whole detector (model_final.pth): its own config decided its backbone
+        return WeightsFile(str(path), _shapes(model), False, None, True)  # a whole detector (model_final.pth)
     if "state_dict" in checkpoint or any(str(k).startswith(("module.", "encoder", "conv1.", "layer1.")) for k in model):
         raise InputError(f"--weights {path}: a SimSiam/MoCo/torchvision checkpoint, not Detectron2 weights; "
                          "convert it first: simsiam convert-d2 CHECKPOINT --out model.pkl")
     raise InputError(f"--weights {path}: a PyTorch file without Detectron2 model weights "
                      "(no 'model' entry with backbone.*, roi_heads.* names)")
-
