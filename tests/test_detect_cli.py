@@ -143,6 +143,14 @@ def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
     assert_user_error(run(*base, "--weights", tmp_path / "model.pth"), "model.pth", "neither")
     missing = run("detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root)
     assert missing.exit_code == 2 and "Missing option '--weights'" in missing.output  # click's usage error
+    stopped = tmp_path / "stopped"  # a run stopped before its end: checkpoints, no model_final.pth
+    stopped.mkdir()
+    for name in ("model_0000999.pth", "model_0001999.pth"):
+        (stopped / name).write_bytes(b"")
+    evaluate = ["detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root, "--output", tmp_path / "out"]
+    assert_user_error(run(*evaluate, "--weights", stopped / "model_final.pth"), "model_final.pth: no such file (the run "
+                      "there did not finish; its newest checkpoint is model_0001999.pth)")
+    assert_user_error(run(*evaluate, "--weights", stopped), "stopped: is a folder; give a file in it")
     assert not (tmp_path / "out").exists()
 
 
