@@ -350,3 +350,31 @@ def test_a_resume_with_other_settings_is_refused_naming_the_first_changes(tmp_pa
         f"--resume: the run in {tmp_path} was started with other settings (MODEL.RESNETS.NORM: SyncBN -> BN; "
         "SEED: 1 -> 2; SOLVER.BASE_LR: 0.02 -> 0.0025 and 1 more); give the --config, --num-gpus, --num-machines, "
         f"--scale-schedule and KEY VALUE pairs it was started with (they are in {tmp_path / TRAIN_CONFIG_FILE})")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_training_that_starts_over_clears_the_earlier_runs_files_and_only_those(tmp_path, monkeypatch, resume):
+    """--overwrite: Detectron2 appends to metrics.json, and a later --resume would follow last_checkpoint
+    to the old run's model; a resume keeps them all."""
+    import types
+
+    from transfer.detection import DetectionPlan, DetectionRun, run_detection
+
+    out = tmp_path / "run"
+    (out / "inference").mkdir(parents=True)
+    old = ["last_checkpoint", "model_0000019.pth", "model_final.pth", "metrics.json", "log.txt", "config.yaml",
+           "events.out.tfevents.1.host", "inference/coco_instances_results.json", "eval_results.json",
+           "train_config.yaml"]
+    for name in old + ["notes.txt", "my_model.pth"]:  # and two files of the user's
+        (out / name).write_text("old")
+    launched = []
+    monkeypatch.setitem(sys.modules, "detectron2.engine", types.SimpleNamespace(launch=lambda *a, **k: launched.append(a)))
+    monkeypatch.setitem(sys.modules, "transfer.detectron2_trainer", types.SimpleNamespace(detection_worker=None))
+    plan = DetectionPlan(DetectionRun("voc-r50-c4.yaml", "SEED: 1\n", [], eval_only=False, resume=resume), out, 1, 1, 1)
+    assert run_detection(plan) is None and launched
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    if resume:
+        assert set(left) == set(old) - {"eval_results.json"} | {"notes.txt", "my_model.pth"}
+    else:
+        assert left == ["my_model.pth", "notes.txt", "train_config.yaml"]
+    assert (out / "train_config.yaml").read_text() == "SEED: 1\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,11 @@ RUN_MARKERS = ("last_checkpoint", "model_final.pth")
 TRAIN_CONFIG_FILE = "train_config.yaml"
 # What a resumed training run may change: where its weights come from (the checkpoint decides),
 # its length, how often it saves and evaluates, the device and the loader's worker count.
+# What a training run writes in its output folder (Detectron2's files, then ours), cleared when a
+# training starts over: Detectron2 appends to metrics.json and log.txt, and a --resume would follow
+# last_checkpoint to the old run's model.
+RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json", "log.txt", "config.yaml", "events.out.tfevents.*",
+             "inference", RESULTS_FILE, TRAIN_CONFIG_FILE)
 RESUMABLE = ("MODEL.WEIGHTS", "OUTPUT_DIR", "MODEL.DEVICE", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD",
              "TEST.EVAL_PERIOD", "DATALOADER.NUM_WORKERS")
 
@@ -180,6 +186,8 @@ def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "a
     if machine_rank == 0:
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         results_path.unlink(missing_ok=True)  # never report the numbers of an earlier run
+        if not plan.run.eval_only and not plan.run.resume:  # a start (--overwrite, or a run that saved nothing)
+            clear_run_files(plan.output_dir)
         if not plan.run.eval_only:
             with atomic_write(plan.output_dir / TRAIN_CONFIG_FILE, "w") as f:
                 f.write(plan.run.config_yaml)
@@ -188,6 +196,13 @@ def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "a
     if machine_rank != 0 or not results_path.exists():
         return None
     return json.loads(results_path.read_text())
+
+
+def clear_run_files(output_dir: Path) -> None:
+    """Remove what an earlier training run wrote in ``output_dir`` (:data:`RUN_FILES`), nothing else."""
+    for pattern in RUN_FILES:
+        for path in output_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def write_results(results: dict, output_dir: str | os.PathLike) -> None:
