@@ -30,7 +30,7 @@ def _run_options(function):
                      help="Folder holding VOCdevkit/VOC2007, VOCdevkit/VOC2012 and/or COCO's annotations/, "
                           "train2017/, val2017/."),
         click.option("--output", type=PATH, default=None,
-                     help="Output folder (checkpoints, logs, config.yaml). [default: output/CONFIG]"),
+                     help="Output folder (checkpoints, logs, config.yaml). [default: output/CONFIG; eval: output/CONFIG/eval]"),
         click.option("--num-gpus", type=int, default=1, help="GPUs (processes) on this machine."),
         click.option("--num-machines", type=int, default=1, help="Machines taking part."),
         click.option("--machine-rank", type=int, default=0, help="Rank of this machine (0 runs the evaluation report)."),

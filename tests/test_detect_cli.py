@@ -378,3 +378,41 @@ def test_a_training_that_starts_over_clears_the_earlier_runs_files_and_only_thos
     else:
         assert left == ["my_model.pth", "notes.txt", "train_config.yaml"]
     assert (out / "train_config.yaml").read_text() == "SEED: 1\n"
+
+
+def test_a_voc_split_that_is_empty_or_names_missing_files_is_refused_naming_them(tmp_path):
+    from transfer.detection_datasets import locate_dataset
+
+    make_toy_voc(tmp_path, train_images=4, test_images=20, width=40, height=32)
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    assert locate_dataset(tmp_path, "voc_2007_test").split == "test"
+    first = (voc / "ImageSets" / "Main" / "test.txt").read_text().split()[0]
+    (voc / "JPEGImages" / f"{first}.jpg").unlink()  # Detectron2: a FileNotFoundError in a loader worker, unnamed
+    with pytest.raises(InputError, match=f"voc_2007_test lists {first} .*, but VOCdevkit/VOC2007/JPEGImages/"
+                                         f"{first}.jpg is missing$"):
+        locate_dataset(tmp_path, "voc_2007_test")
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_text("\n")  # Detectron2: an AssertionError
+    with pytest.raises(InputError, match="ImageSets/Main/trainval.txt lists no images, so voc_2007_trainval is empty"):
+        locate_dataset(tmp_path, "voc_2007_trainval")
+
+
+def test_weights_and_output_given_as_overrides_are_refused_not_replaced(tmp_path, weights, toy_root):
+    base = ["detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--data-root", toy_root,
+            "--output", tmp_path / "out"]
+    assert_user_error(run(*base, "MODEL.WEIGHTS", "other.pkl"), "MODEL.WEIGHTS: give it as --weights")
+    assert_user_error(run(*base, "OUTPUT_DIR", "/tmp/x"), "OUTPUT_DIR: give it as --output")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_whose_last_checkpoint_is_gone_or_cut_short_is_refused(tmp_path):
+    from transfer.detection import _check_last_checkpoint
+
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    with pytest.raises(InputError, match="last_checkpoint names model_0000003.pth, which is not there"):
+        _check_last_checkpoint(tmp_path)
+    torch.save({"model": {"w": torch.zeros(100)}}, tmp_path / "model_0000003.pth")
+    _check_last_checkpoint(tmp_path)
+    data = (tmp_path / "model_0000003.pth").read_bytes()
+    (tmp_path / "model_0000003.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="model_0000003.pth \\(named by last_checkpoint\\) is cut short"):
+        _check_last_checkpoint(tmp_path)

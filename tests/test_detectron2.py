@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,3 +367,17 @@ def test_a_diverged_run_is_one_line_and_its_traceback_goes_to_the_log_file(tmp_p
     assert last.startswith("Error: training diverged at iteration ") and "lower SOLVER.BASE_LR (now 1e+30)" in last
     assert "Traceback" not in result.output
     assert "Traceback" in (out / "log.txt").read_text()  # Detectron2's own record of it, kept
+
+
+def test_amp_on_a_cpu_and_an_evaluation_into_its_trainings_folder_are_avoided(tmp_path, r50, r50_c4_detector,
+                                                                               toy_root, monkeypatch):
+    _, weights = r50
+    if not torch.cuda.is_available():  # Detectron2's AMPTrainer asserts, after the data is loaded
+        with pytest.raises(InputError, match="SOLVER.AMP.ENABLED True: mixed-precision training needs a CUDA GPU"):
+            plan_detection("voc-r50-c4", str(weights), str(toy_root), str(tmp_path / "out"),
+                           opts=["SOLVER.AMP.ENABLED", "True"])
+    # without --output, an evaluation writes its config.yaml and results beside, not over, the training's
+    monkeypatch.chdir(tmp_path)
+    assert plan_detection("voc-r50-c4", str(weights), str(toy_root)).output_dir == Path("output/voc-r50-c4")
+    evaluation = plan_detection("voc-r50-c4", str(r50_c4_detector), str(toy_root), eval_only=True)
+    assert evaluation.output_dir == Path("output/voc-r50-c4/eval")

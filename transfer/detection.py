@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -73,6 +74,10 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
         raise InputError(f"--machine-rank {machine_rank}: must be in 0..{num_machines - 1}")
     if num_machines > 1 and dist_url == "auto":
         raise InputError("--dist-url: a multi-machine run needs the tcp://HOST:PORT of machine 0")
+    for key in opts[::2]:  # they would be replaced without a word by what the options give
+        if key in ("MODEL.WEIGHTS", "OUTPUT_DIR"):
+            raise InputError(f"{key}: give it as {'--weights' if key == 'MODEL.WEIGHTS' else '--output'}, "
+                             "not as a KEY VALUE pair")
     config_file = resolve_config(config)
     weights_file = None
     if weights is not None:
@@ -105,6 +110,8 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
             notes.append("MODEL.DEVICE: cuda -> cpu (no CUDA GPU is visible)")
     elif num_gpus > torch.cuda.device_count():
         raise InputError(f"--num-gpus {num_gpus}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED and not eval_only:  # Detectron2's AMPTrainer asserts
+        raise InputError("SOLVER.AMP.ENABLED True: mixed-precision training needs a CUDA GPU; this run is on the CPU")
     if world_size == 1:
         notes += use_plain_batchnorm(cfg)
 
@@ -123,13 +130,16 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
             raise InputError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}: not divisible by the {world_size} "
                              "GPUs")
 
-    out = Path(output) if output else Path("output") / config_file.stem
+    # an evaluation writes its own config.yaml and results: by default not over a training's of that config
+    out = Path(output) if output else Path("output") / config_file.stem / ("eval" if eval_only else "")
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out}: exists and is not a folder")
     holds_run = any((out / marker).exists() for marker in RUN_MARKERS)
     if not eval_only:
         if resume and not (out / "last_checkpoint").exists() and weights is None:
             raise InputError(f"--resume: {out} holds no checkpoint to resume from (last_checkpoint)")
+        if resume and (out / "last_checkpoint").exists():
+            _check_last_checkpoint(out)
         if holds_run and not resume and not overwrite:
             raise InputError(f"--output {out}: already holds a training run; pass --resume to continue it or "
                              "--overwrite to start over")
@@ -144,6 +154,20 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     cfg.freeze()
     run = DetectionRun(str(config_file), cfg.dump(), datasets, eval_only, resume)
     return DetectionPlan(run, out, world_size, num_gpus, num_machines, notes)
+
+
+def _check_last_checkpoint(out: Path) -> None:
+    """The checkpoint ``last_checkpoint`` names is there and whole enough to open (a zip, as torch.save
+    writes): Detectron2 would stop with an AssertionError or a PytorchStreamReader traceback."""
+    name = (out / "last_checkpoint").read_text().strip()
+    checkpoint = out / name
+    if not checkpoint.is_file():
+        raise InputError(f"--resume: {out}/last_checkpoint names {name}, which is not there; write the name of "
+                         "another model_*.pth of the run into it, or start over with --overwrite")
+    if not zipfile.is_zipfile(checkpoint):
+        raise InputError(f"--resume: {checkpoint} (named by last_checkpoint) is cut short or not a checkpoint; "
+                         "write the name of another model_*.pth of the run into last_checkpoint, or start over with "
+                         "--overwrite")
 
 
 def changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
