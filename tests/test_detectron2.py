@@ -381,3 +381,16 @@ def test_amp_on_a_cpu_and_an_evaluation_into_its_trainings_folder_are_avoided(tm
     assert plan_detection("voc-r50-c4", str(weights), str(toy_root)).output_dir == Path("output/voc-r50-c4")
     evaluation = plan_detection("voc-r50-c4", str(r50_c4_detector), str(toy_root), eval_only=True)
     assert evaluation.output_dir == Path("output/voc-r50-c4/eval")
+
+
+@pytest.mark.parametrize("base", ["voc-r50-fpn", "voc-r50-fpn.yaml"])
+def test_a_user_yaml_may_name_a_shipped_config_as_its_base(tmp_path, base):
+    user = tmp_path / "mine.yaml"
+    user.write_text(f'_BASE_: "{base}"\nSOLVER:\n  BASE_LR: 0.01\n')
+    cfg = load_config(str(user))
+    shipped = load_config("voc-r50-fpn")
+    assert cfg.SOLVER.BASE_LR == 0.01 and shipped.SOLVER.BASE_LR == 0.02
+    assert cfg.MODEL.ROI_HEADS.NAME == shipped.MODEL.ROI_HEADS.NAME and cfg.SOLVER.MAX_ITER == shipped.SOLVER.MAX_ITER
+    # a file of that name beside the YAML is Detectron2's to read, as before
+    (tmp_path / base).write_text('_BASE_: "' + str(CONFIG_DIR / "voc-r50-c4.yaml") + '"\n')
+    assert load_config(str(user)).MODEL.ROI_HEADS.NAME == load_config("voc-r50-c4").MODEL.ROI_HEADS.NAME

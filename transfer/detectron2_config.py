@@ -92,7 +92,16 @@ def load_config(name_or_yaml: str, opts: Sequence[str] = ()) -> "CfgNode":
     path = resolve_config(name_or_yaml)
     cfg = get_cfg()
     try:
-        cfg.merge_from_file(str(path))
+        shipped_base = _shipped_base(path)
+        if shipped_base is None:
+            cfg.merge_from_file(str(path))
+        else:  # the shipped config first, then the user's YAML without its _BASE_
+            from detectron2.config import CfgNode
+
+            cfg.merge_from_file(str(shipped_base))
+            cfg.merge_from_other_cfg(CfgNode({k: v for k, v in _read_yaml(path).items() if k != "_BASE_"}))
+    except InputError:
+        raise
     except Exception as err:  # yacs raises KeyError, ValueError, AssertionError, yaml errors
         raise InputError(f"--config {path}: not a valid Detectron2 config ({_one_line(err)})") from None
     if len(opts) % 2:
@@ -103,6 +112,25 @@ def load_config(name_or_yaml: str, opts: Sequence[str] = ()) -> "CfgNode":
         except Exception as err:
             raise InputError(f"{key} {value}: {_one_line(err)}") from None
     return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    loaded = yaml.safe_load(path.read_text())
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _shipped_base(path: Path) -> Path | None:
+    """The shipped config a user's YAML names as its ``_BASE_`` (``voc-r50-c4`` or ``voc-r50-c4.yaml``),
+    when no such file lies beside it (Detectron2 reads ``_BASE_`` relative to the YAML's folder)."""
+    if path.parent == CONFIG_DIR:
+        return None
+    base = _read_yaml(path).get("_BASE_")
+    if not isinstance(base, str) or "/" in base or (path.parent / base).exists():
+        return None
+    name = base.removesuffix(".yaml")
+    return CONFIG_DIR / f"{name}.yaml" if name in config_names() else None
 
 
 def _as_float_where_float(cfg: "CfgNode", key: str, value: str) -> str:
