@@ -259,7 +259,17 @@ def test_errors_on_missing_or_unreadable_checkpoints_and_bad_out_paths(tmp_path,
     assert_user_error(run("convert-d2", tmp_path / "junk.pth", "--out", tmp_path / "a.pkl"), "junk.pth")
     (tmp_path / "dir.pkl").mkdir()
     assert_user_error(run("convert-d2", path, "--out", tmp_path / "dir.pkl"), "dir.pkl: is a folder")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.pkl", "junk.pth"]
+    (tmp_path / "dir").mkdir()  # a folder is named as one, whatever its name ends in
+    assert_user_error(run("convert-d2", path, "--out", tmp_path / "dir"), "dir: is a folder; give a file name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "dir.pkl", "junk.pth"]
+
+
+def test_a_pickle_already_converted_is_named_as_such(tmp_path, official_r50):
+    path, _ = official_r50
+    assert run("convert-d2", path, "--out", tmp_path / "r50.pkl").exit_code == 0
+    assert_user_error(run("convert-d2", tmp_path / "r50.pkl", "--out", tmp_path / "again.pkl"),
+                      "r50.pkl: already Detectron2 weights", "detect train --weights as it is")
+    assert not (tmp_path / "again.pkl").exists()
 
 
 def test_an_existing_out_is_replaced_only_with_overwrite_and_never_the_input(tmp_path, official_r50):

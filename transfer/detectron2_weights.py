@@ -131,16 +131,24 @@ def convert_checkpoint(path: str | os.PathLike) -> Detectron2Weights:
 
     Projector, predictor and a classifier ``fc`` are left out: only the backbone transfers.
     """
+    if Path(path).suffix == ".pkl" and Path(path).is_file() and not zipfile.is_zipfile(path):
+        try:
+            data = _read_arrays_pickle(Path(path))
+        except InputError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("model", data.get("blobs")), dict):
+            raise InputError(f"{path}: already Detectron2 weights (a pickle of NumPy arrays); give it to simsiam "
+                             "detect train --weights as it is")
     return convert_backbone(read_backbone(path), str(path))
 
 
 def check_pickle_path(out: str | os.PathLike) -> Path:
     """Detectron2 reads its pickle format only from files named ``*.pkl``."""
     out = Path(out)
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give a file name ending in .pkl")
     if out.suffix != ".pkl":
         raise InputError(f"--out {out}: must end in .pkl (Detectron2 picks its pickle reader by that suffix)")
-    if out.is_dir():
-        raise InputError(f"--out {out}: is a folder")
     return out
 
 
