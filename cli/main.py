@@ -57,8 +57,7 @@ class SimSiamGroup(click.Group):
         except click.UsageError as err:  # click's own would print the usage and a hint: 4 lines
             if _rank() != "0":  # the command line is every process's: rank 0 says what is wrong with it
                 ctx.exit(2)
-            command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
-            raise UserError(f"{err.format_message()} (see: simsiam{command} --help)") from None
+            raise UserError(f"{err.format_message()} (see: {_command_of(err.ctx, ctx)} --help)") from None
         except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
             if isinstance(err, BrokenPipeError) and _stdout_closed():
                 raise  # piped into a reader that stopped (| head): not an error; click's main ends it quietly
@@ -125,6 +124,17 @@ def _memory_hint(command: click.Command | None) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _command_of(failed: click.Context | None, root: click.Context) -> str:
+    """``simsiam detect train``: the (sub)command whose line was wrong, as the user types it."""
+    names = []
+    while failed is not None and failed.parent is not None:
+        names.append(failed.info_name)
+        failed = failed.parent
+    if not names and root.invoked_subcommand:
+        names = [root.invoked_subcommand]
+    return " ".join(["simsiam", *reversed(names)])
 
 
 def _os_error(err: OSError) -> str:
