@@ -29,7 +29,8 @@ def test_usage_errors_are_one_line_naming_the_help():
     assert_user_error(run("nosuchcommand"), "No such command 'nosuchcommand'", "(see: simsiam --help)")
     assert_user_error(run("extract", "--no-such-option"), "--no-such-option", "(see: simsiam extract --help)")
     # a group's subcommand is named whole: detect's help does not list train's options
-    assert_user_error(run("detect", "train", "--max-iter", "3"), "--max-iter", "(see: simsiam detect train --help)")
+    assert_user_error(run("detect", "train", "--config", "voc-r50-c4", "--data-root", ".", "--max-iter", "3"),
+                      "--max-iter", "(see: simsiam detect train --help)")
     assert_user_error(run("detect", "nosuchcommand"), "(see: simsiam detect --help)")
 
 
