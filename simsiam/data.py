@@ -27,8 +27,12 @@ from .config import MAX_WORKERS, check_int
 from .errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
-# torchvision's decoders (libjpeg-turbo, libpng, libwebp, giflib); other formats go through PIL.
-_TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# torchvision's decoders (libjpeg-turbo, libwebp, giflib); other formats go through PIL. Not PNG:
+# torchvision's PNG decoder (0.29) kills the process (SIGSEGV) on a corrupt row, a bad IDAT CRC or
+# zlib checksum, where PIL raises, about 20 % slower.
+_TORCHVISION_DECODES = (".jpg", ".jpeg", ".webp", ".gif")
+# what torchvision says of files it leaves to others: another format under the name, an animated WebP
+_NOT_TORCHVISIONS = ("Unsupported image file", "not supported")
 
 
 @dataclass(frozen=True)
@@ -216,9 +220,10 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
             try:
                 return first_frame(decode_image(data, mode=ImageReadMode.RGB))
             except RuntimeError as err:
-                if "Unsupported image file" not in str(err):
+                if not any(words in str(err) for words in _NOT_TORCHVISIONS):
                     raise OSError(_decoder_reason(str(err))) from None
-                # another format under a .jpg/.png name (a BMP, a TIFF): PIL tells formats by content
+                # another format under a .jpg name (a BMP, a TIFF; PIL tells formats by content), or an
+                # animated WebP (PIL gives its first frame, as for a GIF)
         with Image.open(path) as image:
             return _pil_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -304,8 +309,14 @@ def count_training_unreadable(batch, unreadable: list[Unreadable], strict: bool,
     skipped = count_unreadable(unreadable, strict, announce)
     if batch is None:
         share = "this process's share of " if distributed else ""
-        raise InputError(f"{folder}: every image of {share}a batch at step {step} is unreadable")
+        raise InputError(f"{folder}: every image of {share}a batch at step {step} is unreadable; {MEND_UNREADABLE}")
     return skipped
+
+
+# what to do about unreadable images that stopped a training: removing them changes the image list,
+# which a --resume refuses (its batches are those of the list it started with)
+MEND_UNREADABLE = ("replace the unreadable images by readable ones of the same names (a --resume checks the names), "
+                   "or start again with a larger --batch-size")
 
 
 def collate_readable(samples: list) -> tuple[object | None, list[Unreadable]]:

@@ -141,6 +141,34 @@ def test_a_cut_png_gives_the_decoders_reason_without_its_source_location(tmp_pat
     assert ".cpp" not in str(raised.value) and "operator()" not in str(raised.value), raised.value
 
 
+@pytest.mark.parametrize("where", ["IDAT", "IEND"])
+def test_a_png_with_a_corrupt_byte_is_unreadable_not_a_crash(tmp_path, where):
+    """torchvision 0.29's PNG decoder killed the process (SIGSEGV) on a bad IDAT checksum: every
+    command that read such a file died without a word. PIL reads PNGs and says why."""
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    data = bytearray((tmp_path / "a.png").read_bytes())
+    data[data.find(where.encode()) + (14 if where == "IDAT" else -3)] ^= 0xFF  # pixel data; the last chunk's CRC
+    (tmp_path / "bitrot.png").write_bytes(bytes(data))
+    if where == "IDAT":
+        with pytest.raises(OSError, match="broken data stream"):
+            decode_rgb(tmp_path / "bitrot.png")
+    else:  # a CRC PIL does not read: the pixels are whole
+        assert decode_rgb(tmp_path / "bitrot.png").shape == (3, 24, 30)
+
+
+def test_an_animated_webp_is_its_first_frame(tmp_path):
+    from PIL import Image, features
+
+    if not features.check("webp"):
+        pytest.skip("this Pillow was built without WebP")
+    frames = [Image.new("RGB", (12, 10), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    decoded = decode_rgb(tmp_path / "anim.webp")  # torchvision: "Animated webp files are not supported"
+    assert decoded.shape == (3, 10, 12) and decoded[0].float().mean() > 250 and decoded[1].float().mean() < 5
+
+
 def animated_gif(path: Path) -> Path:
     """Three frames of different colours; PIL (and every image viewer) shows the first."""
     from PIL import Image
