@@ -23,7 +23,7 @@ from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import (GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
+from .data import (MEND_UNREADABLE, GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
                    labelled_images, make_loader, same_images, scan_images)
 from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
@@ -350,7 +350,7 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
                 (view1, view2), _, _ = batch
                 if len(view1) < 2 and runtime.world_size == 1:
                     raise InputError(f"{config.data}: one readable image in the batch of step {global_step}, and "
-                                     "BatchNorm needs two; remove the unreadable images or use a larger --batch-size")
+                                     f"BatchNorm needs two; {MEND_UNREADABLE}")
             first_batch = False
             loss, z1 = train_step(model, loss_fn, optimizer, runtime, view1, view2)
 

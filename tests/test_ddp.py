@@ -281,7 +281,9 @@ def test_a_first_batch_unreadable_on_one_rank_only_stops_every_rank_with_one_lin
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if line.startswith("Error: ")]
     assert result.returncode != 0 and errors == [
-        f"Error: rank 1: {data}: every image of this process's share of a batch at step 0 is unreadable"], output
+        f"Error: rank 1: {data}: every image of this process's share of a batch at step 0 is unreadable; "
+        "replace the unreadable images by readable ones of the same names (a --resume checks the names), or start "
+        "again with a larger --batch-size"], output
     assert output.count("Traceback") == 1, output  # torchrun's own, raising ChildFailedError; none of ours
     assert not (tmp_path / "runs").exists()
 

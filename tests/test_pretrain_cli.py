@@ -121,6 +121,18 @@ def test_bad_input_found_during_a_run_leaves_the_folder_as_it_was_unless_a_check
     assert all((out / name).read_bytes() == data for name, data in files.items())
 
 
+def test_a_batch_with_fewer_than_two_readable_images_says_how_to_go_on(tmp_path):
+    """Removing the unreadable images, as the message once said, changes the image list, which a
+    --resume then refuses: the way on is readable images under the same names."""
+    folder = make_image_folder(tmp_path / "few", classes=1, per_class=2, size=16, ext="jpg")
+    for i in range(4):
+        (folder / "class0" / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    # 2 readable images of 6 in two batches of 3: one batch has one readable image, or none
+    result = run("pretrain", folder, "--out", tmp_path / "run", *TINY, "--batch-size", "3")
+    assert_user_error(result, "replace the unreadable images by readable ones of the same names", only_line=False)
+    assert "one readable image in the batch" in result.output or "every image of a batch" in result.output
+
+
 def test_an_overwrite_run_replaces_the_old_run_at_its_first_checkpoint_or_gives_it_back(tmp_path,
                                                                                         shared_image_folder):
     import simsiam.train
