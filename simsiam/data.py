@@ -26,7 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 from .config import MAX_WORKERS, check_int
 from .errors import InputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".tif", ".tiff")
+# torchvision's ImageFolder's (IMG_EXTENSIONS), and GIF
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
 # torchvision's decoders (libjpeg-turbo, libwebp, giflib); other formats go through PIL. Not PNG:
 # torchvision's PNG decoder (0.29) kills the process (SIGSEGV) on a corrupt row, a bad IDAT CRC or
 # zlib checksum, where PIL raises, about 20 % slower.
@@ -78,7 +79,7 @@ def _images_below(folder: Path) -> list[str]:
             here = os.path.realpath(dirpath)
             loops = {d for d in links if _is_within(here, os.path.realpath(os.path.join(dirpath, d)))}
             dirnames[:] = [d for d in dirnames if d not in loops]
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden, as hidden files and classes
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
     return found
 

@@ -338,3 +338,14 @@ def test_a_broken_gif_says_what_giflib_found_not_its_error_number(tmp_path):
         decode_rgb(tmp_path / "cut.gif")
     with pytest.raises(OSError, match="^GIF: not a GIF file$"):
         decode_rgb(tmp_path / "other.gif")
+
+
+def test_hidden_folders_inside_a_class_are_left_out_as_hidden_files_and_classes(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", classes=2, per_class=2, size=8)
+    for hidden in (root / "class0" / ".thumbs", root / ".cache"):
+        make_image_folder(hidden, classes=1, per_class=2, size=8)  # images below, as a viewer's cache holds
+    make_image_folder(root / "class1" / "more", classes=1, per_class=1, size=8, ext="pgm")  # torchvision's .pgm too
+    images = scan_images(root)
+    assert images.classes == ["class0", "class1"]
+    assert not any("/." in "/" + p for p in images.paths) and len(images.paths) == 5
+    assert any(p.endswith(".pgm") for p in images.paths)
