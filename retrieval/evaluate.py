@@ -82,11 +82,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
     train_images, val_images = scanned["--train-dir"], scanned["--val-dir"]
     with given_as("--train-dir", train_dir):
-        train_set = extract_features(model, train_images, runtime, **common)
+        train_set = extract_features(model, train_images, runtime, **common, source="--train-dir")
     # the same folder twice (evaluate_knn warns): its features once, not a second pass over it
     same = same_images(train_images.root, train_images.paths, val_images.root, val_images.paths)
     with given_as("--val-dir", val_dir):
-        val_set = train_set if same else extract_features(model, val_images, runtime, **common)
+        val_set = train_set if same else extract_features(model, val_images, runtime, **common, source="--val-dir")
     report = evaluate_knn(train_set, val_set, ks, temperature, backend, runtime.device.type, chunk_size,
                           names=("--train-dir", "--val-dir"))
     for name, folder, images, features in (("--train-dir", train_dir, train_images, train_set),

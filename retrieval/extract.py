@@ -98,8 +98,10 @@ class _Extraction:
     """What one call extracts: the images (this rank's slice of them), the transform, the attributes."""
 
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
-                 normalize: bool, strict: bool, gpu_decode: bool = False, check_crop: bool = True):
+                 normalize: bool, strict: bool, gpu_decode: bool = False, check_crop: bool = True,
+                 source: str = "DATA"):
         self.images = data if isinstance(data, ImageList) else scan_images(data)
+        self.source = source  # what the user gave the images as, for warnings
         check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size
         self.resize = model.resize if resize is None else resize
@@ -142,7 +144,7 @@ class _Extraction:
         _notify(on_event, {"event": "start", "images": len(self.dataset), "total_images": len(self.images),
                            "rank": self.runtime.rank, "world_size": self.runtime.world_size,
                            "device": str(self.runtime.device), "precision": self.runtime.precision})
-        for warning in folder_warnings(f"DATA {self.images.root}", self.images):
+        for warning in folder_warnings(f"{self.source} {self.images.root}", self.images):
             _notify(on_event, {"event": "warning", "message": warning})
         batches = None
         if self.gpu_decode:  # the fast path's decoding on the device (simsiam.device_data.EvalBatches)
@@ -164,12 +166,13 @@ class _Extraction:
 def extract_features(model: FeatureModel, data: str | os.PathLike | ImageList, runtime: Runtime, image_size: int | None = None,
                      resize: int | None = None, batch_size: int = 256, workers: int = 0, normalize: bool = False,
                      strict: bool = False, on_event: EventHandler | None = None, gpu_decode: bool = False,
-                     check_crop: bool = True) -> FeatureSet:
+                     check_crop: bool = True, source: str = "DATA") -> FeatureSet:
     """Embed the images of ``data`` (an ImageFolder, a flat folder, or an ImageList) into memory (float32).
-    ``check_crop`` False takes a resize smaller than the crop (queries made as an older database was)."""
+    ``check_crop`` False takes a resize smaller than the crop (queries made as an older database was);
+    ``source`` names the images in warnings as the user gave them (``--train-dir``)."""
     if runtime.distributed:
         raise InputError("in-memory extraction runs in one process; under torchrun use simsiam extract --out")
-    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode, check_crop)
+    job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode, check_crop, source)
     parts = list(job.batches(batch_size, workers, on_event))
     if not parts:
         raise InputError(f"{job.images.root}: none of its {len(job.images)} images could be decoded")

@@ -134,7 +134,7 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     # the queries must share it even when its resize is smaller than its crop (a file made before
     # extract refused that): padded alike, they match its rows
     return extract_features(model, images, runtime, image_size, resize, batch_size, workers,
-                            on_event=refuse_unreadable, check_crop=False)
+                            on_event=refuse_unreadable, check_crop=False, source="--query")
 
 
 @dataclass

@@ -274,6 +274,17 @@ def test_the_same_folder_as_train_dir_and_val_dir_warns_naming_those_options_and
     assert "warning: --train-dir and --val-dir hold the same images" in result.output
 
 
+def test_images_beside_class_folders_are_warned_about_under_the_option_that_gave_them(tmp_path):
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=3)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=2)
+    make_image_folder(val, classes=1, per_class=2, labelled=False)  # loose images beside the classes
+    fast = ["-k", "3", "--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
+    result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, *fast)
+    assert result.exit_code == 0, result.output
+    assert f"warning: --val-dir {val}: 2 image(s) lying directly in it are left out" in result.output  # was "DATA"
+
+
 def test_errors_about_a_path_name_the_option_that_gave_it(files, tmp_path):
     checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
     images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
