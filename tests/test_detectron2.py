@@ -394,3 +394,14 @@ def test_a_user_yaml_may_name_a_shipped_config_as_its_base(tmp_path, base):
     # a file of that name beside the YAML is Detectron2's to read, as before
     (tmp_path / base).write_text('_BASE_: "' + str(CONFIG_DIR / "voc-r50-c4.yaml") + '"\n')
     assert load_config(str(user)).MODEL.ROI_HEADS.NAME == load_config("voc-r50-c4").MODEL.ROI_HEADS.NAME
+
+
+def test_input_settings_other_than_the_weights_were_trained_with_are_said(tmp_path, r50, toy_root):
+    _, weights = r50
+    plan = plan_detection("voc-r50-c4", str(weights), str(toy_root), str(tmp_path / "out"))
+    assert not any("were trained with" in note for note in plan.notes)  # the shipped configs set them
+    plan = plan_detection("voc-r50-c4", str(weights), str(toy_root), str(tmp_path / "out"),
+                          opts=["MODEL.RESNETS.STRIDE_IN_1X1", "True", "INPUT.FORMAT", "BGR"])
+    said = [note for note in plan.notes if "were trained with" in note]
+    assert [note.split(":")[0] for note in said] == ["MODEL.RESNETS.STRIDE_IN_1X1 True", "INPUT.FORMAT BGR"]
+    assert "(a torchvision resnet50) were trained with False" in said[0]

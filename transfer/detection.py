@@ -20,10 +20,10 @@ from simsiam.atomic import atomic_write
 from simsiam.errors import InputError
 
 from .detection_datasets import check_data_root, locate_datasets
-from .detectron2_config import (REFERENCE_GPUS, check_classes, check_settings, load_config, require_detectron2,
-                                resolve_config, scale_schedule, use_plain_batchnorm)
+from .detectron2_config import (REFERENCE_GPUS, check_classes, check_settings, get_key, load_config,
+                                require_detectron2, resolve_config, scale_schedule, use_plain_batchnorm)
 from .detectron2_fit import check_weights_fit
-from .detectron2_weights import check_detectron2_weights
+from .detectron2_weights import TORCHVISION_INPUT_SETTINGS, WeightsFile, check_detectron2_weights
 
 RESULTS_FILE = "eval_results.json"  # written by the main process after each evaluation
 # Files by which Detectron2 marks an output folder as holding a training run.
@@ -98,8 +98,8 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     check_classes(cfg, [where.kind for where in datasets])
     if weights_file is not None:  # Detectron2 would only warn, tensor by tensor, and run a mostly random network
         check_weights_fit(cfg, weights_file, whole_model=eval_only)
+    notes: list[str] = input_setting_notes(cfg, weights_file)
 
-    notes: list[str] = []
     world_size = num_gpus * num_machines
     if not torch.cuda.is_available():
         if world_size > 1:
@@ -168,6 +168,23 @@ def _check_last_checkpoint(out: Path) -> None:
         raise InputError(f"--resume: {checkpoint} (named by last_checkpoint) is cut short or not a checkpoint; "
                          "write the name of another model_*.pth of the run into last_checkpoint, or start over with "
                          "--overwrite")
+
+
+def input_setting_notes(cfg, weights_file: WeightsFile | None) -> list[str]:
+    """What of the config differs from the input settings convert-d2's weights were trained with
+    (a torchvision ResNet: stride in the 3x3 conv, RGB, ImageNet mean and std): Detectron2 loads
+    them all the same, and the network sees other inputs than those it learnt from."""
+    if weights_file is None or weights_file.arch is None:
+        return []
+    notes = []
+    for key, wanted in TORCHVISION_INPUT_SETTINGS.items():
+        value = get_key(cfg, key)
+        same = (len(value) == len(wanted) and all(abs(a - b) < 1e-3 for a, b in zip(value, wanted))
+                if isinstance(wanted, list) else value == wanted)
+        if not same:
+            notes.append(f"{key} {value}: the weights of {weights_file.path} (a torchvision {weights_file.arch}) "
+                         f"were trained with {wanted}")
+    return notes
 
 
 def changed_settings(saved: dict, now: dict, prefix: str = "") -> list[str]:
