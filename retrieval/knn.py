@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from simsiam.atomic import atomic_write, check_output
-from simsiam.data import same_images, split_folders_warning
+from simsiam.data import ONE_CLASS_WARNING, same_images, split_folders_warning
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of
@@ -189,6 +189,8 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks,
                         "accuracy is inflated; evaluate on held-out images")
     num_classes = max(len(train.classes), len(val.classes),
                       int(max(train.labels.max(), val_labels.max())) + 1)
+    if num_classes == 1:
+        warnings.append(ONE_CLASS_WARNING.format(train_name))
     return num_classes, warnings, val_labels
 
 

@@ -137,6 +137,10 @@ def split_folders_warning(where: str, root: str | os.PathLike, classes: Sequence
             f"classes; did you mean a split's folder ({Path(root) / classes[-1]})?")
 
 
+# a classifier's accuracy with one class (kNN, lincls): every image gets it, whatever the features
+ONE_CLASS_WARNING = "{} has one class: every image is classified as it, so the accuracy is 100 % whatever the features"
+
+
 def folder_warnings(where: str, images: ImageList, labels_used: bool = True) -> list[str]:
     """What may be wrong with a scanned folder, worth a warning before it is used: class folders
     named like dataset splits, when the labels are used (:func:`split_folders_warning`); images

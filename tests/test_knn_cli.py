@@ -246,6 +246,18 @@ def test_predictions_never_replace_an_input(files, tmp_path):
     assert val.read_bytes() == before
 
 
+def test_one_class_is_warned_about_as_an_accuracy_that_means_nothing(tmp_path):
+    features, _ = clustered(30, classes=3)
+    train = feature_file(tmp_path / "train.h5", features[:20], np.zeros(20, int))
+    val = feature_file(tmp_path / "val.h5", features[20:], np.zeros(10, int), root="/other")
+    result = run("knn", "--train", train, "--val", val, "-k", "3", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.splitlines()[-1])
+    assert report["results"][0]["top1"] == 1.0
+    assert report["warnings"] == ["--train has one class: every image is classified as it, so the accuracy is "
+                                  "100 % whatever the features"]
+
+
 def test_the_same_images_as_train_and_val_warn(files):
     result = run("knn", "--train", files["train"], "--val", files["train"], "--json")
     assert result.exit_code == 0, result.output

@@ -366,6 +366,15 @@ def test_without_a_preset_a_cifar_stem_checkpoint_gets_the_cifar_recipe(tmp_path
     assert json.loads((tmp_path / "i" / "config.json").read_text())["preset"] == "imagenet"  # when asked
 
 
+def test_one_class_is_warned_about_as_an_accuracy_that_means_nothing(tmp_path, data):
+    checkpoint, _, _ = data
+    train = make_image_folder(tmp_path / "train", classes=1, per_class=8, size=16)
+    val = make_image_folder(tmp_path / "val", classes=1, per_class=4, size=16, seed=1)
+    result = run("lincls", checkpoint, train, val, "--out", tmp_path / "o", *TINY, "--batch-size", "4", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert f"TRAIN_DIR {train} has one class: every image is classified as it" in result.output
+
+
 def test_errors(tmp_path, data):
     checkpoint, train, val = data
     args = [*TINY, "--batch-size", "16", "--epochs", "1"]

@@ -31,8 +31,8 @@ from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
 from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
-from simsiam.data import (GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable, count_unreadable,
-                          folder_warnings, labelled_images, make_loader)
+from simsiam.data import (ONE_CLASS_WARNING, GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable,
+                          count_unreadable, folder_warnings, labelled_images, make_loader)
 from simsiam.errors import InputError, SimSiamError, agreed
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable,
                              check_resumed_images, check_resumed_state, check_run_dir, resume_checkpoint, run_in_folder)
@@ -312,6 +312,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     for name, images in (("TRAIN_DIR", train_images), ("VAL_DIR", val_images)):
         for warning in folder_warnings(f"{name} {images.root}", images):
             emit({"event": "warning", "message": warning})
+    if len(train_images.classes) == 1:
+        emit({"event": "warning", "message": ONE_CLASS_WARNING.format(f"TRAIN_DIR {train_images.root}")})
     del checkpoint
 
     def keep_best(metrics: dict) -> None:
