@@ -167,6 +167,17 @@ def test_weights_fit_the_model_only_when_detectron2_loads_every_resnet_tensor(tm
     assert (problems == []) == fits, problems[:3]
 
 
+def test_weights_converted_by_detectron2s_or_mocos_script_fit(tmp_path):
+    """Their converters keep torchvision's fc as stem.fc.*, which Detectron2 leaves unused: not a misfit.
+    Nor are BN statistics under a GN config, which has none."""
+    weights = converted_shapes("resnet50", tmp_path)
+    weights.update({"stem.fc.weight": (1000, 2048), "stem.fc.bias": (1000,)})
+    model = detectron2_reference("R50-C4")
+    assert misfits(model, weights, heuristics=True, whole_model=False) == []
+    group_norm = {name: shape for name, shape in model.items() if not name.endswith(("running_mean", "running_var"))}
+    assert misfits(group_norm, weights, heuristics=True, whole_model=False) == []
+
+
 def test_a_misfit_is_named_with_what_the_weights_need(tmp_path, monkeypatch):
     r18 = WeightsFile("r18.pkl", converted_shapes("resnet18", tmp_path), True, "resnet18", False)
     monkeypatch.setattr(detectron2_fit, "model_shapes", lambda cfg: detectron2_reference("R50-C4"))

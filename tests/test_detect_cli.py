@@ -352,32 +352,33 @@ def test_a_resume_with_other_settings_is_refused_naming_the_first_changes(tmp_pa
         f"--scale-schedule and KEY VALUE pairs it was started with (they are in {tmp_path / TRAIN_CONFIG_FILE})")
 
 
-@pytest.mark.parametrize("resume", [False, True])
-def test_a_training_that_starts_over_clears_the_earlier_runs_files_and_only_those(tmp_path, monkeypatch, resume):
+@pytest.mark.parametrize("clear", [False, True])
+def test_overwrite_clears_the_earlier_runs_files_and_only_those(tmp_path, monkeypatch, clear):
     """--overwrite: Detectron2 appends to metrics.json, and a later --resume would follow last_checkpoint
-    to the old run's model; a resume keeps them all."""
+    to the old run's model. Nothing goes without it, nor the run's own --config and --weights."""
     import types
 
     from transfer.detection import DetectionPlan, DetectionRun, run_detection
 
     out = tmp_path / "run"
     (out / "inference").mkdir(parents=True)
-    old = ["last_checkpoint", "model_0000019.pth", "model_final.pth", "metrics.json", "log.txt", "config.yaml",
-           "events.out.tfevents.1.host", "inference/coco_instances_results.json", "eval_results.json",
-           "train_config.yaml"]
-    for name in old + ["notes.txt", "my_model.pth"]:  # and two files of the user's
+    old = ["last_checkpoint", "model_0000019.pth", "metrics.json", "log.txt", "events.out.tfevents.1.host",
+           "inference/coco_instances_results.json", "eval_results.json", "train_config.yaml"]
+    inputs = ["config.yaml", "model_final.pth"]  # the user's YAML and the detector to fine-tune, under run names
+    for name in old + inputs + ["notes.txt", "my_model.pth"]:  # and two files of the user's
         (out / name).write_text("old")
     launched = []
     monkeypatch.setitem(sys.modules, "detectron2.engine", types.SimpleNamespace(launch=lambda *a, **k: launched.append(a)))
     monkeypatch.setitem(sys.modules, "transfer.detectron2_trainer", types.SimpleNamespace(detection_worker=None))
-    plan = DetectionPlan(DetectionRun("voc-r50-c4.yaml", "SEED: 1\n", [], eval_only=False, resume=resume), out, 1, 1, 1)
+    plan = DetectionPlan(DetectionRun(str(out / "config.yaml"), "SEED: 1\n", [], eval_only=False, resume=False), out,
+                         1, 1, 1, clear=clear, inputs=tuple(str((out / name).resolve()) for name in inputs))
     assert run_detection(plan) is None and launched
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    if resume:
-        assert set(left) == set(old) - {"eval_results.json"} | {"notes.txt", "my_model.pth"}
+    if clear:
+        assert left == ["config.yaml", "model_final.pth", "my_model.pth", "notes.txt", "train_config.yaml"]
     else:
-        assert left == ["my_model.pth", "notes.txt", "train_config.yaml"]
-    assert (out / "train_config.yaml").read_text() == "SEED: 1\n"
+        assert set(left) == set(old + inputs) - {"eval_results.json"} | {"notes.txt", "my_model.pth"}
+    assert (out / "train_config.yaml").read_text() == "SEED: 1\n" and (out / "config.yaml").read_text() == "old"
 
 
 def test_a_voc_split_that_is_empty_or_names_missing_files_is_refused_naming_them(tmp_path):

@@ -405,3 +405,11 @@ def test_input_settings_other_than_the_weights_were_trained_with_are_said(tmp_pa
     said = [note for note in plan.notes if "were trained with" in note]
     assert [note.split(":")[0] for note in said] == ["MODEL.RESNETS.STRIDE_IN_1X1 True", "INPUT.FORMAT BGR"]
     assert "(a torchvision resnet50) were trained with False" in said[0]
+
+
+def test_only_an_overwrite_clears_and_never_the_runs_own_inputs(tmp_path, r50, toy_root):
+    _, weights = r50
+    out = str(tmp_path / "out")
+    assert not plan_detection("voc-r50-c4", str(weights), str(toy_root), out).clear
+    plan = plan_detection("voc-r50-c4", str(weights), str(toy_root), out, overwrite=True)
+    assert plan.clear and plan.inputs == (str((CONFIG_DIR / "voc-r50-c4.yaml").resolve()), str(weights.resolve()))

@@ -31,13 +31,13 @@ RUN_MARKERS = ("last_checkpoint", "model_final.pth")
 # The settled config of a training run (Detectron2's config.yaml is rewritten by any run, an
 # evaluation too), against which a resume is checked.
 TRAIN_CONFIG_FILE = "train_config.yaml"
-# What a resumed training run may change: where its weights come from (the checkpoint decides),
-# its length, how often it saves and evaluates, the device and the loader's worker count.
 # What a training run writes in its output folder (Detectron2's files, then ours), cleared when a
-# training starts over: Detectron2 appends to metrics.json and log.txt, and a --resume would follow
-# last_checkpoint to the old run's model.
+# training starts over (--overwrite): Detectron2 appends to metrics.json and log.txt, and a --resume
+# would follow last_checkpoint to the old run's model.
 RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json", "log.txt", "config.yaml", "events.out.tfevents.*",
              "inference", RESULTS_FILE, TRAIN_CONFIG_FILE)
+# What a resumed training run may change: where its weights come from (the checkpoint decides),
+# its length, how often it saves and evaluates, the device and the loader's worker count.
 RESUMABLE = ("MODEL.WEIGHTS", "OUTPUT_DIR", "MODEL.DEVICE", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD",
              "TEST.EVAL_PERIOD", "DATALOADER.NUM_WORKERS")
 
@@ -61,6 +61,10 @@ class DetectionPlan:
     num_gpus: int
     num_machines: int
     notes: list[str] = field(default_factory=list)  # what was changed or should be known, for the user
+    # --overwrite: the earlier run's files go before the start, but never these (the --config and
+    # --weights the run reads may lie in its output folder, under a run file's name)
+    clear: bool = False
+    inputs: tuple[str, ...] = ()
 
 
 def plan_detection(config: str, weights: str | None, data_root: str, output: str | None = None,
@@ -153,7 +157,9 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
                          "the run's start")
     cfg.freeze()
     run = DetectionRun(str(config_file), cfg.dump(), datasets, eval_only, resume)
-    return DetectionPlan(run, out, world_size, num_gpus, num_machines, notes)
+    inputs = tuple(str(Path(p).resolve()) for p in (config_file, weights) if p and "://" not in str(p))
+    return DetectionPlan(run, out, world_size, num_gpus, num_machines, notes,
+                         clear=overwrite and not resume and not eval_only, inputs=inputs)
 
 
 def _check_last_checkpoint(out: Path) -> None:
@@ -227,8 +233,8 @@ def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "a
     if machine_rank == 0:
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         results_path.unlink(missing_ok=True)  # never report the numbers of an earlier run
-        if not plan.run.eval_only and not plan.run.resume:  # a start (--overwrite, or a run that saved nothing)
-            clear_run_files(plan.output_dir)
+        if plan.clear:
+            clear_run_files(plan.output_dir, keep=plan.inputs)
         if not plan.run.eval_only:
             with atomic_write(plan.output_dir / TRAIN_CONFIG_FILE, "w") as f:
                 f.write(plan.run.config_yaml)
@@ -239,10 +245,13 @@ def run_detection(plan: DetectionPlan, machine_rank: int = 0, dist_url: str = "a
     return json.loads(results_path.read_text())
 
 
-def clear_run_files(output_dir: Path) -> None:
-    """Remove what an earlier training run wrote in ``output_dir`` (:data:`RUN_FILES`), nothing else."""
+def clear_run_files(output_dir: Path, keep: Sequence[str] = ()) -> None:
+    """Remove what an earlier training run wrote in ``output_dir`` (:data:`RUN_FILES`), nothing else,
+    and none of ``keep`` (resolved paths: the run's own inputs)."""
     for pattern in RUN_FILES:
         for path in output_dir.glob(pattern):
+            if str(path.resolve()) in keep or any(Path(k).is_relative_to(path.resolve()) for k in keep):
+                continue
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 # The ResNet's own tensors, wherever the meta-architecture puts them: backbone.res4 (C4),
 # backbone.bottom_up.res4 (FPN), roi_heads.res5 (the C4 box head runs the last stage).
 _RESNET = re.compile(r"(^|\.)(stem|res\d\.\d+)\.")  # not the C4 head's extra res5.norm
+# The weights' block tensors a model should have a place for: not the stem's extras (Detectron2's and
+# MoCo's converters keep torchvision's fc as stem.fc.*), not BN statistics (a GN config drops them).
+_BLOCK_PARAMETER = re.compile(r"(^|\.)res\d\.\d+\.(?!.*running_(mean|var)$)")
 
 
 def match_names(model_names: Sequence[str], weight_names: Sequence[str], heuristics: bool) -> dict[str, str]:
@@ -53,7 +56,7 @@ def misfits(model: Mapping[str, tuple], weights: Mapping[str, tuple], heuristics
     problems += [f"{name} is not in the weights" for name in wanted if name not in pairs]
     used = set(pairs.values())  # a ResNet-101's extra res4 blocks would be dropped from under a ResNet-50's
     problems += [f"{name} of the weights has no place in the model" for name in weights
-                 if name not in used and _RESNET.search(name)]
+                 if name not in used and _BLOCK_PARAMETER.search(name)]
     return problems
 
 
@@ -91,8 +94,8 @@ def check_weights_fit(cfg: "CfgNode", weights: WeightsFile, whole_model: bool) -
         hint = "give the --config and KEY VALUE pairs it was trained with (its run folder's train_config.yaml)"
     else:
         hint = "give the MODEL.RESNETS settings of the network the weights come from"
-    raise InputError(f"--weights {weights.path}: {problems[0]}{more}; Detectron2 would leave those tensors "
-                     f"random and only warn; {hint}")
+    raise InputError(f"--weights {weights.path}: {problems[0]}{more}; Detectron2 would go on without them and "
+                     f"only warn; {hint}")
 
 
 def _shape(shape) -> str:
