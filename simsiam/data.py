@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".
 _TORCHVISION_DECODES = (".jpg", ".jpeg", ".webp", ".gif")
 # what torchvision says of files it leaves to others: another format under the name, an animated WebP
 _NOT_TORCHVISIONS = ("Unsupported image file", "not supported")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,11 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
             # read by Python, not torch.from_file: torch wants a UTF-8 name, and a Linux file name is
             # any bytes (os.walk hands them over surrogate-escaped)
             with open(path, "rb") as f:
-                data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-            try:
-                return first_frame(decode_image(data, mode=ImageReadMode.RGB))
+                raw = f.read()
+            try:  # torchvision tells formats by content: a PNG under another name goes to PIL as PNGs do
+                if not raw.startswith(_PNG_SIGNATURE):
+                    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                    return first_frame(decode_image(data, mode=ImageReadMode.RGB))
             except RuntimeError as err:
                 if not any(words in str(err) for words in _NOT_TORCHVISIONS):
                     raise OSError(_decoder_reason(str(err))) from None

@@ -149,13 +149,14 @@ def test_a_png_with_a_corrupt_byte_is_unreadable_not_a_crash(tmp_path, where):
 
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     data = bytearray((tmp_path / "a.png").read_bytes())
-    data[data.find(where.encode()) + (14 if where == "IDAT" else -3)] ^= 0xFF  # pixel data; the last chunk's CRC
-    (tmp_path / "bitrot.png").write_bytes(bytes(data))
-    if where == "IDAT":
-        with pytest.raises(OSError, match="broken data stream"):
-            decode_rgb(tmp_path / "bitrot.png")
-    else:  # a CRC PIL does not read: the pixels are whole
-        assert decode_rgb(tmp_path / "bitrot.png").shape == (3, 24, 30)
+    data[data.find(where.encode()) + (14 if where == "IDAT" else -3)] ^= 0xFF  # pixel data; IEND's length
+    for name in ("bitrot.png", "bitrot.jpg", "bitrot.webp"):  # under another name, torchvision took it by content
+        (tmp_path / name).write_bytes(bytes(data))
+        if where == "IDAT":
+            with pytest.raises(OSError, match="broken data stream"):
+                decode_rgb(tmp_path / name)
+        else:  # a byte PIL does not read (IEND's length): the pixels are whole
+            assert decode_rgb(tmp_path / name).shape == (3, 24, 30)
 
 
 def test_an_animated_webp_is_its_first_frame(tmp_path):
