@@ -48,7 +48,7 @@ def blur_like_pil(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     torchvision's GaussianBlur samples a Gaussian at the pixels instead, and for sigma under about
     0.6 blurs far less than PIL (at 0.2 not at all, where PIL moves 2 % of a pixel to each side).
     """
-    box = pil_box_kernels(sigma).to(x.dtype)[:, :, None, None, None]  # [N, taps, 1, 1, 1]
+    box = pil_box_kernels(sigma).to(x)[:, :, None, None, None]  # [N, taps, 1, 1, 1], x's dtype and device
     for axis, pad in ((3, [BOX_REACH, BOX_REACH, 0, 0]), (2, [0, 0, BOX_REACH, BOX_REACH])):
         for _ in range(3):
             # a weighted sum of shifted copies: on a CPU several times faster than a grouped convolution
@@ -67,8 +67,11 @@ class PILGaussianBlur(v2.GaussianBlur):
         super().__init__(2 * 3 * BOX_REACH + 1, sigma)  # the kernel size is torchvision's to check; not used
 
     def _blur(self, inpt, params: dict):
+        if not isinstance(inpt, torch.Tensor):  # the recipe runs on uint8 tensors; a PIL image would need PIL's own
+            raise TypeError(f"PILGaussianBlur takes image tensors, not {type(inpt).__name__}")
         image = inpt if inpt.is_floating_point() else inpt.float()
-        blurred = blur_like_pil(image.reshape(-1, *image.shape[-3:]), torch.tensor([params["sigma"][0]]))
+        sigma = torch.tensor([params["sigma"][0]], device=image.device)
+        blurred = blur_like_pil(image.reshape(-1, *image.shape[-3:]), sigma)
         blurred = blurred.reshape(image.shape)
         if not inpt.is_floating_point():  # uint8 in, uint8 out, rounded as torchvision's kernels round
             blurred = blurred.round_().clamp_(0, 255).to(inpt.dtype)
