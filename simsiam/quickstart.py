@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import build_resnet, pooled_backbone
+from .backbones import pooled_backbone
 from .config import PretrainConfig, preset_config
 from .errors import InputError
 from .runtime import Runtime, resolve_device, resolve_precision
@@ -91,12 +91,15 @@ def check_quickstart_folder(out: Path, arch: str) -> None:
 
 
 def _random_init_model(config: PretrainConfig):
-    """The encoder pretraining starts from (same seed, same construction as ``build_model``)."""
+    """The encoder pretraining starts from: ``build_model`` with the same seed."""
     from retrieval.feature_model import FeatureModel
 
+    from .train import build_model
+
     torch.manual_seed(config.seed)
-    encoder = build_resnet(config.arch, num_classes=config.dim, cifar_stem=config.cifar_stem, zero_init_residual=True)
-    return FeatureModel(pooled_backbone(encoder), config.arch, "backbone", encoder.fc.in_features,
+    encoder = build_model(config).encoder
+    width = encoder.fc[0].in_features  # the projector's input: the pooled features
+    return FeatureModel(pooled_backbone(encoder), config.arch, "backbone", width,
                         f"random initialisation (seed {config.seed})", "", config.image_size, config.eval_resize)
 
 
