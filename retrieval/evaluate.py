@@ -10,7 +10,7 @@ import h5py
 
 from simsiam.atomic import check_output
 from simsiam.checkpoint import check_checkpoint_file, is_torch_save_file
-from simsiam.data import same_images, scan_images
+from simsiam.data import same_images, scan_images, unicode_form_hint
 from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
 
@@ -77,7 +77,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     unknown = [c for c in scanned["--val-dir"].classes if c not in scanned["--train-dir"].classes]
     if unknown:
         raise InputError(f"--val-dir {val_dir}: classes {', '.join(unknown[:3])}{'...' if len(unknown) > 3 else ''} "
-                         f"are not among the {len(scanned['--train-dir'].classes)} classes of --train-dir {train_dir}")
+                         f"are not among the {len(scanned['--train-dir'].classes)} classes of --train-dir {train_dir}"
+                         + unicode_form_hint(unknown, scanned["--train-dir"].classes))
     model = load_feature_model(checkpoint, layer)
     common = dict(image_size=image_size, resize=resize, batch_size=batch_size, workers=workers, on_event=on_event)
     train_images, val_images = scanned["--train-dir"], scanned["--val-dir"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from simsiam.atomic import atomic_write, check_output
-from simsiam.data import ONE_CLASS_WARNING, same_images, split_folders_warning
+from simsiam.data import ONE_CLASS_WARNING, same_images, split_folders_warning, unicode_form_hint
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of
@@ -172,7 +172,8 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks,
         unknown = [name for name in val.classes if name not in train.classes]
         if unknown:
             raise InputError(f"{val_name} {val.source}: classes {', '.join(unknown[:3])}"
-                             f"{'...' if len(unknown) > 3 else ''} are not among the {len(train.classes)} classes of {train_name} {train.source}")
+                             f"{'...' if len(unknown) > 3 else ''} are not among the {len(train.classes)} classes of "
+                             f"{train_name} {train.source}{unicode_form_hint(unknown, train.classes)}")
         # a validation set with some of the classes (or in another order): match them by name
         val_labels = labels_in_classes_of(val, train)
         warnings.append(f"{val_name} has {len(val.classes)} of the {len(train.classes)} classes of {train_name}; "

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -138,6 +139,17 @@ def split_folders_warning(where: str, root: str | os.PathLike, classes: Sequence
             f"classes; did you mean a split's folder ({Path(root) / classes[-1]})?")
 
 
+def unicode_form_hint(unknown: Sequence[str], known: Sequence[str]) -> str:
+    """A note for class names that differ from known ones only in their Unicode form (``café`` as
+    one code point or as e + a combining accent: a folder copied from macOS), which look the same."""
+    forms = {unicodedata.normalize("NFC", name): name for name in known}
+    twins = [name for name in unknown if unicodedata.normalize("NFC", name) in forms]
+    if not twins:
+        return ""
+    return (f" ({twins[0]!r} is {forms[unicodedata.normalize('NFC', twins[0])]!r} written in another Unicode form, "
+            "as a folder copied from macOS may be: rename one of the two)")
+
+
 # a classifier's accuracy with one class (kNN, lincls): every image gets it, whatever the features
 ONE_CLASS_WARNING = "{} has one class: every image is classified as it, so the accuracy is 100 % whatever the features"
 
@@ -165,7 +177,8 @@ def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option:
     unknown = [c for c in val.classes if c not in train.classes]
     if unknown:
         raise InputError(f"{val_option} {val.root}: classes not in {train_option}: {', '.join(unknown[:5])}"
-                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                         + unicode_form_hint(unknown, train.classes))
     index = {c: i for i, c in enumerate(train.classes)}
     labels = [index[val.classes[label]] for label in val.labels]
     return train, dataclasses.replace(val, labels=labels, classes=train.classes)

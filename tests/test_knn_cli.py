@@ -485,3 +485,18 @@ def test_a_dataset_top_folder_with_split_folders_is_warned_about_in_extract_and_
     other = make_image_folder(tmp_path / "other", classes=2, per_class=3)
     result = run("extract", *args, other, "--out", tmp_path / "g.h5")
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_a_class_name_in_another_unicode_form_is_named_as_such(tmp_path):
+    """café as one code point in --train-dir and as e + combining accent in --val-dir (a macOS copy):
+    they print alike, so "not among the classes" alone left the user staring at the same word."""
+    import unicodedata
+
+    checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=2)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=2)
+    (train / "class1").rename(train / unicodedata.normalize("NFC", "café"))
+    (val / "class1").rename(val / unicodedata.normalize("NFD", "café"))
+    fast = ["-k", "2", "--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
+    result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, *fast)
+    assert_user_error(result, "are not among the 2 classes of --train-dir", "written in another Unicode form")
