@@ -381,10 +381,20 @@ def load_index(path: str | os.PathLike) -> LoadedIndex:
         index = faiss.read_index(str(path))
     except RuntimeError:
         raise InputError(f"{path}: not a FAISS index file") from None
+    # another index beside this one's description (copied, swapped): its vectors would be searched as
+    # if they were the feature file's, or its settings fail inside FAISS
     if index.ntotal != meta.get("rows"):
         raise InputError(f"{path}: holds {index.ntotal} vectors but {sidecar.name} says {meta.get('rows')}")
+    if index.d != meta.get("dim") or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise InputError(f"{path}: not the index {sidecar.name} describes (vectors of {index.d} dimensions by "
+                         f"{'inner product' if index.metric_type == faiss.METRIC_INNER_PRODUCT else 'another metric'}; "
+                         f"it says {meta.get('dim')} by inner product)")
     if meta.get("search_parameters"):
-        faiss.ParameterSpace().set_index_parameters(index, meta["search_parameters"])
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, meta["search_parameters"])
+        except RuntimeError:  # FAISS: "could not set parameter efSearch" on an index of another kind
+            raise InputError(f"{path}: not the index {sidecar.name} describes (its search settings "
+                             f"{meta['search_parameters']} do not apply to it)") from None
     features = (path.parent / meta["features"]) if not Path(meta["features"]).is_absolute() else Path(meta["features"])
     if not features.is_file() and Path(meta.get("features_absolute", "")).is_file():
         features = Path(meta["features_absolute"])

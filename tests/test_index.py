@@ -227,3 +227,21 @@ def test_an_interruption_between_the_renames_leaves_an_index_that_is_refused(clu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index"]
     with pytest.raises(InputError, match="no x.index.json beside it"):
         load_index(out)
+
+
+def test_an_index_beside_another_ones_description_is_refused_in_one_line(clustered_file, tmp_path):
+    """Only the row count was compared: a swapped index failed inside FAISS with a traceback, and an
+    index of another metric was searched, its L2 distances printed as cosine similarities."""
+    build_index(clustered_file, tmp_path / "hnsw.index", kind="hnsw", target_recall=0.9, recall_sample=100)
+    build_index(clustered_file, tmp_path / "ivf.index", kind="ivf-pq", target_recall=0.9, recall_sample=100)
+    shutil.copy(tmp_path / "ivf.index", tmp_path / "swap.index")
+    shutil.copy(tmp_path / "hnsw.index.json", tmp_path / "swap.index.json")
+    with pytest.raises(InputError, match="swap.index: not the index swap.index.json describes .*efSearch"):
+        load_index(tmp_path / "swap.index")
+    vectors, _ = exact_top10(clustered_file)
+    for name, index in (("l2", faiss.IndexFlatL2(vectors.shape[1])), ("narrow", faiss.IndexFlatIP(8))):
+        index.add(vectors if name == "l2" else vectors[:, :8].copy())
+        faiss.write_index(index, str(tmp_path / f"{name}.index"))
+        shutil.copy(tmp_path / "hnsw.index.json", tmp_path / f"{name}.index.json")
+        with pytest.raises(InputError, match=f"{name}.index: not the index {name}.index.json describes"):
+            load_index(tmp_path / f"{name}.index")
