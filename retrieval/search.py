@@ -212,6 +212,12 @@ def search_database(database: Database, queries: FeatureSet, k: int = 10, evalua
     scores, indices, used = _search_rows(database, queries.features, depth + int(same), backend, device)
     if same:
         scores, indices = _drop_self(scores, indices, depth, own)
+    short = int((indices[:, :k] < 0).any(axis=1).sum())
+    if short:  # an IVF index searches only nprobe of its lists, which may hold fewer than k vectors
+        settings = database.index.meta.get("search_parameters") if database.index is not None else ""
+        warnings.append(f"the index found fewer than {k} neighbours for {short} of the {len(indices)} queries"
+                        f"{f' (at {settings})' if settings else ''}; their lists end early" +
+                        (", and --eval's mAP is over what was found" if evaluate else ""))
     query_labels = labels_in_classes_of(queries, database.features)
     result = SearchResult(FeatureSet(queries.features[:0], queries.labels, queries.paths, queries.attrs,
                                      queries.source),

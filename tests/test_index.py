@@ -245,3 +245,17 @@ def test_an_index_beside_another_ones_description_is_refused_in_one_line(cluster
         shutil.copy(tmp_path / "hnsw.index.json", tmp_path / f"{name}.index.json")
         with pytest.raises(InputError, match=f"{name}.index: not the index {name}.index.json describes"):
             load_index(tmp_path / f"{name}.index")
+
+
+def test_a_search_whose_index_finds_fewer_than_k_says_so(clustered_file, tmp_path):
+    from retrieval.search import find_neighbours
+
+    build_index(clustered_file, tmp_path / "ivf.index", kind="ivf-pq", target_recall=0.5, recall_sample=100)
+    deep = find_neighbours(tmp_path / "ivf.index", k=2500, query_h5=clustered_file)
+    short = int((deep.indices < 0).any(axis=1).sum())
+    assert short > 0  # nprobe lists of 3,000 vectors hold fewer than 2,500 of them
+    assert [w for w in deep.warnings if "fewer than 2500 neighbours" in w] == [
+        f"the index found fewer than 2500 neighbours for {short} of the 3000 queries (at "
+        f"{load_index(tmp_path / 'ivf.index').meta['search_parameters']}); their lists end early"]
+    exact = find_neighbours(clustered_file, k=2500, query_h5=clustered_file)  # the feature file: exact, whole lists
+    assert (exact.indices >= 0).all() and not any("fewer than" in w for w in exact.warnings)
