@@ -22,7 +22,7 @@ from simsiam.errors import InputError
 from simsiam.model import SimSiam
 from transfer import detectron2_weights
 from transfer import detectron2_fit
-from transfer.detectron2_fit import check_weights_fit, misfits
+from transfer.detectron2_fit import check_weights_fit, match_names, misfits
 from transfer.detectron2_weights import WeightsFile, convert_checkpoint, detectron2_name
 from cli_runner import assert_user_error, run
 
@@ -58,24 +58,11 @@ def official_r50(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, state
 
 
-def match_by_suffix(model_names, checkpoint_names) -> dict[str, str]:
-    """Detectron2's ``align_and_update_state_dicts`` (checkpoint/c2_model_loading.py) for a model.
-
-    Each model parameter takes the checkpoint name that is its longest complete dot-separated
-    suffix (``a == b or a.endswith("." + b)``). That is how the prefix-free names we write reach
-    ``backbone.res4.*`` (C4), ``backbone.bottom_up.res4.*`` (FPN), and, for C4, where Detectron2
-    puts the last stage into the ROI head, ``roi_heads.res5.*`` from our ``res5.*``.
-    """
-    matches = {}
-    for name in model_names:
-        candidates = [c for c in checkpoint_names if name == c or name.endswith("." + c)]
-        if candidates:
-            matches[name] = max(candidates, key=len)
-    return matches
-
-
 def assert_loads_exactly(converted: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]]) -> None:
-    matches = match_by_suffix(reference, converted)
+    """Paired as Detectron2 pairs names (``match_names``: each model parameter takes the checkpoint name
+    that is its longest dot-separated suffix): the prefix-free names we write reach ``backbone.res4.*``
+    (C4), ``backbone.bottom_up.res4.*`` (FPN) and, for C4, ``roi_heads.res5.*`` from our ``res5.*``."""
+    matches = match_names(list(reference), list(converted), heuristics=True)
     assert set(matches) == set(reference), f"not matched: {sorted(set(reference) - set(matches))[:5]}"
     # one to one: every converted tensor lands in exactly one parameter, none is left over
     assert sorted(matches.values()) == sorted(converted)
