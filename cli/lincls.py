@@ -100,7 +100,7 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
         if val_dir is None:
             raise click.UsageError("Missing arguments: CHECKPOINT TRAIN_DIR VAL_DIR (needed unless --resume is given).")
         if preset is None:  # the checkpoint's own recipe, as extract and knn take its evaluation transform
-            preset = "cifar" if read_backbone(checkpoint).cifar_stem else "imagenet"
+            preset = "cifar" if read_backbone(checkpoint, mmap=True).cifar_stem else "imagenet"  # shapes only
         config = preset_linear_config(preset, checkpoint=str(checkpoint), train_dir=str(train_dir),
                                       val_dir=str(val_dir), **explicit)
         config.out = str(out or Path(checkpoint).parent / "lincls")

@@ -206,9 +206,10 @@ def split_backbone(state_dict: dict[str, torch.Tensor], where: str) -> tuple[str
     )
 
 
-def read_backbone(path: str | os.PathLike) -> BackboneWeights:
-    """The ResNet backbone (and projector, when present) of a checkpoint of any supported layout."""
-    checkpoint = load_checkpoint(path)
+def read_backbone(path: str | os.PathLike, mmap: bool = False) -> BackboneWeights:
+    """The ResNet backbone (and projector, when present) of a checkpoint of any supported layout.
+    ``mmap``: tensors read when touched (a peek at the layout and shapes costs little)."""
+    checkpoint = load_checkpoint(path, mmap=mmap)
     state = None
     for key in ("state_dict", "model", "module"):
         state = _tensor_dict(checkpoint.get(key))

@@ -204,13 +204,9 @@ def _decoder_reason(message: str) -> str:
 
 def first_frame(decoded: torch.Tensor) -> torch.Tensor:
     """[3, H, W] uint8 of what torchvision decoded: an animated GIF comes as [frames, 3, H, W]; its
-    first frame is the image, as PIL's ``Image.open`` sees it. A 16-bit PNG comes as uint16: its
-    top 8 bits, since every path stores, pads and augments uint8 (the fast paths' uint8 tensors
-    kept its low byte: a black image)."""
-    image = decoded[0] if decoded.ndim == 4 else decoded
-    if image.dtype != torch.uint8:  # uint16: few ops exist for it, so shifted as int32
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
+    first frame is the image, as PIL's ``Image.open`` sees it. (torchvision decodes no PNG here, so
+    no 16-bit image: PIL takes those, :func:`_pil_rgb`.)"""
+    return decoded[0] if decoded.ndim == 4 else decoded
 
 
 def unreadable_reason(err: Exception, path: str) -> str:
@@ -252,9 +248,9 @@ def decode_rgb(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _pil_rgb(image: Image.Image) -> torch.Tensor:
-    """uint8 RGB [3, H, W] of a PIL image. 16-bit grey (a TIFF's "I;16"; a 16-bit PGM or an integer
-    TIFF as "I", when its values pass 255) keeps its top 8 bits, as :func:`first_frame` does for
-    torchvision's 16-bit PNGs: PIL's convert clips it at 255, which turns most of such an image white."""
+    """uint8 RGB [3, H, W] of a PIL image. 16-bit grey (a PNG's or TIFF's "I;16"; a 16-bit PGM or an
+    integer TIFF as "I", when its values pass 255) keeps its top 8 bits, as every path stores, pads
+    and augments uint8: PIL's convert clips it at 255, which turns most of such an image white."""
     if image.mode.startswith("I;16") or image.mode == "I":
         grey = np.asarray(image).astype(np.int64)
         if image.mode != "I" or grey.max() > 255:  # an "I" image of 8-bit values converts as it is
