@@ -78,8 +78,10 @@ class PILGaussianBlur(v2.GaussianBlur):
         return tv_tensors.wrap(blurred, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else blurred
 
 
-# torchvision 0.21 renamed a v2 transform's _transform to transform; pyproject allows 0.19
-setattr(PILGaussianBlur, "transform" if hasattr(v2.Transform, "make_params") else "_transform", PILGaussianBlur._blur)
+# torchvision 0.21 renamed a v2 transform's _get_params and _transform to make_params and transform;
+# pyproject allows 0.19
+V2_TRANSFORM_METHOD = "transform" if hasattr(v2.Transform, "make_params") else "_transform"
+setattr(PILGaussianBlur, V2_TRANSFORM_METHOD, PILGaussianBlur._blur)
 
 
 def _to_normalized_float() -> list[v2.Transform]:

@@ -395,6 +395,9 @@ def test_a_voc_split_that_is_empty_or_names_missing_files_is_refused_naming_them
     (voc / "ImageSets" / "Main" / "trainval.txt").write_text("\n")  # Detectron2: an AssertionError
     with pytest.raises(InputError, match="ImageSets/Main/trainval.txt lists no images, so voc_2007_trainval is empty"):
         locate_dataset(tmp_path, "voc_2007_trainval")
+    (voc / "ImageSets" / "Main" / "trainval.txt").write_bytes(b"\xff\xfe000001\n")  # not text
+    with pytest.raises(InputError, match="cannot read VOCdevkit/VOC2007/ImageSets/Main/trainval.txt"):
+        locate_dataset(tmp_path, "voc_2007_trainval")
 
 
 def test_weights_and_output_given_as_overrides_are_refused_not_replaced(tmp_path, weights, toy_root):

@@ -18,12 +18,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from simsiam import gpu_augment as G
-from simsiam.augment import IMAGENET_MEAN, IMAGENET_STD, PILGaussianBlur, pretrain_transform
+from simsiam.augment import IMAGENET_MEAN, IMAGENET_STD, V2_TRANSFORM_METHOD, PILGaussianBlur, pretrain_transform
 
 ALPHA = 1e-3
-# torchvision 0.21 made a v2 transform's _get_params and _transform public as make_params and
-# transform; pyproject allows 0.19
-TRANSFORM = "transform" if hasattr(v2.Transform, "make_params") else "_transform"
+TRANSFORM = V2_TRANSFORM_METHOD  # "transform" from torchvision 0.21, "_transform" before
 
 
 def make_params(transform: v2.Transform, inputs: list) -> dict:
@@ -147,6 +145,15 @@ def test_grayscale_blur_and_flip_match_the_official_recipe_where_applied():
             assert torch.equal(flipped[i], TF.horizontal_flip(x[i]))
         else:
             assert torch.equal(gray[i], x[i]) and torch.equal(blurred[i], x[i]) and torch.equal(flipped[i], x[i])
+
+
+def test_the_pil_blur_refuses_what_it_cannot_blur_as_pil():
+    from PIL import Image
+
+    with pytest.raises(TypeError, match="takes image tensors, not Image"):
+        PILGaussianBlur()(Image.new("RGB", (8, 8)))
+    with pytest.raises(ValueError, match="enough up to 2.0"):  # its boxes reach 2 pixels
+        PILGaussianBlur((0.1, 3.0))
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.2, 0.3, 0.45, 0.7, 1.0, 1.5, 2.0])
