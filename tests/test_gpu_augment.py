@@ -105,20 +105,54 @@ def test_mixed_sizes_are_padded_in_groups_of_similar_sizes_under_a_budget(monkey
         assert all(n == 1 or n * c * h * w <= budget for n, c, h, w in padded)
 
 
+def level_differences(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """uint8-level differences; a level (two after a contrast stretch) is allowed in under 1 % of the
+    values: where a blend lands within float rounding of a whole level, torchvision's fused
+    multiply-add and the batched code's two products can truncate to neighbouring levels."""
+    differ = got - expected.float()
+    share = float((differ != 0).float().mean())
+    assert differ.abs().max() <= 2 and share < 0.01, (float(differ.abs().max()), share)
+    return differ
+
+
+def as_levels(views: torch.Tensor) -> torch.Tensor:
+    """Normalised views back to uint8 levels."""
+    std, mean = torch.tensor(IMAGENET_STD)[:, None, None], torch.tensor(IMAGENET_MEAN)[:, None, None]
+    return torch.round((views * std + mean) * 255)
+
+
 def test_color_jitter_applies_each_images_factors_in_its_own_order():
-    x = textured_images(24, 12, 10).float() / 255
+    images = textured_images(24, 12, 10)
     draws = uniform_draws(24, seed=1)
     settings = G.per_image_settings(draws, blur=True)
     order, factors = settings[:, G._P_ORDER].long(), settings[:, G._P_FACTORS]
-    got = G.color_jitter(x, order, factors)
+    got = G.color_jitter(images.float(), order, factors)
     functions = {G.BRIGHTNESS: TF.adjust_brightness, G.CONTRAST: TF.adjust_contrast,
                  G.SATURATION: TF.adjust_saturation, G.HUE: TF.adjust_hue}
+    expected = []
     for i in range(24):
-        expected = x[i]
+        image = images[i]
         for op in order[i].tolist():
-            expected = functions[op](expected, float(factors[i, op]))
-        torch.testing.assert_close(got[i], expected, atol=2e-5, rtol=0)
+            image = functions[op](image, float(factors[i, op]))  # uint8 in, uint8 out, as in the CPU recipe
+        expected.append(image)
+    level_differences(got, torch.stack(expected))
     assert len({tuple(o) for o in order.tolist()}) > 10  # many different orders were exercised
+    neutral = G.color_jitter(images.float(), order, torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(24, 4))
+    assert torch.equal(neutral, images.float())  # an image left without jitter is left as it is
+
+
+def test_the_batched_jitter_truncates_to_levels_as_the_cpu_recipe():
+    """torchvision's uint8 kernels (and PIL's, in the official loader) truncate every blend, the grays
+    and the hue's way back: kept in float, the batched views were about 1.2 levels brighter."""
+    images = textured_images(64, 24, 20, seed=4)
+    factors = torch.tensor([[1.2, 0.8, 1.3, 0.05]])  # float32, as ColorJitter draws them
+    got = G.color_jitter(images.float(), torch.arange(4.0).expand(64, 4), factors.expand(64, 4))
+    b, c, s, h = factors[0].tolist()
+    expected = torch.stack([TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+        image, b), c), s), h) for image in images])
+    assert abs(float(level_differences(got, expected).mean())) < 0.01
+    gray = G.grayscale(images.float(), torch.ones(64, dtype=torch.bool))
+    assert torch.equal(gray, TF.rgb_to_grayscale(images, num_output_channels=3).float())
 
 
 def pil_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -131,7 +165,7 @@ def pil_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def test_grayscale_blur_and_flip_match_the_official_recipe_where_applied():
     images = textured_images(8, 20, 18)
-    x = images.float() / 255
+    x = images.float()  # uint8 levels, as the batched steps hold them
     apply = torch.tensor([True, False] * 4)
     sigma = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.45, 0.7, 1.3, 2.0])
     gray = G.grayscale(x, apply)
@@ -139,9 +173,10 @@ def test_grayscale_blur_and_flip_match_the_official_recipe_where_applied():
     flipped = G.horizontal_flip(x, apply)
     for i in range(8):
         if apply[i]:
-            torch.testing.assert_close(gray[i], TF.rgb_to_grayscale(x[i], num_output_channels=3), atol=1e-6, rtol=0)
+            assert torch.equal(gray[i], TF.rgb_to_grayscale(images[i], num_output_channels=3).float())
             # PIL rounds to uint8 after each of its six box passes: within 3 levels, edges included
-            torch.testing.assert_close(blurred[i] * 255, pil_blur(images[i], float(sigma[i])).float(), atol=3, rtol=0)
+            torch.testing.assert_close(blurred[i], pil_blur(images[i], float(sigma[i])).float(), atol=3, rtol=0)
+            assert torch.equal(blurred[i], PILGaussianBlur((float(sigma[i]),) * 2)(images[i]).float())  # the CPU recipe's
             assert torch.equal(flipped[i], TF.horizontal_flip(x[i]))
         else:
             assert torch.equal(gray[i], x[i]) and torch.equal(blurred[i], x[i]) and torch.equal(flipped[i], x[i])
@@ -181,12 +216,11 @@ def test_the_cpu_recipes_own_parameters_give_its_views(blur, monkeypatch, one_th
         monkeypatch.setattr(cls, TRANSFORM, recording)  # a random step calls it only when it applies
     recipe = pretrain_transform(16, blur=blur)
     images = textured_images(150, 30, 26, seed=7)
-    seen = set()
+    seen, got, wanted = set(), [], []
     for i, image in enumerate(images):
         drawn.clear()
         torch.manual_seed(i)
-        # float input: the batched path leaves out the uint8 rounding between steps on purpose
-        expected = recipe(image.float() / 255)
+        expected = recipe(image)  # uint8, as the recipe runs
         crop = drawn["crop"]
         box = torch.tensor([[crop["top"], crop["left"], crop["height"], crop["width"]]])
         settings = torch.zeros(1, G._P_FLIP + 1)  # flip is the layout's last column
@@ -203,8 +237,14 @@ def test_the_cpu_recipes_own_parameters_give_its_views(blur, monkeypatch, one_th
         settings[0, G._P_SIGMA] = drawn["blur"]["sigma"][0] if "blur" in drawn else 1.0
         settings[0, G._P_FLIP] = "flip" in drawn
         seen.update(drawn)
-        got = G.crop_and_photometric(image[None], box, settings, 16, blur)[0]
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=lambda m: f"image {i}, {drawn}: {m}")
+        got.append(G.crop_and_photometric(image[None], box, settings, 16, blur)[0])
+        wanted.append(expected)
+    # the crops differ by a level in ~15 % of the pixels (torchvision's uint8 resize rounds after each
+    # axis, in fixed point), which the jitter can stretch; the views agree otherwise, with no bias
+    # (kept in float, the batched views were 1.2 levels brighter: the check fails at 0.1)
+    differ = as_levels(torch.stack(got)) - as_levels(torch.stack(wanted))
+    assert abs(float(differ.mean())) < 0.1 and float(differ.abs().mean()) < 0.3
+    assert float(differ.abs().mean(dim=(1, 2, 3)).max()) < 1  # every view: a wrong step or order is off by many
     assert seen == {"crop", "jitter", "gray", "flip"} | ({"blur"} if blur else set())  # every step was exercised
 
 
@@ -226,10 +266,10 @@ def test_compiled_augmentation_computes_what_eager_computes():
     eager, compiled = G.BatchAugment(16, blur=True), G.BatchAugment(16, blur=True, compile=True)
     images = textured_images(12, 20, 24)
     draws = eager.draw(12, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(compiled(images, draws), eager(images, draws), atol=1e-4, rtol=0)
+    level_differences(as_levels(compiled(images, draws)), as_levels(eager(images, draws)))
     mixed = [images[0], textured_images(1, 33, 17)[0]]
     draws = eager.draw(2, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(compiled(mixed, draws), eager(mixed, draws), atol=1e-4, rtol=0)
+    level_differences(as_levels(compiled(mixed, draws)), as_levels(eager(mixed, draws)))
 
 
 def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -257,7 +297,8 @@ def test_the_gpu_computes_what_the_cpu_computes():
     augment = G.BatchAugment(32, blur=True)
     images = textured_images(64, 40, 48)
     draws = augment.draw(64, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(augment(images.cuda(), draws).cpu(), augment(images, draws), atol=2e-3, rtol=0)
+    # a fused multiply-add can truncate a blend to the neighbouring level, in a few values
+    level_differences(as_levels(augment(images.cuda(), draws).cpu()), as_levels(augment(images, draws)))
 
 
 # ---- the random parameters, against the CPU transforms' own draws ---------------------------------
@@ -362,11 +403,9 @@ def view_statistics(views: torch.Tensor) -> dict[str, np.ndarray]:
 def test_views_have_the_distribution_of_the_cpu_recipe(one_thread):
     n = 1500
     image = textured_images(1, 30, 26, seed=5)[0]
-    # the CPU recipe is fed the float image, so that its uint8 rounding between steps (which the
-    # batched path leaves out on purpose) does not enter the comparison
     recipe = pretrain_transform(16, blur=True)
     torch.manual_seed(0)
-    cpu = torch.stack([recipe(image.float() / 255) for _ in range(n)])
+    cpu = torch.stack([recipe(image) for _ in range(n)])
     augment = G.BatchAugment(16, blur=True)
     ours = augment(image.expand(n, -1, -1, -1), augment.draw(n, torch.Generator().manual_seed(0)))
     reference = view_statistics(cpu)
