@@ -6,8 +6,8 @@ so the official ``main_lincls.py`` loads ours unchanged. Files are written under
 name and renamed, so a kill at any moment leaves either the old file or the new one.
 
 Read (:func:`read_backbone`): ours, the official SimSiam checkpoints, the same without the
-``module.`` prefix, MoCo's (``encoder_q``), and plain torchvision ResNet state dicts. Always with
-``torch.load(weights_only=True)``: a checkpoint cannot run code.
+``module.`` prefix, MoCo's (v1/v2 ``encoder_q``, v3 ``base_encoder``), and plain torchvision ResNet
+state dicts. Always with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -86,10 +86,15 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     """Load a checkpoint safely (tensors and plain containers only) onto the CPU.
 
     ``mmap``: map the file instead of reading it; tensors are read when touched (cheap peeks).
+    Otherwise a zip-format file's checksums are verified first: torch.load does not check them, and
+    a file damaged on disk or in a copy would load with wrong weights, silently.
     """
     path = check_checkpoint_file(path)
-    if mmap and not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if mmap and not is_zip:
         mmap = False  # only the zip format (torch.save's since 1.6) maps; torch's own message misleads
+    if is_zip:
+        _check_archive(path, verify=not mmap)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it may not support; it fails if so
             warnings.simplefilter("ignore", UserWarning)
@@ -100,20 +105,45 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
             raise InputError(
                 f"{path}: holds Python objects other than tensors; refusing to unpickle it (weights_only)"
             ) from None
+        if not is_zip and _first_bytes(path, 2) == b"PK":
+            raise InputError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)") from None
         detail = message.split("WeightsUnpickler error:")[-1]
         reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unpickling failed")
-        if "Unsupported operand" in reason:  # e.g. a legacy-format file pickled with protocol 4's framing
-            raise InputError(f"{path}: a legacy-format checkpoint the safe loader cannot read ({reason[:60]}); "
-                             "load it and torch.save it again with a recent PyTorch") from None
+        operand = re.search(r"Unsupported operand (\d+)", reason)
+        if operand and int(operand.group(1)) in _PROTOCOL_4_OPCODES:
+            raise InputError(f"{path}: pickled with protocol 4 or later (torch.save's pickle_protocol), which the "
+                             "safe loader cannot read; load it and torch.save it again with the default protocol") from None
         raise InputError(f"{path}: not a PyTorch checkpoint ({reason[:120]})") from None
     except Exception as err:  # noqa: BLE001  any bytes at all: the legacy unpickler fails in many ways
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if zipfile.is_zipfile(path) or _first_bytes(path, 2) != b"PK":
+        if is_zip or _first_bytes(path, 2) != b"PK":
             raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason[:120]})") from None
         raise InputError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
+
+
+# the opcodes pickle protocols 4 and 5 added (SHORT_BINUNICODE .. FRAME, BYTEARRAY8 .. READONLY_BUFFER),
+# which torch's weights-only unpickler does not take
+_PROTOCOL_4_OPCODES = frozenset(range(0x8C, 0x99))
+
+
+def _check_archive(path: Path, verify: bool) -> None:
+    """Refuse a zip that is not a checkpoint of weights (TorchScript), or, with ``verify``, whose
+    stored checksums do not match its data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in names):
+                raise InputError(f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint of weights; "
+                                 "torch.save the model's state_dict() instead")
+            damaged = archive.testzip() if verify else None
+    except (zipfile.BadZipFile, OSError, EOFError) as err:  # a cut-off member, a bad header
+        raise InputError(f"{path}: a damaged or truncated checkpoint ({err})") from None
+    if damaged is not None:
+        raise InputError(f"{path}: a damaged checkpoint (the data of {damaged} does not match its checksum); "
+                         "copy it again")
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -191,7 +221,8 @@ def _tensor_dict(obj) -> dict[str, torch.Tensor] | None:
 def split_backbone(state_dict: dict[str, torch.Tensor], where: str) -> tuple[str, dict, dict]:
     """``(layout, backbone, projector)`` from the state dict of any supported layout."""
     state = from_official_layout(state_dict)
-    for prefix, layout in (("encoder.", "simsiam"), ("encoder_q.", "moco")):
+    # MoCo v1/v2's query encoder, MoCo v3's base encoder (its fc is MoCo v3's projector)
+    for prefix, layout in (("encoder.", "simsiam"), ("encoder_q.", "moco"), ("base_encoder.", "moco")):
         if any(k.startswith(prefix) for k in state):
             encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             backbone = {k: v for k, v in encoder.items() if not k.startswith("fc.")}
@@ -199,10 +230,11 @@ def split_backbone(state_dict: dict[str, torch.Tensor], where: str) -> tuple[str
             return layout, backbone, projector
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
         return "torchvision", {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
-    sample = ", ".join(list(state)[:3])
+    sample = ", ".join(list(state_dict)[:3])  # as the file has them
     raise InputError(
         f"{where}: unknown checkpoint layout (found keys like {sample}); expected a SimSiam "
-        "checkpoint (module.encoder.*), a MoCo one (module.encoder_q.*) or a torchvision ResNet state dict"
+        "checkpoint (module.encoder.*), a MoCo one (module.encoder_q.*, module.base_encoder.*) or a "
+        "torchvision ResNet state dict"
     )
 
 

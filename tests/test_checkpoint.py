@@ -3,6 +3,7 @@
 import os
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -74,6 +75,13 @@ def test_reads_moco_encoder_q_checkpoints(tmp_path, simsiam_r18):
     weights = read_backbone(tmp_path / "moco.pth.tar")
     assert weights.layout == "moco"
     assert_same_backbone(weights, simsiam_r18)
+    # MoCo v3: the base encoder (its fc is MoCo v3's projector), beside a momentum encoder and a predictor
+    state = {f"module.base_encoder.{k}": v for k, v in simsiam_r18.encoder.state_dict().items()}
+    state.update({f"module.momentum_encoder.{k}": torch.zeros_like(v) for k, v in simsiam_r18.encoder.state_dict().items()})
+    torch.save({"state_dict": state, "arch": "resnet18"}, tmp_path / "mocov3.pth.tar")
+    weights = read_backbone(tmp_path / "mocov3.pth.tar")
+    assert weights.layout == "moco" and set(weights.projector) == {k.split(".fc.")[1] for k in state if ".base_encoder.fc." in k}
+    assert_same_backbone(weights, simsiam_r18)
 
 
 @pytest.mark.parametrize("arch,cifar", [("resnet50", False), ("resnet18", True), ("wide_resnet50_2", False),
@@ -88,6 +96,10 @@ def test_unknown_layout_is_refused_naming_what_was_found(tmp_path):
     torch.save({"state_dict": {"backbone.stem.weight": torch.zeros(1)}}, tmp_path / "odd.pth")
     with pytest.raises(InputError, match=r"odd.pth: unknown checkpoint layout \(found keys like backbone.stem.weight\)"):
         read_backbone(tmp_path / "odd.pth")
+    # keys as the file has them: the prefix stripped, the example was the layout the message asks for
+    torch.save({"state_dict": {"module.module.encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "twice.pth")
+    with pytest.raises(InputError, match=r"found keys like module.module.encoder.conv1.weight\)"):
+        read_backbone(tmp_path / "twice.pth")
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "empty.pth")
     with pytest.raises(InputError, match="top-level entries: epoch, note"):
         read_backbone(tmp_path / "empty.pth")
@@ -142,11 +154,34 @@ def test_the_legacy_torch_save_format_still_loads(tmp_path):
     torch.save({"epoch": 7, "w": torch.arange(3.0)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
     loaded = load_checkpoint(tmp_path / "old.pth")
     assert loaded["epoch"] == 7 and torch.equal(loaded["w"], torch.arange(3.0))
-    # pickle protocol 4 frames the legacy format, which the safe (weights_only) unpickler cannot read
-    torch.save({"epoch": 7}, tmp_path / "framed.pth", _use_new_zipfile_serialization=False, pickle_protocol=4)
-    with pytest.raises(InputError, match="framed.pth: a legacy-format checkpoint the safe loader cannot read.*"
-                                         "torch.save it again"):
-        load_checkpoint(tmp_path / "framed.pth")
+    # pickle protocol 4 frames its data, which the safe (weights_only) unpickler cannot read, in
+    # either format (it was called a legacy-format file, also in torch.save's zip format)
+    for name, zip_format in (("framed.pth", False), ("framed_zip.pth", True)):
+        torch.save({"epoch": 7}, tmp_path / name, _use_new_zipfile_serialization=zip_format, pickle_protocol=4)
+        with pytest.raises(InputError, match=re.escape(f"{name}: pickled with protocol 4 or later (torch.save's "
+                                                       "pickle_protocol)") + ".*again with the default protocol$"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_a_zip_that_is_no_checkpoint_of_weights_or_is_damaged_is_refused(tmp_path):
+    torch.save({"w": torch.arange(4096.0)}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "stub.pth").write_bytes(data[:3])  # a copy cut short after "PK"
+    with pytest.raises(InputError, match=re.escape("stub.pth: a damaged or truncated checkpoint")):
+        load_checkpoint(tmp_path / "stub.pth")
+    # bytes of the tensor's data changed on disk: torch.load does not check the zip's checksums
+    start = data.index(torch.arange(4096.0).numpy().tobytes()[:64])
+    (tmp_path / "flipped.pth").write_bytes(data[:start + 100] + bytes(8) + data[start + 108:])
+    with pytest.raises(InputError, match=r"flipped.pth: a damaged checkpoint \(the data of \S+ does not match its "
+                                         r"checksum\); copy it again"):
+        load_checkpoint(tmp_path / "flipped.pth")
+    assert not torch.equal(load_checkpoint(tmp_path / "flipped.pth", mmap=True)["w"], torch.arange(4096.0))  # a peek
+    with warnings.catch_warnings():  # torch 2.10 and later deprecate TorchScript; users still have such files
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pt")
+    with pytest.raises(InputError, match=re.escape("scripted.pt: a TorchScript archive (torch.jit.save), not a "
+                                                   "checkpoint of weights; torch.save the model's state_dict() instead")):
+        load_checkpoint(tmp_path / "scripted.pt")
 
 
 def test_save_is_atomic_when_the_write_fails(tmp_path):
