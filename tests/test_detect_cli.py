@@ -139,6 +139,17 @@ def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
     assert_user_error(run(*base, "--weights", tmp_path / "strings.pkl"), "not a Detectron2 pickle")
     torch.save({"state_dict": {"module.encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "simsiam.pth.tar")
     assert_user_error(run(*base, "--weights", tmp_path / "simsiam.pth.tar"), "convert it first")
+    # torch.save's legacy format is a PyTorch checkpoint too (Detectron2 would load it): not "neither"
+    torch.save({"state_dict": {"module.encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "legacy.pth.tar",
+               _use_new_zipfile_serialization=False)
+    assert_user_error(run(*base, "--weights", tmp_path / "legacy.pth.tar"), "legacy.pth.tar: a SimSiam/MoCo/torchvision "
+                      "checkpoint, not Detectron2 weights; convert it first")
+    with open(tmp_path / "converted.pth", "wb") as f:  # Detectron2 reads a pickle only under a .pkl name
+        pickle.dump({"model": {"stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, "__author__": "x"}, f)
+    assert_user_error(run(*base, "--weights", tmp_path / "converted.pth"), "converted.pth: a Detectron2 pickle not "
+                      "named *.pkl", "rename it")
+    assert_user_error(run("convert-d2", tmp_path / "converted.pth", "--out", tmp_path / "again.pkl"),
+                      "converted.pth: already Detectron2 weights", "--weights renamed to end in .pkl")
     (tmp_path / "model.pth").write_bytes(b"\0" * 64)
     assert_user_error(run(*base, "--weights", tmp_path / "model.pth"), "model.pth", "neither")
     missing = run("detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root)

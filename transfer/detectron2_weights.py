@@ -27,7 +27,7 @@ import torch
 
 from simsiam import __version__
 from simsiam.atomic import atomic_write, check_output
-from simsiam.checkpoint import BackboneWeights, load_checkpoint, read_backbone
+from simsiam.checkpoint import BackboneWeights, load_checkpoint, read_backbone, why_not_a_torch_save_file
 from simsiam.errors import InputError
 
 # Detectron2's ResNet (modeling/backbone/resnet.py) builds these; DEPTH is the number in the name.
@@ -131,15 +131,22 @@ def convert_checkpoint(path: str | os.PathLike) -> Detectron2Weights:
 
     Projector, predictor and a classifier ``fc`` are left out: only the backbone transfers.
     """
-    if Path(path).suffix == ".pkl" and Path(path).is_file() and not zipfile.is_zipfile(path):
-        try:
-            data = _read_arrays_pickle(Path(path))
-        except InputError:
-            data = None
-        if isinstance(data, dict) and isinstance(data.get("model", data.get("blobs")), dict):
-            raise InputError(f"{path}: already Detectron2 weights (a pickle of NumPy arrays); give it to simsiam "
-                             "detect train --weights as it is")
+    if _is_arrays_pickle(Path(path)):
+        named = "as it is" if Path(path).suffix == ".pkl" else "renamed to end in .pkl (Detectron2 reads pickles only so)"
+        raise InputError(f"{path}: already Detectron2 weights (a pickle of NumPy arrays); give it to simsiam "
+                         f"detect train --weights {named}")
     return convert_backbone(read_backbone(path), str(path))
+
+
+def _is_arrays_pickle(path: Path) -> bool:
+    """Whether ``path`` is a pickle of Detectron2's format (a 'model' or 'blobs' dict), whatever its name."""
+    if not path.is_file() or zipfile.is_zipfile(path):
+        return False
+    try:
+        data = _read_arrays_pickle(path)
+    except InputError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model", data.get("blobs")), dict)
 
 
 def check_pickle_path(out: str | os.PathLike) -> Path:
@@ -239,10 +246,13 @@ def check_detectron2_weights(weights: str) -> WeightsFile | None:
         arch = converted.group(1) if converted and converted.group(1) in DETECTRON2_RESNETS else None
         return WeightsFile(str(path), _shapes(state), bool(data.get("matching_heuristics")), arch,
                            any(str(k).startswith(_DETECTRON2_PREFIXES) for k in state))
-    if not zipfile.is_zipfile(path):  # torch.save's format since PyTorch 1.6
+    if _is_arrays_pickle(path):
+        raise InputError(f"--weights {path}: a Detectron2 pickle not named *.pkl; Detectron2 reads pickles only "
+                         "under that name (else with torch.load, which fails): rename it")
+    if why_not_a_torch_save_file(path) is not None:
         raise InputError(f"--weights {path}: neither a Detectron2 .pkl nor a PyTorch checkpoint "
                          "(convert a SimSiam checkpoint with simsiam convert-d2 first)")
-    checkpoint = load_checkpoint(path, mmap=True)
+    checkpoint = load_checkpoint(path, mmap=True)  # torch.save's zip format, or its legacy one
     model = checkpoint.get("model", checkpoint)  # Detectron2 also loads a bare state dict
     if isinstance(model, dict) and any(str(k).startswith(_DETECTRON2_PREFIXES) for k in model):
         return WeightsFile(str(path), _shapes(model), False, None, True)  # a whole detector (model_final.pth)
