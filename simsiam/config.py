@@ -45,11 +45,12 @@ def check_crop_fits(resize_label: str, resize: int, size_label: str, image_size:
 
 
 def preset_values(preset: dict, overrides: dict) -> dict:
-    """A preset's settings with ``overrides`` (None values are ignored) on top. A crop larger than
-    the preset's evaluation resize, without ``eval_resize`` given, gets the resize at the preset's
-    ratio (the ImageNet recipe's 256/224: 288 -> 329), where the preset's own would pad it."""
+    """A preset's settings with ``overrides`` (None values are ignored) on top. Another crop size,
+    without ``eval_resize`` given, gets the resize at the preset's ratio (the ImageNet recipe's
+    256/224: 288 -> 329, 160 -> 183, 32 -> 37), as timm's crop_pct: the preset's own resize would pad
+    a larger crop, and a small one would see the middle of the image only (32 of 256: 1/64 of it)."""
     values = {**preset, **{k: v for k, v in overrides.items() if v is not None}}
-    if overrides.get("eval_resize") is None and 0 < preset["eval_resize"] < values["image_size"]:
+    if overrides.get("eval_resize") is None and preset["eval_resize"] and values["image_size"] != preset["image_size"]:
         values["eval_resize"] = round(values["image_size"] * preset["eval_resize"] / preset["image_size"])
     return values
 

@@ -193,13 +193,17 @@ def test_a_replaced_run_left_by_a_killed_overwrite_run_is_given_back(tmp_path, s
     assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2 and not (out / ".replaced-run").exists()
 
 
-def test_a_crop_larger_than_the_presets_eval_resize_gets_the_resize_at_the_presets_ratio(tmp_path):
-    """--image-size 288 under the imagenet preset: its eval resize 256 would pad the crop; 288 x 256/224 does not."""
+def test_another_crop_size_gets_the_eval_resize_at_the_presets_ratio(tmp_path):
+    """--image-size 288 under the imagenet preset: its eval resize 256 would pad the crop; 288 x 256/224 does not.
+    --image-size 32: a crop of 32 of 256 would see 1/64 of the image; 37 keeps the preset's 224 of 256."""
     from simsiam.config import preset_config
     from transfer.lincls_config import preset_linear_config
 
     assert preset_config("imagenet", data=str(tmp_path), image_size=288).eval_resize == 329
-    assert preset_config("imagenet", data=str(tmp_path), image_size=160).eval_resize == 256  # the preset's, fits
+    assert preset_config("imagenet", data=str(tmp_path), image_size=160).eval_resize == 183
+    assert preset_config("imagenet", data=str(tmp_path), image_size=32).eval_resize == 37
+    assert preset_config("imagenet", data=str(tmp_path), image_size=224).eval_resize == 256  # the preset's
+    assert preset_linear_config("imagenet", checkpoint="c", train_dir="t", val_dir="v", image_size=64).eval_resize == 73
     assert preset_config("imagenet", data=str(tmp_path), image_size=288, eval_resize=300).eval_resize == 300  # given
     assert preset_config("cifar", data=str(tmp_path), image_size=64).eval_resize == 0  # no resize: nothing to scale
     assert preset_linear_config("imagenet", checkpoint="c", train_dir="t", val_dir="v", image_size=288).eval_resize == 329
