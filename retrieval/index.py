@@ -263,36 +263,13 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
         rng = np.random.default_rng(seed)
         sample = vectors[np.sort(rng.choice(rows, training_rows(plan, rows), replace=False))]
         index.train(sample)
+        del sample  # up to 262,144 rows: 2 GB of 2048-d vectors
 
-    # Two disjoint samples held out of a trial index of the other vectors: one picks the search
-    # settings, the other measures the recall reported, so the number is not tuned on the queries
-    # that report it, and holds for new queries: an indexed vector as its own query is found more
-    # easily (an HNSW index tuned so reported 0.989, and gave 0.940 to held-out queries).
-    rng = np.random.default_rng(seed + 1)
-    per_sample = max(1, min(recall_sample, (rows - RECALL_AT) // 2))
-    sampled = rng.choice(rows, 2 * per_sample, replace=False)
-    tune_ids, report_ids = np.sort(sampled[:per_sample]), np.sort(sampled[per_sample:])
-    indexed = vectors[np.setdiff1d(np.arange(rows), sampled)]
-    say(f"measuring recall@{RECALL_AT} against exact search: {per_sample:,} held-out vectors as queries to "
-        f"tune, {per_sample:,} others to report, on an index of the remaining {len(indexed):,}")
-    trial = faiss.clone_index(index)  # trained, empty: the index as it will be, less the queries
-    trial.add(indexed)
-    chosen, best = "", -1.0
     space = faiss.ParameterSpace()
-    tuning = _RecallSample(faiss, indexed, vectors[tune_ids])
-    for parameters in _parameter_ladder(plan):
-        if parameters:
-            space.set_index_parameters(trial, parameters)
-        measured = tuning.recall(trial)
-        if measured > best:
-            chosen, best = parameters, measured
-        if measured >= target_recall:
-            chosen = parameters
-            break
-    if chosen:
-        space.set_index_parameters(trial, chosen)
-    recall = _RecallSample(faiss, indexed, vectors[report_ids]).recall(trial)
-    del trial, indexed  # before the index of every vector: one index in memory at a time
+    if plan.kind == "flat":  # exact by definition: nothing to tune, no recall to measure
+        chosen, recall, per_sample = "", 1.0, 0
+    else:
+        chosen, recall, per_sample = _tune(faiss, space, index, plan, vectors, target_recall, recall_sample, seed, say)
     index.add(vectors)
     if chosen:
         space.set_index_parameters(index, chosen)
@@ -308,6 +285,56 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     del sidecar["path"]
     _write_pair(faiss, index, out, json.dumps(sidecar, indent=2) + "\n")
     return report
+
+
+def _tune(faiss, space, index, plan: IndexPlan, vectors: np.ndarray, target_recall: float, recall_sample: int,
+          seed: int, say) -> tuple[str, float, int]:
+    """``(search setting, recall@10, queries)``: the cheapest setting of the ladder that reaches
+    ``target_recall`` (else the best), and the recall it gives new queries.
+
+    Two disjoint samples are held out of a trial index of the other vectors: one picks the setting,
+    the other measures the recall reported, so the number is not tuned on the queries that report
+    it, and holds for new queries: an indexed vector as its own query is found more easily (an HNSW
+    index tuned so reported 0.989, and gave 0.940 to held-out queries). The held-out rows are
+    swapped to the end of ``vectors`` for the trial (the rest is a view, not a copy of every vector)
+    and swapped back before the index is filled.
+    """
+    rows = len(vectors)
+    rng = np.random.default_rng(seed + 1)
+    per_sample = max(1, min(recall_sample, (rows - RECALL_AT) // 2))
+    sampled = rng.choice(rows, 2 * per_sample, replace=False)
+    kept = rows - len(sampled)
+    held = np.zeros(rows, dtype=bool)
+    held[sampled] = True
+    outside, inside = np.flatnonzero(held[:kept]), np.flatnonzero(~held[kept:]) + kept
+    position = np.arange(rows)  # where each sampled row lies while swapped
+    position[outside], position[inside] = inside, outside
+    swap = np.concatenate([outside, inside]), np.concatenate([inside, outside])
+    vectors[swap[0]] = vectors[swap[1]]
+    try:
+        indexed = vectors[:kept]
+        say(f"measuring recall@{RECALL_AT} against exact search: {per_sample:,} held-out vectors as queries to "
+            f"tune, {per_sample:,} others to report, on an index of the remaining {kept:,}")
+        trial = faiss.clone_index(index)  # trained, empty: the index as it will be, less the queries
+        trial.add(indexed)
+        chosen, best = "", -1.0
+        tuning = _RecallSample(faiss, indexed, vectors[position[np.sort(sampled[:per_sample])]])
+        for parameters in _parameter_ladder(plan):
+            if parameters:
+                space.set_index_parameters(trial, parameters)
+            measured = tuning.recall(trial)
+            if measured > best:
+                chosen, best = parameters, measured
+            if measured >= target_recall:
+                chosen = parameters
+                break
+        if chosen:
+            space.set_index_parameters(trial, chosen)
+        recall = _RecallSample(faiss, indexed, vectors[position[np.sort(sampled[per_sample:])]]).recall(trial)
+        del trial  # before the index of every vector: one index in memory at a time
+    finally:
+        vectors[swap[0]] = vectors[swap[1]]  # the same swaps undo themselves
+    return chosen, recall, per_sample
 
 
 def _write_pair(faiss, index, out: Path, description: str) -> None:
