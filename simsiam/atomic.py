@@ -63,8 +63,13 @@ def new_temporary(path: str | os.PathLike) -> Path:
 
 def discard_temporary(tmp: Path) -> None:
     """Remove a temporary file of :func:`new_temporary`, and the folders made for it that are still
-    empty: a failed command leaves no trace of the output it did not write."""
-    tmp.unlink(missing_ok=True)
+    empty: a failed command leaves no trace of the output it did not write. Where it cannot be
+    removed (a folder made read-only meanwhile) it stays: the error being raised is the one to
+    report, not this one about a hidden name the user never chose."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
     for folder in _FOLDERS_MADE_FOR.pop(tmp, []):
         try:
             folder.rmdir()

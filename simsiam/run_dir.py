@@ -30,6 +30,9 @@ LOCK_FILE = ".lock"
 
 # Where a fresh run keeps the files of the run it replaces (--overwrite) until its first checkpoint.
 REPLACED_RUN = ".replaced-run"
+# inside .replaced-run/ while files move between it and the run folder: every run file there is
+# the replaced run's, and belongs back (the new run has written nothing yet, or took its files back)
+IN_TRANSIT = ".in-transit"
 
 
 class RunFolder:
@@ -56,8 +59,12 @@ class RunFolder:
         if replaced:
             self.replaced = out / REPLACED_RUN
             self.replaced.mkdir()
+            # stopped half-way (Ctrl-C, kill -9), the old run's checkpoints not yet moved would pass
+            # for the new run's first one, and the moved files would go for good
+            (self.replaced / IN_TRANSIT).touch()
             for path in replaced:
                 os.replace(path, self.replaced / path.name)
+            (self.replaced / IN_TRANSIT).unlink()
 
     def saved(self) -> None:
         """This run saved a checkpoint: the run it replaced is gone for good."""
@@ -70,6 +77,10 @@ class RunFolder:
         metrics.jsonl when it was ``refused`` for bad input (they would only make the folder look
         like it holds a run) or when the run it replaced comes back; otherwise (diverged,
         interrupted) they stay as its log. A resumed run's files are the earlier run's."""
+        if self.replaced is not None and (self.replaced / IN_TRANSIT).exists():  # stopped while moving them aside
+            _give_back_replaced(self.path)
+            self.replaced = None
+            return
         if not self.started_fresh or checkpoint_files(self.path):
             self.saved()
             return
@@ -87,23 +98,30 @@ def _remove_run_files(out: Path) -> None:
 
 def _give_back_replaced(out: Path) -> None:
     """Put the files of ``out/.replaced-run/`` back in ``out``, in place of the run files there
-    (those of a run that saved no checkpoint), and remove the folder."""
-    _remove_run_files(out)
+    (those of a run that saved no checkpoint), and remove the folder. Marked in transit first: a
+    second Ctrl-C or a kill half-way leaves the rest for the next start to bring back, where the old
+    checkpoints already back would pass for the new run's, and the rest would go for good."""
     folder = out / REPLACED_RUN
+    if not (folder / IN_TRANSIT).exists():  # (when it is, what is in out is the old run's, moved or not yet)
+        _remove_run_files(out)
+        (folder / IN_TRANSIT).touch()
     for path in folder.iterdir():
-        os.replace(path, out / path.name)
+        if path.name != IN_TRANSIT:
+            os.replace(path, out / path.name)
+    (folder / IN_TRANSIT).unlink()
     folder.rmdir()
 
 
 def _settle_replaced(out: Path) -> None:
-    """A ``.replaced-run/`` left by a run killed (``kill -9``) before its first checkpoint holds the
-    run it was replacing: put back; after one, it is gone for good."""
-    if not (out / REPLACED_RUN).is_dir():
+    """A ``.replaced-run/`` left by a run killed (``kill -9``) before its first checkpoint, or while
+    its files moved, holds the run it was replacing: put back; after one, it is gone for good."""
+    folder = out / REPLACED_RUN
+    if not folder.is_dir():
         return
-    if checkpoint_files(out):
-        shutil.rmtree(out / REPLACED_RUN, ignore_errors=True)
-    else:
+    if (folder / IN_TRANSIT).exists() or not checkpoint_files(out):
         _give_back_replaced(out)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def settle_before_resume(folder: Path, wait_s: float = 10.0) -> None:
@@ -202,7 +220,10 @@ def locked_run_dir(out: Path, runtime=None):
 
 
 def _unlock(out: Path, lock) -> None:
-    (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
+    try:
+        (out / LOCK_FILE).unlink(missing_ok=True)  # while still held; see _lock
+    except OSError:  # a folder made read-only meanwhile: the next run takes the lock file; the run's own error is the one to report
+        pass
     lock.close()
 
 

@@ -2,6 +2,7 @@
 
 import errno
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,3 +121,37 @@ def test_a_full_disk_is_reported_under_the_name_the_user_chose(tmp_path, monkeyp
         save_atomic({}, tmp_path / "c.pth")
     assert raised.value.filename == str(tmp_path / "c.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_the_error_raised_is_reported_even_when_the_temporary_cannot_be_removed(tmp_path, monkeypatch):
+    """A folder made read-only meanwhile: the temporary's own PermissionError replaced the error,
+    naming a hidden file the user never chose."""
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self.name.endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(OSError) as raised:
+        with atomic_write(tmp_path / "out.bin", "wb"):
+            raise OSError(28, "No space left on device")
+    assert raised.value.errno == 28 and raised.value.filename == str(tmp_path / "out.bin")
+
+
+def test_a_run_folders_lock_that_cannot_be_removed_leaves_the_runs_error_to_report(tmp_path, monkeypatch):
+    from simsiam.errors import InputError
+    from simsiam.run_dir import LOCK_FILE, locked_run_dir
+
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self.name == LOCK_FILE:
+            raise PermissionError(13, "Permission denied", str(self))
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(InputError, match="the run's own error"):
+        with locked_run_dir(tmp_path / "run"):
+            raise InputError("the run's own error")

@@ -168,6 +168,69 @@ def test_an_overwrite_run_replaces_the_old_run_at_its_first_checkpoint_or_gives_
     assert ".replaced-run" in seen[0]  # kept while the first epoch ran, before its checkpoint
 
 
+def old_run(out: Path) -> dict:
+    out.mkdir()
+    for name in ("checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar", "last.pth.tar", "config.json", "metrics.jsonl"):
+        (out / name).write_text(f"old {name}")
+    return {p.name: p.read_text() for p in out.iterdir()}
+
+
+def stopping_at(monkeypatch, call: int, how=KeyboardInterrupt):
+    """os.replace stopped (Ctrl-C) at its ``call``-th call."""
+    replace, calls = os.replace, []
+
+    def stopped(*args):
+        calls.append(args)
+        if len(calls) == call:
+            raise how
+        return replace(*args)
+    monkeypatch.setattr(os, "replace", stopped)
+
+
+@pytest.mark.parametrize("call", [2, 3, 5])
+def test_an_overwrite_run_stopped_while_moving_the_old_run_aside_gives_it_all_back(tmp_path, monkeypatch, call):
+    """The old run's checkpoints not yet moved passed for the new run's first one, and the files
+    already moved aside were deleted (Ctrl-C), or deleted by the next start (kill -9)."""
+    from simsiam import run_dir
+
+    out = tmp_path / "run"
+    old = old_run(out)
+    stopping_at(monkeypatch, call)
+    with pytest.raises(KeyboardInterrupt):
+        with run_dir.locked_run_dir(out) as folder:
+            folder.prepare(None)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in out.iterdir()} == old  # Ctrl-C: given back at once
+
+    stopping_at(monkeypatch, call)
+    monkeypatch.setattr(run_dir.RunFolder, "end", lambda self, refused: None)  # kill -9: nothing runs after
+    with pytest.raises(KeyboardInterrupt):
+        with run_dir.locked_run_dir(out) as folder:
+            folder.prepare(None)
+    monkeypatch.undo()
+    assert (out / ".replaced-run").is_dir()
+    run_dir._settle_replaced(out)  # what the next start does first
+    assert {p.name: p.read_text() for p in out.iterdir() if p.name != ".lock"} == old
+
+
+@pytest.mark.parametrize("call", [1, 2, 4])
+def test_a_second_ctrl_c_while_the_old_run_comes_back_leaves_the_rest_for_the_next_start(tmp_path, monkeypatch, call):
+    from simsiam import run_dir
+
+    out = tmp_path / "run"
+    old = old_run(out)
+    folder = run_dir.RunFolder(out)
+    folder.prepare(None)
+    (out / "config.json").write_text("new")  # the new run's, which saved no checkpoint
+    (out / "metrics.jsonl").write_text("new")
+    stopping_at(monkeypatch, call)
+    with pytest.raises(KeyboardInterrupt):
+        folder.end(refused=False)
+    monkeypatch.undo()
+    run_dir._settle_replaced(out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == old
+
+
 def test_a_replaced_run_left_by_a_killed_overwrite_run_is_given_back(tmp_path, shared_image_folder):
     """kill -9 before the new run's first checkpoint: the next start finds the old run in its place."""
     out = tmp_path / "run"
