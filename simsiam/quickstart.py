@@ -8,6 +8,7 @@ pipeline a user's data does: pretrain, extract, knn, plot, convert-d2.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,18 @@ class QuickstartResult:
     epochs: int  # pretrained for
 
 
+def _outputs(arch: str) -> set[str]:
+    return {"digits", "run", "features", f"{arch}-detectron2.pkl"}
+
+
+_TEMPORARY = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # simsiam.atomic.new_temporary's .NAME.XXXX.tmp
+
+
+def _own_temporaries(out: Path, arch: str) -> list[Path]:
+    """The temporary files of the quickstart's outputs in ``out``, left by one killed while writing."""
+    return [p for p in out.glob(".*.tmp") if (m := _TEMPORARY.match(p.name)) and m.group(1) in _outputs(arch)]
+
+
 def check_quickstart_folder(out: Path, arch: str) -> None:
     """Refuse an ``out`` that holds anything but an earlier quickstart's outputs: the quickstart
     replaces what it writes there (its run folder with ``--overwrite``), so a folder of the user's
@@ -82,8 +95,8 @@ def check_quickstart_folder(out: Path, arch: str) -> None:
         return
     if not out.is_dir():
         raise InputError(f"--out {out}: is a file, not a folder")
-    ours = {"digits", "run", "features", f"{arch}-detectron2.pkl"}
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    ours = _outputs(arch)
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and p not in _own_temporaries(out, arch))
     if others:
         raise InputError(f"--out {out}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
                          + ", not written by the quickstart, which replaces what it writes there; give a new or "
@@ -122,6 +135,8 @@ def run_quickstart(out: str | os.PathLike, on_event=None, **overrides) -> Quicks
     out = Path(out)
     config = quickstart_config(out / "digits" / "train", out / "run", **overrides)
     check_quickstart_folder(out, config.arch)
+    for stale in _own_temporaries(out, config.arch) if out.is_dir() else []:
+        stale.unlink(missing_ok=True)
     train_dir, test_dir = write_digits(out / "digits", config.image_size)
     device = resolve_device(config.device)
     runtime = Runtime(device, resolve_precision(config.precision, device))

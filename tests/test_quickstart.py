@@ -20,8 +20,12 @@ from simsiam.checkpoint import read_backbone
 @pytest.mark.slow
 def test_quickstart_runs_the_whole_path(tmp_path):
     out = tmp_path / "qs"
+    out.mkdir()
+    stale = out / ".resnet18-detectron2.pkl.k2x9q1zt.tmp"  # left by a quickstart killed while writing it
+    stale.write_bytes(b"half a pickle")
     result = CliRunner().invoke(simsiam, ["quickstart", "--out", str(out), "--epochs", "1"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert not stale.exists()  # refused its own folder before; now removed
     assert len(list((out / "digits" / "train").glob("*/*.png"))) == 1257
     assert len(list((out / "digits" / "test").glob("*/*.png"))) == 540
     assert "top-1 %" in result.output
@@ -57,6 +61,10 @@ def test_a_folder_of_other_files_is_refused_before_any_work(tmp_path):
                       "is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine"]
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "mine" / "notes.txt").unlink()
+    (tmp_path / "mine" / ".notes.txt.k2x9q1zt.tmp").write_text("not the quickstart's")
+    assert_user_error(CliRunner().invoke(simsiam, ["quickstart", "--out", str(tmp_path / "mine")]),
+                      "holds .notes.txt.k2x9q1zt.tmp, not written by the quickstart")
 
 
 def test_the_suggested_longer_run_is_longer_than_the_one_just_run(tmp_path, monkeypatch):
