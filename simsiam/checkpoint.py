@@ -138,12 +138,27 @@ def _check_archive(path: Path, verify: bool) -> None:
             if any(name == "constants.pkl" or name.endswith("/constants.pkl") for name in names):
                 raise InputError(f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint of weights; "
                                  "torch.save the model's state_dict() instead")
-            damaged = archive.testzip() if verify else None
+            damaged = _first_damaged(archive) if verify else None
     except (zipfile.BadZipFile, OSError, EOFError) as err:  # a cut-off member, a bad header
         raise InputError(f"{path}: a damaged or truncated checkpoint ({err})") from None
     if damaged is not None:
         raise InputError(f"{path}: a damaged checkpoint (the data of {damaged} does not match its checksum); "
                          "copy it again")
+
+
+def _first_damaged(archive: zipfile.ZipFile) -> str | None:
+    """The first member whose data does not match its stored checksum (zipfile checks it on reading
+    to the end). torch.save with ``compute_crc32`` off stores 0 for every member: not checked."""
+    for info in archive.infolist():
+        if info.CRC == 0 and info.file_size:
+            continue
+        try:
+            with archive.open(info) as member:
+                while member.read(1 << 24):
+                    pass
+        except zipfile.BadZipFile:
+            return info.filename
+    return None
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
