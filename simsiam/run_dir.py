@@ -102,6 +102,9 @@ def _give_back_replaced(out: Path) -> None:
     second Ctrl-C or a kill half-way leaves the rest for the next start to bring back, where the old
     checkpoints already back would pass for the new run's, and the rest would go for good."""
     folder = out / REPLACED_RUN
+    if not any(folder.iterdir()):  # stopped just after making it, or just before removing it: nothing aside
+        folder.rmdir()
+        return
     if not (folder / IN_TRANSIT).exists():  # (when it is, what is in out is the old run's, moved or not yet)
         _remove_run_files(out)
         (folder / IN_TRANSIT).touch()
@@ -198,25 +201,34 @@ def locked_run_dir(out: Path, runtime=None):
     if refusal is not None:
         raise agreed(InputError(refusal))  # rank 0's, shared: every process raises it alike
     folder = RunFolder(out)
-    refused = False
+    refused = failing = False
     try:
         yield folder
     except InputError:
-        refused = True
+        refused = failing = True
         raise
     except Exception as err:
         # under torchrun, rank 0's collective lost a peer that was refused (its own line says why)
         refused = runtime is not None and runtime.distributed and lost_peer(err)
+        failing = True
+        raise
+    except BaseException:  # Ctrl-C, SystemExit
+        failing = True
         raise
     finally:
-        folder.end(refused)  # acts where the folder was prepared: rank 0's process
-        if lock is not None:
-            _unlock(out, lock)
-            for folder in made:  # innermost first: a run that failed before writing leaves no folder
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty (or gone): the run's own error is the one to report
-                    break
+        try:
+            folder.end(refused)  # acts where the folder was prepared: rank 0's process
+        except OSError:
+            if not failing:  # else the run's own error is the one to report (a folder made read-only)
+                raise
+        finally:
+            if lock is not None:
+                _unlock(out, lock)
+                for made_folder in made:  # innermost first: a run that failed before writing leaves no folder
+                    try:
+                        made_folder.rmdir()
+                    except OSError:  # not empty (or gone): the run's own error is the one to report
+                        break
 
 
 def _unlock(out: Path, lock) -> None:

@@ -155,3 +155,25 @@ def test_a_run_folders_lock_that_cannot_be_removed_leaves_the_runs_error_to_repo
     with pytest.raises(InputError, match="the run's own error"):
         with locked_run_dir(tmp_path / "run"):
             raise InputError("the run's own error")
+
+
+def test_a_refused_runs_files_that_cannot_be_taken_back_leave_its_error_to_report(tmp_path, monkeypatch):
+    from simsiam.errors import InputError
+    from simsiam.run_dir import CONFIG_FILE, LOCK_FILE, locked_run_dir
+
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self.name in (CONFIG_FILE, LOCK_FILE):
+            raise PermissionError(13, "Permission denied", str(self))
+        return unlink(self, missing_ok=missing_ok)
+
+    with pytest.raises(InputError, match="the run's own error"):
+        with locked_run_dir(tmp_path / "run") as folder:
+            folder.prepare(None)
+            (tmp_path / "run" / CONFIG_FILE).write_text("{}")
+            monkeypatch.setattr(Path, "unlink", refused)
+            raise InputError("the run's own error")
+    monkeypatch.undo()
+    with locked_run_dir(tmp_path / "run"):  # the lock was released all the same
+        pass

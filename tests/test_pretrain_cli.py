@@ -231,6 +231,28 @@ def test_a_second_ctrl_c_while_the_old_run_comes_back_leaves_the_rest_for_the_ne
     assert {p.name: p.read_text() for p in out.iterdir()} == old
 
 
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_an_empty_replaced_run_folder_is_nothing_to_give_back(tmp_path, checkpoints):
+    """Killed just after making .replaced-run/ or just before removing it: the run files in the
+    folder are the old run's, and were removed as the new run's."""
+    from simsiam import run_dir
+
+    out = tmp_path / "run"
+    old = old_run(out)
+    if not checkpoints:
+        for name in ("checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar", "last.pth.tar"):
+            (out / name).unlink()
+            del old[name]
+    (out / ".replaced-run").mkdir()
+    run_dir._settle_replaced(out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == old
+    (out / ".replaced-run").mkdir()
+    folder = run_dir.RunFolder(out)
+    folder.started_fresh, folder.replaced = True, out / ".replaced-run"
+    folder.end(refused=False)
+    assert {p.name: p.read_text() for p in out.iterdir()} == old
+
+
 def test_a_replaced_run_left_by_a_killed_overwrite_run_is_given_back(tmp_path, shared_image_folder):
     """kill -9 before the new run's first checkpoint: the next start finds the old run in its place."""
     out = tmp_path / "run"
