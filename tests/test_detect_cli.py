@@ -149,7 +149,11 @@ def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
     assert_user_error(run(*base, "--weights", tmp_path / "converted.pth"), "converted.pth: a Detectron2 pickle not "
                       "named *.pkl", "rename it")
     assert_user_error(run("convert-d2", tmp_path / "converted.pth", "--out", tmp_path / "again.pkl"),
-                      "converted.pth: already Detectron2 weights", "--weights renamed to end in .pkl")
+                      "converted.pth: already Detectron2 weights", "rename it to end in .pkl")
+    (tmp_path / "odd.pth").write_bytes(b"\x80\x04\x8e" + b"\xff" * 7 + b"\x7f")  # a pickle asking for 2^63 bytes
+    assert_user_error(run(*base, "--weights", tmp_path / "odd.pth"), "odd.pth: neither a Detectron2 .pkl nor a "
+                      "PyTorch checkpoint")
+    assert_user_error(run("convert-d2", tmp_path / "odd.pth", "--out", tmp_path / "again.pkl"), "odd.pth: not a")
     (tmp_path / "model.pth").write_bytes(b"\0" * 64)
     assert_user_error(run(*base, "--weights", tmp_path / "model.pth"), "model.pth", "neither")
     missing = run("detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root)

@@ -132,19 +132,26 @@ def convert_checkpoint(path: str | os.PathLike) -> Detectron2Weights:
     Projector, predictor and a classifier ``fc`` are left out: only the backbone transfers.
     """
     if _is_arrays_pickle(Path(path)):
-        named = "as it is" if Path(path).suffix == ".pkl" else "renamed to end in .pkl (Detectron2 reads pickles only so)"
-        raise InputError(f"{path}: already Detectron2 weights (a pickle of NumPy arrays); give it to simsiam "
-                         f"detect train --weights {named}")
+        if Path(path).suffix == ".pkl":
+            raise InputError(f"{path}: already Detectron2 weights (a pickle of NumPy arrays); give it to simsiam "
+                             "detect train --weights as it is")
+        raise InputError(f"{path}: already Detectron2 weights (a pickle of NumPy arrays); rename it to end in .pkl "
+                         "(Detectron2 reads pickles only under that name), then give it to simsiam detect train --weights")
     return convert_backbone(read_backbone(path), str(path))
+
+
+def _first_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1)
 
 
 def _is_arrays_pickle(path: Path) -> bool:
     """Whether ``path`` is a pickle of Detectron2's format (a 'model' or 'blobs' dict), whatever its name."""
-    if not path.is_file() or zipfile.is_zipfile(path):
+    if not path.is_file() or zipfile.is_zipfile(path) or _first_byte(path) != b"\x80":  # pickles of protocol 2+
         return False
     try:
         data = _read_arrays_pickle(path)
-    except InputError:
+    except Exception:  # noqa: BLE001  any bytes: the unpickler fails in many ways (MemoryError, OverflowError)
         return False
     return isinstance(data, dict) and isinstance(data.get("model", data.get("blobs")), dict)
 
