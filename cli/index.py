@@ -16,7 +16,8 @@ from .paths import OUTPUT_FILE, PATH
 @click.option("--kind", type=click.Choice(["auto", "flat", "hnsw", "ivf-pq"]), default="auto",
               help="auto: Flat (exact) up to 100,000 vectors, HNSW up to 1,000,000, else IVF-PQ, within --max-memory.")
 @click.option("--max-memory", default=None, help="Memory the finished index may take (e.g. 4G, 512M); building it also holds the vectors "
-                   "as float32 (rows x dim x 4 bytes), and the trial index that tunes the search, one at a time. "
+                   "as float32 (rows x dim x 4 bytes), and one index at a time (the trial index that tunes the search, "
+                   "then the finished one). "
                    "[default: no limit]")
 @click.option("--target-recall", type=float, default=0.95,
               help="Search settings are tuned to the cheapest that reach this recall@10 against exact search.")

@@ -8,7 +8,7 @@ normalisation, best first, so they agree up to ties and float rounding.
   ``faiss.get_num_gpus() > 0``, else ``faiss.knn`` on the CPU. A faiss GPU call in a build or on
   a machine without a GPU aborts the process, so the count is always checked first.
 - ``torch``: ``queries @ database.T`` a chunk of queries at a time, then ``topk``, on any
-  device; memory is bounded by ``chunk_size x N`` similarities.
+  device; memory is bounded by ``chunk_size x N`` similarities (N: the rows of a block, below).
 
 On the CPU (both) and with torch, the database is normalised and searched a block of rows at a
 time, the best neighbours of each block merged with those so far: a search holds one float32
@@ -27,7 +27,7 @@ from simsiam.errors import InputError
 BACKENDS = ("auto", "faiss", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 # similarities per chunk when --chunk-size is not given: small on CPU (cache, RAM), large enough
-# on a GPU for the matrix product to fill it (1.28M ImageNet rows: 400 queries a chunk)
+# on a GPU for the matrix product to fill it (a block of 65,536 rows of 2048-d: 8,192 queries a chunk)
 CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 31}
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection stops there (GPU_MAX_SELECTION_K); the CPU has no limit
 FAISS_MISSING = ("faiss is not installed: pip install 'simsiam[cpu]' (faiss-cpu) or 'simsiam[gpu]' (faiss-gpu), "

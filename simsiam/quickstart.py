@@ -96,7 +96,8 @@ def check_quickstart_folder(out: Path, arch: str) -> None:
     if not out.is_dir():
         raise InputError(f"--out {out}: is a file, not a folder")
     ours = _outputs(arch)
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours and p not in _own_temporaries(out, arch))
+    temporaries = _own_temporaries(out, arch)
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and p not in temporaries)
     if others:
         raise InputError(f"--out {out}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
                          + ", not written by the quickstart, which replaces what it writes there; give a new or "

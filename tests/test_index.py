@@ -101,15 +101,18 @@ def test_the_trial_index_takes_a_view_of_the_vectors_and_leaves_them_in_order(mo
     original = vectors.copy()
     searched = []
     knn = faiss.knn
-    monkeypatch.setattr(faiss, "knn", lambda q, db, *args, **kwargs: searched.append((q.copy(), db)) or knn(q, db, *args, **kwargs))
+    monkeypatch.setattr(faiss, "knn", lambda q, db, *args, **kwargs: searched.append((q.copy(), db, db.copy()))
+                        or knn(q, db, *args, **kwargs))
     plan = plan_index(len(vectors), vectors.shape[1], "hnsw")
     index = faiss.index_factory(vectors.shape[1], plan.factory, faiss.METRIC_INNER_PRODUCT)
     chosen, recall, queries = _tune(faiss, faiss.ParameterSpace(), index, plan, vectors, 0.9, 100, 0, lambda m: None)
     assert chosen.startswith("efSearch=") and recall >= 0.9 and queries == 100
     np.testing.assert_array_equal(vectors, original)  # swapped back: the index's row ids are the file's
-    for queries, database in searched:
+    for queries, database, as_searched in searched:
         assert np.shares_memory(database, vectors) and len(database) == 2000 - 200  # a view, not a copy
-        assert {row.tobytes() for row in queries} <= {row.tobytes() for row in original}
+        asked = {row.tobytes() for row in queries}
+        assert asked <= {row.tobytes() for row in original} and len(asked) == 100
+        assert not any(row.tobytes() in asked for row in as_searched)  # held out of the trial's vectors
 
 
 def test_a_flat_index_is_neither_tuned_nor_sampled(clustered_file, tmp_path, monkeypatch):
