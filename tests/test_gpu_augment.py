@@ -105,13 +105,14 @@ def test_mixed_sizes_are_padded_in_groups_of_similar_sizes_under_a_budget(monkey
         assert all(n == 1 or n * c * h * w <= budget for n, c, h, w in padded)
 
 
-def level_differences(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+def level_differences(got: torch.Tensor, expected: torch.Tensor, most: int = 2) -> torch.Tensor:
     """uint8-level differences; a level (two after a contrast stretch) is allowed in under 1 % of the
     values: where a blend lands within float rounding of a whole level, torchvision's fused
-    multiply-add and the batched code's two products can truncate to neighbouring levels."""
+    multiply-add and the batched code's two products can truncate to neighbouring levels. A level
+    taken at the crop can be stretched by three jitter steps of up to 1.4: ``most`` 4 there."""
     differ = got - expected.float()
     share = float((differ != 0).float().mean())
-    assert differ.abs().max() <= 2 and share < 0.01, (float(differ.abs().max()), share)
+    assert differ.abs().max() <= most and share < 0.01, (float(differ.abs().max()), share)
     return differ
 
 
@@ -266,10 +267,10 @@ def test_compiled_augmentation_computes_what_eager_computes():
     eager, compiled = G.BatchAugment(16, blur=True), G.BatchAugment(16, blur=True, compile=True)
     images = textured_images(12, 20, 24)
     draws = eager.draw(12, torch.Generator().manual_seed(0))
-    level_differences(as_levels(compiled(images, draws)), as_levels(eager(images, draws)))
+    level_differences(as_levels(compiled(images, draws)), as_levels(eager(images, draws)), most=4)
     mixed = [images[0], textured_images(1, 33, 17)[0]]
     draws = eager.draw(2, torch.Generator().manual_seed(1))
-    level_differences(as_levels(compiled(mixed, draws)), as_levels(eager(mixed, draws)))
+    level_differences(as_levels(compiled(mixed, draws)), as_levels(eager(mixed, draws)), most=4)
 
 
 def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
@@ -298,7 +299,7 @@ def test_the_gpu_computes_what_the_cpu_computes():
     images = textured_images(64, 40, 48)
     draws = augment.draw(64, torch.Generator().manual_seed(0))
     # a fused multiply-add can truncate a blend to the neighbouring level, in a few values
-    level_differences(as_levels(augment(images.cuda(), draws).cpu()), as_levels(augment(images, draws)))
+    level_differences(as_levels(augment(images.cuda(), draws).cpu()), as_levels(augment(images, draws)), most=4)
 
 
 # ---- the random parameters, against the CPU transforms' own draws ---------------------------------
