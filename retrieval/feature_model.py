@@ -64,6 +64,8 @@ def _projector_shape(projector: dict[str, torch.Tensor]) -> tuple[int, int, int]
 def _with_projector(weights: BackboneWeights, where: str, hint: str) -> nn.Module:
     if not weights.projector:
         raise InputError(f"{where}: has no SimSiam projector ({weights.layout} layout); {hint}")
+    if weights.layout == "moco":  # MoCo v2's and v3's heads are their own (no bias, other widths and BNs)
+        raise InputError(f"{where}: holds MoCo's projector, not SimSiam's; {hint}")
     layers, hidden, dim = _projector_shape(weights.projector)
     if layers not in (2, 3):
         raise InputError(f"{where}: a projector of {layers} linear layer{'' if layers == 1 else 's'}; "

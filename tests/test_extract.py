@@ -112,18 +112,20 @@ def test_projector_of_a_checkpoint_without_one_is_refused(tmp_path, checkpoints,
     assert not (tmp_path / "z.h5").exists()
 
 
-@pytest.mark.parametrize("fc, says", [
-    ({"fc.weight": (128, 512), "fc.bias": (128,)}, "a projector of 1 linear layer;"),  # MoCo v1
-    ({"fc.0.weight": (512, 512), "fc.0.bias": (512,), "fc.2.weight": (128, 512), "fc.2.bias": (128,)},
-     "Missing key(s)"),  # MoCo v2: two Linear layers, no BN
+@pytest.mark.parametrize("prefix, fc", [
+    ("encoder_q", {"fc.weight": (128, 512), "fc.bias": (128,)}),  # MoCo v1
+    ("encoder_q", {"fc.0.weight": (512, 512), "fc.0.bias": (512,), "fc.2.weight": (128, 512), "fc.2.bias": (128,)}),
+    ("base_encoder", {"fc.0.weight": (4096, 512), "fc.1.weight": (4096,), "fc.1.bias": (4096,),  # MoCo v3
+                      "fc.3.weight": (256, 4096), "fc.4.running_mean": (256,), "fc.4.running_var": (256,)}),
 ])
-def test_projector_of_a_moco_checkpoint_is_refused_with_what_does_not_fit(tmp_path, fc, says, images):
+def test_projector_of_a_moco_checkpoint_is_refused_as_mocos(tmp_path, prefix, fc, images):
+    """MoCo's heads are their own: v3's two layers were refused only as "Missing key(s) ... fc.3.bias"."""
     backbone = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     state = {**backbone, **{k: torch.zeros(shape) for k, shape in fc.items()}}
     moco = tmp_path / "moco.pth.tar"
-    torch.save({"arch": "resnet18", "state_dict": {f"module.encoder_q.{k}": v for k, v in state.items()}}, moco)
+    torch.save({"arch": "resnet18", "state_dict": {f"module.{prefix}.{k}": v for k, v in state.items()}}, moco)
     result = run("extract", moco, images, "--out", tmp_path / "z.h5", "--layer", "projector", *FAST)
-    assert_user_error(result, says)
+    assert_user_error(result, "moco.pth.tar: holds MoCo's projector, not SimSiam's", "--layer backbone")
     assert not (tmp_path / "z.h5").exists()
 
 
