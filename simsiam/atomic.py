@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -82,6 +83,16 @@ def settle_temporary(tmp: Path, path: str | os.PathLike) -> None:
     folders made for it now hold a file, and are no longer the temporary's to remove."""
     os.replace(tmp, path)
     _FOLDERS_MADE_FOR.pop(tmp, None)
+
+
+_TEMPORARY_NAME = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # .NAME.XXXX.tmp, as new_temporary and link_atomic name them
+
+
+def temporary_for(name: str) -> str | None:
+    """The file name a temporary of this module stands for (``.x.h5.ab12cd.tmp``: ``x.h5``), None
+    for a name that is not one: a leftover of a process killed while writing can be told from others."""
+    match = _TEMPORARY_NAME.match(name)
+    return match.group(1) if match else None
 
 
 def _umask() -> int:

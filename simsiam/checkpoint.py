@@ -105,7 +105,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
             raise InputError(
                 f"{path}: holds Python objects other than tensors; refusing to unpickle it (weights_only)"
             ) from None
-        if not is_zip and _first_bytes(path, 2) == b"PK":
+        if not is_zip and first_bytes(path, 2) == b"PK":
             raise InputError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)") from None
         detail = message.split("WeightsUnpickler error:")[-1]
         reason = next((line.strip() for line in detail.splitlines() if line.strip()), "unpickling failed")
@@ -116,7 +116,7 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise InputError(f"{path}: not a PyTorch checkpoint ({reason[:120]})") from None
     except Exception as err:  # noqa: BLE001  any bytes at all: the legacy unpickler fails in many ways
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if is_zip or _first_bytes(path, 2) != b"PK":
+        if is_zip or first_bytes(path, 2) != b"PK":
             raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {reason[:120]})") from None
         raise InputError(f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read)") from None
     if not isinstance(obj, dict):
@@ -164,7 +164,7 @@ def _first_damaged(archive: zipfile.ZipFile) -> str | None:
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-def _first_bytes(path: Path, count: int) -> bytes:
+def first_bytes(path: Path, count: int) -> bytes:
     with open(path, "rb") as f:
         return f.read(count)
 
@@ -176,7 +176,7 @@ def why_not_a_torch_save_file(path: Path) -> str | None:
     a long magic number (protocol byte, then ``LONG1`` of 10 bytes). Anything else would only give
     the unpickler's cryptic complaints ("KeyError: 101", "Unsupported operand 149").
     """
-    head = _first_bytes(path, 16)
+    head = first_bytes(path, 16)
     if not head:
         return "is empty, not a checkpoint"
     if head.startswith(HDF5_SIGNATURE):  # the likeliest mix-up: the feature file made from a checkpoint

@@ -8,7 +8,6 @@ pipeline a user's data does: pretrain, extract, knn, plot, convert-d2.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import temporary_for
 from .backbones import pooled_backbone
 from .config import PretrainConfig, preset_config
 from .errors import InputError
@@ -79,12 +79,9 @@ def _outputs(arch: str) -> set[str]:
     return {"digits", "run", "features", f"{arch}-detectron2.pkl"}
 
 
-_TEMPORARY = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # simsiam.atomic.new_temporary's .NAME.XXXX.tmp
-
-
 def _own_temporaries(out: Path, arch: str) -> list[Path]:
     """The temporary files of the quickstart's outputs in ``out``, left by one killed while writing."""
-    return [p for p in out.glob(".*.tmp") if (m := _TEMPORARY.match(p.name)) and m.group(1) in _outputs(arch)]
+    return [p for p in out.glob(".*.tmp") if temporary_for(p.name) in _outputs(arch)]
 
 
 def check_quickstart_folder(out: Path, arch: str) -> None:

@@ -177,3 +177,11 @@ def test_a_refused_runs_files_that_cannot_be_taken_back_leave_its_error_to_repor
     monkeypatch.undo()
     with locked_run_dir(tmp_path / "run"):  # the lock was released all the same
         pass
+
+
+def test_a_temporary_names_the_file_it_stands_for(tmp_path):
+    from simsiam.atomic import temporary_for
+
+    tmp = new_temporary(tmp_path / "feats.v2.h5")
+    assert temporary_for(tmp.name) == "feats.v2.h5"
+    assert temporary_for("feats.h5") is None and temporary_for(".feats.h5") is None

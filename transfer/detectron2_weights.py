@@ -27,7 +27,7 @@ import torch
 
 from simsiam import __version__
 from simsiam.atomic import atomic_write, check_output
-from simsiam.checkpoint import BackboneWeights, load_checkpoint, read_backbone, why_not_a_torch_save_file
+from simsiam.checkpoint import BackboneWeights, first_bytes, load_checkpoint, read_backbone, why_not_a_torch_save_file
 from simsiam.errors import InputError
 
 # Detectron2's ResNet (modeling/backbone/resnet.py) builds these; DEPTH is the number in the name.
@@ -140,14 +140,9 @@ def convert_checkpoint(path: str | os.PathLike) -> Detectron2Weights:
     return convert_backbone(read_backbone(path), str(path))
 
 
-def _first_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(1)
-
-
 def _is_arrays_pickle(path: Path) -> bool:
     """Whether ``path`` is a pickle of Detectron2's format (a 'model' or 'blobs' dict), whatever its name."""
-    if not path.is_file() or zipfile.is_zipfile(path) or _first_byte(path) != b"\x80":  # pickles of protocol 2+
+    if not path.is_file() or zipfile.is_zipfile(path) or first_bytes(path, 1) != b"\x80":  # pickles of protocol 2+
         return False
     try:
         data = _read_arrays_pickle(path)
