@@ -10,6 +10,8 @@ from rich.text import Text
 
 from simsiam.config import MAX_IMAGE_SIZE, MAX_WORKERS
 
+from .progress import plain_console
+
 MAX_UNREADABLE_SHOWN = 10
 
 
@@ -60,7 +62,7 @@ class EmbeddingProgress:
     """A progress bar with images/s for the events of :mod:`retrieval.extract`; warnings for unreadable images."""
 
     def __init__(self, description: str = "embedding", console: Console | None = None):
-        self.console = console or Console(stderr=True, soft_wrap=True)  # paths are never broken across lines
+        self.console = console or plain_console(stderr=True)  # paths printed whole, as they are
         self.description = description
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  ImagesPerSecond(), TimeRemainingColumn(), console=self.console)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from .progress import plain_console
 from .embedding import EmbeddingProgress, default_workers, model_options, options_given
 from .paths import OUTPUT_FILE, PATH
 
@@ -91,10 +92,9 @@ def command(checkpoint, train_file, val_file, train_dir, val_dir, save_features,
             "warnings": report.warnings,
         }))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = plain_console()
     console.print(f"weighted kNN, T={report.temperature:g}: {report.val_size:,} images classified against "
                   f"{report.train_size:,}, {report.num_classes} classes ({report.backend}, {report.seconds:.2f} s)")
     table = Table()

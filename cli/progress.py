@@ -8,11 +8,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 MAX_UNREADABLE_SHOWN = 10
 
 
+def plain_console(stderr: bool = False) -> Console:
+    """A console for the commands' lines and tables: text printed as it is (paths may hold
+    [brackets], which rich would take for markup and drop), and, when the output is a file or a
+    pipe, not folded at 80 columns (a path split over two lines is not found by grep)."""
+    console = Console(stderr=stderr, markup=False, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, markup=False, highlight=False, soft_wrap=True, width=1 << 16)
+    return console
+
+
 class TrainingProgress:
     """Turns the events of :func:`simsiam.train.pretrain` into a progress bar and log lines."""
 
     def __init__(self, console: Console | None = None, description: str = "pretrain"):
-        self.console = console or Console(stderr=True)
+        self.console = console or plain_console(stderr=True)
         self.description = description
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

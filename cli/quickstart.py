@@ -20,15 +20,14 @@ def command(out, epochs):
     (pretrain, extract, knn, plot, convert-d2) and prints the weighted-kNN top-1 on held-out
     digits of the encoder at random initialisation and after pretraining.
     """
-    from rich.console import Console
     from rich.table import Table
 
     from simsiam.quickstart import run_quickstart
 
-    from .progress import TrainingProgress
+    from .progress import TrainingProgress, plain_console
 
     overrides = {"epochs": epochs} if epochs is not None else {}
-    console = Console(stderr=True)
+    console = plain_console(stderr=True)
     with TrainingProgress(console, description="quickstart") as progress:
         result = run_quickstart(out, on_event=progress, **overrides)
     table = Table(title=f"weighted kNN (k=20, T=0.07): {result.test_images} held-out digits, "
@@ -37,7 +36,7 @@ def command(out, epochs):
     table.add_column("top-1 %", justify="right")
     table.add_row("random initialisation (where pretraining starts)", f"{100 * result.random_init_top1:.1f}")
     table.add_row("SimSiam pretrained", f"{100 * result.trained_top1:.1f}")
-    Console().print(table)
+    plain_console().print(table)
     click.echo(f"run folder:         {result.checkpoint.parent}  (training curves: {result.curves.name})")
     click.echo(f"features (HDF5):    {result.train_features}, {result.test_features}")
     click.echo(f"Detectron2 weights: {result.detectron2_weights}")

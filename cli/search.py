@@ -8,6 +8,7 @@ import click
 
 from simsiam.config import MAX_WORKERS
 
+from .progress import plain_console
 from .embedding import EmbeddingProgress, options_given
 from .paths import OUTPUT_FILE, PATH
 
@@ -86,7 +87,6 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
     if as_json:
         click.echo(json.dumps(_as_dict(result)))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(result.queries):,} queries, {k} nearest in {database} ({result.backend})"
@@ -103,7 +103,7 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
             table.add_row(path if rank == 0 else "", str(rank + 1), f"{result.scores[row, rank]:.4f}",
                           result.database.paths[i], _class(result, int(result.database.labels[i])),
                           end_section=rank == len(result.indices[row]) - 1)
-    console = Console()
+    console = plain_console()
     console.print(table)
     if len(result.queries) > shown:
         console.print(f"... {len(result.queries) - shown:,} more queries (--json prints all)")

@@ -405,3 +405,18 @@ def test_an_index_used_with_another_feature_file_of_the_same_length_is_refused(g
     write_features(feats, other)
     assert_user_error(run("search", tmp_path / "feats.index", "--query-h5", gallery["h5"]),
                       "is not the feature file it was built over")
+
+
+def test_paths_are_printed_as_they_are_whole_when_the_output_is_no_terminal(tmp_path):
+    """rich took "[red]" in a path for markup and dropped it, and folded lines and table cells at 80
+    columns in a file or a pipe (a path split over two lines is not found by grep)."""
+    long_class = "a_class_named_at_length_" + "x" * 70
+    features, labels = clustered(6, classes=2, dim=8, seed=3)
+    path = feature_file(tmp_path / "odd.h5", features, labels, classes=["[red]", long_class])
+    result = run("search", path, "--query-h5", path, "-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("[red]/img" in line for line in lines)
+    assert any(f"{long_class}/img" in line for line in lines)  # whole, on one line
+    assert any(line.startswith(f"6 queries, 2 nearest in {path}") and line.endswith("left out of their own results")
+               for line in lines)
