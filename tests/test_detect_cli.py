@@ -270,6 +270,11 @@ def test_help_works_without_detectron2(monkeypatch):
     for command in ("train", "eval", "make-toy-voc"):
         result = run("detect", command, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output
+    # no command: the group's help, as plain `simsiam` shows its own (click 8.2+ exits 2, 8.1 exits 0);
+    # it was the whole help as one "Error:" line with a "(see: ...)" hint glued to its last line
+    result = run("detect")
+    assert result.exit_code in (0, 2) and result.output.startswith("Usage: simsiam detect")
+    assert "Error:" not in result.output and "(see:" not in result.output
 
 
 def test_make_toy_voc_writes_a_voc_dataset(tmp_path):
@@ -317,6 +322,9 @@ def test_make_toy_voc_errors(tmp_path):
                       f"already holds a VOCdevkit file; remove {tmp_path / 'd' / 'VOCdevkit'} or give another ROOT")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "b", "--test-images", "5"), "--test-images 5")
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--size", "8", "8"), "must be from 32 to 4096")
+    # numpy's generator takes no negative seed: was a traceback (exit 1), and an empty folder left
+    assert_user_error(run("detect", "make-toy-voc", tmp_path / "s", "--seed", "-1"), "--seed -1: must be from 0 to")
+    assert not (tmp_path / "s").exists()
     # was a run until stopped, writing images
     assert_user_error(run("detect", "make-toy-voc", tmp_path / "c", "--train-images", str(10**8)),
                       f"--train-images {10**8} / --test-images 20: at most 20,000 each")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from simsiam.config import MAX_IMAGE_SIZE
+from simsiam.config import MAX_IMAGE_SIZE, check_seed
 from simsiam.errors import InputError
 
 MAX_TOY_IMAGES = 20_000
@@ -112,6 +112,7 @@ def make_toy_voc(root: str | os.PathLike, train_images: int = 40, test_images: i
     if train_images < 1 or test_images < len(VOC_CLASSES):
         raise InputError(f"--train-images {train_images} / --test-images {test_images}: need at least 1 training "
                          f"and {len(VOC_CLASSES)} test images (one per VOC class)")
+    check_seed(seed)  # numpy's generator takes no negative seed: a traceback, and an empty folder left
     if not (32 <= width <= MAX_IMAGE_SIZE and 32 <= height <= MAX_IMAGE_SIZE):  # PIL refuses huge sides with a ValueError
         raise InputError(f"--size {width}x{height}: width and height must be from 32 to {MAX_IMAGE_SIZE}")
     target = root / "VOCdevkit"
