@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING
 
 import click
@@ -108,8 +109,8 @@ def make_toy_voc_command(root, train_images, test_images, size, seed) -> None:
     counts = ", ".join(f"{split} {n}" for split, n in summary.images.items())
     click.echo(f"wrote {root}/VOCdevkit: {counts} images, {summary.objects} boxes")
     click.echo("try it (a few minutes on a CPU):")
-    click.echo(f"  simsiam detect train --config voc-r50-c4 --weights r50.pkl --data-root {root} "
-               f"--output {root}/run {TOY_OVERRIDES}")
+    click.echo(f"  simsiam detect train --config voc-r50-c4 --weights r50.pkl --data-root {shlex.quote(str(root))} "
+               f"--output {shlex.quote(f'{root}/run')} {TOY_OVERRIDES}")  # to paste: quoted for the shell
 
 
 def _overrides(opts: tuple[str, ...]) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -41,7 +42,9 @@ def command(out, epochs):
     click.echo(f"features (HDF5):    {result.train_features}, {result.test_features}")
     click.echo(f"Detectron2 weights: {result.detectron2_weights}")
     click.echo("next:")
-    click.echo(f"  simsiam knn --train {result.train_features} --val {result.test_features} -k 10 -k 20")
-    click.echo(f"  simsiam search {result.train_features} --query-h5 {result.test_features} --eval")
-    click.echo(f"  simsiam pretrain --resume {result.checkpoint.parent} --epochs {max(20, 2 * result.epochs)}"
-               "   # train longer")
+    # commands to paste: paths quoted for the shell (a folder with a space)
+    train, test, run_dir = (shlex.quote(str(p)) for p in (result.train_features, result.test_features,
+                                                          result.checkpoint.parent))
+    click.echo(f"  simsiam knn --train {train} --val {test} -k 10 -k 20")
+    click.echo(f"  simsiam search {train} --query-h5 {test} --eval")
+    click.echo(f"  simsiam pretrain --resume {run_dir} --epochs {max(20, 2 * result.epochs)}   # train longer")

@@ -80,3 +80,24 @@ def test_the_suggested_longer_run_is_longer_than_the_one_just_run(tmp_path, monk
         result = CliRunner().invoke(simsiam, ["quickstart", "--out", str(tmp_path)] + (["--epochs", given] if given else []),
                                     catch_exceptions=False)
         assert f"simsiam pretrain --resume {tmp_path / 'run'} --epochs {suggested}   # train longer" in result.output
+
+
+def test_the_suggested_commands_quote_paths_for_the_shell(tmp_path, monkeypatch):
+    """Pasted as printed, a folder with a space split into two arguments."""
+    import shlex
+
+    from simsiam import quickstart as library
+
+    out = tmp_path / "my runs"
+
+    def quickstart(out_, on_event):
+        return library.QuickstartResult(0.1, 0.7, out / "run" / "last.pth.tar", out / "features" / "train.h5",
+                                        out / "features" / "test.h5", out / "r.pkl", out / "run" / "curves.png", 10, 5, 6)
+
+    monkeypatch.setattr(library, "run_quickstart", quickstart)
+    result = CliRunner().invoke(simsiam, ["quickstart", "--out", str(out)], catch_exceptions=False)
+    suggested = [line.strip() for line in result.output.splitlines() if line.strip().startswith("simsiam ")]
+    assert len(suggested) == 3
+    knn = shlex.split(suggested[0])
+    assert knn[:5] == ["simsiam", "knn", "--train", str(out / "features" / "train.h5"), "--val"]
+    assert shlex.split(suggested[2].split("#")[0])[3] == str(out / "run")
