@@ -247,6 +247,9 @@ def find_neighbours(database_path: str | os.PathLike, k: int = 10, query: str | 
     check_k(k, evaluate, len(database.features))  # before embedding the queries
     if database.index is not None and backend != "auto":
         raise InputError(f"--backend {backend}: an index searches itself; --backend is for a feature file")
+    if database.index is not None and device == "cuda" and query_h5 is not None:  # it was ignored, in silence
+        raise InputError("--device cuda: an index is searched by FAISS on the CPU; --device picks where a feature "
+                         "file is searched, and where --query images are embedded")
     if query_h5 is not None:
         with given_as("--query-h5", query_h5):
             queries = read_features(query_h5)

@@ -353,6 +353,8 @@ def test_conflicting_options_and_another_network_are_refused_before_any_work(gal
                           f"{option}: embeds --query images; --query-h5 holds features already")
     assert_user_error(run("search", gallery["index"], "--query-h5", gallery["h5"], "--backend", "torch"),
                       "--backend torch: an index searches itself")
+    assert_user_error(run("search", gallery["index"], "--query-h5", gallery["h5"], "--device", "cuda"),
+                      "--device cuda: an index is searched by FAISS on the CPU")  # was ignored, in silence
     small = feature_file(tmp_path / "small.h5", *clustered(20, classes=2, dim=64))
     assert_user_error(run("search", small, "--query", query, "--checkpoint", gallery["checkpoint"]),
                       "resnet18 gives 512-d features, but the database", "has 64-d")
