@@ -257,7 +257,10 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             check_resumable(checkpoint, resume_from)
             check_resumed_state(checkpoint, resume_from, from_official_layout, shapes, build_optimizer(shapes, config))
         if checkpoint is not None and checkpoint["epoch"] >= config.epochs:  # its next epoch (from 1) is past the end
-            where = (f"is in epoch {checkpoint['epoch'] + 1}" if checkpoint.get("step_in_epoch")
+            planned = (checkpoint.get("config") or {}).get("epochs")  # the run's own total, not the one given
+            of = f" of its {planned}" if isinstance(planned, int) and planned > checkpoint["epoch"] else ""
+            where = (f"is in epoch {checkpoint['epoch'] + 1}{of}" if checkpoint.get("step_in_epoch")
+                     else f"has done {checkpoint['epoch']}{of} epochs" if of
                      else f"has finished its {checkpoint['epoch']} epochs")
             raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
                              f"pass --epochs N with N > {checkpoint['epoch']} to train on")

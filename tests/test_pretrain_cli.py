@@ -636,6 +636,12 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tmp_
     assert_user_error(run("pretrain", "--resume", out, "--out", tmp_path / "elsewhere"),
                       "has finished its 1 epochs", "--epochs N with N > 1")
     assert not (tmp_path / "elsewhere").exists()
+    # a run of more epochs stopped there: "finished its 1 epochs" read as if 1 were the run's total
+    last = torch.load(out / "last.pth.tar", weights_only=True)
+    last["config"]["epochs"] = 3
+    torch.save(last, out / "last.pth.tar")
+    assert_user_error(run("pretrain", "--resume", out, "--epochs", "1"), "the run has done 1 of its 3 epochs (--epochs 1)",
+                      "--epochs N with N > 1")
     # but a config.json that is not a run's is someone else's file: left alone
     project = tmp_path / "project"
     project.mkdir()
