@@ -90,7 +90,7 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_as_the_uninterrupted_one(tmp_p
         pretrain(tiny_config(jpeg_folder, tmp_path / "victim"), on_event=kill_at_step_5)
     partial = load_checkpoint(tmp_path / "victim" / "last.pth.tar")
     assert (partial["epoch"], partial["step_in_epoch"]) == (1, 1)
-    with pytest.raises(InputError, match=r"the run is in epoch 2 \(--epochs 1\); pass --epochs N with N > 1"):
+    with pytest.raises(InputError, match=r"the run is in epoch 2 of its 2 \(--epochs 1\); pass --epochs N with N > 1"):
         pretrain(tiny_config(jpeg_folder, tmp_path / "victim", epochs=1), resume_from=tmp_path / "victim" / "last.pth.tar")
     # the library refuses what the CLI refuses: settings that decide the saved weights cannot change
     with pytest.raises(InputError, match=r"--lr 0.5: the run being resumed .* used "):
