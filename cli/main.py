@@ -57,8 +57,8 @@ class SimSiamGroup(click.Group):
         except click.UsageError as err:  # click's own would print the usage and a hint: 4 lines
             if _rank() != "0":  # the command line is every process's: rank 0 says what is wrong with it
                 ctx.exit(2)
-            if type(err).__name__ == "NoArgsIsHelpError":  # click 8.2+: a group given no command shows its help
-                raise
+            if isinstance(err, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # click 8.2+: a group given
+                raise  # no command shows its help
             raise UserError(f"{err.format_message()} (see: {_command_of(err.ctx, ctx)} --help)") from None
         except OSError as err:  # a path given: a missing folder, no permission, a folder for a file, a full disk
             if isinstance(err, BrokenPipeError) and _stdout_closed():

@@ -14,7 +14,7 @@ def plain_console(stderr: bool = False) -> Console:
     pipe, not folded at 80 columns (a path split over two lines is not found by grep)."""
     console = Console(stderr=stderr, markup=False, highlight=False, soft_wrap=True)
     if not console.is_terminal:
-        console = Console(stderr=stderr, markup=False, highlight=False, soft_wrap=True, width=1 << 16)
+        console.width = 1 << 16
     return console
 
 
