@@ -163,6 +163,24 @@ def test_the_legacy_torch_save_format_still_loads(tmp_path):
             load_checkpoint(tmp_path / name)
 
 
+def without_checksums(path) -> None:
+    """Store 0 as every member's CRC-32, as torch.save does with torch.utils.serialization's
+    ``compute_crc32`` off (torch >= 2.6): in each local header and central directory record."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        infos, record = archive.infolist(), archive.start_dir
+    for info in infos:
+        data[info.header_offset + 14: info.header_offset + 18] = bytes(4)
+        assert data[record: record + 4] == b"PK\x01\x02"
+        data[record + 16: record + 20] = bytes(4)
+        name, extra, comment = struct.unpack("<HHH", data[record + 28: record + 34])
+        record += 46 + name + extra + comment
+    path.write_bytes(bytes(data))
+
+
 def test_a_zip_that_is_no_checkpoint_of_weights_or_is_damaged_is_refused(tmp_path):
     torch.save({"w": torch.arange(4096.0)}, tmp_path / "good.pth")
     data = (tmp_path / "good.pth").read_bytes()
@@ -177,15 +195,9 @@ def test_a_zip_that_is_no_checkpoint_of_weights_or_is_damaged_is_refused(tmp_pat
         load_checkpoint(tmp_path / "flipped.pth")
     assert not torch.equal(load_checkpoint(tmp_path / "flipped.pth", mmap=True)["w"], torch.arange(4096.0))  # a peek
     # torch.save with its checksums turned off (torch >= 2.6) stores 0 for every member: not damage
-    serialization = getattr(getattr(torch.utils, "serialization", None), "config", None)
-    if serialization is not None and hasattr(serialization.save, "compute_crc32"):
-        saved = serialization.save.compute_crc32
-        serialization.save.compute_crc32 = False
-        try:
-            torch.save({"w": torch.arange(4096.0)}, tmp_path / "unchecked.pth")
-        finally:
-            serialization.save.compute_crc32 = saved
-        assert torch.equal(load_checkpoint(tmp_path / "unchecked.pth")["w"], torch.arange(4096.0))
+    torch.save({"w": torch.arange(4096.0)}, tmp_path / "unchecked.pth")
+    without_checksums(tmp_path / "unchecked.pth")
+    assert torch.equal(load_checkpoint(tmp_path / "unchecked.pth")["w"], torch.arange(4096.0))
     with warnings.catch_warnings():  # torch 2.10 and later deprecate TorchScript; users still have such files
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "scripted.pt")
