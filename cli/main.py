@@ -44,6 +44,7 @@ class SimSiamGroup(click.Group):
         except KeyboardInterrupt as err:  # click would print "Aborted!" and exit 1
             import os
 
+            _forget_swallowed_interrupts(interrupted=True)  # a second one on the way out changes nothing
             terminated = isinstance(err, Terminated)
             if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
                 resume = getattr(err, "resume_command", None)  # set by pretrain and lincls once a checkpoint exists
@@ -188,13 +189,65 @@ def _register() -> None:
 _register()
 
 
+# The class of a Ctrl-C or SIGTERM that Python swallowed (see _catch_swallowed_interrupts), until
+# it is raised again; and whether the command has ended on one.
+_swallowed: list[type[KeyboardInterrupt]] = []
+_interrupted = False
+
+
+def _catch_swallowed_interrupts() -> None:
+    """Ctrl-C and SIGTERM raise in the main thread wherever it is. Where that is a callback Python
+    calls from C (an ``os.register_at_fork`` hook as DataLoader workers start, a ``__del__``), the
+    exception cannot propagate: Python prints "Exception ignored in ..." and the run went on to its
+    end. Such an interrupt is raised again a moment later, from wherever the main thread is then
+    (again, if that is such a callback too), by SIGALRM.
+
+    Once the command has ended on an interrupt, what Python cannot raise is not printed either: the
+    objects the interrupt cut short fail as they go (torch's DataLoader iterator stopped while it
+    started its workers raises AttributeError in its ``__del__``), after the one line that said why."""
+    import os
+    import signal
+    import sys
+
+    main_process, default_hook = os.getpid(), sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if os.getpid() != main_process:
+            default_hook(unraisable)
+        elif isinstance(unraisable.exc_value, KeyboardInterrupt) and not _interrupted:
+            _swallowed[:] = [unraisable.exc_type]
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # not here: this is the callback
+        elif not _interrupted:
+            default_hook(unraisable)
+
+    def raise_again(signum, frame) -> None:
+        if _swallowed and os.getpid() == main_process:  # a forked worker inherits the handler, not the timer
+            raise _swallowed.pop()()
+
+    signal.signal(signal.SIGALRM, raise_again)
+    sys.unraisablehook = hook
+
+
+def _forget_swallowed_interrupts(interrupted: bool = False) -> None:
+    """The command has ended (``interrupted``: on an interrupt): none is to be raised again."""
+    import signal
+
+    global _interrupted
+    _interrupted = _interrupted or interrupted
+    if _swallowed:
+        _swallowed.clear()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    _catch_swallowed_interrupts()
     try:
         simsiam(prog_name="simsiam")
     finally:
         # the command is over, its outputs settled: a SIGTERM now (torchrun stopping the other ranks
         # of a failed job) would only interrupt the interpreter's exit with a traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _forget_swallowed_interrupts()

@@ -252,3 +252,83 @@ def test_a_sigterm_while_ending_on_an_error_does_not_replace_its_line():
                 _terminate(signal.SIGTERM, None)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Ctrl-C or SIGTERM landing while a DataLoader worker forks: the hook below stands for Python code
+# run in the fork (an os.register_at_fork callback), where the handler's exception is swallowed.
+_SIGNAL_IN_A_FORK_CALLBACK = """
+import os, signal, sys
+sent = []
+
+def in_the_fork_callback():
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.{signal}))
+        sum(range(100000))  # Python code: the signal's handler runs here
+
+os.register_at_fork(before=in_the_fork_callback)
+sys.argv[0] = "simsiam"
+from cli.main import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,status,word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_swallowed_in_a_fork_callback_still_stops_the_command(tmp_path, name, status, word):
+    """It printed "Exception ignored in ...", and the extraction went on to its end with exit 0."""
+    import subprocess
+    import sys
+
+    from conftest import make_image_folder
+
+    repo = Path(__file__).resolve().parents[1]
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=16, ext="jpg")
+    out = tmp_path / "out" / "feats.h5"
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_IN_A_FORK_CALLBACK.format(signal=name), "extract", "--random-init",
+         "--arch", "resnet18", str(data), "--out", str(out), "--image-size", "16", "--resize", "0",
+         "--workers", "1", "--device", "cpu"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == word, done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not out.parent.exists()
+
+
+def test_only_the_main_processs_interrupts_are_raised_again_and_after_one_nothing_is_printed(monkeypatch):
+    """A swallowed KeyboardInterrupt (SIGTERM's Terminated too) is raised again by the timer; any other
+    exception Python could not raise is printed as before, until the command has ended on an
+    interrupt: then the objects it cut short fail quietly as they go."""
+    import signal
+    import sys
+    import types
+
+    import cli.main
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(cli.main, "_interrupted", False)
+    monkeypatch.setattr(cli.main, "_swallowed", [])
+    previous = signal.getsignal(signal.SIGALRM)
+    try:
+        cli.main._catch_swallowed_interrupts()
+        ignored = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"))
+        sys.unraisablehook(ignored)
+        assert seen == [ignored] and cli.main._swallowed == []
+        sys.unraisablehook(types.SimpleNamespace(exc_type=cli.main.Terminated, exc_value=cli.main.Terminated()))
+        assert cli.main._swallowed == [cli.main.Terminated] and seen == [ignored]
+        with pytest.raises(cli.main.Terminated):
+            signal.getsignal(signal.SIGALRM)(signal.SIGALRM, None)  # what the timer calls
+        assert cli.main._swallowed == []
+        signal.getsignal(signal.SIGALRM)(signal.SIGALRM, None)  # nothing left to raise
+        cli.main._swallowed.append(KeyboardInterrupt)
+        signal.setitimer(signal.ITIMER_REAL, 100)
+        cli.main._forget_swallowed_interrupts(interrupted=True)
+        assert cli.main._swallowed == [] and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        sys.unraisablehook(ignored)
+        sys.unraisablehook(types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt()))
+        assert seen == [ignored] and cli.main._swallowed == []
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
