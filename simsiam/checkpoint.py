@@ -244,7 +244,11 @@ def split_backbone(state_dict: dict[str, torch.Tensor], where: str) -> tuple[str
             projector = {k[3:]: v for k, v in encoder.items() if k.startswith("fc.")}
             return layout, backbone, projector
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
-        return "torchvision", {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
+        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        head = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
+        if head and "weight" not in head:  # an MLP at fc (fc.0.weight, ...): a SimSiam encoder's projector
+            return "simsiam", backbone, head  # model.encoder.state_dict()
+        return "torchvision", backbone, {}
     sample = ", ".join(list(state_dict)[:3])  # as the file has them
     raise InputError(
         f"{where}: unknown checkpoint layout (found keys like {sample}); expected a SimSiam "

@@ -69,6 +69,16 @@ def test_reads_a_plain_torchvision_state_dict_and_infers_its_arch(tmp_path):
         assert torch.allclose(model(x), expected)
 
 
+def test_reads_a_simsiam_encoders_state_dict_with_its_projector(tmp_path, simsiam_r18):
+    """``model.encoder.state_dict()``: torchvision names, SimSiam's projector at ``fc.*`` (was read as a
+    torchvision ResNet, and ``--layer projector`` said it had none)."""
+    torch.save(simsiam_r18.encoder.state_dict(), tmp_path / "encoder.pth")
+    weights = read_backbone(tmp_path / "encoder.pth")
+    assert (weights.arch, weights.layout) == ("resnet18", "simsiam")
+    assert_same_backbone(weights, simsiam_r18)
+    assert weights.projector.keys() == {k[3:] for k in simsiam_r18.encoder.state_dict() if k.startswith("fc.")}
+
+
 def test_reads_moco_encoder_q_checkpoints(tmp_path, simsiam_r18):
     state = {f"module.encoder_q.{k}": v for k, v in simsiam_r18.encoder.state_dict().items()}
     torch.save({"state_dict": state, "arch": "resnet18"}, tmp_path / "moco.pth.tar")

@@ -103,6 +103,11 @@ def test_projector_layer_is_the_simsiam_encoder_output(tmp_path, checkpoints, im
     assert feats.dim == 64
     np.testing.assert_allclose(feats.features, expected, rtol=1e-4, atol=1e-4)
     assert feats.attrs["layer"] == "projector"
+    # the encoder saved alone (model.encoder.state_dict()): torchvision names, the projector at fc.*
+    torch.save(model.encoder.state_dict(), tmp_path / "encoder.pth")
+    assert run("extract", tmp_path / "encoder.pth", images, "--out", tmp_path / "encoder.h5", "--layer", "projector",
+               "--dtype", "float32", *FAST).exit_code == 0
+    np.testing.assert_allclose(read_features(tmp_path / "encoder.h5").features, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_projector_of_a_checkpoint_without_one_is_refused(tmp_path, checkpoints, images):
