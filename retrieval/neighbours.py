@@ -10,9 +10,8 @@ normalisation, best first, so they agree up to ties and float rounding.
 - ``torch``: ``queries @ database.T`` a chunk of queries at a time, then ``topk``, on any
   device; memory is bounded by ``chunk_size x N`` similarities (N: the rows of a block, below).
 
-On the CPU (both) and with torch, the database is normalised and searched a block of rows at a
-time, the best neighbours of each block merged with those so far: a search holds one float32
-block, not a copy of every row (faiss on a GPU takes the whole database, normalised, at once).
+Both normalise and search the database a block of rows at a time, the best neighbours of each
+block merged with those so far: a search holds one float32 block, not a copy of every row.
 """
 
 from __future__ import annotations
@@ -173,29 +172,36 @@ def torch_search(database, queries, k: int, device: str = "cpu", chunk_size: int
 
 
 def faiss_search(database, queries, k: int, device: str = "auto") -> Neighbours:
-    """Exact top-k inner product of L2-normalised vectors with faiss (GPU when faiss has GPUs; on
-    the CPU a block of the database at a time, as :func:`torch_search`)."""
+    """Exact top-k inner product of L2-normalised vectors with faiss, on the GPU when faiss has GPUs,
+    a block of the database at a time as :func:`torch_search` (faiss's own ``knn_ground_truth`` runs
+    so: on the GPU, one block's index is emptied and filled with the next)."""
     faiss = import_faiss()
     placement = faiss_placement(faiss_gpu_count(faiss), device)
     q = normalized_float32(queries)
     if placement == "cpu":
-        best = None
-        for first, base in _database_blocks(database, torch.device("cpu")):
-            scores, indices = faiss.knn(q, base.numpy(), min(k, base.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-            best = _keep_best(best, torch.from_numpy(scores), torch.from_numpy(indices) + first, k)
-            del base  # before the next block is made: one block at a time
-        return Neighbours(best[0].numpy().astype(np.float32), best[1].numpy().astype(np.int64), "faiss-cpu")
-    base = normalized_float32(database)
-    if placement == "gpu":
+        def block_search(base, k):
+            return faiss.knn(q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+    elif placement == "gpu":
         resources = faiss.StandardGpuResources()
-        scores, indices = faiss.knn_gpu(resources, q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+        def block_search(base, k):
+            return faiss.knn_gpu(resources, q, base, k, metric=faiss.METRIC_INNER_PRODUCT)
     else:  # gpu-sharded
         options = faiss.GpuMultipleClonerOptions()
-        options.shard = True  # each GPU holds 1/n of the database; results are merged
-        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(base.shape[1]), co=options)
-        index.add(base)
-        scores, indices = index.search(q, k)
-    return Neighbours(np.asarray(scores, np.float32), np.asarray(indices, np.int64), f"faiss-{placement}")
+        options.shard = True  # each GPU holds 1/n of a block; results are merged
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(q.shape[1]), co=options)
+
+        def block_search(base, k):
+            index.reset()  # the shards number the rows they are given from 0 in one add
+            index.add(base)
+            return index.search(q, k)
+    best = None
+    for first, base in _database_blocks(database, torch.device("cpu")):
+        scores, indices = block_search(base.numpy(), min(k, base.shape[0]))
+        best = _keep_best(best, torch.from_numpy(np.asarray(scores, np.float32)),
+                          torch.from_numpy(np.asarray(indices, np.int64)) + first, k)
+        del base  # before the next block is made: one block at a time
+    return Neighbours(best[0].numpy(), best[1].numpy(), f"faiss-{placement}")
 
 
 def search(database, queries, k: int, backend: str = "auto", device: str = "auto",

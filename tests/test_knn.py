@@ -140,6 +140,44 @@ def test_faiss_runs_on_gpu_only_when_it_reports_gpus():
     assert faiss_placement(4, "cpu") == "cpu"
 
 
+@needs_faiss
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_faiss_on_gpus_searches_the_database_a_block_at_a_time(data, monkeypatch, gpus):
+    """faiss-gpu's calls, played here by faiss-cpu's: knn_gpu on one GPU, a sharded index emptied and
+    filled again on several. A float32 copy of the whole database was made first (10 GB for ImageNet)."""
+    import types
+
+    import retrieval.neighbours as neighbours
+
+    train, _, val, _ = data
+    expected = search(train.astype(np.float16), val, 100, "torch", "cpu")
+    rows = []
+
+    def knn_gpu(resources, q, base, k, metric):
+        rows.append(len(base))
+        return faiss.knn(q, base, k, metric=metric)
+
+    class ShardedIndex(faiss.IndexFlatIP):
+        def add(self, base):
+            assert self.ntotal == 0  # faiss's shards with successive ids take one add
+            rows.append(len(base))
+            super().add(base)
+
+    monkeypatch.setattr(neighbours, "faiss_gpu_count", lambda faiss: gpus)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", types.SimpleNamespace, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index, co: co.shard and ShardedIndex(index.d),
+                        raising=False)
+    monkeypatch.setattr(neighbours, "DATABASE_BLOCK_VALUES", 70 * train.shape[1])  # 70 rows: fewer than k
+    found = search(train.astype(np.float16), val, 100, "faiss", "cuda")
+    assert found.backend == ("faiss-gpu" if gpus == 1 else "faiss-gpu-sharded")
+    assert rows == [70] * 21 + [30]  # 1500 rows
+    np.testing.assert_array_equal(found.indices, expected.indices)
+    np.testing.assert_allclose(found.scores, expected.scores, atol=1e-5)
+    assert found.scores.dtype == np.float32 and found.indices.dtype == np.int64
+
+
 @pytest.mark.cuda(reason="the CPU tests above cover the protocol")
 def test_torch_on_cuda_matches_the_cpu_backend(data):
     train, train_labels, val, val_labels = data
