@@ -26,7 +26,8 @@ def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), t
                    backend: str = "auto", device: str = "auto",
                    chunk_size: int | None = None) -> tuple[KnnReport, FeatureSet]:
     """Weighted kNN of the feature file ``val`` against ``train``; returns the report and ``val``."""
-    resolve_search(backend, device, check_ks(ks)[-1])  # refuse what we cannot run before reading gigabytes
+    ks = check_ks(ks)  # a list: ks may be an iterator
+    resolve_search(backend, device, ks[-1])  # refuse what we cannot run before reading gigabytes
     check_temperature(temperature)
     for option, path in (("--train", train), ("--val", val)):
         if is_torch_save_file(path):
@@ -53,7 +54,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     if runtime.distributed:
         raise InputError("knn CHECKPOINT runs in one process; under torchrun run simsiam extract for both folders, "
                          "then simsiam knn --train --val")
-    resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu", check_ks(ks)[-1])
+    ks = check_ks(ks)  # a list: ks may be an iterator
+    resolve_search(backend, "cuda" if runtime.device.type == "cuda" else "cpu", ks[-1])
     check_temperature(temperature)  # before embedding, not after
     if Path(checkpoint).is_file() and h5py.is_hdf5(checkpoint):  # before scanning folders: knn's other form
         raise InputError(f"CHECKPOINT {checkpoint}: a feature file, not a checkpoint; to evaluate feature files: "

@@ -24,7 +24,7 @@ from simsiam.data import ONE_CLASS_WARNING, same_images, split_folders_warning, 
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of
-from .neighbours import as_tensor, search
+from .neighbours import as_tensor, check_matrices, search
 
 VOTE_CHUNK = 8192  # queries voted at a time: bounds the [chunk, classes] score matrix
 
@@ -96,7 +96,7 @@ def check_ks(ks) -> list[int]:
 
 
 def check_temperature(temperature: float) -> None:
-    if not 0 < temperature < float("inf"):  # NaN compares false
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):  # NaN compares false
         raise InputError(f"--temperature {temperature}: must be a positive finite number")
 
 
@@ -111,6 +111,7 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
     """
     ks = check_ks(ks)
     check_temperature(temperature)
+    check_matrices(train_features, val_features)
     # voting runs on the CPU: [queries, k] neighbours are small next to the search
     train_labels = as_tensor(train_labels).cpu().long()
     val_labels = as_tensor(val_labels).cpu().long()
@@ -124,9 +125,10 @@ def weighted_knn(train_features, train_labels, val_features, val_labels, ks=(20,
             raise InputError(f"{name} features: NaN or infinite values (row {bad})")
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), val_labels.max().item())) + 1
-    if train_labels.min() < 0 or train_labels.max() >= num_classes or val_labels.min() < 0:
-        raise InputError(f"labels from {min(train_labels.min(), val_labels.min())} to {train_labels.max()}: "
-                         f"expected class indices from 0 to {num_classes - 1} (every image labelled)")
+    lowest, highest = min(train_labels.min(), val_labels.min()), max(train_labels.max(), val_labels.max())
+    if lowest < 0 or highest >= num_classes:  # a val label past the classes would count as a miss, unseen
+        raise InputError(f"labels from {lowest} to {highest}: expected class indices from 0 to {num_classes - 1} "
+                         "(every image labelled)")
     try:
         device = torch.device(device)
     except RuntimeError:

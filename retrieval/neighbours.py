@@ -16,6 +16,7 @@ block merged with those so far: a search holds one float32 block, not a copy of 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,8 +109,9 @@ def auto_chunk_size(rows: int, device: str = "cpu") -> int:
 
 
 def as_tensor(x) -> torch.Tensor:
-    """A tensor where it is (a GPU tensor stays there), or a zero-copy view of an array."""
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    """A tensor where it is (a GPU tensor stays there; one that carries gradients, a model's output
+    outside ``torch.no_grad``, detached), or a zero-copy view of an array."""
+    return x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
 def as_array(x) -> np.ndarray:
@@ -204,14 +206,35 @@ def faiss_search(database, queries, k: int, device: str = "auto") -> Neighbours:
     return Neighbours(best[0].numpy(), best[1].numpy(), f"faiss-{placement}")
 
 
+def check_whole(name: str, value) -> int:
+    """``value`` as an int: a numpy integer (faiss's SWIG calls take no other), not a float or a string."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} {value!r}: must be a whole number")
+    return int(value)
+
+
+def check_k(k, rows: int) -> int:
+    """``k`` neighbours of ``rows``, as an int."""
+    k = check_whole("-k", k)
+    if not 1 <= k <= rows:
+        raise InputError(f"-k {k}: must be from 1 to the {rows} database rows")
+    return k
+
+
+def check_matrices(database, queries) -> None:
+    """Two [rows, dim] matrices of the same dim (arrays or tensors)."""
+    shapes = [tuple(getattr(x, "shape", ())) for x in (database, queries)]
+    if len(shapes[0]) != 2 or len(shapes[1]) != 2 or shapes[0][1] != shapes[1][1]:
+        raise InputError(f"features of shapes {shapes[0]} and {shapes[1]}: expected [rows, dim] matrices of the same dim")
+
+
 def search(database, queries, k: int, backend: str = "auto", device: str = "auto",
            chunk_size: int | None = None) -> Neighbours:
     """The k most cosine-similar database rows of every query, best first."""
-    if database.ndim != 2 or queries.ndim != 2 or database.shape[1] != queries.shape[1]:
-        raise InputError(f"features of shapes {tuple(database.shape)} and {tuple(queries.shape)}: expected "
-                         "[rows, dim] matrices of the same dim")
-    if not 1 <= k <= len(database):
-        raise InputError(f"-k {k}: must be from 1 to the {len(database)} database rows")
+    check_matrices(database, queries)
+    k = check_k(k, len(database))
+    if chunk_size is not None and check_whole("--chunk-size", chunk_size) < 1:
+        raise InputError(f"--chunk-size {chunk_size}: must be at least 1")
     backend, device = resolve_search(backend, device, k)
     if backend == "faiss":
         return faiss_search(database, queries, k, device)

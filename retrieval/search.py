@@ -28,7 +28,7 @@ from .feature_model import load_feature_model
 from .features import FeatureSet, check_compatible, check_utf8_names, check_usable, labels_in_classes_of, file_rows_fingerprint, read_features
 from .index import LoadedIndex, load_index, sidecar_path
 from .metrics import retrieval_metrics
-from .neighbours import normalized_float32, search
+from .neighbours import check_whole, normalized_float32, search
 
 EVAL_DEPTH = 10  # recall@1/5/10 need ten results per query
 
@@ -189,6 +189,7 @@ def _drop_self(scores: np.ndarray, indices: np.ndarray, k: int, own: np.ndarray)
 def check_k(k: int, evaluate: bool, rows: int, same: bool = False) -> int:
     """The neighbours to search for each query: k, at least ten with ``evaluate`` (recall@10);
     ``same``: queries are database images, so each finds one image fewer (its own is left out)."""
+    k = check_whole("-k", k)
     if k < 1:
         raise InputError(f"-k {k}: must be at least 1")
     depth = max(k, EVAL_DEPTH) if evaluate else k

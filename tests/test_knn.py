@@ -232,3 +232,40 @@ def test_array_inputs_that_cannot_be_voted_on_are_named_errors(data):
         weighted_knn(train, train_labels, val, val_labels, device="gpu")
     with pytest.raises(InputError, match="-k 0: must be from 1"):
         search(train, val, 0, "torch", "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_library_calls_take_what_a_notebook_has_at_hand(data, backend):
+    """A model's output that still carries gradients (Can't call numpy() on Tensor that requires
+    grad), a numpy integer k (faiss's SWIG calls refused it), ks as an iterator (used up by the check)."""
+    train, train_labels, val, val_labels = data
+    expected = weighted_knn(train, train_labels, val, val_labels, ks=(5, 20), backend=backend)
+    net = torch.nn.Linear(train.shape[1], train.shape[1])
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(train.shape[1]))
+        net.bias.zero_()
+    outputs = [net(torch.from_numpy(x).float()) for x in (train, val)]
+    assert outputs[0].requires_grad
+    found = weighted_knn(outputs[0], train_labels, outputs[1], val_labels, ks=iter([5, 20]), backend=backend)
+    for a, b in zip(found, expected):
+        assert (a.k, a.top1, a.top5) == (b.k, b.top1, b.top5)
+    by_int, by_numpy = search(train, val, 7, backend), search(train, val, np.int64(7), backend)
+    np.testing.assert_array_equal(by_numpy.indices, by_int.indices)
+
+
+def test_library_calls_refuse_what_they_cannot_use_in_one_line(data):
+    train, train_labels, val, val_labels = data
+    for k in (3.0, "3", True):
+        with pytest.raises(InputError, match="-k .*: must be a whole number"):
+            search(train, val, k)
+    with pytest.raises(InputError, match="--chunk-size -1: must be at least 1"):
+        search(train, val, 3, "torch", chunk_size=-1)
+    with pytest.raises(InputError, match=r"features of shapes \(1500,\) and \(300, 32\): expected \[rows, dim\]"):
+        weighted_knn(train[:, 0], train_labels, val, val_labels)  # was an IndexError
+    with pytest.raises(InputError, match="--temperature 0.07: must be a positive finite number"):
+        weighted_knn(train, train_labels, val, val_labels, temperature="0.07")
+    # a validation label past the classes counted as a miss, unseen
+    wrong = val_labels.copy()
+    wrong[0] = 10
+    with pytest.raises(InputError, match="labels from 0 to 10: expected class indices from 0 to 9"):
+        weighted_knn(train, train_labels, val, wrong, num_classes=10)
