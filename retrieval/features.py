@@ -57,7 +57,10 @@ class FeatureSet:
 
     @property
     def dim(self) -> int:
-        return int(self.features.shape[1])
+        shape = tuple(np.shape(self.features))
+        if len(shape) != 2:
+            raise InputError(f"{self.source}: features of shape {shape}; expected a [rows, dim] matrix")
+        return int(shape[1])
 
     @property
     def classes(self) -> list[str]:
@@ -182,6 +185,11 @@ class FeatureWriter:
 
     def append(self, features: np.ndarray, labels: Sequence[int], paths: Sequence[str]) -> None:
         n = len(features)
+        shape = tuple(np.shape(features))
+        if shape[1:] != self.features.shape[1:] or len(labels) != n or len(paths) != n:
+            # h5py would stretch one label or path over every row: a file that names the wrong images
+            raise InputError(f"{self.path}: features of shape {shape} with {len(labels)} labels and {len(paths)} "
+                             f"paths; expected [rows, {self.features.shape[1]}] features and one label and path a row")
         if not n:
             return
         with np.errstate(over="ignore"):  # an overflow is found just below, and said as a one-line error

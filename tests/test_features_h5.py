@@ -125,6 +125,24 @@ def test_writer_removes_its_temporary_file_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("features, labels, paths", [
+    (np.ones((4, 3)), [1], ["a.jpg"]),  # h5py stretched the one label and path over the four rows
+    (np.ones((4, 3)), [0, 1, 0, 1], ["a", "b"]),
+])
+def test_rows_with_other_counts_of_labels_or_paths_are_refused_and_leave_no_file(tmp_path, features, labels, paths):
+    attrs = {"arch": "a", "layer": "backbone", "classes": ["a", "b"]}
+    with pytest.raises(InputError, match="expected \\[rows, 3\\] features and one label and path a row"):
+        write_features(tmp_path / "f.h5", FeatureSet(features, np.array(labels), paths, attrs))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match=r"features of shape \(2, 5\) with 2 labels and 2 paths; expected \[rows, 3\]"):
+        with FeatureWriter(tmp_path / "f.h5", 3, attrs) as writer:
+            writer.append(np.ones((2, 5)), [0, 1], ["a", "b"])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match=r"<memory>: features of shape \(3,\); expected a \[rows, dim\] matrix"):
+        write_features(tmp_path / "f.h5", FeatureSet(np.ones(3), np.array([0, 1, 2]), ["a", "b", "c"], attrs))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_merged_shards_are_one_plain_file_in_rank_order(tmp_path, monkeypatch):
     import retrieval.features
 
