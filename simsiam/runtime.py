@@ -28,6 +28,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # start() made the process group, so stop() ends it (not a caller's own)
+    cuda_before: tuple[int, bool] | None = None  # the CUDA device and cudnn.benchmark stop() puts back
 
     @property
     def distributed(self) -> bool:
@@ -83,15 +85,19 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    precision = resolve_precision(precision, dev)
+    cuda_before = None
     if dev.type == "cuda":
+        cuda_before = (torch.cuda.current_device(), torch.backends.cudnn.benchmark)
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels, as official
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()  # a caller's own group is left to the caller
+    if owns_group:
         dist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=30),
         )
-    return Runtime(dev, resolve_precision(precision, dev), rank, world_size, local_rank)
+    return Runtime(dev, precision, rank, world_size, local_rank, owns_group, cuda_before)
 
 
 def stop(runtime: Runtime, together: bool = False) -> None:
@@ -101,11 +107,18 @@ def stop(runtime: Runtime, together: bool = False) -> None:
     torch 2.4's gloo, 1 run in 6 of a refusal agreed by two processes hung there until torchrun
     killed it, its Error line unprinted). After an error of this process alone a peer may be gone,
     and a barrier would wait for it: the group is destroyed at once, since a process leaving with
-    its group up can abort ('terminate called without an active exception', 1 run in 8)."""
-    if runtime.distributed and dist.is_initialized():
+    its group up can abort ('terminate called without an active exception', 1 run in 8).
+
+    A group start() did not make (a library caller's) is left up, and the CUDA device and
+    ``cudnn.benchmark`` start() set go back to what they were."""
+    if runtime.owns_group and dist.is_initialized():
         if together:
             dist.barrier()
         dist.destroy_process_group()
+    if runtime.cuda_before is not None:
+        device, benchmark = runtime.cuda_before
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def agree(runtime: Runtime, error: SimSiamError | None) -> None:

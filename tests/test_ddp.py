@@ -190,10 +190,32 @@ def test_the_processes_wait_for_each_other_before_ending_their_group_only_when_a
     monkeypatch.setattr(rt.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(rt.dist, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(rt.dist, "destroy_process_group", lambda: calls.append("destroy"))
-    two = rt.Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
+    two = rt.Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2, owns_group=True)
     rt.stop(two, together=True)
     rt.stop(two)
     assert calls == ["barrier", "destroy", "destroy"]  # destroyed either way: a process leaving with it up can abort
+
+
+def test_a_group_the_caller_made_is_left_to_the_caller(monkeypatch):
+    """A script that made its own process group and called pretrain or linear_eval found it destroyed."""
+    from simsiam import runtime as rt
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(rt.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(rt.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(rt.dist, "init_process_group", lambda **kwargs: calls.append("init"))
+    monkeypatch.setattr(rt.dist, "is_initialized", lambda: True)  # the caller's
+    theirs = rt.start("cpu", "fp32")
+    assert theirs.distributed and not theirs.owns_group
+    rt.stop(theirs, together=True)
+    rt.stop(theirs)
+    assert calls == []
+    monkeypatch.setattr(rt.dist, "is_initialized", lambda: bool(calls))  # none yet: start makes it
+    ours = rt.start("cpu", "fp32")
+    assert ours.owns_group
+    rt.stop(ours, together=True)
+    assert calls == ["init", "barrier", "destroy"]
 
 
 class _BareConfig:
@@ -234,6 +256,35 @@ def test_a_run_ends_its_group_together_only_when_its_body_returned_or_the_error_
         with pytest.raises(type(failure)):
             run_dir.run_in_folder(_BareConfig(tmp_path / "run"), False, body)
     assert stopped == [together]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_run_seeds_its_own_generator_and_gives_the_callers_back(tmp_path, fails):
+    """pretrain and linear_eval seed torch's generator (a resumed run sets its state): a script that
+    seeded its own trials got the same draws after the call whatever its seed."""
+    from simsiam import run_dir
+
+    def body(runtime, folder):
+        torch.manual_seed(0)
+        torch.set_rng_state(torch.Generator().manual_seed(7).get_state())  # as a resumed run
+        torch.rand(100)
+        if fails:
+            raise RuntimeError("a bug")
+        return {}
+
+    after = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(3)
+        torch.manual_seed(seed)
+        if fails:
+            with pytest.raises(RuntimeError):
+                run_dir.run_in_folder(_BareConfig(tmp_path / f"run{seed}"), False, body)
+        else:
+            run_dir.run_in_folder(_BareConfig(tmp_path / f"run{seed}"), False, body)
+        after.append(torch.rand(3))
+        assert torch.equal(after[-1], expected)
+    assert not torch.equal(*after)
 
 
 def test_processes_agree_on_a_failure_so_none_goes_on_alone(monkeypatch):
