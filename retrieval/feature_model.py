@@ -140,7 +140,9 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, layer: str =
     weights = read_backbone(checkpoint)
     if arch and arch != weights.arch:
         raise InputError(f"--arch {arch}: {checkpoint} holds a {weights.arch}")
-    module = _with_projector(weights, str(checkpoint), projector_hint) if layer == "projector" else build_backbone(weights)
+    with torch.random.fork_rng(devices=[]):  # the initialisation the weights replace: not from the caller's generator
+        module = (_with_projector(weights, str(checkpoint), projector_hint) if layer == "projector"
+                  else build_backbone(weights))
     image_size, resize = _eval_defaults(weights)
     return FeatureModel(module.eval(), weights.arch, layer, _output_dim(module, 32), str(Path(checkpoint).resolve()),
                         file_sha256(checkpoint), image_size, resize)

@@ -107,8 +107,9 @@ def _random_init_model(config: PretrainConfig):
 
     from .train import build_model
 
-    torch.manual_seed(config.seed)
-    encoder = build_model(config).encoder
+    with torch.random.fork_rng(devices=[]):  # the caller's generator left as it was
+        torch.manual_seed(config.seed)
+        encoder = build_model(config).encoder
     width = encoder.fc[0].in_features  # the projector's input: the pooled features
     return FeatureModel(pooled_backbone(encoder), config.arch, "backbone", width,
                         f"random initialisation (seed {config.seed})", "", config.image_size, config.eval_resize)

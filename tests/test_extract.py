@@ -556,6 +556,18 @@ def test_a_random_init_baseline_leaves_the_callers_random_generator_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("layer", ["backbone", "projector"])
+def test_loading_a_checkpoint_leaves_the_callers_random_generator_alone(checkpoints, layer):
+    # the ResNet is initialised at random before its weights replace that: not from the caller's generator
+    from retrieval.feature_model import load_feature_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_feature_model(checkpoints["official"], layer=layer)
+    assert torch.equal(torch.rand(3), expected)
+
+
 @pytest.mark.parametrize("preset, cifar_stem", [("imagenet", False), ("cifar", True)])
 def test_a_random_init_projector_is_the_one_pretraining_starts_from_seeded(preset, cifar_stem):
     # the projector too: drawn from the seed, not the caller's generator, with the preset's widths
