@@ -20,7 +20,7 @@ from . import __version__, runtime as rt
 from .atomic import link_atomic
 from .augment import TwoViews, eval_transform, pretrain_transform
 from .backbones import build_resnet, pooled_backbone
-from .checkpoint import (LAST, epoch_checkpoint_name, from_official_layout, save_atomic,
+from .checkpoint import (LAST, epoch_checkpoint_name, find_resume_checkpoint, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
 from .data import (MEND_UNREADABLE, GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
@@ -235,10 +235,13 @@ def pretrain(config: PretrainConfig, resume_from: str | os.PathLike | None = Non
              on_event: Event | None = None) -> dict:
     """Train SimSiam as ``config`` says; returns the last metrics.
 
-    ``resume_from``: a checkpoint to continue from exactly (model, optimizer, epoch, step, RNG).
+    ``resume_from``: a checkpoint to continue from exactly (model, optimizer, epoch, step, RNG), or a
+    run folder (its newest checkpoint).
     ``on_event``: called with ``{"event": "start" | "log" | "epoch" | "unreadable" | "end", ...}``
     on the main process, for progress display.
     """
+    if resume_from is not None:  # a run folder: its newest checkpoint, as --resume takes it
+        resume_from = find_resume_checkpoint(resume_from)
     return run_in_folder(config, overwrite, lambda runtime, run_folder: _pretrain(
         config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None)))
 

@@ -390,6 +390,23 @@ def test_resume_of_a_finished_run_with_more_epochs_continues_it(tmp_path, shared
     assert load_checkpoint(other / "last.pth.tar")["epoch"] == 3
 
 
+def test_the_library_resumes_from_a_run_folder_as_the_cli_does(tmp_path, shared_image_folder):
+    """pretrain(resume_from=folder) said the folder "already holds a run; pass --resume" (what was
+    passed), or "is a folder, not a checkpoint file"."""
+    from simsiam.config import PretrainConfig
+    from simsiam.errors import InputError
+    from simsiam.train import pretrain
+
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    config = PretrainConfig.from_dict({**json.loads((out / "config.json").read_text()), "epochs": 2})
+    pretrain(config, resume_from=out)
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="the folder holds no checkpoint to resume from"):
+        pretrain(config, resume_from=tmp_path / "empty")
+
+
 def test_a_resume_refuses_a_checkpoint_without_what_it_loads(tmp_path, shared_image_folder):
     # e.g. a checkpoint whose optimizer state was dropped to save space: a KeyError traceback before
     out = tmp_path / "run"

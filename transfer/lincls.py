@@ -29,7 +29,7 @@ from torch.utils.data import Subset
 from simsiam import __version__, runtime as rt
 from simsiam.augment import eval_transform, linear_eval_transform
 from simsiam.backbones import build_resnet
-from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, read_backbone, save_atomic
+from simsiam.checkpoint import LAST, BackboneWeights, build_backbone, find_resume_checkpoint, read_backbone, save_atomic
 from simsiam.config import write_json_atomic
 from simsiam.data import (ONE_CLASS_WARNING, GlobalBatchSampler, ImageDataset, ImageList, count_training_unreadable,
                           count_unreadable, folder_warnings, labelled_images, make_loader)
@@ -223,10 +223,12 @@ def linear_eval(config: LinearEvalConfig, resume_from: str | os.PathLike | None 
                 on_event: Event | None = None) -> dict:
     """Train and evaluate the linear classifier as ``config`` says; returns the final metrics.
 
-    Writes ``config.out``: ``last.pth.tar`` (for ``resume_from``), ``metrics.jsonl``,
+    Writes ``config.out``: ``last.pth.tar`` (for ``resume_from``, which also takes the run folder), ``metrics.jsonl``,
     ``config.json`` and, at the end, ``linear_head.pth`` (``fc.weight``, ``fc.bias`` in
     torchvision's names, the class names, the metrics).
     """
+    if resume_from is not None:  # a run folder: its newest checkpoint, as --resume takes it
+        resume_from = find_resume_checkpoint(resume_from)
     return run_in_folder(config, overwrite, lambda runtime, run_folder: _linear_eval(
         config, runtime, run_folder, resume_from, overwrite, on_event or (lambda event: None)))
 
