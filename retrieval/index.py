@@ -36,7 +36,7 @@ from simsiam.config import check_seed
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_usable, read_features, rows_fingerprint
-from .neighbours import import_faiss, normalized_float32
+from .neighbours import check_whole, import_faiss, normalized_float32
 
 KINDS = ("auto", "flat", "hnsw", "ivf-pq")
 FLAT_MAX_ROWS = 100_000
@@ -223,7 +223,7 @@ def _is_description(path: Path) -> bool:
 
 
 def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
-                max_memory: int | None = None, target_recall: float = 0.95, recall_sample: int = 1000,
+                max_memory: int | str | None = None, target_recall: float = 0.95, recall_sample: int = 1000,
                 seed: int = 0, on_event: Callable[[str], None] | None = None, overwrite: bool = False) -> IndexReport:
     """Build, tune and write an index over the feature file ``features_path`` (see the module docstring).
 
@@ -242,6 +242,13 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     if not 0 < target_recall <= 1:
         raise InputError(f"--target-recall {target_recall}: must be in (0, 1]")
     check_seed(seed)
+    if check_whole("--recall-sample", recall_sample) < 1:  # an int: it goes into the JSON sidecar
+        raise InputError(f"--recall-sample {recall_sample}: must be at least 1")
+    recall_sample = int(recall_sample)
+    if isinstance(max_memory, str):  # "8G", as --max-memory takes it
+        max_memory = parse_memory(max_memory)
+    elif max_memory is not None:
+        max_memory = check_whole("--max-memory", max_memory)
     start = time.perf_counter()
     feature_set: FeatureSet = read_features(features_path)
     check_usable(feature_set, "FEATURES")

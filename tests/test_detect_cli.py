@@ -11,6 +11,7 @@ import collections
 import pickle
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,6 +176,20 @@ def test_data_root_without_voc_or_coco_folders(tmp_path, weights):
     (tmp_path / "empty").mkdir()
     assert_user_error(run(*base, "--data-root", tmp_path / "empty"), "empty", "neither VOC", "VOCdevkit/VOC2007",
                       "train2017/")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_takes_paths_as_paths(tmp_path, weights):
+    """plan_detection(Path(...)) raised AttributeError, check_detectron2_weights(Path) a TypeError."""
+    from simsiam.errors import InputError
+    from transfer.detection import plan_detection
+    from transfer.detectron2_weights import check_detectron2_weights
+
+    assert check_detectron2_weights(weights) == check_detectron2_weights(str(weights))
+    (tmp_path / "empty").mkdir()
+    for config in (Path("voc-r50-c4"), "voc-r50-c4"):
+        with pytest.raises(InputError, match="empty: holds neither VOC"):
+            plan_detection(config, weights, tmp_path / "empty", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

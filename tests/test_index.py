@@ -290,3 +290,21 @@ def test_a_search_whose_index_finds_fewer_than_k_says_so(clustered_file, tmp_pat
         f"{load_index(tmp_path / 'ivf.index').meta['search_parameters']}); their lists end early"]
     exact = find_neighbours(clustered_file, k=2500, query_h5=clustered_file)  # the feature file: exact, whole lists
     assert (exact.indices >= 0).all() and not any("fewer than" in w for w in exact.warnings)
+
+
+def test_the_library_takes_a_numpy_integer_sample_and_a_memory_string(clustered_file, tmp_path):
+    """recall_sample=np.int64(300) failed when the sidecar's JSON was written, after the whole build;
+    max_memory="1G" (as --max-memory takes it) raised a TypeError."""
+    import numpy as np
+
+    from simsiam.errors import InputError
+
+    report = build_index(clustered_file, tmp_path / "a.index", kind="hnsw", recall_sample=np.int64(300),
+                         max_memory="1G")
+    assert json.loads((tmp_path / "a.index.json").read_text())["recall_sample"] == 300 == report.recall_sample
+    for bad, message in (({"recall_sample": 0}, "--recall-sample 0: must be at least 1"),
+                         ({"recall_sample": 2.5}, "--recall-sample 2.5: must be a whole number"),
+                         ({"max_memory": "lots"}, "--max-memory")):
+        with pytest.raises(InputError, match=message):
+            build_index(clustered_file, tmp_path / "b.index", kind="flat", **bad)
+    assert not (tmp_path / "b.index").exists()

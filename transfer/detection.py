@@ -71,7 +71,10 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
                    opts: Sequence[str] = (), num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0,
                    dist_url: str = "auto", scale: bool = False, eval_only: bool = False, resume: bool = False,
                    overwrite: bool = False) -> DetectionPlan:
-    """Check the inputs and settle the Detectron2 config of a training or evaluation run."""
+    """Check the inputs and settle the Detectron2 config of a training or evaluation run. The paths
+    may be strings or ``Path``s."""
+    config, data_root = os.fspath(config), os.fspath(data_root)
+    weights, output = (None if weights is None else os.fspath(weights)), (None if output is None else os.fspath(output))
     if num_gpus < 1 or num_machines < 1:
         raise InputError(f"--num-gpus {num_gpus} / --num-machines {num_machines}: must be at least 1")
     if not 0 <= machine_rank < num_machines:

@@ -224,6 +224,7 @@ def check_detectron2_weights(weights: str) -> WeightsFile | None:
     or a Caffe2 ``blobs`` pickle), a Detectron2 ``.pth`` checkpoint (``model_final.pth``), or a URL
     (``detectron2://...``, ``https://...``).
     """
+    weights = os.fspath(weights)  # a Path too
     if "://" in weights:
         return None
     path = Path(weights)
