@@ -190,9 +190,9 @@ _register()
 
 
 # The class of a Ctrl-C or SIGTERM that Python swallowed (see _catch_swallowed_interrupts), until
-# it is raised again; and whether the command has ended on one.
+# it is raised again; whether the command has ended, and whether on an interrupt.
 _swallowed: list[type[KeyboardInterrupt]] = []
-_interrupted = False
+_ended = _interrupted = False
 
 
 def _catch_swallowed_interrupts() -> None:
@@ -202,9 +202,11 @@ def _catch_swallowed_interrupts() -> None:
     end. Such an interrupt is raised again a moment later, from wherever the main thread is then
     (again, if that is such a callback too), by SIGALRM.
 
-    Once the command has ended on an interrupt, what Python cannot raise is not printed either: the
-    objects the interrupt cut short fail as they go (torch's DataLoader iterator stopped while it
-    started its workers raises AttributeError in its ``__del__``), after the one line that said why."""
+    Once the command has ended, an interrupt is not raised again (its outputs are settled; raised
+    as the interpreter exits it would only print a traceback); once it has ended on an interrupt,
+    what Python cannot raise is not printed either: the objects the interrupt cut short fail as they
+    go (torch's DataLoader iterator stopped while it started its workers raises AttributeError in
+    its ``__del__``), after the one line that said why."""
     import os
     import signal
     import sys
@@ -214,9 +216,10 @@ def _catch_swallowed_interrupts() -> None:
     def hook(unraisable) -> None:
         if os.getpid() != main_process:
             default_hook(unraisable)
-        elif isinstance(unraisable.exc_value, KeyboardInterrupt) and not _interrupted:
-            _swallowed[:] = [unraisable.exc_type]
-            signal.setitimer(signal.ITIMER_REAL, 0.01)  # not here: this is the callback
+        elif isinstance(unraisable.exc_value, KeyboardInterrupt):
+            if not _ended:
+                _swallowed[:] = [unraisable.exc_type]
+                signal.setitimer(signal.ITIMER_REAL, 0.01)  # not here: this is the callback
         elif not _interrupted:
             default_hook(unraisable)
 
@@ -232,8 +235,8 @@ def _forget_swallowed_interrupts(interrupted: bool = False) -> None:
     """The command has ended (``interrupted``: on an interrupt): none is to be raised again."""
     import signal
 
-    global _interrupted
-    _interrupted = _interrupted or interrupted
+    global _ended, _interrupted
+    _ended, _interrupted = True, _interrupted or interrupted
     if _swallowed:
         _swallowed.clear()
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -309,6 +309,7 @@ def test_only_the_main_processs_interrupts_are_raised_again_and_after_one_nothin
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     monkeypatch.setattr(cli.main, "_interrupted", False)
+    monkeypatch.setattr(cli.main, "_ended", False)
     monkeypatch.setattr(cli.main, "_swallowed", [])
     previous = signal.getsignal(signal.SIGALRM)
     try:
@@ -324,11 +325,15 @@ def test_only_the_main_processs_interrupts_are_raised_again_and_after_one_nothin
         signal.getsignal(signal.SIGALRM)(signal.SIGALRM, None)  # nothing left to raise
         cli.main._swallowed.append(KeyboardInterrupt)
         signal.setitimer(signal.ITIMER_REAL, 100)
-        cli.main._forget_swallowed_interrupts(interrupted=True)
+        cli.main._forget_swallowed_interrupts()  # the command ended: an interrupt now is not raised again
         assert cli.main._swallowed == [] and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-        sys.unraisablehook(ignored)
         sys.unraisablehook(types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt()))
-        assert seen == [ignored] and cli.main._swallowed == []
+        assert cli.main._swallowed == [] and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        sys.unraisablehook(ignored)  # ended without an interrupt: printed as before
+        assert seen == [ignored, ignored]
+        cli.main._forget_swallowed_interrupts(interrupted=True)
+        sys.unraisablehook(ignored)
+        assert seen == [ignored, ignored] and cli.main._swallowed == []
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
