@@ -236,7 +236,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
                          "give the index its own name")
     for path in (out, sidecar_path(out)):  # before any work
         check_output(path, "--out", overwrite, inputs=[features_path])
-    faiss = import_faiss()
+    faiss = import_faiss("simsiam index", "")  # an index is faiss's: no other backend builds one
     say = on_event or (lambda message: None)
     out = Path(out)
     if not 0 < target_recall <= 1:
@@ -393,7 +393,7 @@ class LoadedIndex:
 
 def load_index(path: str | os.PathLike) -> LoadedIndex:
     """An index written by :func:`build_index`, with its tuned search parameters and its feature file."""
-    faiss = import_faiss()
+    faiss = import_faiss(f"{path}", "or search the feature file it was built from (.h5) with --backend torch")
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such index file")

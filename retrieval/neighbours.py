@@ -30,8 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # on a GPU for the matrix product to fill it (a block of 65,536 rows of 2048-d: 8,192 queries a chunk)
 CHUNK_BYTES = {"cpu": 1 << 28, "cuda": 1 << 31}
 FAISS_GPU_MAX_K = 2048  # faiss's GPU k-selection stops there (GPU_MAX_SELECTION_K); the CPU has no limit
-FAISS_MISSING = ("faiss is not installed: pip install 'simsiam[cpu]' (faiss-cpu) or 'simsiam[gpu]' (faiss-gpu), "
-                 "or use --backend torch")
+FAISS_MISSING = "faiss is not installed: pip install 'simsiam[cpu]' (faiss-cpu) or 'simsiam[gpu]' (faiss-gpu)"
 
 
 @dataclass
@@ -41,12 +40,13 @@ class Neighbours:
     backend: str  # what ran: "faiss-gpu", "faiss-gpu-sharded", "faiss-cpu", "torch-cuda", "torch-cpu"
 
 
-def import_faiss():
-    """The faiss module, or an InputError naming the install extra."""
+def import_faiss(needed_by: str = "--backend faiss", otherwise: str = "or use --backend torch"):
+    """The faiss module, or an InputError naming the install extra; ``needed_by`` what asked for
+    faiss, ``otherwise`` what else the user can do (nothing where it is empty)."""
     try:
         import faiss
     except ImportError:
-        raise InputError(f"--backend faiss: {FAISS_MISSING}") from None
+        raise InputError(f"{needed_by}: {FAISS_MISSING}" + (f", {otherwise}" if otherwise else "")) from None
     return faiss
 
 

@@ -449,7 +449,17 @@ def test_the_arrays_finiteness_is_checked_a_block_of_rows_at_a_time(monkeypatch)
 def test_faiss_backend_without_faiss_names_the_install_extra(files, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     assert_user_error(knn_error(tmp_path, files["train"], files["val"], "--backend", "faiss"),
-                      "faiss is not installed", "simsiam[cpu]")
+                      "--backend faiss: faiss is not installed", "simsiam[cpu]", "or use --backend torch")
+    # an index is faiss's alone: no --backend to point to (index has none; searching an index file
+    # with --backend torch met the same error)
+    result = run("index", files["train"], "--out", tmp_path / "x.index")
+    assert_user_error(result, "simsiam index: faiss is not installed", "simsiam[cpu]")
+    assert "--backend" not in result.output
+    (tmp_path / "x.index").write_bytes(b"")
+    (tmp_path / "x.index.json").write_text("{}")
+    result = run("search", tmp_path / "x.index", "--query-h5", files["val"], "--backend", "torch")
+    assert_user_error(result, f"{tmp_path / 'x.index'}: faiss is not installed",
+                      "or search the feature file it was built from (.h5) with --backend torch")
     # auto falls back to torch
     result = run("knn", "--train", files["train"], "--val", files["val"], "--json")
     assert json.loads(result.output)["backend"] == "torch-cpu"
