@@ -35,8 +35,14 @@ from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_re
 Event = Callable[[dict], None]
 
 
+# The outputs of the fc torchvision's ResNet makes (the projector replaces it): fixed, the official
+# --dim, so that the convolutions' initialisation, drawn after that fc's, is the same whatever
+# --dim: the one extract --random-init gives as the baseline
+CONSTRUCTOR_FC_OUTPUTS = 2048
+
+
 def build_model(config: PretrainConfig) -> SimSiam:
-    encoder = build_resnet(config.arch, num_classes=config.dim, cifar_stem=config.cifar_stem,
+    encoder = build_resnet(config.arch, num_classes=CONSTRUCTOR_FC_OUTPUTS, cifar_stem=config.cifar_stem,
                            zero_init_residual=True)
     return SimSiam(encoder, config.dim, config.pred_dim, config.proj_layers,
                    config.proj_hidden_dim or None, stop_gradient=config.stop_grad)

@@ -568,6 +568,22 @@ def test_loading_a_checkpoint_leaves_the_callers_random_generator_alone(checkpoi
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_a_random_init_backbone_is_the_one_pretraining_starts_from_whatever_its_projector_widths():
+    """The convolutions were drawn after torchvision's fc of --dim outputs: a run of another --dim
+    started from another backbone than the baseline's."""
+    from retrieval.feature_model import load_feature_model
+    from simsiam.config import preset_config
+    from simsiam.train import build_model
+
+    baseline = load_feature_model(random_init=True, arch="resnet18", cifar_stem=True, seed=3).module.state_dict()
+    for widths in ({"dim": 64}, {"dim": 64, "pred_dim": 16, "proj_hidden_dim": 128, "proj_layers": 3}):
+        torch.manual_seed(3)
+        encoder = build_model(preset_config("cifar", arch="resnet18", **widths)).encoder.state_dict()
+        backbone = {k: v for k, v in encoder.items() if not k.startswith("fc.")}
+        assert backbone.keys() == baseline.keys()
+        assert all(torch.equal(backbone[k], baseline[k]) for k in baseline), widths
+
+
 @pytest.mark.parametrize("preset, cifar_stem", [("imagenet", False), ("cifar", True)])
 def test_a_random_init_projector_is_the_one_pretraining_starts_from_seeded(preset, cifar_stem):
     # the projector too: drawn from the seed, not the caller's generator, with the preset's widths
