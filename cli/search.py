@@ -89,7 +89,7 @@ def command(database, query, checkpoint, query_h5, k, evaluate, grid, grid_rows,
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(result.queries):,} queries, {k} nearest in {database} ({result.backend})"
+    table = Table(title=f"{len(result.queries):,} quer{'y' if len(result.queries) == 1 else 'ies'}, {k} nearest in {database} ({result.backend})"
                         + (f", {result.excluded_self:,} of them database images, left out of their own results"
                            if result.excluded_self else ""))
     for column, justify in (("query", "left"), ("rank", "right"), ("score", "right"), ("neighbour", "left"),

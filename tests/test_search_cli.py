@@ -422,3 +422,12 @@ def test_paths_are_printed_as_they_are_whole_when_the_output_is_no_terminal(tmp_
     assert any(f"{long_class}/img" in line for line in lines)  # whole, on one line
     assert any(line.strip().startswith(f"6 queries, 2 nearest in {path}")  # the table's title, centred
                and line.strip().endswith("left out of their own results") for line in lines)
+
+
+def test_one_query_is_one_query(tmp_path):
+    features, labels = clustered(6, classes=2, dim=8, seed=3)
+    database = feature_file(tmp_path / "db.h5", features, labels)
+    query = feature_file(tmp_path / "q.h5", features[:1] + 0.01, labels[:1])
+    result = run("search", database, "--query-h5", query, "-k", "2")
+    assert result.exit_code == 0, result.output
+    assert any(line.strip().startswith(f"1 query, 2 nearest in {database}") for line in result.output.splitlines())
