@@ -39,8 +39,11 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     budget = parse_memory(max_memory) if max_memory is not None else None
     say = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     report = build_index(features, out, kind, budget, target_recall, recall_sample, seed, say, overwrite)
-    if as_json:
-        click.echo(json.dumps(asdict(report)))
+    warnings = [] if report.target_reached else [
+        f"recall@10 {report.recall_at_10:.4f} is below --target-recall {report.target_recall}: the best search "
+        "setting found is kept (a flat index is exact; more --max-memory allows a finer one)"]
+    if as_json:  # warnings as knn --json has them
+        click.echo(json.dumps({**asdict(report), "warnings": warnings}))
         return
     settings = f" ({report.search_parameters})" if report.search_parameters else ""
     click.echo(f"{report.kind}: {report.factory}{settings}, {report.rows:,} x {report.dim}, "
@@ -49,8 +52,6 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
         click.echo("recall@10 vs exact search: 1 (a flat index is exact search; not sampled)")
     else:
         click.echo(f"recall@10 vs exact search: {report.recall_at_10:.4f} on {report.recall_sample:,} sampled queries")
-    if not report.target_reached:
-        click.echo(f"warning: recall@10 {report.recall_at_10:.4f} is below --target-recall {report.target_recall}: "
-                   "the best search setting found is kept (a flat index is exact; more --max-memory allows a finer "
-                   "one)", err=True)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {report.path} in {report.seconds:.1f} s")

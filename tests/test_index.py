@@ -176,11 +176,16 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
     assert memory.exit_code == 0, memory.output
     report = json.loads(memory.output)
     assert report["kind"] == "ivf-pq" and report["estimated_bytes"] <= 200 * 1024 and report["target_reached"]
+    assert report["warnings"] == []
     # a target no setting reaches is said, not passed over
     unreachable = run("index", clustered_file, "--out", tmp_path / "small.index", "--max-memory", "200K", "--overwrite",
                       "--recall-sample", "200", "--target-recall", "1")
     assert unreachable.exit_code == 0, unreachable.output
     assert "is below --target-recall 1.0: the best search setting found is kept" in unreachable.output
+    unreachable = run("index", clustered_file, "--out", tmp_path / "small.index", "--max-memory", "200K", "--overwrite",
+                      "--recall-sample", "200", "--target-recall", "1", "--json")
+    warnings = json.loads(unreachable.output)["warnings"]  # in the JSON too, as knn --json has them
+    assert len(warnings) == 1 and "is below --target-recall 1.0: the best search setting found is kept" in warnings[0]
     # an index is never written over an existing file without --overwrite, nor over its input
     before = out.read_bytes()
     assert_user_error(run("index", clustered_file, "--out", out), "auto.index: exists; pass --overwrite")
