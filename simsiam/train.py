@@ -48,6 +48,31 @@ def build_model(config: PretrainConfig) -> SimSiam:
                    config.proj_hidden_dim or None, stop_gradient=config.stop_grad)
 
 
+def diverged(what: str, last_good: str | None) -> TrainingDiverged:
+    """The run's stop when its numbers are no longer finite, naming what it can go on from."""
+    return TrainingDiverged(f"{what}; " + (f"the last good checkpoint is {last_good}" if last_good
+                                           else "no checkpoint was written yet")
+                            + " (a resumed run keeps its --lr: to lower it, start a new run)")
+
+
+def non_finite_weights(model: nn.Module) -> str | None:
+    """The first parameter or buffer holding NaN or infinity, None when all are finite (one
+    synchronisation with the GPU). The loss, taken through train-mode BatchNorm, can stay finite
+    while the weights under it are not."""
+    tensors = [(name, t) for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    if bool(finite.all()):
+        return None
+    return tensors[int((~finite).nonzero()[0])][0]
+
+
+def check_weights(model: nn.Module, runtime: rt.Runtime, epoch: int, step: int, last_good: str | None) -> None:
+    """Before a checkpoint: every process checks (the same weights on every rank) and agrees."""
+    bad = non_finite_weights(model)
+    rt.agree(runtime, None if bad is None else diverged(
+        f"the weights became NaN or infinite by step {step} (epoch {epoch + 1}; {bad})", last_good))
+
+
 def build_optimizer(model: SimSiam, config: PretrainConfig) -> torch.optim.SGD:
     """SGD as the official script: the predictor in its own group when its lr is fixed."""
     if config.fix_pred_lr:
@@ -139,6 +164,10 @@ class KnnMonitor:
                        if len(labels) < len(dataset)]
             if skipped:
                 self.warnings.append(f"the kNN monitor leaves out {' and '.join(skipped)}: they could not be decoded")
+        for option, features in (("--knn-train", train_x), ("--knn-val", val_x)):
+            if not np.isfinite(features).all():  # the weights, not the images: weighted_knn would blame the input
+                raise TrainingDiverged(f"the network gives NaN or infinite features for the {option} images of the "
+                                       "kNN monitor: its weights have diverged")
         num_classes = len(self.train.images.classes)
         [result] = weighted_knn(train_x, train_y, val_x, val_y, (self.config.knn_k,), self.config.knn_temperature,
                                 num_classes=num_classes, device=self.runtime.device)
@@ -377,10 +406,9 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
 
             # a logging step: one synchronisation for the loss, the divergence check and the counts
             mean_loss, bad_step, skipped = _reduce_interval(loss_sum, diverged_at, skipped, runtime)
-            if bad_step >= 0:
-                raise agreed(TrainingDiverged(  # every process reduced the same losses
-                    f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1}); "
-                    + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet")))
+            if bad_step >= 0:  # every process reduced the same losses
+                raise agreed(diverged(f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1})",
+                                      last_good))
             now = time.perf_counter()
             mean_loss /= interval_steps
             metrics = {
@@ -396,10 +424,13 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
             loss_sum.zero_()
             skipped, interval_steps, interval_start = 0, 0, now
 
+            if save_now:
+                check_weights(raw, runtime, epoch, global_step, last_good)
             if save_now and runtime.is_main:
                 state = _checkpoint(config, fingerprint, raw, optimizer, epoch, step + 1, global_step, metrics)
                 save_atomic({**state, "epoch_totals": totals.to_dict()}, out / LAST)
                 run_folder.saved()
+            if save_now:
                 last_good = str(out / LAST)
 
         epoch_metrics = {
@@ -420,6 +451,11 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
                 # saved, so that --resume continues once the monitor's images are fixed
                 knn_failure = err
 
+        # a network that diverged is not saved: the monitor's features (rank 0's) or the weights
+        if isinstance(knn_failure, TrainingDiverged):
+            knn_failure = diverged(f"{knn_failure} (epoch {epoch + 1})", last_good)
+        rt.agree(runtime, knn_failure if isinstance(knn_failure, TrainingDiverged) else None)
+        check_weights(raw, runtime, epoch, global_step, last_good)
         metrics_log.write(epoch_metrics)
         emit({"event": "epoch", **epoch_metrics})
         if runtime.is_main:

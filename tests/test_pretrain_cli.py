@@ -341,6 +341,59 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("save_every_steps", [0, 3])
+def test_weights_that_are_no_longer_finite_are_not_saved_though_the_loss_is(tmp_path, shared_image_folder, monkeypatch,
+                                                                               save_every_steps):
+    """The loss goes through train-mode BatchNorm and stayed finite over NaN weights (a bf16 CPU run
+    at 16 px, an extreme --lr): the checkpoint held them and the run ended "done"."""
+    import simsiam.train
+
+    real_step, calls = simsiam.train.train_step, {"n": 0}
+
+    def step_that_breaks_a_buffer_at_step_10(model, *args):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            model.encoder.bn1.running_var.fill_(float("inf"))  # eval mode would divide by it
+        return real_step(model, *args)
+
+    monkeypatch.setattr(simsiam.train, "train_step", step_that_breaks_a_buffer_at_step_10)
+    out = tmp_path / "run"
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "3",
+                 "--save-every-steps", str(save_every_steps))
+    saved_at = 8 if save_every_steps == 0 else 9  # epoch 1's end (8 steps), or the save at step 9
+    step = 16 if save_every_steps == 0 else 12  # epoch 2's end, or the next save
+    assert_user_error(result, f"the weights became NaN or infinite by step {step} (epoch 2; encoder.bn1.running_var)",
+                      f"the last good checkpoint is {out / 'last.pth.tar'}", "to lower it, start a new run",
+                      only_line=False)
+    checkpoint = load_checkpoint(out / "last.pth.tar")
+    assert checkpoint["global_step"] == saved_at and not (out / "checkpoint_0001.pth.tar").exists()
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_knn_monitor_that_meets_non_finite_features_says_the_network_diverged(tmp_path, shared_image_folder,
+                                                                               monkeypatch):
+    """It said "train features: NaN or infinite values (row 0)", an input error, and that --resume
+    would continue: the resumed run failed the same way an epoch later."""
+    import numpy as np
+
+    import retrieval.extract
+
+    real_embed = retrieval.extract.embed
+
+    def diverged_embed(*args, **kwargs):
+        features, labels, indices = real_embed(*args, **kwargs)
+        return np.full_like(features, np.inf), labels, indices
+
+    monkeypatch.setattr(retrieval.extract, "embed", diverged_embed)
+    out = tmp_path / "run"
+    result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--knn-train", shared_image_folder,
+                 "--knn-val", shared_image_folder, "--knn-k", "3")
+    assert_user_error(result, "the network gives NaN or infinite features for the --knn-train images of the kNN "
+                      "monitor: its weights have diverged (epoch 1); no checkpoint was written yet", only_line=False)
+    assert "--resume" not in result.output.splitlines()[-1].split("(a resumed run")[0]
+    assert not list(out.glob("*.pth.tar")) if out.exists() else True
+
+
 def test_out_folder_holding_another_run_is_refused_unless_overwrite(tmp_path, shared_image_folder):
     out = tmp_path / "run"
     assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
