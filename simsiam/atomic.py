@@ -126,6 +126,13 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
         raise InputError(f"{option} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise InputError(f"{option} {out}: no permission to write in {existing}")
+    # the file is written beside it and renamed over it: that replaces a link or a device itself (as
+    # root, --out /dev/null --overwrite made /dev/null a plain file), instead of writing through it
+    if out.is_symlink():  # a dangling one too, which exists() does not see
+        raise InputError(f"{option} {out}: is a symbolic link (to {os.readlink(out)}); the file would replace the "
+                         "link, not be written where it points: give the path of a file")
+    if out.exists() and not out.is_file():
+        raise InputError(f"{option} {out}: is not a regular file (a device, a pipe or a socket); give the path of a file")
     if out.exists() and any(_is_or_holds(Path(p), out) for p in inputs):
         raise InputError(f"{option} {out}: is an input of this command; choose another name")
     # a new image (search's --grid PNG) in a folder of images read: one more image there for every later scan

@@ -1,6 +1,7 @@
 """simsiam.atomic: outputs appear complete or not at all, and errors name the file the user chose."""
 
 import errno
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,33 @@ def test_check_output_accepts_missing_folders_and_refuses_a_file_in_the_way(tmp_
     with pytest.raises(InputError, match="--out .*new/: is a folder; give a file name"):
         check_output(f"{tmp_path}/new/", "--out", False)
     assert not (tmp_path / "new").exists()
+
+
+def test_an_output_that_is_a_link_or_a_device_is_refused_not_replaced(tmp_path):
+    """The file is renamed over the output's name: that replaced a symbolic link (its target left stale)
+    or a device itself (as root, extract --out /dev/null --overwrite made /dev/null a plain file)."""
+    import os
+
+    from cli_runner import assert_user_error, run
+    from conftest import make_image_folder
+
+    (tmp_path / "target.h5").write_bytes(b"old")
+    os.symlink(tmp_path / "target.h5", tmp_path / "link.h5")
+    os.symlink(tmp_path / "missing.h5", tmp_path / "dangling.h5")
+    os.mkfifo(tmp_path / "pipe.h5")
+    for name, message in (("link.h5", "is a symbolic link (to "), ("dangling.h5", "is a symbolic link (to "),
+                          ("pipe.h5", "is not a regular file (a device, a pipe or a socket)")):
+        for overwrite in (False, True):
+            with pytest.raises(InputError, match=re.escape(f"--out {tmp_path / name}: {message}")):
+                check_output(tmp_path / name, "--out", overwrite)
+    with pytest.raises(InputError, match="--out /dev/null: is not a regular file"):
+        check_output("/dev/null", "--out", True)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2, ext="jpg")
+    assert_user_error(run("extract", "--random-init", "--arch", "resnet18", images, "--out", tmp_path / "link.h5",
+                          "--overwrite", "--image-size", "16", "--resize", "0", "--workers", "0"),
+                      f"--out {tmp_path / 'link.h5'}: is a symbolic link")
+    assert os.path.islink(tmp_path / "link.h5") and (tmp_path / "target.h5").read_bytes() == b"old"
+    assert os.path.islink(tmp_path / "dangling.h5") and not (tmp_path / "pipe.h5").is_file()
 
 
 def test_atomic_write_makes_missing_folders_and_leaves_no_temporary(tmp_path):
