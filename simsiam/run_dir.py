@@ -4,6 +4,7 @@ before a run starts in it, the lock of the run writing it, and its ``metrics.jso
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write
+from .atomic import atomic_write, temporary_for
 from .checkpoint import LAST, load_checkpoint
 from .errors import InputError, SimSiamError, agreed, lost_peer
 from .runtime import Runtime, agreement, start, stop
@@ -50,8 +51,10 @@ class RunFolder:
         ``--overwrite`` run refused at its first batch does not cost the run it was to replace."""
         out = self.path
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
+        for stale in out.glob(".*.tmp"):  # left by a run killed while writing
+            # only the run's own: another command writing in the folder (extract, plot) holds its own
+            if _is_run_output(temporary_for(stale.name), also):
+                stale.unlink(missing_ok=True)
         if _resuming_in(out, resume_from):
             return
         self.started_fresh = True
@@ -415,6 +418,11 @@ def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: b
     if strays and not _written_by_a_run(out / CONFIG_FILE):
         raise InputError(f"--out {out}: holds {', '.join(strays)} not written by simsiam; choose another folder "
                          "or pass --overwrite")
+
+
+def _is_run_output(name: str | None, also: tuple[str, ...] = ()) -> bool:
+    """Whether ``name`` is a file a pretrain or lincls run writes in its folder."""
+    return name is not None and (name in RUN_FILES or name in also or fnmatch.fnmatch(name, "checkpoint_*.pth.tar"))
 
 
 def _replaced_files(out: Path) -> list[Path]:

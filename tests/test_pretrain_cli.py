@@ -460,6 +460,20 @@ def test_the_library_resumes_from_a_run_folder_as_the_cli_does(tmp_path, shared_
         pretrain(config, resume_from=tmp_path / "empty")
 
 
+def test_a_run_starting_removes_its_own_leftover_temporaries_not_another_commands(tmp_path, shared_image_folder):
+    """An extract writing features into the run folder lost its temporary file when a run started
+    there, and failed after all its work naming a hidden file."""
+    out = tmp_path / "run"
+    assert run("pretrain", shared_image_folder, "--out", out, *TINY).exit_code == 0
+    own = [out / ".last.pth.tar.k2x9q1zt.tmp", out / ".checkpoint_0007.pth.tar.ab12cd34.tmp",
+           out / ".metrics.jsonl.4321.tmp"]  # left by a run killed while writing
+    others = [out / ".feats.h5.en4bebl7.tmp", out / ".curves.png.x1y2z3w4.tmp", out / ".notes.tmp"]
+    for path in own + others:
+        path.write_bytes(b"half")
+    assert run("pretrain", "--resume", out, "--epochs", "2").exit_code == 0
+    assert [p for p in own if p.exists()] == [] and [p for p in others if not p.exists()] == []
+
+
 def test_a_resume_refuses_a_checkpoint_without_what_it_loads(tmp_path, shared_image_folder):
     # e.g. a checkpoint whose optimizer state was dropped to save space: a KeyError traceback before
     out = tmp_path / "run"
