@@ -52,7 +52,7 @@ def new_temporary(path: str | os.PathLike) -> Path:
     missing = [folder for folder in path.parents if not folder.exists()]  # deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_within_name_max(path.name)}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
         os.close(fd)
     except OSError as err:
@@ -60,6 +60,17 @@ def new_temporary(path: str | os.PathLike) -> Path:
     if missing:
         _FOLDERS_MADE_FOR[Path(tmp)] = missing
     return Path(tmp)
+
+
+NAME_MAX = 255  # bytes of a file name on Linux's file systems
+
+
+def _within_name_max(name: str) -> str:
+    """``name`` cut to leave room in a file name for the temporary's dots and its random part
+    (``.NAME.XXXXXXXX.tmp``): a name the system takes must not fail for its temporary's sake."""
+    room = NAME_MAX - len("..XXXXXXXX.tmp")
+    encoded = os.fsencode(name)
+    return name if len(encoded) <= room else os.fsdecode(encoded[:room])
 
 
 def discard_temporary(tmp: Path) -> None:
@@ -118,6 +129,9 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
     folder that cannot be made or written in, one of the ``inputs``, or an existing file without
     ``overwrite``. An input folder counts with the images under it, new ones included.
     Missing folders are made by the writer, once there is something to write."""
+    name = os.fsencode(Path(out).name)
+    if len(name) > NAME_MAX:  # before any work (index's OUT.json is 5 bytes longer than OUT); stat() would raise
+        raise InputError(f"{option} {out}: a file name of {len(name)} bytes; a file name has at most {NAME_MAX}")
     if str(out).endswith(os.sep) or Path(out).is_dir():  # "new/" names a folder, which Path() forgets
         raise InputError(f"{option} {out}: is a folder; give a file name")
     out = Path(out)

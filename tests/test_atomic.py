@@ -213,3 +213,26 @@ def test_a_temporary_names_the_file_it_stands_for(tmp_path):
     tmp = new_temporary(tmp_path / "feats.v2.h5")
     assert temporary_for(tmp.name) == "feats.v2.h5"
     assert temporary_for("feats.h5") is None and temporary_for(".feats.h5") is None
+
+
+def test_a_file_name_the_system_takes_is_written_and_a_longer_one_refused_before_any_work(tmp_path):
+    """A name of 242 to 255 bytes failed with "File name too long": its temporary's (14 bytes more);
+    index's OUT.json failed so after the build."""
+    import json
+
+    from cli_runner import assert_user_error, run
+    from feature_files import clustered, feature_file
+
+    name = tmp_path / ("a" * 240 + "é.bin")  # 247 bytes, a character of two cut in the temporary's name
+    with atomic_write(name) as f:
+        f.write(b"x")
+    assert name.read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == [name.name]
+    features, labels = clustered(40, classes=2, dim=8, seed=0)
+    path = feature_file(tmp_path / "f.h5", features, labels)
+    index = tmp_path / ("i" * 246 + ".index")  # 252 bytes: the index fits, its .json (257) does not
+    assert_user_error(run("index", path, "--out", index), f"--out {index}.json: a file name of 257 bytes; a file "
+                      "name has at most 255")
+    assert not list(tmp_path.glob("i*"))
+    index = tmp_path / ("i" * 244 + ".index")
+    assert run("index", path, "--out", index, "--json").exit_code == 0
+    assert json.loads(Path(f"{index}.json").read_text())["rows"] == 40
