@@ -165,6 +165,7 @@ class FeatureWriter:
         self.path = Path(path)
         self.attrs = {**attrs, "simsiam_version": __version__}
         self.rows = 0
+        self.compressed = compression != "none"
         storage = _compression_args(compression)
         chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
         if compression == "none":  # a full disk found by HDF5 mid-write leaves it in a state that can crash at exit
@@ -197,6 +198,13 @@ class FeatureWriter:
         if not np.isfinite(stored).all() and np.isfinite(features).all():  # finite values made infinite
             raise InputError(f"--dtype {self.features.dtype}: feature values up to {np.abs(features).max():.3g} "
                              f"exceed its range ({np.finfo(stored.dtype).max:.0f}); use --dtype float32 or --normalize")
+        if self.compressed:
+            # the size of a compressed file is not known ahead (an uncompressed one's disk is checked
+            # at the start): each block's room is checked before HDF5 gets it, at most its raw size,
+            # and it is flushed. HDF5 that meets a full disk itself leaves a file it cannot close
+            # (a traceback, then a segmentation fault as the process exits).
+            check_free_space(self.path, stored.nbytes + 8 * n + sum(len(p.encode("utf-8", "surrogateescape"))
+                                                                   for p in paths))
         end = self.rows + n
         for dataset in (self.features, self.labels, self.paths):
             dataset.resize(end, axis=0)
@@ -204,6 +212,8 @@ class FeatureWriter:
         self.labels[self.rows:end] = np.asarray(labels, dtype=np.int64)
         self.paths[self.rows:end] = list(paths)
         self.rows = end
+        if self.compressed:
+            self.file.flush()
 
     def commit(self) -> Path:
         """Write the attributes, close, and rename the file into place."""
