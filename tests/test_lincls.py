@@ -668,3 +668,42 @@ def test_split_folders_taken_for_classes_are_warned_about(tmp_path, data):
                  "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert f"warning: TRAIN_DIR {splits}: its class folders (train, val) are dataset splits" in result.output
+
+
+def test_a_diverging_loss_names_its_first_step_and_the_checkpoint_kept(tmp_path, data, monkeypatch):
+    """It named the next logging step (step 5 with --log-every 10 for a loss NaN from step 3), not the
+    checkpoint it kept, and said "lower --lr" where a resumed run cannot."""
+    import torch.nn.functional as F
+
+    import transfer.lincls as lincls
+
+    checkpoint, train, val = data
+    real, calls = F.cross_entropy, {"n": 0}
+
+    def cross_entropy_nan_from_step_6(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # the validation's
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(lincls.F, "cross_entropy", cross_entropy_nan_from_step_6)
+    out = tmp_path / "run"
+    result = run("lincls", checkpoint, train, val, "--out", out, *TINY, "--batch-size", "16", "--epochs", "3",
+                 "--log-every", "10")  # 3 steps an epoch: the loss goes NaN at step 6, the last of epoch 2
+    assert_user_error(result, "the loss became NaN or infinite at step 6 (epoch 2); the last good checkpoint is "
+                      f"{out / 'last.pth.tar'}", "to lower it, start a new run", only_line=False)
+    assert load_checkpoint(out / "last.pth.tar")["epoch"] == 1
+
+
+def test_a_backbone_that_gives_non_finite_features_is_said_to_be_broken(tmp_path, data):
+    """Its head's loss was NaN from the first step: "lower --lr", of no help."""
+    checkpoint, train, val = data
+    saved = load_checkpoint(checkpoint)
+    saved["state_dict"]["module.encoder.layer4.1.conv2.weight"][0, 0, 1, 1] = float("nan")  # diverged in pretraining
+    broken = tmp_path / "broken.pth.tar"
+    torch.save(saved, broken)
+    result = run("lincls", broken, train, val, "--out", tmp_path / "run", *TINY, "--batch-size", "16", "--epochs", "1")
+    assert_user_error(result, f"{broken}: the backbone gives NaN or infinite features; its weights are broken",
+                      only_line=False)
+    assert not (tmp_path / "run").exists()

@@ -36,7 +36,7 @@ from simsiam.data import (ONE_CLASS_WARNING, GlobalBatchSampler, ImageDataset, I
 from simsiam.errors import InputError, SimSiamError, agreed
 from simsiam.run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable,
                              check_resumed_images, check_resumed_state, check_run_dir, resume_checkpoint, run_in_folder)
-from simsiam.train import say_warnings
+from simsiam.train import diverged, say_warnings
 
 from .lars import LARS
 from .lincls_config import LinearEvalConfig
@@ -137,6 +137,15 @@ def classify(backbone: nn.Module, head: nn.Module, images: torch.Tensor, runtime
     with torch.no_grad(), runtime.autocast():
         features = backbone(images)
     return head(features.float())
+
+
+def check_backbone_output(backbone: nn.Module, images: torch.Tensor, runtime: rt.Runtime, checkpoint) -> None:
+    """At the run's first step: a backbone that gives NaN or infinite features (weights that diverged
+    in pretraining) is said to be broken, not left for the head's loss to say "lower --lr"."""
+    with torch.no_grad(), runtime.autocast():
+        finite = torch.isfinite(backbone(images)).all()
+    rt.agree(runtime, None if bool(finite) else InputError(
+        f"{checkpoint}: the backbone gives NaN or infinite features; its weights are broken (diverged in pretraining?)"))
 
 
 def backbone_fingerprint(weights: BackboneWeights) -> str:
@@ -330,6 +339,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
 
     metrics: dict = {}
     first_batch = True
+    last_good = str(resume_from) if resume_from is not None else None  # named when the loss diverges
+    checked_backbone = False
     for epoch in range(start_epoch, config.epochs):
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
@@ -339,6 +350,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
         # since the last log line: the loss and correct sums on the device (a step does not wait for
         # it), the images and unreadable ones as counts (no copy to the device each step)
         sums, counts = torch.zeros(2, device=runtime.device), [0, 0]
+        diverged_at = torch.full((), -1, dtype=torch.long, device=runtime.device)  # the first step, not the log step
         interval_start = time.perf_counter()
         # the epoch's, of every rank: the sums of its log lines. A mid-epoch checkpoint carries them, so
         # that a resumed epoch's line is the uninterrupted run's (its log lines fall on the same steps)
@@ -351,6 +363,9 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             first_batch = False
             images, labels, _ = batch
             images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
+            if not checked_backbone:
+                check_backbone_output(backbone, images, runtime, config.checkpoint)
+                checked_backbone = True
             logits = classify(backbone, model, images, runtime)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -358,6 +373,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             optimizer.step()
 
             global_step += 1
+            diverged_at = torch.where((diverged_at < 0) & ~torch.isfinite(loss.detach()), global_step, diverged_at)
             sums += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum()]).float()
             counts = [counts[0] + len(labels), counts[1] + skipped]
             end_of_epoch = step + 1 == sampler.steps_per_epoch
@@ -365,13 +381,17 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             if global_step % config.log_every and not end_of_epoch and not save_now:
                 continue
             interval = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype, device=sums.device)])  # EPOCH_TOTALS
+            first_bad = torch.where(diverged_at < 0, float("inf"), diverged_at.double())[None]
             if runtime.distributed:
                 dist.all_reduce(interval)
-            interval = interval.tolist()
+                dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            interval, first_bad = interval.tolist(), first_bad.item()
             epoch_totals = [total + value for total, value in zip(epoch_totals, interval)]
             loss_sum, correct, count, _ = interval
-            if not math.isfinite(loss_sum):
-                raise agreed(SimSiamError(f"the loss became NaN or infinite at step {global_step}; lower --lr"))
+            if not math.isfinite(loss_sum) or first_bad != float("inf"):  # every process reduced the same
+                bad_step = int(first_bad) if math.isfinite(first_bad) else global_step  # else: the sum overflowed
+                raise agreed(diverged(f"the loss became NaN or infinite at step {bad_step} (epoch {epoch + 1})",
+                                      last_good))
             now = time.perf_counter()
             step_metrics = {"kind": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / count,
                             "train_top1": 100.0 * correct / count, "lr": lr,
@@ -386,6 +406,8 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
                                     global_step, step_metrics, best, fingerprint)
                 save_atomic({**state, "epoch_totals": dict(zip(EPOCH_TOTALS, epoch_totals))}, out / LAST)
                 run_folder.saved()
+            if save_now:
+                last_good = str(out / LAST)
 
         loss_sum, correct, count, skipped = epoch_totals
         metrics = {"kind": "epoch", "step": global_step, "epoch": epoch + 1, "loss": loss_sum / max(count, 1),
@@ -407,6 +429,7 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             save_atomic(_checkpoint(config, head, optimizer, train_images.classes, image_list, weights, epoch + 1, 0,
                                     global_step, metrics, best, fingerprint), out / LAST)
             run_folder.saved()
+        last_good = str(out / LAST)
         if isinstance(failure, InputError):
             saved = InputError(f"{failure} (epoch {epoch + 1} is saved; --resume {out} continues)")
             saved.agreed = failure.agreed
