@@ -22,17 +22,22 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     import signal
-    import sys
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    ending = sys.exc_info()[1]
-    if isinstance(ending, (SimSiamError, click.ClickException)) or (ending is not None and _peer_failed(ending)):
-        # already ending on its error, on its way to the Error line (cleaning up, or printing it):
-        # under torchrun, the SIGTERM that follows when another process of the job has ended first
-        # (for the same error, most often) would replace that line with "terminated", and cut its
-        # cleanup short (the run files of a run refused on another rank were left half removed)
+    if _ending_on_error():
         return
     raise Terminated()
+
+
+def _ending_on_error() -> bool:
+    """Whether the process is already ending on its error, on its way to the Error line (cleaning up,
+    or printing it): under torchrun, the SIGTERM that follows when another process of the job has
+    ended first (for the same error, most often) would replace that line with "terminated", and
+    cut its cleanup short (the run files of a run refused on another rank were left half removed)."""
+    import sys
+
+    ending = sys.exc_info()[1]
+    return isinstance(ending, (SimSiamError, click.ClickException)) or (ending is not None and _peer_failed(ending))
 
 
 class SimSiamGroup(click.Group):
@@ -211,7 +216,9 @@ def _catch_swallowed_interrupts() -> None:
     import signal
     import sys
 
+    global _ended, _interrupted
     main_process, default_hook = os.getpid(), sys.unraisablehook
+    _ended = _interrupted = False
 
     def hook(unraisable) -> None:
         if os.getpid() != main_process:
@@ -225,7 +232,9 @@ def _catch_swallowed_interrupts() -> None:
 
     def raise_again(signum, frame) -> None:
         if _swallowed and os.getpid() == main_process:  # a forked worker inherits the handler, not the timer
-            raise _swallowed.pop()()
+            interrupt = _swallowed.pop()
+            if not _ending_on_error():  # as _terminate: the run's own error is the one to say
+                raise interrupt()
 
     signal.signal(signal.SIGALRM, raise_again)
     sys.unraisablehook = hook

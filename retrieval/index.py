@@ -242,9 +242,9 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     if not 0 < target_recall <= 1:
         raise InputError(f"--target-recall {target_recall}: must be in (0, 1]")
     check_seed(seed)
-    if check_whole("--recall-sample", recall_sample) < 1:  # an int: it goes into the JSON sidecar
+    recall_sample = check_whole("--recall-sample", recall_sample)  # an int: it goes into the JSON sidecar
+    if recall_sample < 1:
         raise InputError(f"--recall-sample {recall_sample}: must be at least 1")
-    recall_sample = int(recall_sample)
     if isinstance(max_memory, str):  # "8G", as --max-memory takes it
         max_memory = parse_memory(max_memory)
     elif max_memory is not None:

@@ -213,7 +213,7 @@ def check_whole(name: str, value) -> int:
     return int(value)
 
 
-def check_k(k, rows: int) -> int:
+def check_neighbour_count(k, rows: int) -> int:
     """``k`` neighbours of ``rows``, as an int."""
     k = check_whole("-k", k)
     if not 1 <= k <= rows:
@@ -232,7 +232,7 @@ def search(database, queries, k: int, backend: str = "auto", device: str = "auto
            chunk_size: int | None = None) -> Neighbours:
     """The k most cosine-similar database rows of every query, best first."""
     check_matrices(database, queries)
-    k = check_k(k, len(database))
+    k = check_neighbour_count(k, len(database))
     if chunk_size is not None and check_whole("--chunk-size", chunk_size) < 1:
         raise InputError(f"--chunk-size {chunk_size}: must be at least 1")
     backend, device = resolve_search(backend, device, k)

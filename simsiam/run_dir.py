@@ -164,8 +164,9 @@ def run_in_folder(config, overwrite: bool, body: Callable[[Runtime, "RunFolder"]
         with agreement(runtime):
             config.validate()
             check_out_apart_from_inputs(config, overwrite)
-        # the run seeds torch's generators (and a resumed one sets their state): the caller's are
-        # given back as they were, so that a script's own seeding still counts after the call
+        # the run seeds torch's generators (and a resumed one sets their state): the caller's CPU
+        # generator and the run's GPU's are given back as they were, so that a script's own seeding
+        # still counts after the call (not those of other GPUs: forking them would make a context on each)
         cuda = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
         with locked_run_dir(Path(config.out), runtime) as run_folder, torch.random.fork_rng(devices=cuda):
             result = body(runtime, run_folder)

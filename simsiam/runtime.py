@@ -29,7 +29,8 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # start() made the process group, so stop() ends it (not a caller's own)
-    cuda_before: tuple[int, bool] | None = None  # the CUDA device and cudnn.benchmark stop() puts back
+    cuda_before: tuple[int | None, bool] | None = None  # the CUDA device (None: none chosen) and
+    # cudnn.benchmark stop() puts back
 
     @property
     def distributed(self) -> bool:
@@ -88,7 +89,10 @@ def start(device: str = "auto", precision: str = "auto") -> Runtime:
     precision = resolve_precision(precision, dev)
     cuda_before = None
     if dev.type == "cuda":
-        cuda_before = (torch.cuda.current_device(), torch.backends.cudnn.benchmark)
+        # the device a caller already works on (asking a process that has none yet would choose GPU 0,
+        # and putting that back would make a context there from every torchrun rank)
+        cuda_before = (torch.cuda.current_device() if torch.cuda.is_initialized() else None,
+                       torch.backends.cudnn.benchmark)
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels, as official
     owns_group = world_size > 1 and not dist.is_initialized()  # a caller's own group is left to the caller
@@ -117,8 +121,10 @@ def stop(runtime: Runtime, together: bool = False) -> None:
         dist.destroy_process_group()
     if runtime.cuda_before is not None:
         device, benchmark = runtime.cuda_before
-        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = benchmark
+        if device is not None and device != torch.cuda.current_device():
+            with contextlib.suppress(RuntimeError):  # a CUDA error here must not replace the run's outcome
+                torch.cuda.set_device(device)
 
 
 def agree(runtime: Runtime, error: SimSiamError | None) -> None:

@@ -323,6 +323,15 @@ def test_only_the_main_processs_interrupts_are_raised_again_and_after_one_nothin
             signal.getsignal(signal.SIGALRM)(signal.SIGALRM, None)  # what the timer calls
         assert cli.main._swallowed == []
         signal.getsignal(signal.SIGALRM)(signal.SIGALRM, None)  # nothing left to raise
+        # as _terminate: a process already ending on its error (torchrun stopping the job) says that error
+        from simsiam.errors import InputError
+
+        cli.main._swallowed.append(cli.main.Terminated)
+        try:
+            raise InputError("--out r: already holds a run")
+        except InputError:
+            signal.getsignal(signal.SIGALRM)(signal.SIGALRM, None)
+        assert cli.main._swallowed == []
         cli.main._swallowed.append(KeyboardInterrupt)
         signal.setitimer(signal.ITIMER_REAL, 100)
         cli.main._forget_swallowed_interrupts()  # the command ended: an interrupt now is not raised again

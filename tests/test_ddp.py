@@ -258,6 +258,31 @@ def test_a_run_ends_its_group_together_only_when_its_body_returned_or_the_error_
     assert stopped == [together]
 
 
+@pytest.mark.parametrize("callers_device", [None, 3])
+def test_the_runtime_puts_back_only_the_cuda_device_a_caller_had_chosen(monkeypatch, callers_device):
+    """A process that had chosen no GPU was put on GPU 0 at the end (every torchrun rank making a
+    context there); a library caller working on GPU 3 gets it back. CUDA is played here."""
+    from simsiam import runtime as rt
+
+    chosen = []
+    current = {"device": callers_device if callers_device is not None else 0}
+    monkeypatch.setattr(rt, "resolve_device", lambda name, local_rank=0: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: callers_device is not None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+
+    def set_device(device):
+        chosen.append(device if isinstance(device, int) else device.index)
+        current["device"] = chosen[-1]
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    runtime = rt.start("cuda", "fp32")
+    assert torch.backends.cudnn.benchmark and chosen == [1]
+    rt.stop(runtime)
+    assert not torch.backends.cudnn.benchmark
+    assert chosen == ([1] if callers_device is None else [1, 3])
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_run_seeds_its_own_generator_and_gives_the_callers_back(tmp_path, fails):
     """pretrain and linear_eval seed torch's generator (a resumed run sets its state): a script that
