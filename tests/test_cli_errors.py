@@ -282,12 +282,13 @@ def test_a_signal_swallowed_in_a_fork_callback_still_stops_the_command(tmp_path,
     from conftest import make_image_folder
 
     repo = Path(__file__).resolve().parents[1]
-    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=16, ext="jpg")
+    # 64 batches of one image: the extraction goes on well past the 10 ms after which the signal is raised again
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=32, size=16, ext="jpg")
     out = tmp_path / "out" / "feats.h5"
     done = subprocess.run(
         [sys.executable, "-c", _SIGNAL_IN_A_FORK_CALLBACK.format(signal=name), "extract", "--random-init",
          "--arch", "resnet18", str(data), "--out", str(out), "--image-size", "16", "--resize", "0",
-         "--workers", "1", "--device", "cpu"],
+         "--workers", "1", "--batch-size", "1", "--device", "cpu"],
         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, capture_output=True,
         text=True, timeout=120)
     assert done.returncode == status, done.stderr
