@@ -20,11 +20,13 @@ rows of, the settings and the measured recall.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -344,6 +346,19 @@ def _tune(faiss, space, index, plan: IndexPlan, vectors: np.ndarray, target_reca
     return chosen, recall, per_sample
 
 
+@contextmanager
+def _renames_alone(folder: Path):
+    """Hold an ``flock`` on ``folder`` (its directory, no lock file) for the pair's renames: two builds
+    to the same --out at once interleaved them, and could leave one's index beside the other's
+    sidecar, which search believed (the same row count)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_pair(faiss, index, out: Path, description: str) -> None:
     """Write the index and its sidecar (``description``) under temporary names, then rename both into place.
 
@@ -363,9 +378,10 @@ def _write_pair(faiss, index, out: Path, description: str) -> None:
         for tmp in temporaries:  # on disk before the renames: a crash after them leaves whole files
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        sidecar.unlink(missing_ok=True)
-        settle_temporary(temporaries[0], out)
-        settle_temporary(temporaries[1], sidecar)
+        with _renames_alone(out.parent):
+            sidecar.unlink(missing_ok=True)
+            settle_temporary(temporaries[0], out)
+            settle_temporary(temporaries[1], sidecar)
     except BaseException as err:
         for tmp in reversed(temporaries):  # the sidecar's first: the index's made the folders
             discard_temporary(tmp)

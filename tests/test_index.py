@@ -265,6 +265,34 @@ def test_an_interruption_between_the_renames_leaves_an_index_that_is_refused(clu
         load_index(out)
 
 
+def test_the_pair_is_renamed_under_a_lock_on_its_folder(clustered_file, tmp_path, monkeypatch):
+    """Two builds to the same --out at once interleaved their renames, one's index beside the other's
+    sidecar (seen 2 times in 30), which search believed: the renames of a pair are one build's alone."""
+    import fcntl
+
+    import retrieval.index as index_module
+
+    real, seen = index_module.settle_temporary, []
+
+    def settle_while_trying_the_lock(tmp, path):
+        other = os.open(tmp_path, os.O_RDONLY)  # another build's open of the folder
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("free")
+        except BlockingIOError:
+            seen.append("held")
+        finally:
+            os.close(other)
+        real(tmp, path)
+
+    monkeypatch.setattr(index_module, "settle_temporary", settle_while_trying_the_lock)
+    build_index(clustered_file, tmp_path / "x.index", kind="flat")
+    assert seen == ["held", "held"]  # the index's rename and the sidecar's
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released after them
+    os.close(fd)
+
+
 def test_an_index_beside_another_ones_description_is_refused_in_one_line(clustered_file, tmp_path):
     """Only the row count was compared: a swapped index failed inside FAISS with a traceback, and an
     index of another metric was searched, its L2 distances printed as cosine similarities."""
