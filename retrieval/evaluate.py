@@ -98,11 +98,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
             report.warnings.append(f"{name} {folder}: {len(images) - len(features)} of its {len(images)} images could "
                                    "not be decoded and are left out")
     if save_features is not None:
-        _write_pair(Path(save_features), train_set, val_set)
+        _write_pair(Path(save_features), train_set, val_set, overwrite)
     return report, val_set
 
 
-def _write_pair(folder: Path, train_set: FeatureSet, val_set: FeatureSet) -> None:
+def _write_pair(folder: Path, train_set: FeatureSet, val_set: FeatureSet, overwrite: bool) -> None:
     """train.h5 and val.h5, both written before either is renamed into place: a failure (a full disk)
     or Ctrl-C while writing leaves the folder's pair as it was, never a new train.h5 beside an old val.h5."""
     # the pair's room, before either is written (each writer alone would ask for its own file only)
@@ -112,7 +112,7 @@ def _write_pair(folder: Path, train_set: FeatureSet, val_set: FeatureSet) -> Non
         writers = []
         for name, feature_set in (("train.h5", train_set), ("val.h5", val_set)):
             writer = stack.enter_context(FeatureWriter(folder / name, feature_set.dim, feature_set.attrs, "float32",
-                                                       expected_rows=len(feature_set)))
+                                                       expected_rows=len(feature_set), replace=overwrite))
             writer.append(feature_set.features, feature_set.labels, feature_set.paths)
             writers.append(writer)
         for writer in writers:

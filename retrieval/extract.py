@@ -218,9 +218,9 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
     with agreement(runtime):  # under torchrun: every process checks, and all stop when one fails (rt.agree)
         out = check_output(out, "--out", overwrite, inputs=[data])  # never over one of the images it reads
         job = _Extraction(model, data, runtime, image_size, resize, normalize, strict, gpu_decode)
-    def write(path: Path) -> int:
+    def write(path: Path, replace: bool = True) -> int:
         """This process's images into the feature file ``path``; its rows."""
-        with FeatureWriter(path, model.dim, job.attrs, dtype, compression, len(job.dataset)) as writer:
+        with FeatureWriter(path, model.dim, job.attrs, dtype, compression, len(job.dataset), replace) as writer:
             for features, labels, paths in job.batches(batch_size, workers, on_event):
                 writer.append(features, labels, paths)
             if writer.rows == 0 and not runtime.distributed:  # a rank's empty shard: _merge decides
@@ -230,14 +230,14 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         return writer.rows
 
     if not runtime.distributed:
-        rows = write(out)
+        rows = write(out, replace=overwrite)
         _remove_shards(out)  # left by an interrupted multi-process extraction
         return ExtractSummary(out, rows, job.skipped, model.dim, 1)
 
     shard = shard_path(out, runtime.rank, runtime.world_size)
     try:
         write(shard)
-        return _merge(out, data, job, runtime, model.dim)
+        return _merge(out, data, job, runtime, model.dim, overwrite)
     except BaseException:
         # this rank or another failed (another's error reaches this one as a lost connection, or as
         # torchrun's SIGTERM, maybe while this shard is still being written): no shard is left
@@ -246,7 +246,7 @@ def extract_to_file(model: FeatureModel, data: str | os.PathLike, out: str | os.
         raise
 
 
-def _merge(out: Path, data, job: _Extraction, runtime: Runtime, dim: int) -> ExtractSummary:
+def _merge(out: Path, data, job: _Extraction, runtime: Runtime, dim: int, overwrite: bool = True) -> ExtractSummary:
     """Under torchrun, once this rank's shard is written: rank 0 merges every rank's into ``out``."""
     shards = [shard_path(out, rank, runtime.world_size) for rank in range(runtime.world_size)]
     runtime.barrier()  # every shard is complete
@@ -256,7 +256,7 @@ def _merge(out: Path, data, job: _Extraction, runtime: Runtime, dim: int) -> Ext
     if not rows:  # every rank sees it, so none is left waiting at the barrier below
         raise agreed(InputError(f"{data}: none of its {len(job.images)} images could be decoded"))
     if runtime.is_main:
-        merge_shards(out, shards, {**job.attrs, "skipped_images": skipped})
+        merge_shards(out, shards, {**job.attrs, "skipped_images": skipped}, replace=overwrite)
         _remove_shards(out)
     runtime.barrier()  # ``out`` is in place for every rank
     return ExtractSummary(out, rows, skipped, dim, runtime.world_size)

@@ -159,12 +159,13 @@ class FeatureWriter:
     """
 
     def __init__(self, path: str | os.PathLike, dim: int, attrs: dict, dtype: str = "float16",
-                 compression: str = "none", expected_rows: int = 0):
+                 compression: str = "none", expected_rows: int = 0, replace: bool = True):
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
         self.path = Path(path)
         self.attrs = {**attrs, "simsiam_version": __version__}
         self.rows = 0
+        self.replace = replace  # False: a file written at ``path`` meanwhile is not replaced (settle_temporary)
         self.compressed = compression != "none"
         storage = _compression_args(compression)
         chunk = min(_chunk_rows(dim, np.dtype(dtype).itemsize), max(expected_rows, 1))
@@ -220,7 +221,7 @@ class FeatureWriter:
         for name, value in self.attrs.items():
             self.file.attrs[name] = _encode_attr(name, value)
         self.file.close()
-        settle_temporary(self.tmp, self.path)
+        settle_temporary(self.tmp, self.path, self.replace)
         return self.path
 
     def abort(self) -> None:
@@ -251,7 +252,8 @@ def write_features(path: str | os.PathLike, feature_set: FeatureSet, dtype: str 
 MERGE_ROWS = 16384  # rows copied at a time when shards are merged: bounds the memory of the merge
 
 
-def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict) -> Path:
+def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict,
+                 replace: bool = True) -> Path:
     """One feature file holding the rows of ``shards`` in order (written atomically, as
     :class:`FeatureWriter`).
 
@@ -265,7 +267,7 @@ def merge_shards(path: str | os.PathLike, shards: Sequence[str | os.PathLike], a
     total, dim = sum(rows for rows, _, _ in headers), headers[0][1]
     with h5py.File(shards[0], "r") as f:
         dtype, compression = str(f["features"].dtype), f["features"].compression or "none"
-    with FeatureWriter(path, dim, attrs, dtype, compression, total) as writer:
+    with FeatureWriter(path, dim, attrs, dtype, compression, total, replace) as writer:
         for shard in shards:
             with h5py.File(shard, "r") as f:
                 for start in range(0, f["labels"].shape[0], MERGE_ROWS):

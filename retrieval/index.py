@@ -292,7 +292,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
                "checkpoint_sha256": attrs.get("checkpoint_sha256"), "rows_sha256": rows_digest,
                "metric": "cosine (inner product of L2-normalised vectors)"}
     del sidecar["path"]
-    _write_pair(faiss, index, out, json.dumps(sidecar, indent=2) + "\n")
+    _write_pair(faiss, index, out, json.dumps(sidecar, indent=2) + "\n", overwrite)
     return report
 
 
@@ -359,11 +359,13 @@ def _renames_alone(folder: Path):
         os.close(fd)  # releases the lock
 
 
-def _write_pair(faiss, index, out: Path, description: str) -> None:
+def _write_pair(faiss, index, out: Path, description: str, overwrite: bool = True) -> None:
     """Write the index and its sidecar (``description``) under temporary names, then rename both into place.
 
     A failure while writing (a full disk) removes the temporaries and leaves an existing pair untouched.
-    The renames come last: the old sidecar is removed, the index renamed, the sidecar renamed. An
+    The renames come last, one build's at a time: the old sidecar is removed (with ``overwrite``;
+    without it, an index another build wrote meanwhile refuses this one's, its pair left whole), the
+    index renamed, the sidecar renamed. An
     interruption between them leaves an index without a sidecar, which load_index refuses ("no OUT.json
     beside it"); the other orders could leave an index beside the other one's sidecar, which its checks
     miss when both hold as many rows.
@@ -379,8 +381,9 @@ def _write_pair(faiss, index, out: Path, description: str) -> None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         with _renames_alone(out.parent):
-            sidecar.unlink(missing_ok=True)
-            settle_temporary(temporaries[0], out)
+            if overwrite:
+                sidecar.unlink(missing_ok=True)
+            settle_temporary(temporaries[0], out, overwrite)  # without --overwrite: not over another build's
             settle_temporary(temporaries[1], sidecar)
     except BaseException as err:
         for tmp in reversed(temporaries):  # the sidecar's first: the index's made the folders

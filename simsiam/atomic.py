@@ -13,8 +13,9 @@ from .errors import InputError
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
-    """Yield a file in ``path``'s folder; it replaces ``path`` only when the block completes.
+def atomic_write(path: str | os.PathLike, mode: str = "wb", replace: bool = True, **open_options):
+    """Yield a file in ``path``'s folder; it replaces ``path`` only when the block completes
+    (``replace`` False: it is refused if a file appeared there meanwhile, see :func:`settle_temporary`).
 
     The data is fsync'ed before the rename, so a crash or a SIGKILL at any moment leaves the old
     file or the new one, never half of one; the temporary file (``.NAME.XXXX.tmp``) is removed
@@ -27,7 +28,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_options):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        settle_temporary(tmp, path)
+        settle_temporary(tmp, path, replace)
     except OSError as err:
         discard_temporary(tmp)
         if err.filename is None or err.filename == str(tmp):  # a full disk, say: name the file the user chose
@@ -89,10 +90,29 @@ def discard_temporary(tmp: Path) -> None:
             break
 
 
-def settle_temporary(tmp: Path, path: str | os.PathLike) -> None:
+def settle_temporary(tmp: Path, path: str | os.PathLike, replace: bool = True) -> None:
     """Rename a complete temporary file of :func:`new_temporary` into place at ``path``; the
-    folders made for it now hold a file, and are no longer the temporary's to remove."""
-    os.replace(tmp, path)
+    folders made for it now hold a file, and are no longer the temporary's to remove.
+
+    ``replace`` False (no ``--overwrite``): a file that appeared at ``path`` since the command
+    checked it (another command writing the same output) is not replaced: a hard link, which an
+    existing name refuses, then the temporary's name removed. Two such commands both said "wrote",
+    and the first one's file was gone."""
+    if replace:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise InputError(f"{path}: exists (written meanwhile by another command); pass --overwrite to replace "
+                             "it") from None
+        except OSError:  # a file system without hard links: the check and the rename, a moment apart
+            if os.path.lexists(path):
+                raise InputError(f"{path}: exists (written meanwhile by another command); pass --overwrite to "
+                                 "replace it") from None
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
     _FOLDERS_MADE_FOR.pop(tmp, None)
 
 

@@ -236,3 +236,48 @@ def test_a_file_name_the_system_takes_is_written_and_a_longer_one_refused_before
     index = tmp_path / ("i" * 244 + ".index")
     assert run("index", path, "--out", index, "--json").exit_code == 0
     assert json.loads(Path(f"{index}.json").read_text())["rows"] == 40
+
+
+def test_without_overwrite_a_file_written_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    """Two commands writing one new output without --overwrite both said "wrote", and the first one's
+    file was gone: the check is made at the start, the rename replaced what came since."""
+    import os
+
+    from cli_runner import assert_user_error, run
+    from conftest import make_image_folder
+
+    from simsiam.atomic import settle_temporary
+
+    for links in (True, False):  # a file system without hard links too
+        if not links:
+            monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(PermissionError(1, "no links")))
+        out = tmp_path / f"out{links}.bin"
+        tmp = new_temporary(out)
+        tmp.write_bytes(b"mine")
+        out.write_bytes(b"theirs")  # written since this command checked
+        with pytest.raises(InputError, match=f"{out}: exists \\(written meanwhile by another command\\); pass "
+                                             "--overwrite"):
+            settle_temporary(tmp, out, replace=False)
+        assert out.read_bytes() == b"theirs" and tmp.exists()
+        tmp.unlink()
+        fresh = tmp_path / f"fresh{links}.bin"
+        tmp = new_temporary(fresh)
+        tmp.write_bytes(b"mine")
+        settle_temporary(tmp, fresh, replace=False)
+        assert fresh.read_bytes() == b"mine" and not tmp.exists()
+    monkeypatch.undo()
+    # through a command: extract's file appears at --out while it embeds
+    import retrieval.features as features
+
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2, ext="jpg")
+    out = tmp_path / "feats.h5"
+    commit = features.FeatureWriter.commit
+
+    def another_command_writes_first(writer):
+        out.write_bytes(b"another extraction's")
+        return commit(writer)
+
+    monkeypatch.setattr(features.FeatureWriter, "commit", another_command_writes_first)
+    assert_user_error(run("extract", "--random-init", "--arch", "resnet18", images, "--out", out, "--image-size", "16",
+                          "--resize", "0", "--workers", "0"), f"{out}: exists (written meanwhile", only_line=False)
+    assert out.read_bytes() == b"another extraction's" and not list(tmp_path.glob(".feats*"))

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -274,7 +275,7 @@ def test_the_pair_is_renamed_under_a_lock_on_its_folder(clustered_file, tmp_path
 
     real, seen = index_module.settle_temporary, []
 
-    def settle_while_trying_the_lock(tmp, path):
+    def settle_while_trying_the_lock(tmp, path, *replace):
         other = os.open(tmp_path, os.O_RDONLY)  # another build's open of the folder
         try:
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -283,7 +284,7 @@ def test_the_pair_is_renamed_under_a_lock_on_its_folder(clustered_file, tmp_path
             seen.append("held")
         finally:
             os.close(other)
-        real(tmp, path)
+        real(tmp, path, *replace)
 
     monkeypatch.setattr(index_module, "settle_temporary", settle_while_trying_the_lock)
     build_index(clustered_file, tmp_path / "x.index", kind="flat")
@@ -341,3 +342,25 @@ def test_the_library_takes_a_numpy_integer_sample_and_a_memory_string(clustered_
         with pytest.raises(InputError, match=message):
             build_index(clustered_file, tmp_path / "b.index", kind="flat", **bad)
     assert not (tmp_path / "b.index").exists()
+
+
+def test_without_overwrite_another_builds_pair_written_meanwhile_stays_whole(clustered_file, tmp_path, monkeypatch):
+    """Its sidecar was removed before the index's rename, which now refuses the existing index: the
+    other build's pair is left as it was, not an index without its OUT.json."""
+    import retrieval.index as index_module
+
+    out = tmp_path / "x.index"
+    real, first = index_module.settle_temporary, []
+
+    def another_build_finishes_first(tmp, path, *replace):
+        if not first:
+            first.append(path)
+            out.write_bytes(b"their index")
+            Path(f"{out}.json").write_text("their description")
+        real(tmp, path, *replace)
+
+    monkeypatch.setattr(index_module, "settle_temporary", another_build_finishes_first)
+    with pytest.raises(InputError, match="x.index: exists \\(written meanwhile by another command\\)"):
+        build_index(clustered_file, out, kind="flat")
+    assert out.read_bytes() == b"their index" and Path(f"{out}.json").read_text() == "their description"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index", "x.index.json"]

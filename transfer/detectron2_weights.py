@@ -167,7 +167,7 @@ def write_detectron2_pickle(weights: Detectron2Weights, out: str | os.PathLike, 
     An existing ``out`` is replaced only with ``overwrite``, and never when it is one of ``inputs``
     (the checkpoint converted, say)."""
     out = check_output(check_pickle_path(out), "--out", overwrite, inputs)
-    with atomic_write(out) as f:
+    with atomic_write(out, replace=overwrite) as f:
         pickle.dump(weights.to_pickle_dict(), f, protocol=4)
     return out
 
