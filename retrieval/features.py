@@ -376,7 +376,7 @@ def _open_checked(path: Path):
     if not path.exists():
         raise InputError(f"{path}: no such feature file")
     if not path.is_file():
-        raise InputError(f"{path}: not a file")
+        raise InputError(f"{path}: {'not a file' if path.is_dir() else 'is not a regular file (a device, a pipe or a socket)'}")
     if not h5py.is_hdf5(path):
         from simsiam.checkpoint import is_torch_save_file
 

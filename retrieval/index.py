@@ -415,7 +415,7 @@ def load_index(path: str | os.PathLike) -> LoadedIndex:
     faiss = import_faiss(f"{path}", "or search the feature file it was built from (.h5) with --backend torch")
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such index file")
+        raise InputError(f"{path}: {'is not a regular file (a device, a pipe or a socket)' if path.exists() else 'no such index file'}")
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         raise InputError(f"{path}: no {sidecar.name} beside it (simsiam index writes it; it names the feature file "

@@ -281,3 +281,26 @@ def test_without_overwrite_a_file_written_meanwhile_is_not_replaced(tmp_path, mo
     assert_user_error(run("extract", "--random-init", "--arch", "resnet18", images, "--out", out, "--image-size", "16",
                           "--resize", "0", "--workers", "0"), f"{out}: exists (written meanwhile", only_line=False)
     assert out.read_bytes() == b"another extraction's" and not list(tmp_path.glob(".feats*"))
+
+
+def test_an_input_that_is_a_pipe_or_a_device_is_named_so_not_missing(tmp_path):
+    """A FIFO given as a checkpoint, an index or --resume was called "no such ... file"."""
+    import os
+
+    from cli_runner import assert_user_error, run
+
+    os.mkfifo(tmp_path / "pipe.pth.tar")
+    os.mkfifo(tmp_path / "pipe.index")
+    os.mkfifo(tmp_path / "pipe.h5")
+    not_regular = "is not a regular file (a device, a pipe or a socket)"
+    assert_user_error(run("convert-d2", tmp_path / "pipe.pth.tar", "--out", tmp_path / "o.pkl"),
+                      f"{tmp_path / 'pipe.pth.tar'}: {not_regular}")
+    assert_user_error(run("pretrain", "--resume", tmp_path / "pipe.pth.tar"), f"--resume {tmp_path / 'pipe.pth.tar'}: "
+                      f"{not_regular}")
+    assert_user_error(run("knn", "--train", tmp_path / "pipe.h5", "--val", tmp_path / "pipe.h5"),
+                      f"{tmp_path / 'pipe.h5'}: {not_regular}")
+    from retrieval.index import load_index
+
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'pipe.index'}: {not_regular}")):
+        load_index(tmp_path / "pipe.index")
+    assert_user_error(run("convert-d2", tmp_path / "none.pth.tar", "--out", tmp_path / "o.pkl"), "no such checkpoint file")
