@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from simsiam import __version__
-from simsiam.atomic import discard_temporary, new_temporary, settle_temporary
+from simsiam.atomic import NOT_A_REGULAR_FILE, discard_temporary, new_temporary, settle_temporary
 from simsiam.errors import InputError
 
 DATASETS = ("features", "labels", "paths")
@@ -376,7 +376,7 @@ def _open_checked(path: Path):
     if not path.exists():
         raise InputError(f"{path}: no such feature file")
     if not path.is_file():
-        raise InputError(f"{path}: {'not a file' if path.is_dir() else 'is not a regular file (a device, a pipe or a socket)'}")
+        raise InputError(f"{path}: {'not a file' if path.is_dir() else NOT_A_REGULAR_FILE}")
     if not h5py.is_hdf5(path):
         from simsiam.checkpoint import is_torch_save_file
 

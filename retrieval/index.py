@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from simsiam.atomic import check_output, discard_temporary, new_temporary, settle_temporary
+from simsiam.atomic import NOT_A_REGULAR_FILE, check_output, discard_temporary, new_temporary, settle_temporary
 from simsiam.config import check_seed
 from simsiam.errors import InputError
 
@@ -415,7 +415,7 @@ def load_index(path: str | os.PathLike) -> LoadedIndex:
     faiss = import_faiss(f"{path}", "or search the feature file it was built from (.h5) with --backend torch")
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: {'is not a regular file (a device, a pipe or a socket)' if path.exists() else 'no such index file'}")
+        raise InputError(f"{path}: {NOT_A_REGULAR_FILE if path.exists() else 'no such index file'}")
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
         raise InputError(f"{path}: no {sidecar.name} beside it (simsiam index writes it; it names the feature file "

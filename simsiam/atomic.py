@@ -39,6 +39,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", replace: bool = True
         raise
 
 
+# What an input or output path that exists but is no file is (said where a file is expected).
+NOT_A_REGULAR_FILE = "is not a regular file (a device, a pipe or a socket)"
+
 # The folders new_temporary made for a temporary file, which discard_temporary removes with it.
 _FOLDERS_MADE_FOR: dict[Path, list[Path]] = {}
 
@@ -98,18 +101,18 @@ def settle_temporary(tmp: Path, path: str | os.PathLike, replace: bool = True) -
     checked it (another command writing the same output) is not replaced: a hard link, which an
     existing name refuses, then the temporary's name removed. Two such commands both said "wrote",
     and the first one's file was gone."""
+    written_meanwhile = InputError(f"{path}: exists (written meanwhile by another command); pass --overwrite to "
+                                   "replace it")
     if replace:
         os.replace(tmp, path)
     else:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise InputError(f"{path}: exists (written meanwhile by another command); pass --overwrite to replace "
-                             "it") from None
+            raise written_meanwhile from None
         except OSError:  # a file system without hard links: the check and the rename, a moment apart
             if os.path.lexists(path):
-                raise InputError(f"{path}: exists (written meanwhile by another command); pass --overwrite to "
-                                 "replace it") from None
+                raise written_meanwhile from None
             os.replace(tmp, path)
         else:
             os.unlink(tmp)
@@ -166,7 +169,7 @@ def check_output(out: str | os.PathLike, option: str, overwrite: bool, inputs=()
         raise InputError(f"{option} {out}: is a symbolic link (to {os.readlink(out)}); the file would replace the "
                          "link, not be written where it points: give the path of a file")
     if out.exists() and not out.is_file():
-        raise InputError(f"{option} {out}: is not a regular file (a device, a pipe or a socket); give the path of a file")
+        raise InputError(f"{option} {out}: {NOT_A_REGULAR_FILE}; give the path of a file")
     if out.exists() and any(_is_or_holds(Path(p), out) for p in inputs):
         raise InputError(f"{option} {out}: is an input of this command; choose another name")
     # a new image (search's --grid PNG) in a folder of images read: one more image there for every later scan

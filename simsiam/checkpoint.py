@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import NOT_A_REGULAR_FILE, atomic_write
 from .backbones import build_resnet, infer_resnet_arch
 from .errors import InputError
 
@@ -60,7 +60,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a checkpoint file{_run_folder_hint(path)}")
     if not path.is_file():
-        raise InputError(f"{path}: {'is not a regular file (a device, a pipe or a socket)' if path.exists() else 'no such checkpoint file'}")
+        raise InputError(f"{path}: {NOT_A_REGULAR_FILE if path.exists() else 'no such checkpoint file'}")
     problem = why_not_a_torch_save_file(path)
     if problem:
         raise InputError(f"{path}: {problem}")
@@ -300,7 +300,7 @@ def find_resume_checkpoint(path: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise InputError(f"--resume {path}: {'is not a regular file (a device, a pipe or a socket)' if path.exists() else 'no such checkpoint file or run folder'}")
+        raise InputError(f"--resume {path}: {NOT_A_REGULAR_FILE if path.exists() else 'no such checkpoint file or run folder'}")
     newest = newest_checkpoint(path)
     if newest is None:
         raise InputError(f"--resume {path}: the folder holds no checkpoint to resume from")
