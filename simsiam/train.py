@@ -23,7 +23,7 @@ from .backbones import build_resnet, pooled_backbone
 from .checkpoint import (LAST, epoch_checkpoint_name, find_resume_checkpoint, from_official_layout, save_atomic,
                          to_official_layout)
 from .config import PretrainConfig, write_json_atomic
-from .data import (MEND_UNREADABLE, GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
+from .data import (MEND_UNREADABLE, ONE_CLASS_WARNING, GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
                    labelled_images, make_loader, same_images, scan_images)
 from .device_data import pretrain_batches
 from .errors import InputError, SimSiamError, TrainingDiverged, agreed
@@ -136,6 +136,8 @@ class KnnMonitor:
                                  "neighbour, so the kNN top-1 is inflated; give held-out images as --knn-val")
         for option, images in (("--knn-train", train), ("--knn-val", val)):
             self.warnings += folder_warnings(f"{option} {images.root}", images)
+        if len(train.classes) == 1:  # as knn and lincls say it
+            self.warnings.append(ONE_CLASS_WARNING.format(f"--knn-train {train.root}"))
 
     def __call__(self, encoder: nn.Module) -> float | None:
         """The top-1 on rank 0; None on the other ranks. Every rank must call it."""

@@ -767,6 +767,15 @@ def test_knn_monitor_logs_top1_each_epoch(tmp_path, shared_image_folder):
     assert result.output.count("warning: --knn-train and --knn-val hold the same images") == 1
 
 
+def test_a_knn_monitor_of_one_class_says_its_top1_means_nothing(tmp_path, shared_image_folder):
+    """It printed knn top-1 100.00% without the warning knn and lincls give for one class."""
+    one = make_image_folder(tmp_path / "one", classes=1, per_class=6, ext="jpg")
+    result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, "--knn-train", one,
+                 "--knn-val", one, "--knn-k", "3")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"warning: --knn-train {one} has one class: every image is classified as it") == 1
+
+
 def test_an_out_folder_that_is_or_is_inside_a_folder_the_run_reads_is_refused(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, per_class=4)
     knn = make_image_folder(tmp_path / "knn", classes=2, per_class=4)
