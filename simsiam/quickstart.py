@@ -7,16 +7,15 @@ pipeline a user's data does: pretrain, extract, knn, plot, convert-d2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .atomic import temporary_for
-from .backbones import pooled_backbone
 from .config import PretrainConfig, preset_config
 from .errors import InputError
 from .runtime import Runtime, resolve_device, resolve_precision
@@ -102,17 +101,13 @@ def check_quickstart_folder(out: Path, arch: str) -> None:
 
 
 def _random_init_model(config: PretrainConfig):
-    """The encoder pretraining starts from: ``build_model`` with the same seed."""
-    from retrieval.feature_model import FeatureModel
+    """The encoder pretraining starts from: extract --random-init's baseline (the backbone does not
+    depend on the projector's widths), at the quickstart's crop."""
+    from retrieval.feature_model import load_feature_model
 
-    from .train import build_model
-
-    with torch.random.fork_rng(devices=[]):  # the caller's generator left as it was
-        torch.manual_seed(config.seed)
-        encoder = build_model(config).encoder
-    width = encoder.fc[0].in_features  # the projector's input: the pooled features
-    return FeatureModel(pooled_backbone(encoder), config.arch, "backbone", width,
-                        f"random initialisation (seed {config.seed})", "", config.image_size, config.eval_resize)
+    baseline = load_feature_model(random_init=True, arch=config.arch, cifar_stem=config.cifar_stem, seed=config.seed)
+    return dataclasses.replace(baseline, checkpoint=f"random initialisation (seed {config.seed})",
+                               image_size=config.image_size, resize=config.eval_resize)
 
 
 def run_quickstart(out: str | os.PathLike, on_event=None, **overrides) -> QuickstartResult:

@@ -25,6 +25,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 # Files that mark a folder as holding a run, and that --overwrite removes.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, LAST)
+NUMBERED_CHECKPOINTS = "checkpoint_*.pth.tar"  # epoch_checkpoint_name's
 
 LOCK_FILE = ".lock"
 
@@ -362,7 +363,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     """The checkpoints of the run in ``folder``: ``last.pth.tar`` and the numbered ones."""
     if not folder.is_dir():
         return []
-    return [p for p in (folder / LAST, *folder.glob("checkpoint_*.pth.tar")) if p.exists()]
+    return [p for p in (folder / LAST, *folder.glob(NUMBERED_CHECKPOINTS)) if p.exists()]
 
 
 def saved_since(folder: Path, since: float) -> bool:
@@ -423,12 +424,12 @@ def check_run_dir(out: Path, resume_from: str | os.PathLike | None, overwrite: b
 
 def _is_run_output(name: str | None, also: tuple[str, ...] = ()) -> bool:
     """Whether ``name`` is a file a pretrain or lincls run writes in its folder."""
-    return name is not None and (name in RUN_FILES or name in also or fnmatch.fnmatch(name, "checkpoint_*.pth.tar"))
+    return name is not None and (name in RUN_FILES or name in also or fnmatch.fnmatch(name, NUMBERED_CHECKPOINTS))
 
 
 def _replaced_files(out: Path) -> list[Path]:
     """The files of the run in ``out`` that a fresh run there removes first."""
-    return [*(out / n for n in RUN_FILES), *out.glob("checkpoint_*.pth.tar")]
+    return [*(out / n for n in RUN_FILES), *out.glob(NUMBERED_CHECKPOINTS)]
 
 
 def check_out_apart_from_inputs(config, overwrite: bool) -> None:

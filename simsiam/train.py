@@ -66,10 +66,12 @@ def non_finite_weights(model: nn.Module) -> str | None:
     return tensors[int((~finite).nonzero()[0])][0]
 
 
-def check_weights(model: nn.Module, runtime: rt.Runtime, epoch: int, step: int, last_good: str | None) -> None:
-    """Before a checkpoint: every process checks (the same weights on every rank) and agrees."""
-    bad = non_finite_weights(model)
-    rt.agree(runtime, None if bad is None else diverged(
+def check_weights(model: nn.Module, runtime: rt.Runtime, epoch: int, step: int, last_good: str | None,
+                  found: TrainingDiverged | None = None) -> None:
+    """Before a checkpoint: every process checks (the same weights on every rank) and agrees, in the
+    same collective, on a divergence this process ``found`` already (the kNN monitor's, on rank 0)."""
+    bad = non_finite_weights(model) if found is None else None
+    rt.agree(runtime, found if bad is None else diverged(
         f"the weights became NaN or infinite by step {step} (epoch {epoch + 1}; {bad})", last_good))
 
 
@@ -428,11 +430,10 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
 
             if save_now:
                 check_weights(raw, runtime, epoch, global_step, last_good)
-            if save_now and runtime.is_main:
-                state = _checkpoint(config, fingerprint, raw, optimizer, epoch, step + 1, global_step, metrics)
-                save_atomic({**state, "epoch_totals": totals.to_dict()}, out / LAST)
-                run_folder.saved()
-            if save_now:
+                if runtime.is_main:
+                    state = _checkpoint(config, fingerprint, raw, optimizer, epoch, step + 1, global_step, metrics)
+                    save_atomic({**state, "epoch_totals": totals.to_dict()}, out / LAST)
+                    run_folder.saved()
                 last_good = str(out / LAST)
 
         epoch_metrics = {
@@ -454,10 +455,9 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
                 knn_failure = err
 
         # a network that diverged is not saved: the monitor's features (rank 0's) or the weights
-        if isinstance(knn_failure, TrainingDiverged):
-            knn_failure = diverged(f"{knn_failure} (epoch {epoch + 1})", last_good)
-        rt.agree(runtime, knn_failure if isinstance(knn_failure, TrainingDiverged) else None)
-        check_weights(raw, runtime, epoch, global_step, last_good)
+        found = diverged(f"{knn_failure} (epoch {epoch + 1})", last_good) if isinstance(knn_failure,
+                                                                                        TrainingDiverged) else None
+        check_weights(raw, runtime, epoch, global_step, last_good, found)
         metrics_log.write(epoch_metrics)
         emit({"event": "epoch", **epoch_metrics})
         if runtime.is_main:

@@ -144,8 +144,9 @@ def check_backbone_output(backbone: nn.Module, images: torch.Tensor, runtime: rt
     in pretraining) is said to be broken, not left for the head's loss to say "lower --lr"."""
     with torch.no_grad(), runtime.autocast():
         finite = torch.isfinite(backbone(images)).all()
-    rt.agree(runtime, None if bool(finite) else InputError(
-        f"{checkpoint}: the backbone gives NaN or infinite features; its weights are broken (diverged in pretraining?)"))
+    if not finite:
+        raise InputError(f"{checkpoint}: the backbone gives NaN or infinite features; its weights are broken "
+                         "(diverged in pretraining?)")
 
 
 def backbone_fingerprint(weights: BackboneWeights) -> str:
@@ -340,7 +341,6 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
     metrics: dict = {}
     first_batch = True
     last_good = str(resume_from) if resume_from is not None else None  # named when the loss diverges
-    checked_backbone = False
     for epoch in range(start_epoch, config.epochs):
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
@@ -360,12 +360,12 @@ def _linear_eval(config: LinearEvalConfig, runtime: rt.Runtime, run_folder: RunF
             with rt.agreement(runtime, when=first_batch):
                 skipped = count_training_unreadable(batch, unreadable, config.strict, announce, config.train_dir,
                                                     global_step, runtime.distributed)
+                images, labels, _ = batch
+                images = images.to(runtime.device, non_blocking=True)
+                if first_batch:
+                    check_backbone_output(backbone, images, runtime, config.checkpoint)
             first_batch = False
-            images, labels, _ = batch
-            images, labels = images.to(runtime.device, non_blocking=True), labels.to(runtime.device, non_blocking=True)
-            if not checked_backbone:
-                check_backbone_output(backbone, images, runtime, config.checkpoint)
-                checked_backbone = True
+            labels = labels.to(runtime.device, non_blocking=True)
             logits = classify(backbone, model, images, runtime)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
