@@ -283,6 +283,19 @@ def test_the_runtime_puts_back_only_the_cuda_device_a_caller_had_chosen(monkeypa
     assert chosen == ([1] if callers_device is None else [1, 3])
 
 
+def test_a_cuda_error_putting_the_callers_device_back_does_not_replace_the_runs_outcome(monkeypatch):
+    from simsiam import runtime as rt
+
+    def set_device(device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    rt.stop(rt.Runtime(torch.device("cuda", 1), "fp32", cuda_before=(3, False)))  # raises nothing
+    assert torch.backends.cudnn.benchmark is False
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_run_seeds_its_own_generator_and_gives_the_callers_back(tmp_path, fails):
     """pretrain and linear_eval seed torch's generator (a resumed run sets its state): a script that
