@@ -30,7 +30,8 @@ def _run_options(function):
         click.option("--data-root", required=True, type=PATH,
                      help="Folder holding VOCdevkit/VOC2007, VOCdevkit/VOC2012 and/or COCO's annotations/, "
                           "train2017/, val2017/."),
-        click.option("--output", type=PATH, default=None,
+        # --output too: what this command took before it said --out as the other commands do
+        click.option("--out", "--output", "output", type=PATH, default=None,
                      help="Output folder (checkpoints, logs, config.yaml). [default: output/CONFIG; eval: output/CONFIG/eval]"),
         click.option("--num-gpus", type=int, default=1, help="GPUs (processes) on this machine."),
         click.option("--num-machines", type=int, default=1, help="Machines taking part."),
@@ -65,8 +66,8 @@ OVERRIDES = {"ignore_unknown_options": True}
 @click.option("--scale-schedule", is_flag=True,
               help="With fewer (or more) than 8 GPUs, apply the linear scaling rule to batch, lr, warmup, "
                    "steps and iterations.")
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Start over in an --output folder that holds a run.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
 def train(config, weights, data_root, output, num_gpus, num_machines, machine_rank, dist_url, opts,
           scale_schedule, resume, overwrite) -> None:
     """Fine-tune a detector from --weights, then evaluate it.
@@ -110,7 +111,7 @@ def make_toy_voc_command(root, train_images, test_images, size, seed) -> None:
     click.echo(f"wrote {root}/VOCdevkit: {counts} images, {summary.objects} boxes")
     click.echo("try it (a few minutes on a CPU):")
     click.echo(f"  simsiam detect train --config voc-r50-c4 --weights r50.pkl --data-root {shlex.quote(str(root))} "
-               f"--output {shlex.quote(f'{root}/run')} {TOY_OVERRIDES}")  # to paste: quoted for the shell
+               f"--out {shlex.quote(f'{root}/run')} {TOY_OVERRIDES}")  # to paste: quoted for the shell
 
 
 def _overrides(opts: tuple[str, ...]) -> tuple[str, ...]:

@@ -13,7 +13,8 @@ from .paths import PATH
 @click.command("quickstart")
 @click.option("--out", type=PATH, default=Path("simsiam-quickstart"),
               help="Folder for the digits images and the run.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Pretraining epochs. [default: the quickstart's]")
+# the default is quickstart_config's (not imported here: it would load torch for every --help)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Pretraining epochs. [default: 6]")
 def command(out, epochs):
     """Pretrain a small SimSiam on scikit-learn's handwritten digits and show what it learned.
 

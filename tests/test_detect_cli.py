@@ -127,7 +127,7 @@ def test_unknown_config_lists_the_valid_ones(tmp_path, weights, toy_root):
 
 
 def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
-    base = ["detect", "train", "--config", "voc-r50-c4", "--data-root", toy_root, "--output", tmp_path / "out"]
+    base = ["detect", "train", "--config", "voc-r50-c4", "--data-root", toy_root, "--out", tmp_path / "out"]
     assert_user_error(run(*base, "--weights", tmp_path / "none.pkl"), "none.pkl", "no such file")
     (tmp_path / "text.pkl").write_text("hello")
     assert_user_error(run(*base, "--weights", tmp_path / "text.pkl"), "text.pkl", "not a Detectron2 pickle")
@@ -163,7 +163,7 @@ def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
     stopped.mkdir()
     for name in ("model_0000999.pth", "model_0001999.pth"):
         (stopped / name).write_bytes(b"")
-    evaluate = ["detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root, "--output", tmp_path / "out"]
+    evaluate = ["detect", "eval", "--config", "voc-r50-c4", "--data-root", toy_root, "--out", tmp_path / "out"]
     assert_user_error(run(*evaluate, "--weights", stopped / "model_final.pth"), "model_final.pth: no such file (the run "
                       "there did not finish; its newest checkpoint is model_0001999.pth)")
     assert_user_error(run(*evaluate, "--weights", stopped), "stopped: is a folder; give a file in it")
@@ -171,7 +171,7 @@ def test_weights_missing_or_not_a_detectron2_pickle(tmp_path, toy_root):
 
 
 def test_data_root_without_voc_or_coco_folders(tmp_path, weights):
-    base = ["detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--output", tmp_path / "out"]
+    base = ["detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--out", tmp_path / "out"]
     assert_user_error(run(*base, "--data-root", tmp_path / "nowhere"), "nowhere", "no such folder")
     (tmp_path / "empty").mkdir()
     assert_user_error(run(*base, "--data-root", tmp_path / "empty"), "empty", "neither VOC", "VOCdevkit/VOC2007",
@@ -196,7 +196,7 @@ def test_the_library_takes_paths_as_paths(tmp_path, weights):
 def test_without_detectron2_a_clear_message_with_the_install_command(tmp_path, weights, toy_root, monkeypatch):
     monkeypatch.setitem(sys.modules, "detectron2", None)  # "import detectron2" now fails, installed or not
     result = run("detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--data-root", toy_root,
-                 "--output", tmp_path / "out")
+                 "--out", tmp_path / "out")
     assert_user_error(result, "Detectron2 is not installed", "pip install --no-build-isolation",
                       "git+https://github.com/facebookresearch/detectron2.git", "setuptools<81")
     assert not (tmp_path / "out").exists()
@@ -440,9 +440,9 @@ def test_a_voc_split_that_is_empty_or_names_missing_files_is_refused_naming_them
 
 def test_weights_and_output_given_as_overrides_are_refused_not_replaced(tmp_path, weights, toy_root):
     base = ["detect", "train", "--config", "voc-r50-c4", "--weights", weights, "--data-root", toy_root,
-            "--output", tmp_path / "out"]
+            "--out", tmp_path / "out"]
     assert_user_error(run(*base, "MODEL.WEIGHTS", "other.pkl"), "MODEL.WEIGHTS: give it as --weights")
-    assert_user_error(run(*base, "OUTPUT_DIR", "/tmp/x"), "OUTPUT_DIR: give it as --output")
+    assert_user_error(run(*base, "OUTPUT_DIR", "/tmp/x"), "OUTPUT_DIR: give it as --out")
     assert not (tmp_path / "out").exists()
 
 
@@ -458,3 +458,19 @@ def test_a_resume_whose_last_checkpoint_is_gone_or_cut_short_is_refused(tmp_path
     (tmp_path / "model_0000003.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="model_0000003.pth \\(named by last_checkpoint\\) is cut short"):
         _check_last_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("subcommand", ["train", "eval"])
+def test_the_output_folder_is_out_as_in_every_command_and_output_still_works(tmp_path, weights, toy_root,
+                                                                              monkeypatch, subcommand):
+    """detect said --output where every other command says --out; what a script wrote before still runs."""
+    import transfer.detection
+
+    def plan_detection(config, weights, data_root, output, *args, **kwargs):
+        raise InputError(f"planned into {output}")
+
+    monkeypatch.setattr(transfer.detection, "plan_detection", plan_detection)
+    base = ["detect", subcommand, "--config", "voc-r50-c4", "--weights", weights, "--data-root", toy_root]
+    for spelling in ("--out", "--output"):
+        assert_user_error(run(*base, spelling, tmp_path / spelling), f"planned into {tmp_path / spelling}")
+    assert "--out, --output PATH" in run("detect", subcommand, "--help").output

@@ -261,7 +261,7 @@ def test_an_integer_for_a_float_setting_is_taken_and_a_bad_pair_is_named_alone()
 def test_absurd_settings_are_one_line_errors_before_anything_is_written(tmp_path, r50, toy_root, opts, message):
     _, weights = r50
     result = CliRunner().invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
-                                          "--data-root", str(toy_root), "--output", str(tmp_path / "out"), *opts])
+                                          "--data-root", str(toy_root), "--out", str(tmp_path / "out"), *opts])
     assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == f"Error: {message}", result.output
     assert not (tmp_path / "out").exists()
 
@@ -314,7 +314,7 @@ def test_detect_train_then_eval_on_the_toy_voc_set_on_cpu(tmp_path, r50, toy_roo
     out = tmp_path / "run"
     runner = CliRunner()
     result = runner.invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
-                                     "--data-root", str(toy_root), "--output", str(out), *CPU_TOY],
+                                     "--data-root", str(toy_root), "--out", str(out), *CPU_TOY],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output[-3000:]
     assert "MODEL.RESNETS.NORM: naiveSyncBN -> BN" in result.output
@@ -324,13 +324,13 @@ def test_detect_train_then_eval_on_the_toy_voc_set_on_cpu(tmp_path, r50, toy_roo
     assert "voc_2007_test bbox: AP " in result.output
 
     again = runner.invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
-                                    "--data-root", str(toy_root), "--output", str(out), *CPU_TOY])
+                                    "--data-root", str(toy_root), "--out", str(out), *CPU_TOY])
     assert again.exit_code == 2 and "already holds a training run" in again.output
 
     # a resume keeps the run's settings: the shipped defaults instead of its overrides are refused
     assert (out / "train_config.yaml").is_file()
     changed = runner.invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--data-root", str(toy_root),
-                                      "--output", str(out), "--resume", *CPU_TOY[:-4]])
+                                      "--out", str(out), "--resume", *CPU_TOY[:-4]])
     assert changed.exit_code == 2, changed.output[-3000:]
     assert f"--resume: the run in {out} was started with other settings" in changed.output
     assert "(TEST.PRECISE_BN.NUM_ITER: 1 -> 200); give the" in changed.output  # the only change: workers may
@@ -346,7 +346,7 @@ def test_detect_train_then_eval_on_the_toy_voc_set_on_cpu(tmp_path, r50, toy_roo
 
     evaluated = runner.invoke(simsiam, ["detect", "eval", "--config", "voc-r50-c4", "--weights",
                                         str(out / "model_final.pth"), "--data-root", str(toy_root),
-                                        "--output", str(tmp_path / "eval"), *CPU_TOY], catch_exceptions=False)
+                                        "--out", str(tmp_path / "eval"), *CPU_TOY], catch_exceptions=False)
     assert evaluated.exit_code == 0, evaluated.output[-3000:]
     line = next(l for l in evaluated.output.splitlines() if l.startswith("voc_2007_test bbox:"))
     numbers = dict(zip(line.split()[2::2], map(float, line.split()[3::2])))
@@ -360,7 +360,7 @@ def test_a_diverged_run_is_one_line_and_its_traceback_goes_to_the_log_file(tmp_p
     _, weights = r50
     out = tmp_path / "run"
     result = CliRunner().invoke(simsiam, ["detect", "train", "--config", "voc-r50-c4", "--weights", str(weights),
-                                          "--data-root", str(toy_root), "--output", str(out), *CPU_TOY,
+                                          "--data-root", str(toy_root), "--out", str(out), *CPU_TOY,
                                           "SOLVER.BASE_LR", "1e30"])
     assert result.exit_code == 2, result.output[-3000:]
     last = result.output.strip().splitlines()[-1]
@@ -376,7 +376,7 @@ def test_amp_on_a_cpu_and_an_evaluation_into_its_trainings_folder_are_avoided(tm
         with pytest.raises(InputError, match="SOLVER.AMP.ENABLED True: mixed-precision training needs a CUDA GPU"):
             plan_detection("voc-r50-c4", str(weights), str(toy_root), str(tmp_path / "out"),
                            opts=["SOLVER.AMP.ENABLED", "True"])
-    # without --output, an evaluation writes its config.yaml and results beside, not over, the training's
+    # without --out, an evaluation writes its config.yaml and results beside, not over, the training's
     monkeypatch.chdir(tmp_path)
     assert plan_detection("voc-r50-c4", str(weights), str(toy_root)).output_dir == Path("output/voc-r50-c4")
     evaluation = plan_detection("voc-r50-c4", str(r50_c4_detector), str(toy_root), eval_only=True)

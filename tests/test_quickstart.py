@@ -101,3 +101,10 @@ def test_the_suggested_commands_quote_paths_for_the_shell(tmp_path, monkeypatch)
     knn = shlex.split(suggested[0])
     assert knn[:5] == ["simsiam", "knn", "--train", str(out / "features" / "train.h5"), "--val"]
     assert shlex.split(suggested[2].split("#")[0])[3] == str(out / "run")
+
+
+def test_the_epochs_help_states_the_default_the_run_uses(tmp_path):
+    from simsiam.quickstart import quickstart_config
+
+    help_text = " ".join(CliRunner().invoke(simsiam, ["quickstart", "--help"]).output.split())
+    assert f"Pretraining epochs. [default: {quickstart_config(tmp_path, tmp_path).epochs}]" in help_text

@@ -83,7 +83,7 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
         raise InputError("--dist-url: a multi-machine run needs the tcp://HOST:PORT of machine 0")
     for key in opts[::2]:  # they would be replaced without a word by what the options give
         if key in ("MODEL.WEIGHTS", "OUTPUT_DIR"):
-            raise InputError(f"{key}: give it as {'--weights' if key == 'MODEL.WEIGHTS' else '--output'}, "
+            raise InputError(f"{key}: give it as {'--weights' if key == 'MODEL.WEIGHTS' else '--out'}, "
                              "not as a KEY VALUE pair")
     config_file = resolve_config(config)
     weights_file = None
@@ -140,7 +140,7 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
     # an evaluation writes its own config.yaml and results: by default not over a training's of that config
     out = Path(output) if output else Path("output") / config_file.stem / ("eval" if eval_only else "")
     if out.exists() and not out.is_dir():
-        raise InputError(f"--output {out}: exists and is not a folder")
+        raise InputError(f"--out {out}: exists and is not a folder")
     holds_run = any((out / marker).exists() for marker in RUN_MARKERS)
     if not eval_only:
         if resume and not (out / "last_checkpoint").exists() and weights is None:
@@ -148,7 +148,7 @@ def plan_detection(config: str, weights: str | None, data_root: str, output: str
         if resume and (out / "last_checkpoint").exists():
             _check_last_checkpoint(out)
         if holds_run and not resume and not overwrite:
-            raise InputError(f"--output {out}: already holds a training run; pass --resume to continue it or "
+            raise InputError(f"--out {out}: already holds a training run; pass --resume to continue it or "
                              "--overwrite to start over")
     cfg.MODEL.WEIGHTS = weights or ""
     cfg.OUTPUT_DIR = str(out)
