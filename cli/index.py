@@ -42,8 +42,9 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     warnings = [] if report.target_reached else [
         f"recall@10 {report.recall_at_10:.4f} is below --target-recall {report.target_recall}: the best search "
         "setting found is kept (a flat index is exact; more --max-memory allows a finer one)"]
-    if as_json:  # warnings as knn --json has them
-        click.echo(json.dumps({**asdict(report), "warnings": warnings}))
+    if as_json:  # warnings as knn --json has them, recall@10 named as search --eval --json names it
+        fields = {("recall@10" if name == "recall_at_10" else name): value for name, value in asdict(report).items()}
+        click.echo(json.dumps({**fields, "warnings": warnings}))
         return
     settings = f" ({report.search_parameters})" if report.search_parameters else ""
     click.echo(f"{report.kind}: {report.factory}{settings}, {report.rows:,} x {report.dim}, "
