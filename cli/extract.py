@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import click
 
 from .embedding import EmbeddingProgress, default_workers, model_options
@@ -24,9 +27,10 @@ from .paths import OUTPUT_FILE, PATH
 @click.option("--gpu-decode", is_flag=True,
               help="Workers only read files; JPEGs are decoded (nvjpeg), resized and cropped on the GPU in batches.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (what was written) instead of a line.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size, resize, batch_size, workers,
-            precision, dtype, compression, normalize, device, gpu_decode, strict, overwrite):
+            precision, dtype, compression, normalize, device, gpu_decode, strict, as_json, overwrite):
     """Embed the images of DATA (an ImageFolder class/*.jpg, or a flat folder) into --out.
 
     CHECKPOINT: ours, an official SimSiam or MoCo checkpoint, or a torchvision ResNet state dict;
@@ -48,6 +52,7 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
         raise click.UsageError("expected DATA with --random-init" if random_init else "expected CHECKPOINT DATA "
                                "(or --random-init --arch ARCH DATA)")
     checkpoint = None if random_init else inputs[0]
+    began = time.perf_counter()
     runtime = start(device, precision)
     together = False  # every process ends here: finished, or on an error they agreed on
     try:
@@ -58,7 +63,11 @@ def command(inputs, out, random_init, arch, cifar_stem, seed, layer, image_size,
             summary = extract_to_file(model, inputs[-1], out, runtime, image_size, resize, dtype, compression,
                                       batch_size, default_workers(workers), normalize, strict, overwrite, progress,
                                       gpu_decode)
-        if runtime.is_main:
+        if runtime.is_main and as_json:
+            click.echo(json.dumps({"out": str(summary.path), "images": summary.images, "skipped": summary.skipped,
+                                   "dim": summary.dim, "dtype": dtype, "arch": model.arch, "layer": layer,
+                                   "processes": summary.processes, "seconds": round(time.perf_counter() - began, 3)}))
+        elif runtime.is_main:
             processes = f" by {summary.processes} processes" if summary.processes > 1 else ""
             skipped = f", {summary.skipped} unreadable skipped" if summary.skipped else ""
             click.echo(f"wrote {summary.path}: {summary.images:,} x {summary.dim} {dtype} features "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
@@ -73,7 +74,9 @@ class LinearEvalProgress(TrainingProgress):
 @click.option("--resume", type=PATH, default=None,
               help="Continue a linear evaluation: its output folder or its last.pth.tar.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
-def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **options):
+@click.option("--json", "as_json", is_flag=True,
+              help="End with one JSON object (the final metrics, as metrics.jsonl has them: top-1 in %) instead of lines.")
+def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, as_json, **options):
     """Linear evaluation of CHECKPOINT's frozen backbone: train on TRAIN_DIR, report top-1/top-5 on VAL_DIR.
 
     \b
@@ -114,7 +117,10 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, **op
     hint = resume_hint("lincls", config.out, checkpoint_path, continuing)
     with LinearEvalProgress(description="lincls") as progress, hint:
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
-    if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
+    if final and os.environ.get("RANK", "0") == "0" and as_json:  # torchrun: one report, from rank 0
+        click.echo(json.dumps({"out": config.out, "head": str(Path(config.out) / HEAD_FILE),
+                               **{name: value for name, value in final.items() if name != "kind"}}))
+    elif final and os.environ.get("RANK", "0") == "0":
         click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "
                    f"{final['best_top1']:.2f}%) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
                    f"{Path(config.out) / HEAD_FILE}, the best top-1's in {BEST_HEAD_FILE}")

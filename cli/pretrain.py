@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 
@@ -72,7 +73,9 @@ def _from_preset(key: str, help_text: str) -> str:
 @click.option("--resume", type=PATH, default=None,
               help="Continue a run exactly: its run folder or one of its checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")
-def command(data, out, preset, resume, overwrite, **options):
+@click.option("--json", "as_json", is_flag=True,
+              help="End with one JSON object (the last epoch's metrics, as metrics.jsonl has them) instead of a line.")
+def command(data, out, preset, resume, overwrite, as_json, **options):
     """Pretrain SimSiam on DATA, an ImageFolder (class/*.jpg) or a flat folder of images.
 
     \b
@@ -108,5 +111,7 @@ def command(data, out, preset, resume, overwrite, **options):
     hint = resume_hint("pretrain", config.out, checkpoint_path, continuing)
     with TrainingProgress() as progress, hint:
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
-    if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
+    if final and os.environ.get("RANK", "0") == "0" and as_json:  # torchrun: one report, from rank 0
+        click.echo(json.dumps({"out": config.out, **{name: value for name, value in final.items() if name != "kind"}}))
+    elif final and os.environ.get("RANK", "0") == "0":
         click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")

@@ -64,6 +64,22 @@ def test_the_file_records_the_checkpoint_and_root_as_absolute_paths(tmp_path, ch
     assert attrs["checkpoint"] == str(checkpoints["official"].resolve()) and attrs["root"] == str(images.resolve())
 
 
+def test_json_is_all_that_stdout_holds_and_says_what_was_written(tmp_path, checkpoints, images):
+    import json
+
+    out = tmp_path / "feats.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "cli", "extract", str(checkpoints["torchvision"]), str(images),
+                           "--out", str(out), "--json", *FAST], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)  # the whole of stdout: progress and warnings go to stderr
+    assert report.pop("seconds") > 0
+    assert report == {"out": str(out), "images": 8, "skipped": 0, "dim": 512, "dtype": "float16", "arch": "resnet18",
+                      "layer": "backbone", "processes": 1}
+    assert len(read_features(out)) == 8
+
+
 @pytest.mark.parametrize("layout", ["official", "torchvision"])
 def test_features_equal_the_torchvision_resnet_run_directly(tmp_path, checkpoints, images, layout):
     out = tmp_path / "feats.h5"

@@ -359,7 +359,14 @@ def test_without_a_preset_a_cifar_stem_checkpoint_gets_the_cifar_recipe(tmp_path
     cifar = tmp_path / "cifar.pth.tar"
     torch.save({"arch": "resnet18", "state_dict": to_official_layout(model.state_dict())}, cifar)
     args = ["--workers", "0", "--device", "cpu", "--batch-size", "16", "--epochs", "1"]
-    assert run("lincls", cifar, train, val, "--out", tmp_path / "c", *args).exit_code == 0
+    result = run("lincls", cifar, train, val, "--out", tmp_path / "c", *args, "--json")
+    assert result.exit_code == 0, result.output
+    # --json: the final metrics as the run's files have them, the last line (progress goes to stderr)
+    report = json.loads(result.output.splitlines()[-1])
+    final = load_checkpoint(tmp_path / "c" / HEAD_FILE)["metrics"]
+    assert report == {"out": str(tmp_path / "c"), "head": str(tmp_path / "c" / HEAD_FILE),
+                      **{name: value for name, value in final.items() if name != "kind"}}
+    assert report["epoch"] == 1 and 0 <= report["top1"] <= 100 and report["backbone_unchanged"] is True
     config = json.loads((tmp_path / "c" / "config.json").read_text())
     assert (config["preset"], config["image_size"], config["eval_resize"]) == ("cifar", 32, 0)
     assert run("lincls", cifar, train, val, "--out", tmp_path / "i", *args, *TINY, "--preset", "imagenet").exit_code == 0

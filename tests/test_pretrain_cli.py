@@ -756,11 +756,14 @@ def test_knn_monitor_matches_validation_classes_by_name(tmp_path, shared_image_f
 def test_knn_monitor_logs_top1_each_epoch(tmp_path, shared_image_folder):
     out = tmp_path / "run"
     result = run("pretrain", shared_image_folder, "--out", out, *TINY, "--epochs", "2",
-                 "--knn-train", shared_image_folder, "--knn-val", shared_image_folder, "--knn-k", "5")
+                 "--knn-train", shared_image_folder, "--knn-val", shared_image_folder, "--knn-k", "5", "--json")
     assert result.exit_code == 0, result.output
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [l for l in lines if l["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0.0 <= e["knn_top1"] <= 1.0 for e in epochs)
+    # --json: the last line is the last epoch's metrics, as metrics.jsonl has them
+    assert json.loads(result.output.splitlines()[-1]) == {"out": str(out), **{name: value for name, value in
+                                                                               epochs[-1].items() if name != "kind"}}
     # metrics.jsonl holds a fraction (as knn --json); the console shows it in percent (as the knn table)
     assert f"knn top-1 {100 * epochs[-1]['knn_top1']:.2f}%" in result.output
     # the same folder as both: said once, as simsiam knn says it
