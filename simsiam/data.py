@@ -67,22 +67,24 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _images_below(folder: Path) -> list[str]:
-    """The images under ``folder``, following links to folders (as torchvision's ImageFolder) but
-    not a link to a folder it is already inside, which would loop for ever. Only links can loop,
-    so only they are resolved."""
+def _images_below(root: Path, name: str) -> list[str]:
+    """The images under the folder ``root/name``, as paths relative to ``root``, following links to
+    folders (as torchvision's ImageFolder) but not a link to a folder it is already inside, which
+    would loop for ever. Only links can loop, so only they are resolved."""
     def unreadable(err: OSError):  # os.walk would skip the folder, and its images, silently
         raise InputError(f"{err.filename}: cannot list this folder ({err.strerror})")
 
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+    for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True, onerror=unreadable):
         links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         if links:
             here = os.path.realpath(dirpath)
             loops = {d for d in links if _is_within(here, os.path.realpath(os.path.join(dirpath, d)))}
             dirnames[:] = [d for d in dirnames if d not in loops]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # hidden, as hidden files and classes
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_name(f)]
+        # relative once a folder: os.path.relpath of each file was 84 % of a 50,000-image scan
+        relative = os.path.relpath(dirpath, root)
+        found += [os.path.join(relative, f) for f in sorted(filenames) if is_image_name(f)]
     return found
 
 
@@ -111,9 +113,9 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     labels: list[int] = []
     classes: list[str] = []
     for name in class_dirs:
-        files = _images_below(root / name)
+        files = _images_below(root, name)
         if files:
-            paths += [os.path.relpath(f, root) for f in files]
+            paths += files
             labels += [len(classes)] * len(files)
             classes.append(name)
     top_level = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name))

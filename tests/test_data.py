@@ -46,6 +46,10 @@ def test_links_to_folders_are_followed_but_never_round_a_loop(tmp_path, monkeypa
     assert scan_images(root).paths == expected
     monkeypatch.chdir(root)  # the same folder spelled "."
     assert scan_images(".").paths == expected
+    # and other spellings: paths are relative to the folder, whatever leads to it
+    monkeypatch.chdir(root / "class1")
+    for spelling in ("..", "../", "../../a", f"{tmp_path}//a/./"):
+        assert scan_images(spelling).paths == expected, spelling
 
 
 def test_a_folder_that_cannot_be_listed_is_an_error_not_skipped(tmp_path, monkeypatch):
