@@ -9,13 +9,10 @@ from pathlib import Path
 import h5py
 
 from simsiam.atomic import check_output
-from simsiam.checkpoint import check_checkpoint_file, is_torch_save_file
-from simsiam.data import same_images, scan_images, unicode_form_hint
+from simsiam.image_folders import same_images, scan_images, unicode_form_hint
 from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
 
-from .extract import extract_features
-from .feature_model import load_feature_model
 from .features import (FeatureSet, FeatureWriter, check_free_space, check_utf8_names, feature_file_bytes,
                        read_features)
 from .knn import KnnReport, check_ks, check_temperature, evaluate_knn
@@ -30,9 +27,12 @@ def evaluate_files(train: str | os.PathLike, val: str | os.PathLike, ks=(20,), t
     resolve_search(backend, device, ks[-1])  # refuse what we cannot run before reading gigabytes
     check_temperature(temperature)
     for option, path in (("--train", train), ("--val", val)):
-        if is_torch_save_file(path):
-            raise InputError(f"{option} {path}: a checkpoint, not a feature file; to embed and evaluate in one go: "
-                             f"simsiam knn {path} --train-dir DIR --val-dir DIR")
+        if Path(path).is_file() and not h5py.is_hdf5(path):
+            from simsiam.checkpoint import is_torch_save_file  # torchvision with it: only for a file that is not HDF5
+
+            if is_torch_save_file(path):
+                raise InputError(f"{option} {path}: a checkpoint, not a feature file; to embed and evaluate in one "
+                                 f"go: simsiam knn {path} --train-dir DIR --val-dir DIR")
     with given_as("--train", train):
         train_set = read_features(train)
     with given_as("--val", val):
@@ -60,6 +60,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, train_dir: str | os.PathL
     if Path(checkpoint).is_file() and h5py.is_hdf5(checkpoint):  # before scanning folders: knn's other form
         raise InputError(f"CHECKPOINT {checkpoint}: a feature file, not a checkpoint; to evaluate feature files: "
                          "simsiam knn --train TRAIN.h5 --val VAL.h5")
+    # here, not at the top: torchvision takes 2 s to import, which evaluating feature files does without
+    from simsiam.checkpoint import check_checkpoint_file
+
+    from .extract import extract_features
+    from .feature_model import load_feature_model
+
     check_checkpoint_file(checkpoint)  # a missing file said before -k or the folders are checked
     if save_features is not None:
         if Path(save_features).exists() and not Path(save_features).is_dir():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from simsiam.atomic import atomic_write, check_output
-from simsiam.data import ONE_CLASS_WARNING, same_images, split_folders_warning, unicode_form_hint
+from simsiam.image_folders import ONE_CLASS_WARNING, same_images, split_folders_warning, unicode_form_hint
 from simsiam.errors import InputError
 
 from .features import FeatureSet, check_compatible, check_usable, labels_in_classes_of

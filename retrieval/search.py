@@ -17,14 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from simsiam.checkpoint import is_torch_save_file
 from simsiam.config import MAX_IMAGE_SIZE, check_int
-from simsiam.data import ImageList, scan_images
+from simsiam.image_folders import ImageList, scan_images
 from simsiam.errors import InputError, given_as
 from simsiam.runtime import Runtime
 
-from .extract import extract_features
-from .feature_model import load_feature_model
 from .features import FeatureSet, check_compatible, check_utf8_names, check_usable, labels_in_classes_of, file_rows_fingerprint, read_features
 from .index import LoadedIndex, load_index, sidecar_path
 from .metrics import retrieval_metrics
@@ -59,6 +56,8 @@ def open_database(path: str | os.PathLike) -> Database:
         check_usable(features, "DATABASE")
         return Database(features, None, path)
     if path.is_file() and not sidecar_path(path).is_file():  # no index of ours: a checkpoint, a CSV, ...
+        from simsiam.checkpoint import is_torch_save_file  # here: torchvision with it, which searching does without
+
         if is_torch_save_file(path):
             raise InputError(f"{path}: a checkpoint, not a feature file or an index; simsiam extract CHECKPOINT "
                              "DATA --out FILE writes a feature file to search")
@@ -94,6 +93,10 @@ def embed_query_images(query: str | os.PathLike, checkpoint: str | os.PathLike, 
     Every query must decode: an image the user asked about is never skipped silently. With
     ``evaluate``, query images without a class the database knows are refused before embedding.
     """
+    # here, not at the top: torchvision takes 2 s to import, which searching with features does without
+    from .extract import extract_features
+    from .feature_model import load_feature_model
+
     query = Path(query)
     if not query.exists():
         raise InputError(f"--query {query}: no such image or folder")

@@ -187,7 +187,7 @@ def _is_or_holds(given: Path, existing: Path) -> bool:
     if not given.exists():
         return False
     if given.is_dir():
-        from .data import is_image_name  # here: it brings torch, which this module otherwise does not need
+        from .image_folders import is_image_name
 
         # both spellings: the folder's listing follows symbolic links below it, resolve() does not keep them
         inside = (existing.resolve().is_relative_to(given.resolve())

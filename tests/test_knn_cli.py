@@ -116,10 +116,10 @@ def test_checkpoint_form_extracts_in_memory_and_saves_features_on_request(tmp_pa
     assert {name: (saved / name).read_bytes() for name in pair} == pair
     # a class of the validation folder that training lacks: refused before any image is embedded
     other = make_image_folder(tmp_path / "other", classes=3, per_class=1, seed=2)
-    import retrieval.evaluate
+    import retrieval.extract  # where evaluate_checkpoint imports it from, when it runs
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(retrieval.evaluate, "extract_features", lambda *a, **k: pytest.fail("extracted first"))
+        patch.setattr(retrieval.extract, "extract_features", lambda *a, **k: pytest.fail("extracted first"))
         assert_user_error(run(*args[:5], other, *args[6:]),
                           f"--val-dir {other}: classes class2 are not among the 2 classes of --train-dir {train}")
     # --predictions never replaces an input, the CHECKPOINT or an image included
@@ -330,7 +330,7 @@ def test_a_feature_file_as_checkpoint_points_to_the_feature_file_form_before_sca
                                         (b"class0/caf\xe9/a.png", "class0/caf\\xe9: the folder name")])
 def test_a_val_dir_image_path_that_is_not_utf8_is_refused_before_embedding_train_dir(tmp_path, monkeypatch, odd,
                                                                                      named):
-    import retrieval.evaluate
+    import retrieval.extract  # where evaluate_checkpoint imports it from, when it runs
 
     checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
     train = make_image_folder(tmp_path / "train", classes=2, per_class=2)
@@ -338,7 +338,7 @@ def test_a_val_dir_image_path_that_is_not_utf8_is_refused_before_embedding_train
     target = os.fsencode(val) + b"/" + odd
     os.makedirs(os.path.dirname(target), exist_ok=True)
     os.rename(val / "class0" / "c0_000.png", target)
-    monkeypatch.setattr(retrieval.evaluate, "extract_features", lambda *a, **k: pytest.fail("embedded"))
+    monkeypatch.setattr(retrieval.extract, "extract_features", lambda *a, **k: pytest.fail("embedded"))
     result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, "-k", "2", "--device", "cpu")
     assert_user_error(result, f"{val}/{named} is not valid UTF-8", "rename it")
 
@@ -381,7 +381,7 @@ def test_a_temperature_that_is_not_positive_is_refused_before_reading_or_embeddi
     import retrieval.evaluate
 
     monkeypatch.setattr(retrieval.evaluate, "read_features", lambda *a, **k: pytest.fail("read"))
-    monkeypatch.setattr(retrieval.evaluate, "extract_features", lambda *a, **k: pytest.fail("embedded"))
+    monkeypatch.setattr(retrieval.extract, "extract_features", lambda *a, **k: pytest.fail("embedded"))
     checkpoint = save_resnet18_checkpoints(tmp_path / "ckpt")["torchvision"]
     images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
     expected = f"--temperature {float(temperature)}: must be a positive finite number"
@@ -542,3 +542,25 @@ def test_a_class_name_in_another_unicode_form_is_named_as_such(tmp_path):
     fast = ["-k", "2", "--image-size", "16", "--resize", "0", "--workers", "0", "--device", "cpu"]
     result = run("knn", checkpoint, "--train-dir", train, "--val-dir", val, *fast)
     assert_user_error(result, "are not among the 2 classes of --train-dir", "written in another Unicode form")
+
+
+def test_commands_on_feature_files_do_not_load_torchvision(files, tmp_path):
+    """knn, index and search of feature files embed nothing: importing torchvision (2 s, and its
+    compiler's sympy) was most of a small knn's time."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pytest.importorskip("faiss")
+    commands = [["knn", "--train", files["train"], "--val", files["val"], "--json"],
+                ["index", files["train"], "--out", tmp_path / "train.index", "--json"],
+                ["search", tmp_path / "train.index", "--query-h5", files["val"], "-k", "3", "--eval", "--json"],
+                ["search", files["train"], "--query-h5", files["val"], "-k", "3", "--json"]]
+    script = ("import sys\nfrom cli.main import simsiam\n"
+              "simsiam(sys.argv[1:], standalone_mode=False)\n"
+              "assert 'torchvision' not in sys.modules, 'torchvision imported'\n")
+    for command in commands:
+        done = subprocess.run([sys.executable, "-c", script, *map(str, command)], cwd=repo, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=300)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        assert json.loads(done.stdout.splitlines()[-1])

@@ -239,9 +239,9 @@ def test_a_grid_that_is_not_a_png_is_refused_before_any_work(gallery, tmp_path, 
 
 
 def test_a_feature_file_as_query_image_points_to_query_h5_before_loading_the_checkpoint(gallery, monkeypatch):
-    import retrieval.search
+    import retrieval.feature_model  # where the search imports it from, when it embeds
 
-    monkeypatch.setattr(retrieval.search, "load_feature_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(retrieval.feature_model, "load_feature_model", lambda *a, **k: pytest.fail("loaded"))
     result = run("search", gallery["index"], "--query", gallery["h5"], "--checkpoint", gallery["checkpoint"])
     assert_user_error(result, f"--query {gallery['h5']}: a feature file, not an image; search with its features: "
                       f"--query-h5 {gallery['h5']}")
@@ -252,12 +252,12 @@ def test_a_feature_file_as_query_image_points_to_query_h5_before_loading_the_che
                                          ("3", "-k 10: larger than the 8 database images (--eval needs 10")])
 def test_a_k_the_database_cannot_give_is_refused_before_embedding_the_queries(gallery, tmp_path, monkeypatch, k,
                                                                              expected):
-    import retrieval.search
+    import retrieval.extract  # where the search imports it from, when it embeds
 
     database = gallery["h5"]
     if k == "3":
         database = feature_file(tmp_path / "small.h5", *clustered(8, classes=2, dim=512))
-    monkeypatch.setattr(retrieval.search, "extract_features", lambda *a, **kw: pytest.fail("embedded"))
+    monkeypatch.setattr(retrieval.extract, "extract_features", lambda *a, **kw: pytest.fail("embedded"))
     result = run("search", database, "--query", gallery["images"], "--checkpoint", gallery["checkpoint"], "-k", k,
                  *(["--eval"] if k == "3" else []), *FAST[-4:])
     assert_user_error(result, expected)
@@ -265,9 +265,9 @@ def test_a_k_the_database_cannot_give_is_refused_before_embedding_the_queries(ga
 
 def test_eval_with_query_images_without_a_class_of_the_database_is_refused_before_embedding(gallery, tmp_path,
                                                                                            monkeypatch):
-    import retrieval.search
+    import retrieval.extract  # where the search imports it from, when it embeds
 
-    monkeypatch.setattr(retrieval.search, "extract_features", lambda *a, **kw: pytest.fail("embedded"))
+    monkeypatch.setattr(retrieval.extract, "extract_features", lambda *a, **kw: pytest.fail("embedded"))
     other = make_image_folder(tmp_path / "other", classes=1, per_class=2)
     (other / "class0").rename(other / "dogs")
     for query, expected in ((gallery["images"] / "class1", "--eval: the --query images have no labels"),
