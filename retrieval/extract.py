@@ -22,7 +22,7 @@ from simsiam.augment import eval_transform
 from simsiam.data import ImageDataset, ImageList, count_unreadable, folder_warnings, make_loader, scan_images
 from simsiam.atomic import check_output
 from simsiam.config import MAX_IMAGE_SIZE, check_crop_fits, check_int
-from simsiam.errors import InputError, agreed
+from simsiam.errors import InputError, agreed, given_as
 from simsiam.runtime import Runtime, agreement
 
 from .feature_model import FeatureModel
@@ -100,7 +100,8 @@ class _Extraction:
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
                  normalize: bool, strict: bool, gpu_decode: bool = False, check_crop: bool = True,
                  source: str = "DATA"):
-        self.images = data if isinstance(data, ImageList) else scan_images(data)
+        with given_as(source, data):
+            self.images = data if isinstance(data, ImageList) else scan_images(data)
         self.source = source  # what the user gave the images as, for warnings
         check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size

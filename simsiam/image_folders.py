@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InputError
+from .errors import InputError, given_as
 
 # torchvision's ImageFolder's (IMG_EXTENSIONS), and GIF
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
@@ -154,7 +154,10 @@ def folder_warnings(where: str, images: ImageList, labels_used: bool = True) -> 
 def labelled_images(train_dir: str, val_dir: str, train_option: str, val_option: str) -> tuple[ImageList, ImageList]:
     """Both folders as ImageFolders, the validation labels indexing the training classes (matched by
     name, so a validation folder may hold some of the classes, in any order)."""
-    train, val = scan_images(train_dir), scan_images(val_dir)
+    with given_as(train_option, train_dir):  # two folders: the message says which
+        train = scan_images(train_dir)
+    with given_as(val_option, val_dir):
+        val = scan_images(val_dir)
     for option, images in ((train_option, train), (val_option, val)):
         if not images.labelled:
             raise InputError(f"{option} {images.root}: needs class folders (class/*.jpg) for labels")

@@ -26,7 +26,7 @@ from .config import PretrainConfig, write_json_atomic
 from .data import (MEND_UNREADABLE, ONE_CLASS_WARNING, GlobalBatchSampler, ImageDataset, count_training_unreadable, count_unreadable, folder_warnings,
                    labelled_images, make_loader, same_images, scan_images)
 from .device_data import pretrain_batches
-from .errors import InputError, SimSiamError, TrainingDiverged, agreed
+from .errors import InputError, SimSiamError, TrainingDiverged, agreed, given_as
 from .loss import collapse_std, negative_cosine_similarity
 from .model import SimSiam
 from .run_dir import (CONFIG_FILE, METRICS_FILE, MetricsLog, RunFolder, check_resumable, check_resumed_images,
@@ -306,7 +306,8 @@ def _pretrain(config, runtime: rt.Runtime, run_folder: RunFolder, resume_from, o
                      else f"has finished its {checkpoint['epoch']} epochs")
             raise InputError(f"--resume {resume_from}: the run {where} (--epochs {config.epochs}); "
                              f"pass --epochs N with N > {checkpoint['epoch']} to train on")
-        images = scan_images(config.data)
+        with given_as("DATA", config.data):
+            images = scan_images(config.data)
         for warning in folder_warnings(f"DATA {images.root}", images, labels_used=False):  # before a refusal it explains
             emit({"event": "warning", "message": warning})
         fingerprint = images.fingerprint()

@@ -666,6 +666,14 @@ def test_a_resume_on_other_validation_images_starts_the_best_anew(tmp_path, data
     assert "best starts anew" not in output and best["top1"] == 35.0
 
 
+def test_a_missing_folder_is_named_as_train_dir_or_val_dir(tmp_path, data):
+    checkpoint, train, val = data
+    for folders, named in (((tmp_path / "none", val), "TRAIN_DIR"), ((train, tmp_path / "none"), "VAL_DIR")):
+        assert_user_error(run("lincls", checkpoint, *folders, "--out", tmp_path / "out", *TINY),
+                          f"{named} {tmp_path / 'none'}: no such folder")
+    assert not (tmp_path / "out").exists()
+
+
 def test_split_folders_taken_for_classes_are_warned_about(tmp_path, data):
     checkpoint, _, _ = data
     splits = make_image_folder(tmp_path / "dataset", classes=2, per_class=4, size=16)

@@ -1,5 +1,6 @@
 """``simsiam pretrain`` end to end through click's CliRunner: a short run and every error case."""
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -51,7 +52,8 @@ def test_a_short_run_writes_checkpoints_config_and_metrics(tmp_path, shared_imag
 
 
 def test_missing_data_folder(tmp_path):
-    assert_user_error(run("pretrain", tmp_path / "nowhere", "--out", tmp_path / "run", *TINY), "nowhere: no such folder")
+    assert_user_error(run("pretrain", tmp_path / "nowhere", "--out", tmp_path / "run", *TINY),
+                      f"DATA {tmp_path / 'nowhere'}: no such folder")
     assert not (tmp_path / "run").exists()
 
 
@@ -799,6 +801,12 @@ def test_knn_monitor_needs_labelled_folders(tmp_path, shared_image_folder):
     result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY,
                  "--knn-train", shared_image_folder, "--knn-val", flat)
     assert_user_error(result, "--knn-val", "needs class folders")
+    assert not (tmp_path / "run").exists()
+    # a folder that is not there: which of the two (the message named the path alone)
+    for option in ("--knn-train", "--knn-val"):
+        folders = {"--knn-train": shared_image_folder, "--knn-val": shared_image_folder, option: tmp_path / "none"}
+        result = run("pretrain", shared_image_folder, "--out", tmp_path / "run", *TINY, *itertools.chain(*folders.items()))
+        assert_user_error(result, f"{option} {tmp_path / 'none'}: no such folder")
     assert not (tmp_path / "run").exists()
 
 
