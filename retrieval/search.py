@@ -197,9 +197,11 @@ def check_k(k: int, evaluate: bool, rows: int, same: bool = False) -> int:
         raise InputError(f"-k {k}: must be at least 1")
     depth = max(k, EVAL_DEPTH) if evaluate else k
     if depth + int(same) > rows:
-        raise InputError(f"-k {depth}: larger than the {rows - int(same)} database images"
-                         + (" a query can find (its own image is left out)" if same else "")
-                         + (" (--eval needs 10 neighbours per query)" if evaluate and depth > k else ""))
+        # -k as given, or --eval's recall@10, which asks for more
+        asked = (f"-k {k}: larger than" if depth == k else
+                 f"--eval: recall@{EVAL_DEPTH} needs {EVAL_DEPTH} neighbours per query, more than")
+        raise InputError(f"{asked} the {rows - int(same)} database images"
+                         + (" a query can find (its own image is left out)" if same else ""))
     return depth
 
 

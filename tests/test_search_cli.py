@@ -249,7 +249,7 @@ def test_a_feature_file_as_query_image_points_to_query_h5_before_loading_the_che
 
 @pytest.mark.parametrize("k, expected", [("0", "-k 0: must be at least 1"),
                                          ("16", "-k 16: larger than the 15 database images"),
-                                         ("3", "-k 10: larger than the 8 database images (--eval needs 10")])
+                                         ("3", "--eval: recall@10 needs 10 neighbours per query, more than the 8 database images")])
 def test_a_k_the_database_cannot_give_is_refused_before_embedding_the_queries(gallery, tmp_path, monkeypatch, k,
                                                                              expected):
     import retrieval.extract  # where the search imports it from, when it embeds
