@@ -101,7 +101,10 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, as_j
         config.out = str(out or checkpoint_path.parent)
     else:
         if val_dir is None:
-            raise click.UsageError("Missing arguments: CHECKPOINT TRAIN_DIR VAL_DIR (needed unless --resume is given).")
+            missing = [name for name, value in (("CHECKPOINT", checkpoint), ("TRAIN_DIR", train_dir), ("VAL_DIR", val_dir))
+                       if value is None]  # positional: only the last ones can be missing
+            raise click.UsageError(f"Missing argument{'s' if len(missing) > 1 else ''}: {' '.join(missing)} (needed "
+                                   "unless --resume is given).")
         if preset is None:  # the checkpoint's own recipe, as extract and knn take its evaluation transform
             preset = "cifar" if read_backbone(checkpoint, mmap=True).cifar_stem else "imagenet"  # shapes only
         config = preset_linear_config(preset, checkpoint=str(checkpoint), train_dir=str(train_dir),

@@ -672,6 +672,11 @@ def test_a_missing_folder_is_named_as_train_dir_or_val_dir(tmp_path, data):
         assert_user_error(run("lincls", checkpoint, *folders, "--out", tmp_path / "out", *TINY),
                           f"{named} {tmp_path / 'none'}: no such folder")
     assert not (tmp_path / "out").exists()
+    # one left out: that one is named (all three were)
+    result = run("lincls", checkpoint, train, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Missing argument: VAL_DIR (needed unless --resume is given)" in result.output
+    assert "Missing arguments: CHECKPOINT TRAIN_DIR VAL_DIR" in run("lincls").output
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_folders_taken_for_classes_are_warned_about(tmp_path, data):
