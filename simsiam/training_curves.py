@@ -25,9 +25,11 @@ METRICS_FILE = "metrics.jsonl"
 PANELS = (
     ("loss", "loss (negative cosine)"),
     ("collapse_std", "collapse monitor: std x sqrt(d)"),
-    ("knn_top1", "kNN top-1"),
+    ("knn_top1", "kNN top-1 %"),
     ("lr", "learning rate"),
 )
+# fractions in metrics.jsonl (as knn --json has them), drawn in percent as every console line shows them
+FRACTIONS = frozenset({"knn_top1"})
 LINEAR_EVAL_PANELS = (  # a simsiam lincls folder: its metrics.jsonl has train and validation accuracy (%)
     ("loss", "loss (cross-entropy)"),
     ("train_top1", "train top-1 %"),
@@ -94,9 +96,11 @@ def plot_training_curves(run_dir: str | os.PathLike, out: str | os.PathLike | No
     axes = figure.subplots(2, 2, sharex=True).ravel()
     for ax, (key, title) in zip(axes, panels_for(steps, epochs)):
         x, y = _series(steps, key)
+        ex, ey = _series(epochs, key)
+        if key in FRACTIONS:
+            y, ey = [100 * v for v in y], [100 * v for v in ey]
         if x:
             ax.plot(x, y, lw=1, alpha=0.6, label="logging steps")
-        ex, ey = _series(epochs, key)
         if ex:
             ax.plot(ex, ey, "o-", ms=3, label="epoch" if key != "knn_top1" else "evaluation")
         if not x and not ex:

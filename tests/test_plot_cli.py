@@ -89,6 +89,22 @@ def test_plot_without_knn_monitor_and_to_another_file(tmp_path):
     assert not list(tmp_path.glob(".c.png*"))
 
 
+def test_the_knn_panel_is_in_percent_as_every_console_line(tmp_path, monkeypatch):
+    """metrics.jsonl holds the kNN top-1 as a fraction (0.3), drawn unlabelled beside lincls's % panels."""
+    from matplotlib.axes import Axes
+
+    drawn, original = {}, Axes.plot
+
+    def plot(ax, x, y, *args, **kwargs):  # the first curve of each label
+        drawn.setdefault(kwargs.get("label"), list(y))
+        return original(ax, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    write_metrics(tmp_path / "run")
+    assert run("plot", tmp_path / "run").exit_code == 0
+    assert drawn["evaluation"] == pytest.approx([30.0, 40.0, 50.0])  # the kNN panel's points: 0.3, 0.4, 0.5
+
+
 def test_a_linear_evaluation_folder_gets_its_own_panels_each_with_data(tmp_path):
     from simsiam.training_curves import LINEAR_EVAL_PANELS, _series, panels_for, read_metrics
 
