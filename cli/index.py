@@ -32,8 +32,6 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     simsiam index train.h5 --out train.index
     simsiam index train.h5 --out train.index --kind ivf-pq --max-memory 2G
     """
-    from dataclasses import asdict
-
     from retrieval.index import build_index, human_bytes, parse_memory
 
     budget = parse_memory(max_memory) if max_memory is not None else None
@@ -42,9 +40,8 @@ def command(features, out, kind, max_memory, target_recall, recall_sample, seed,
     warnings = [] if report.target_reached else [
         f"recall@10 {report.recall_at_10:.4f} is below --target-recall {report.target_recall}: the best search "
         "setting found is kept (a flat index is exact; more --max-memory allows a finer one)"]
-    if as_json:  # warnings as knn --json has them, recall@10 named as search --eval --json names it
-        fields = {("recall@10" if name == "recall_at_10" else name): value for name, value in asdict(report).items()}
-        click.echo(json.dumps({**fields, "warnings": warnings}))
+    if as_json:  # warnings as knn --json has them
+        click.echo(json.dumps({**report.as_json(), "warnings": warnings}))
         return
     settings = f" ({report.search_parameters})" if report.search_parameters else ""
     click.echo(f"{report.kind}: {report.factory}{settings}, {report.rows:,} x {report.dim}, "

@@ -209,6 +209,14 @@ class IndexReport:
     dim: int
     seconds: float
 
+    def as_json(self) -> dict:
+        """The fields as the sidecar and ``index --json`` write them: recall@10 named as search --eval
+        names it, seconds rounded as knn rounds them."""
+        fields = asdict(self)
+        fields["recall@10"] = fields.pop("recall_at_10")
+        fields["seconds"] = round(self.seconds, 3)
+        return fields
+
 
 def sidecar_path(index_path: Path) -> Path:
     return index_path.with_name(index_path.name + ".json")
@@ -285,7 +293,7 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
 
     report = IndexReport(str(out), str(Path(features_path)), plan.kind, plan.factory, chosen, recall, per_sample,
                          target_recall, recall >= target_recall, plan.estimated_bytes, plan.reason, rows, dim, time.perf_counter() - start)
-    sidecar = {"format": SIDECAR_FORMAT, **asdict(report),
+    sidecar = {"format": SIDECAR_FORMAT, **report.as_json(),
                "features": os.path.relpath(Path(features_path).resolve(), out.resolve().parent),
                "features_absolute": str(Path(features_path).resolve()),
                "layer": attrs.get("layer"), "arch": attrs.get("arch"),

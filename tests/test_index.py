@@ -179,6 +179,9 @@ def test_cli_reports_the_choice_and_its_recall(clustered_file, tmp_path):
     assert report["kind"] == "ivf-pq" and report["estimated_bytes"] <= 200 * 1024 and report["target_reached"]
     assert report["warnings"] == []
     assert "recall_at_10" not in report and report["recall@10"] >= 0.9  # the name search --eval --json gives it
+    sidecar = json.loads((tmp_path / "small.index.json").read_text())  # the same names in the file beside it
+    assert sidecar["recall@10"] == report["recall@10"] and "recall_at_10" not in sidecar
+    assert report["seconds"] == round(report["seconds"], 3) == sidecar["seconds"]
     # a target no setting reaches is said, not passed over
     unreachable = run("index", clustered_file, "--out", tmp_path / "small.index", "--max-memory", "200K", "--overwrite",
                       "--recall-sample", "200", "--target-recall", "1")
