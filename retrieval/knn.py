@@ -194,8 +194,9 @@ def check_knn_inputs(train: FeatureSet, val: FeatureSet, ks,
                              f"{train_name} {train.source}{unicode_form_hint(unknown, train.classes)}")
         # a validation set with some of the classes (or in another order): match them by name
         val_labels = labels_in_classes_of(val, train)
-        warnings.append(f"{val_name} has {len(val.classes)} of the {len(train.classes)} classes of {train_name}; "
-                        "labels matched by class name")
+        some = (f"the classes of {train_name} in another order" if len(val.classes) == len(train.classes)
+                else f"{len(val.classes)} of the {len(train.classes)} classes of {train_name}")
+        warnings.append(f"{val_name} has {some}; labels matched by class name")
     check_usable(train, train_name)
     check_usable(val, val_name)
     for name, features in ((train_name, train), (val_name, val)):

@@ -215,6 +215,14 @@ def test_val_with_some_of_the_classes_is_matched_by_class_name(files, tmp_path):
     assert "--val has 3 of the 8 classes of --train; labels matched by class name" in result.output
     report = json.loads(result.output.splitlines()[-1])
     assert report["results"][0]["top1"] == pytest.approx(np.mean([int(r["correct"]) for r in expected]))
+    # all the classes, in another order: said as such (it said "has 8 of the 8 classes")
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+    reordered = feature_file(tmp_path / "reordered.h5", features, np.asarray(order)[labels], dtype="float16",
+                             classes=[f"class{c}" for c in order])
+    result = run("knn", "--train", files["train"], "--val", reordered, "-k", "5", "--json")
+    assert "--val has the classes of --train in another order; labels matched by class name" in result.output
+    assert json.loads(result.output.splitlines()[-1])["results"] == json.loads(
+        run("knn", "--train", files["train"], "--val", files["val"], "-k", "5", "--json").output)["results"]
     # a class the training set does not have could never be predicted: refused
     alien = feature_file(tmp_path / "alien.h5", features[:5], np.zeros(5, int), classes=["zebra"])
     assert_user_error(knn_error(tmp_path, files["train"], alien), "--val", "zebra", "not among the 8 classes of --train")
