@@ -285,9 +285,10 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
     space = faiss.ParameterSpace()
     if plan.kind == "flat":  # exact by definition: nothing to tune, no recall to measure
         chosen, recall, per_sample = "", 1.0, 0
+        index.add(vectors)
     else:
-        chosen, recall, per_sample = _tune(faiss, space, index, plan, vectors, target_recall, recall_sample, seed, say)
-    index.add(vectors)
+        chosen, recall, per_sample, index = _tune(faiss, space, index, plan, vectors, target_recall, recall_sample,
+                                                  seed, say)
     if chosen:
         space.set_index_parameters(index, chosen)
 
@@ -305,16 +306,18 @@ def build_index(features_path: str | os.PathLike, out: str | os.PathLike, kind: 
 
 
 def _tune(faiss, space, index, plan: IndexPlan, vectors: np.ndarray, target_recall: float, recall_sample: int,
-          seed: int, say) -> tuple[str, float, int]:
-    """``(search setting, recall@10, queries)``: the cheapest setting of the ladder that reaches
-    ``target_recall`` (else the best), and the recall it gives new queries.
+          seed: int, say) -> tuple[str, float, int, object]:
+    """``(search setting, recall@10, queries, index of every vector)``: the cheapest setting of the
+    ladder that reaches ``target_recall`` (else the best), the recall it gives new queries, and
+    ``index`` (trained, empty) filled with ``vectors``.
 
     Two disjoint samples are held out of a trial index of the other vectors: one picks the setting,
     the other measures the recall reported, so the number is not tuned on the queries that report
     it, and holds for new queries: an indexed vector as its own query is found more easily (an HNSW
     index tuned so reported 0.989, and gave 0.940 to held-out queries). The held-out rows are
     swapped to the end of ``vectors`` for the trial (the rest is a view, not a copy of every vector)
-    and swapped back before the index is filled.
+    and swapped back before the index is filled. An HNSW trial is completed with the held-out vectors
+    and its entries put in the rows' order: its graph, the costly part of the build, is built once.
     """
     rows = len(vectors)
     rng = np.random.default_rng(seed + 1)
@@ -348,10 +351,21 @@ def _tune(faiss, space, index, plan: IndexPlan, vectors: np.ndarray, target_reca
         if chosen:
             space.set_index_parameters(trial, chosen)
         recall = _RecallSample(faiss, indexed, vectors[position[np.sort(sampled[per_sample:])]]).recall(trial)
-        del trial  # before the index of every vector: one index in memory at a time
+        if plan.kind == "hnsw":
+            trial.add(vectors[kept:])  # the held-out rows, as they lie swapped
+            holds = np.arange(rows)  # the row each entry holds
+            holds[swap[0]] = swap[1]
+            trial.permute_entries(np.argsort(holds))  # entry r takes the old entry holding row r
+            filled = trial
+        else:  # an IVF index fills cheaply (its training is the costly part): anew, in the rows' order
+            del trial  # before the index of every vector: one index in memory at a time
+            filled = None
     finally:
         vectors[swap[0]] = vectors[swap[1]]  # the same swaps undo themselves
-    return chosen, recall, per_sample
+    if filled is None:
+        index.add(vectors)
+        filled = index
+    return chosen, recall, per_sample, filled
 
 
 @contextmanager
