@@ -470,7 +470,9 @@ def load_index(path: str | os.PathLike) -> LoadedIndex:
         except RuntimeError:  # FAISS: "could not set parameter efSearch" on an index of another kind
             raise InputError(f"{path}: not the index {sidecar.name} describes (its search settings "
                              f"{meta['search_parameters']} do not apply to it)") from None
-    features = (path.parent / meta["features"]) if not Path(meta["features"]).is_absolute() else Path(meta["features"])
+    # relative to the index's real folder (as the build wrote it): "../h5/x.h5" joined to a resolved
+    # folder and normalised names the same file, and reads as a path, not as idx/../h5/x.h5
+    features = Path(os.path.normpath(path.resolve().parent / meta["features"]))
     if not features.is_file() and Path(meta.get("features_absolute", "")).is_file():
         features = Path(meta["features_absolute"])
     return LoadedIndex(index, meta, features)

@@ -389,3 +389,14 @@ def test_without_overwrite_another_builds_pair_written_meanwhile_stays_whole(clu
         build_index(clustered_file, out, kind="flat")
     assert out.read_bytes() == b"their index" and Path(f"{out}.json").read_text() == "their description"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.index", "x.index.json"]
+
+
+def test_the_feature_file_of_an_index_in_another_folder_is_named_as_a_path(clustered_file, tmp_path):
+    """It was the index's folder joined to the sidecar's relative path: idx/../h5/feats.h5 in messages."""
+    (tmp_path / "h5").mkdir()
+    features = shutil.copy(clustered_file, tmp_path / "h5" / "feats.h5")
+    build_index(features, tmp_path / "idx" / "feats.index", kind="flat")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link").symlink_to(tmp_path / "idx")  # the index reached through a link
+    for index in (tmp_path / "idx" / "feats.index", tmp_path / "elsewhere" / "link" / "feats.index"):
+        assert load_index(index).features_path == features.resolve()
