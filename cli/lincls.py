@@ -70,7 +70,8 @@ class LinearEvalProgress(TrainingProgress):
 @click.option("--strict/--no-strict", default=None, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
 @click.option("--save-every-steps", type=int, default=None,
-              help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
+              help="Also refresh last.pth.tar every N steps, for mid-epoch resume; each save also writes a metrics "
+                   "line (the interval it closes). [default: 0, epoch ends only]")
 @click.option("--resume", type=PATH, default=None,
               help="Continue a linear evaluation: its output folder or its last.pth.tar.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --out folder that holds a run.")

@@ -65,7 +65,8 @@ def _from_preset(key: str, help_text: str) -> str:
 @click.option("--log-every", type=int, default=None, help="Steps between metrics lines. [default: 10]")
 @click.option("--save-every-epochs", type=int, default=None, help=_from_preset("save_every_epochs", "Epochs between numbered checkpoints."))
 @click.option("--save-every-steps", type=int, default=None,
-              help="Also refresh last.pth.tar every N steps, for mid-epoch resume. [default: 0, epoch ends only]")
+              help="Also refresh last.pth.tar every N steps, for mid-epoch resume; each save also writes a metrics "
+                   "line (the interval it closes). [default: 0, epoch ends only]")
 @click.option("--knn-train", type=NonEmptyPath(), default=None, help="Labelled images for the kNN monitor's memory bank.")
 @click.option("--knn-val", type=NonEmptyPath(), default=None, help="Labelled images the kNN monitor classifies.")
 @click.option("--knn-every", type=int, default=None, help="Epochs between kNN evaluations. [default: 1]")
