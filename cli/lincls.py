@@ -121,11 +121,13 @@ def command(checkpoint, train_dir, val_dir, out, preset, resume, overwrite, as_j
     hint = resume_hint("lincls", config.out, checkpoint_path, continuing)
     with LinearEvalProgress(description="lincls") as progress, hint:
         final = linear_eval(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
-    if final and os.environ.get("RANK", "0") == "0" and as_json:  # torchrun: one report, from rank 0
+    if not final or os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
+        return
+    if as_json:
         click.echo(json.dumps({"out": config.out, "head": str(Path(config.out) / HEAD_FILE),
                                **{name: value for name, value in final.items() if name != "kind"}}))
-    elif final and os.environ.get("RANK", "0") == "0":
-        click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "
-                   f"{final['best_top1']:.2f}%) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
-                   f"{Path(config.out) / HEAD_FILE}, the best top-1's in {BEST_HEAD_FILE}")
-        click.echo("checked: the backbone's weights are those of the checkpoint, unchanged by training")
+        return
+    click.echo(f"top-1 {final['top1']:.2f}%  top-{final['topk']} {final['top5']:.2f}%  (best top-1 "
+               f"{final['best_top1']:.2f}%) after {final['epoch']} epoch{'s' if final['epoch'] != 1 else ''}; linear head in "
+               f"{Path(config.out) / HEAD_FILE}, the best top-1's in {BEST_HEAD_FILE}")
+    click.echo("checked: the backbone's weights are those of the checkpoint, unchanged by training")

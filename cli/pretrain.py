@@ -112,7 +112,8 @@ def command(data, out, preset, resume, overwrite, as_json, **options):
     hint = resume_hint("pretrain", config.out, checkpoint_path, continuing)
     with TrainingProgress() as progress, hint:
         final = pretrain(config, resume_from=checkpoint_path, overwrite=overwrite, on_event=progress)
-    if final and os.environ.get("RANK", "0") == "0" and as_json:  # torchrun: one report, from rank 0
-        click.echo(json.dumps({"out": config.out, **{name: value for name, value in final.items() if name != "kind"}}))
-    elif final and os.environ.get("RANK", "0") == "0":
-        click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")
+    if final and os.environ.get("RANK", "0") == "0":  # torchrun: one report, from rank 0
+        if as_json:
+            click.echo(json.dumps({"out": config.out, **{name: value for name, value in final.items() if name != "kind"}}))
+        else:
+            click.echo(f"done: epoch {final['epoch']}, loss {final['loss']:.4f}; checkpoints in {config.out}")
