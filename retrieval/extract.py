@@ -100,8 +100,11 @@ class _Extraction:
     def __init__(self, model: FeatureModel, data, runtime: Runtime, image_size: int | None, resize: int | None,
                  normalize: bool, strict: bool, gpu_decode: bool = False, check_crop: bool = True,
                  source: str = "DATA"):
-        with given_as(source, data):
-            self.images = data if isinstance(data, ImageList) else scan_images(data)
+        if isinstance(data, ImageList):
+            self.images = data
+        else:
+            with given_as(source, data):  # "DATA /x: no such folder", as the user gave it
+                self.images = scan_images(data)
         self.source = source  # what the user gave the images as, for warnings
         check_utf8_names(self.images.root, self.images.paths)
         self.image_size = model.image_size if image_size is None else image_size

@@ -196,7 +196,8 @@ def test_extract_ends_its_group_together_only_after_writing(tmp_path, images, mo
     monkeypatch.setattr(simsiam.runtime, "stop", lambda runtime, together=False: stopped.append(together))
     args = ["extract", "--random-init", "--arch", "resnet18", *FAST]
     assert run(*args, images, "--out", tmp_path / "a.h5").exit_code == 0
-    assert_user_error(run(*args, tmp_path / "missing", "--out", tmp_path / "b.h5"), "missing")
+    assert_user_error(run(*args, tmp_path / "missing", "--out", tmp_path / "b.h5"),
+                      f"DATA {tmp_path / 'missing'}: no such folder")
     assert stopped == [True, False]
 
 
